@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make run` (the tier under a demo load, embedded defaults)
+# and `make test` (the whole suite against a real PostgreSQL and a real broker).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint bench bench-smoke clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m kaireon_pub.demo
+
+test: $(STAMP)
+	$(PY) -m ruff check kaireon_pub tests bench
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check kaireon_pub tests bench
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .run

@@ -1,0 +1,3 @@
+from kaireon_pub.cli import main
+
+main()

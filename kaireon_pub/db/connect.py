@@ -1,0 +1,21 @@
+"""Connections of the tier's own sessions (the application's connections are its own)."""
+
+from __future__ import annotations
+
+import psycopg
+
+from kaireon_pub.settings import Settings
+
+APPLICATION_NAME = "kaireon-pub"
+
+
+def session_options(settings: Settings, role: str) -> dict[str, object]:
+    return {
+        "application_name": f"{APPLICATION_NAME}:{role}",
+        "options": f"-c statement_timeout={settings.statement_timeout_ms}",
+        "connect_timeout": 5,
+    }
+
+
+def connect(settings: Settings, role: str, *, autocommit: bool = True) -> psycopg.Connection:
+    return psycopg.connect(settings.database_url, autocommit=autocommit, **session_options(settings, role))

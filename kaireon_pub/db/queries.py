@@ -1,0 +1,28 @@
+"""Loads the named blocks of queries.sql once; `Q.claim_batch` is the SQL text of that block."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from types import SimpleNamespace
+
+_HEADER = re.compile(r"^-- (?P<name>[a-z_]+): (?P<doc>.+)$")
+
+
+def parse(text: str) -> dict[str, str]:
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        match = _HEADER.match(line)
+        if match:
+            name = match["name"]
+            if name in blocks:
+                raise ValueError(f"queries.sql defines {name!r} twice")
+            current = blocks[name] = []
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines).strip().rstrip(";") for name, lines in blocks.items()}
+
+
+QUERIES = parse(resources.files("kaireon_pub.db").joinpath("queries.sql").read_text())
+Q = SimpleNamespace(**QUERIES)

@@ -1,0 +1,295 @@
+"""Every setting of the tier, read from the environment once and validated in one place.
+
+`Settings.from_env()` parses; `Settings.validate()` checks ranges and the relations between
+fields. Any problem raises `ConfigError` naming the variable, what is wrong with its value and the
+accepted range; the CLI turns that into one log line and exit code 2, before any connection or
+process is made.
+
+`SETTINGS` below is the single registry of environment variables: the README's configuration
+table, the Helm chart and the compose file are checked against it by tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kaireon_pub.errors import ConfigError
+
+log = logging.getLogger("kaireon_pub.settings")
+
+# librdkafka settings are passed through from variables with this prefix:
+# KAFKA_SASL_USERNAME -> sasl.username, KAFKA_MESSAGE_TIMEOUT_MS -> message.timeout.ms.
+KAFKA_PREFIX = "KAFKA_"
+
+# Producer settings the tier's guarantees rest on; an operator may not weaken them.
+SAFE_PRODUCER_SETTINGS = {"enable.idempotence": {"true"}, "acks": {"all", "-1"}}
+
+PRODUCER_DEFAULTS = {
+    "enable.idempotence": "true",
+    "acks": "all",
+    # librdkafka's default is 300 s, far beyond the 15 s drain budget.
+    "message.timeout.ms": "10000",
+    "linger.ms": "5",
+    "compression.type": "lz4",
+    "queue.buffering.max.messages": "200000",
+}
+
+SECRET_KAFKA_KEYS = {"sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: str | None
+    doc: str
+
+
+# The registry: env name, default (as the environment would spell it), effect.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("DATABASE_URL", None, "PostgreSQL connection string (libpq URI or key=value). Required."),
+    Setting("KAFKA_BOOTSTRAP_SERVERS", None, "Broker list, host:port[,host:port]. Required."),
+    Setting("OUTBOX_POLL_INTERVAL_MS", "2000", "Idle poll cadence; workers also wake on LISTEN/NOTIFY. 10..600000."),
+    Setting("OUTBOX_BATCH_SIZE", "1000", "Events claimed per batch. 1..10000."),
+    Setting("OUTBOX_WORKERS", "", "Publisher worker processes per supervisor; empty = CPU count. 1..64."),
+    Setting("OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS", "15000", "SIGTERM drain budget. 1000..600000."),
+    Setting("OUTBOX_LIVENESS_FILE", "/tmp/outbox-publisher.alive", "File the supervisor touches while every worker is healthy."),
+    Setting("OUTBOX_WORKER_TIMEOUT_SECONDS", "30", "A worker whose heartbeat is older is killed and respawned. 2..3600."),
+    Setting("OUTBOX_REAPER_STALENESS_SECONDS", "300", "Rows in processing longer than this are reset by the reaper. Invalid or non-positive: default, with a warning."),
+    Setting("OUTBOX_MAX_ATTEMPTS", "10", "Delivery attempts before an event becomes failed. 1..1000."),
+    Setting("OUTBOX_BACKOFF_BASE_MS", "1000", "First retry delay; doubles per attempt. 1..3600000."),
+    Setting("OUTBOX_BACKOFF_MAX_MS", "300000", "Retry delay cap. >= OUTBOX_BACKOFF_BASE_MS."),
+    Setting("OUTBOX_MAX_PAYLOAD_BYTES", "1000000", "enqueue() refuses larger payloads. 1..104857600."),
+    Setting("OUTBOX_MAX_CONSECUTIVE_FAILURES", "30", "Non-transient tick failures in a row before exit 3. 1..10000."),
+    Setting("OUTBOX_ORDERING", "strict", "strict: a key waits while its earlier event is retrying; relaxed: later events flow, violations counted."),
+    Setting("OUTBOX_CLAIM_MODE", "status", "status: pending->processing->published; lock: row lock of a short transaction is the claim (one write per event)."),
+    Setting("OUTBOX_DELETE_ON_PUBLISH", "false", "Delete rows once delivered instead of marking them published."),
+    Setting("OUTBOX_LEASE_TTL_SECONDS", "10", "Shard lease lifetime; renewed every TTL/3. 2..600."),
+    Setting("OUTBOX_RESCAN_INTERVAL_MS", "30000", "Periodic full rescan of owned shards (rows released behind the cursor). 1000..3600000."),
+    Setting("OUTBOX_RETENTION_SECONDS", "604800", "Published rows older than this are purged; 0 disables the purge."),
+    Setting("OUTBOX_PURGE_BATCH_SIZE", "5000", "Rows deleted per purge statement. 1..100000."),
+    Setting("OUTBOX_PURGE_INTERVAL_SECONDS", "60", "Pause between purge passes. 1..86400."),
+    Setting("OUTBOX_STATEMENT_TIMEOUT_MS", "30000", "statement_timeout of the tier's database sessions. 100..600000."),
+    Setting("OUTBOX_HTTP_HOST", "0.0.0.0", "Address of /metrics, /healthz, /readyz and the cron route."),
+    Setting("OUTBOX_HTTP_PORT", "9464", "Port of the HTTP server; 0 disables it. 0..65535."),
+    Setting("OUTBOX_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Setting("CRON_SECRET", None, "Shared secret of /api/v1/cron/outbox-reaper. Unset/blank: the route answers 401."),
+    Setting("PROMETHEUS_MULTIPROC_DIR", "", "Directory for multiprocess metrics; empty = a fresh temporary directory."),
+)
+
+SETTING_NAMES = frozenset(s.env for s in SETTINGS)
+_DEFAULTS = {s.env: s.default for s in SETTINGS}
+
+
+def _kafka_key(env_name: str) -> str:
+    return env_name[len(KAFKA_PREFIX):].lower().replace("_", ".")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    kafka_bootstrap_servers: str
+    poll_interval_ms: int = 2000
+    batch_size: int = 1000
+    workers: int = 1
+    shutdown_drain_timeout_ms: int = 15000
+    liveness_file: str = "/tmp/outbox-publisher.alive"
+    worker_timeout_seconds: int = 30
+    reaper_staleness_seconds: int = 300
+    max_attempts: int = 10
+    backoff_base_ms: int = 1000
+    backoff_max_ms: int = 300000
+    max_payload_bytes: int = 1_000_000
+    max_consecutive_failures: int = 30
+    ordering: str = "strict"
+    claim_mode: str = "status"
+    delete_on_publish: bool = False
+    lease_ttl_seconds: int = 10
+    rescan_interval_ms: int = 30000
+    retention_seconds: int = 604800
+    purge_batch_size: int = 5000
+    purge_interval_seconds: int = 60
+    statement_timeout_ms: int = 30000
+    http_host: str = "0.0.0.0"
+    http_port: int = 9464
+    log_level: str = "INFO"
+    cron_secret: str | None = field(default=None, repr=False)
+    prometheus_multiproc_dir: str = ""
+    # librdkafka producer configuration: defaults overlaid with KAFKA_* pass-through.
+    producer_config: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Warnings found while parsing (e.g. a staleness fallback), logged by the caller.
+    warnings: tuple[str, ...] = ()
+
+    # ---- parsing -------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, need_kafka: bool = True) -> Settings:
+        """Parse and validate. `need_kafka=False` for commands that never touch the broker."""
+        env = os.environ if environ is None else environ
+        warnings: list[str] = []
+
+        def raw(name: str) -> str | None:
+            value = env.get(name)
+            return value if value is not None else _DEFAULTS[name]
+
+        def integer(name: str, lo: int, hi: int) -> int:
+            text = raw(name)
+            try:
+                value = int(str(text).strip())
+            except (TypeError, ValueError):
+                raise ConfigError(name, f"{text!r} is not an integer", f"{lo}..{hi}") from None
+            if not lo <= value <= hi:
+                raise ConfigError(name, f"{value} is out of range", f"{lo}..{hi}")
+            return value
+
+        def choice(name: str, options: tuple[str, ...]) -> str:
+            value = str(raw(name)).strip().lower()
+            if value not in options:
+                raise ConfigError(name, f"{raw(name)!r} is not one of the accepted values", " | ".join(options))
+            return value
+
+        def boolean(name: str) -> bool:
+            value = str(raw(name)).strip().lower()
+            if value in ("1", "true", "yes", "on"):
+                return True
+            if value in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(name, f"{raw(name)!r} is not a boolean", "true | false")
+
+        def required(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise ConfigError(name, "is not set", "a non-empty value")
+            return value
+
+        database_url = required("DATABASE_URL")
+        bootstrap = required("KAFKA_BOOTSTRAP_SERVERS") if need_kafka else env.get("KAFKA_BOOTSTRAP_SERVERS", "")
+
+        workers_text = str(raw("OUTBOX_WORKERS")).strip()
+        workers = (os.cpu_count() or 1) if workers_text == "" else integer("OUTBOX_WORKERS", 1, 64)
+
+        # The spec: an invalid or non-positive staleness falls back to the default with a warning.
+        staleness_text = env.get("OUTBOX_REAPER_STALENESS_SECONDS")
+        staleness = 300
+        if staleness_text is not None:
+            try:
+                staleness = int(staleness_text.strip())
+                if staleness <= 0:
+                    raise ValueError
+            except ValueError:
+                staleness = 300
+                warnings.append(
+                    f"OUTBOX_REAPER_STALENESS_SECONDS={staleness_text!r} is not a positive integer; "
+                    "using the default 300"
+                )
+
+        log_level = str(raw("OUTBOX_LOG_LEVEL")).strip().upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("OUTBOX_LOG_LEVEL", f"{raw('OUTBOX_LOG_LEVEL')!r} is not a log level", "DEBUG | INFO | WARNING | ERROR")
+
+        producer = dict(PRODUCER_DEFAULTS)
+        for name, value in env.items():
+            if name.startswith(KAFKA_PREFIX):
+                producer[_kafka_key(name)] = value
+        producer["bootstrap.servers"] = bootstrap
+
+        liveness_file = str(raw("OUTBOX_LIVENESS_FILE")).strip()
+        if not liveness_file:
+            raise ConfigError("OUTBOX_LIVENESS_FILE", "is empty", "a file path")
+
+        cron_secret = env.get("CRON_SECRET")
+
+        settings = cls(
+            database_url=database_url,
+            kafka_bootstrap_servers=bootstrap,
+            poll_interval_ms=integer("OUTBOX_POLL_INTERVAL_MS", 10, 600_000),
+            batch_size=integer("OUTBOX_BATCH_SIZE", 1, 10_000),
+            workers=workers,
+            shutdown_drain_timeout_ms=integer("OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS", 1000, 600_000),
+            liveness_file=liveness_file,
+            worker_timeout_seconds=integer("OUTBOX_WORKER_TIMEOUT_SECONDS", 2, 3600),
+            reaper_staleness_seconds=staleness,
+            max_attempts=integer("OUTBOX_MAX_ATTEMPTS", 1, 1000),
+            backoff_base_ms=integer("OUTBOX_BACKOFF_BASE_MS", 1, 3_600_000),
+            backoff_max_ms=integer("OUTBOX_BACKOFF_MAX_MS", 1, 86_400_000),
+            max_payload_bytes=integer("OUTBOX_MAX_PAYLOAD_BYTES", 1, 104_857_600),
+            max_consecutive_failures=integer("OUTBOX_MAX_CONSECUTIVE_FAILURES", 1, 10_000),
+            ordering=choice("OUTBOX_ORDERING", ("strict", "relaxed")),
+            claim_mode=choice("OUTBOX_CLAIM_MODE", ("status", "lock")),
+            delete_on_publish=boolean("OUTBOX_DELETE_ON_PUBLISH"),
+            lease_ttl_seconds=integer("OUTBOX_LEASE_TTL_SECONDS", 2, 600),
+            rescan_interval_ms=integer("OUTBOX_RESCAN_INTERVAL_MS", 1000, 3_600_000),
+            retention_seconds=integer("OUTBOX_RETENTION_SECONDS", 0, 10 * 365 * 86400),
+            purge_batch_size=integer("OUTBOX_PURGE_BATCH_SIZE", 1, 100_000),
+            purge_interval_seconds=integer("OUTBOX_PURGE_INTERVAL_SECONDS", 1, 86400),
+            statement_timeout_ms=integer("OUTBOX_STATEMENT_TIMEOUT_MS", 100, 600_000),
+            http_host=str(raw("OUTBOX_HTTP_HOST")).strip(),
+            http_port=integer("OUTBOX_HTTP_PORT", 0, 65535),
+            log_level=log_level,
+            cron_secret=cron_secret,
+            prometheus_multiproc_dir=str(raw("PROMETHEUS_MULTIPROC_DIR")).strip(),
+            producer_config=producer,
+            warnings=tuple(warnings),
+        )
+        settings.validate()
+        return settings
+
+    # ---- validation ------------------------------------------------------------------------
+
+    @property
+    def message_timeout_ms(self) -> int:
+        return int(self.producer_config.get("message.timeout.ms", PRODUCER_DEFAULTS["message.timeout.ms"]))
+
+    def validate(self) -> None:
+        """Relations between fields; ranges of single fields are checked while parsing."""
+        for key, accepted in SAFE_PRODUCER_SETTINGS.items():
+            value = str(self.producer_config.get(key, "")).strip().lower()
+            if value not in accepted:
+                env_name = KAFKA_PREFIX + key.upper().replace(".", "_")
+                raise ConfigError(env_name, f"{value!r} would weaken at-least-once, in-order delivery", " | ".join(sorted(accepted)))
+        try:
+            timeout = self.message_timeout_ms
+        except ValueError:
+            raise ConfigError("KAFKA_MESSAGE_TIMEOUT_MS", f"{self.producer_config.get('message.timeout.ms')!r} is not an integer", "1000..300000") from None
+        if not 1000 <= timeout <= 300_000:
+            raise ConfigError("KAFKA_MESSAGE_TIMEOUT_MS", f"{timeout} is out of range", "1000..300000")
+        if self.backoff_max_ms < self.backoff_base_ms:
+            raise ConfigError(
+                "OUTBOX_BACKOFF_MAX_MS",
+                f"{self.backoff_max_ms} is below OUTBOX_BACKOFF_BASE_MS={self.backoff_base_ms}",
+                f">= {self.backoff_base_ms}",
+            )
+        # The reaper must never reset a row librdkafka may still deliver: a claimed batch is
+        # settled within message.timeout.ms, or within the drain budget at shutdown.
+        floor_s = (timeout + self.shutdown_drain_timeout_ms) / 1000
+        if self.reaper_staleness_seconds <= floor_s:
+            raise ConfigError(
+                "OUTBOX_REAPER_STALENESS_SECONDS",
+                f"{self.reaper_staleness_seconds} is not above message.timeout.ms + drain budget ({floor_s:g} s)",
+                f"> {floor_s:g}",
+            )
+        # A heartbeat must be able to go stale before Kubernetes gives up on the pod, and a
+        # worker must outlive one slow tick (one message timeout) before it is called hung.
+        if self.worker_timeout_seconds * 1000 <= timeout:
+            raise ConfigError(
+                "OUTBOX_WORKER_TIMEOUT_SECONDS",
+                f"{self.worker_timeout_seconds} is not above message.timeout.ms ({timeout / 1000:g} s)",
+                f"> {timeout / 1000:g}",
+            )
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def replace(self, **changes: object) -> Settings:
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def log_warnings(self) -> None:
+        for message in self.warnings:
+            log.warning(message, extra={"event": "config fallback"})
+
+    def redacted_producer_config(self) -> dict[str, str]:
+        return {k: ("***" if k in SECRET_KAFKA_KEYS else v) for k, v in self.producer_config.items()}

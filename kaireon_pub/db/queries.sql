@@ -96,7 +96,7 @@ WITH horizon AS MATERIALIZED (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, clock_timestamp() AS now
 ), cursors AS MATERIALIZED (
     SELECT c.shard, c.cxid, c.cid, c.n
-    FROM unnest(%(shards)s::smallint[], %(epochs)s::bigint[], %(cursor_xids)s::xid8[],
+    FROM unnest(%(shards)s::smallint[], %(epochs)s::bigint[], %(cursor_xids)s::text[]::xid8[],
                 %(cursor_ids)s::bigint[]) WITH ORDINALITY AS c(shard, epoch, cxid, cid, n)
     JOIN outbox_shard_leases l ON l.shard = c.shard AND l.epoch = c.epoch
     WHERE l.owner = %(worker_id)s AND l.expires_at > (SELECT now FROM horizon)
@@ -152,7 +152,8 @@ SET status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'f
     claim_token = NULL, claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp()
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(permanent)s::bool[]) AS u(id, error, permanent)
 WHERE e.id = u.id AND e.claim_token = %(token)s AND e.status = 'processing'
-RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid;
+RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid,
+          extract(epoch FROM e.next_attempt_at - clock_timestamp())::float8 AS due_in;
 
 -- release_claimed: return claimed but undelivered rows to pending, attempts untouched (drain)
 UPDATE outbox_events

@@ -1,0 +1,59 @@
+"""The worker process's entry point, run in the child right after fork().
+
+Everything that owns threads or sockets (the uvloop event loop, the connection pool, the
+librdkafka producer) is created here, never in the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import uuid
+
+from kaireon_pub import logs
+from kaireon_pub.errors import ExitCode, new_error_id
+from kaireon_pub.settings import Settings
+
+log = logging.getLogger("kaireon_pub.worker")
+
+
+def worker_main(settings: Settings, slot: int, worker_id: uuid.UUID, heartbeat_fd: int,
+                dead_worker_ids: list[uuid.UUID]) -> int:
+    logs.set_role(f"worker-{slot}")
+    # The supervisor's handlers are inherited through fork(); the worker installs its own.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards TERM
+
+    import uvloop
+
+    from kaireon_pub.worker.loop import Worker
+
+    state = {"mode": 0}
+
+    def heartbeat() -> None:
+        # gunicorn's trick: toggling the mode updates ctime, which the supervisor reads by fstat().
+        state["mode"] ^= 1
+        os.fchmod(heartbeat_fd, state["mode"])
+
+    worker = Worker(settings, slot, worker_id, heartbeat, dead_worker_ids)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
+        log.info("worker started", extra={"event": "worker started", "slot": slot, "workerId": str(worker_id)})
+        return await worker.run()
+
+    try:
+        return uvloop.run(main())
+    except Exception as exc:  # noqa: BLE001 - a crash is logged with an id and a distinct code
+        from confluent_kafka import KafkaException
+
+        if isinstance(exc, KafkaException) and "configuration" in str(exc).lower():
+            log.error(f"invalid librdkafka configuration: {exc}",
+                      extra={"event": "config invalid", "errorId": new_error_id()})
+            return ExitCode.CONFIG
+        log.exception("worker crashed", extra={"event": "worker crashed", "errorId": new_error_id()})
+        return ExitCode.CRASH

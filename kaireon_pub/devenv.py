@@ -92,10 +92,11 @@ class Broker:
 
     def start(self) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
-            stdout=open(self.log_path, "ab"),  # noqa: SIM115 - owned by the child
+            stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -112,6 +113,7 @@ class Broker:
             self.process.kill()
             self.process.wait(5)
         self.process = None
+        self._log.close()
         # Wait for the port to be free so a restart can bind it again.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

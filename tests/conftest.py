@@ -82,3 +82,18 @@ def _no_stray_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith(("OUTBOX_", "KAFKA_")) or name in ("CRON_SECRET", "DATABASE_URL"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def run_tier(tmp_path) -> Iterator[object]:
+    """Factory: run_tier(env) starts `kaireon-pub run`; every tier is killed at teardown."""
+    started: list[helpers.Tier] = []
+
+    def start(env: dict[str, str], name: str = "tier") -> helpers.Tier:
+        tier = helpers.Tier(env, tmp_path / f"{name}-{len(started)}.log")
+        started.append(tier)
+        return tier
+
+    yield start
+    for tier in started:
+        tier.kill()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,8 +111,79 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 60, input: str | N
     )
 
 
-def start_tier(env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kaireon_pub", "run", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+class Tier:
+    """`kaireon-pub run` as a real process; its JSON log lines go to a file the test can read."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = env
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kaireon_pub", "run"], env=env,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue
+        return lines
+
+    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            return next((line for line in self.logs() if predicate(line)), None)
+        return wait_for(find, timeout, what)
+
+    def http_port(self, timeout: float = 30) -> int:
+        line = self.wait_log(lambda e: e.get("event") == "http listening", timeout, "the http server")
+        return int(line["port"])
+
+    def worker_pids(self) -> dict[int, int]:
+        """slot -> pid of the live worker, from the supervisor's spawn/exit lines."""
+        live: dict[int, int] = {}
+        for line in self.logs():
+            if line.get("event") == "worker spawned":
+                live[line["slot"]] = line["workerPid"]
+        return live
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        else:
+            # Workers die with their supervisor; make sure no orphan outlives the test.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
+
+
+def metric_value(port: int, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """One sample of a metric from the tier's /metrics, or None when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    total = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total = (total or 0.0) + sample.value
+    return total

@@ -65,6 +65,7 @@ class Arbiter:
         self.exit_code = ExitCode.OK
         self.http_pid: int | None = None
         self.http_respawn_at = 0.0
+        self.http_failures = 0
         self.http_port: int | None = None
         self.http_port_pipe: int | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -238,6 +239,7 @@ class Arbiter:
             return
         if data.strip():
             self.http_port = int(data.split()[0])
+            self.http_failures = 0
             log.info(f"http server listening on port {self.http_port}",
                      extra={"event": "http listening", "port": self.http_port})
         os.close(self.http_port_pipe)
@@ -257,15 +259,27 @@ class Arbiter:
             if pid == self.http_pid:
                 self.http_pid = None
                 if not self.stopping:
-                    log.error("http server exited; respawning", extra={
-                        "event": "http exited", "exitCode": code, "errorId": new_error_id()})
-                    self.http_respawn_at = time.monotonic() + 1.0
+                    self._http_exited(code)
                 continue
             child = self.children.pop(pid, None)
             if child is None:
                 continue
             child.heartbeat.close()
             self._worker_exited(child, code)
+
+    def _http_exited(self, code: int) -> None:
+        error_id = new_error_id()
+        self.http_failures += 1
+        if self.http_failures >= MAX_BOOT_FAILURES:
+            log.critical("http server failed to start again and again (port taken?); stopping the tier",
+                         extra={"event": "boot failed", "errorId": error_id, "exitCode": code,
+                                "port": self.settings.http_port})
+            self.handle_stop(0, exit_code=ExitCode.WORKER_BOOT)
+            return
+        delay = min(0.5 * 2 ** self.http_failures, 10.0)
+        log.error("http server exited; respawning", extra={
+            "event": "http exited", "exitCode": code, "errorId": error_id, "respawnInSeconds": delay})
+        self.http_respawn_at = time.monotonic() + delay
 
     def metrics_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess

@@ -81,6 +81,7 @@ class Worker:
         self.wake = asyncio.Event()
         self.streak = 0
         self.streak_transient = 0
+        self.kafka_stalls = 0
         self.last_error_id: str | None = None
         self.next_pending_refresh = 0.0
         self.unsettled: tuple[uuid.UUID, list[tuple], BatchOutcome] | None = None
@@ -215,7 +216,13 @@ class Worker:
         metrics.IN_FLIGHT.inc(len(rows))
         try:
             deadline = time.monotonic() + s.message_timeout_ms / 1000 + 1.0
-            outcome = await self.publisher.publish(rows, self.strict, deadline, self.stop_deadline)
+            try:
+                outcome = await self.publisher.publish(rows, self.strict, deadline, self.stop_deadline)
+            except Exception as exc:  # noqa: BLE001 - never leave claimed rows behind
+                outcome = BatchOutcome(released=[r[0] for r in rows],
+                                       transient_error=f"{type(exc).__name__}: {exc}")
+            if self.publisher.fatal is not None and not outcome.fatal_error:
+                outcome.fatal_error = f"{self.publisher.fatal.name()}: {self.publisher.fatal.str()}"
             return await self._settle(token, rows, outcome)
         finally:
             metrics.IN_FLIGHT.dec(len(rows))
@@ -296,6 +303,15 @@ class Worker:
                         extra={"event": "lease lost", "leaseLost": result.lease_lost})
         for event_id, error in outcome.rejected.items():
             log.warning(f"event rejected: {error}", extra={"event": "event failed", "eventId": event_id})
+        # A producer whose batches keep timing out while nothing is delivered may be wedged on
+        # a broker that came back without its idempotence state: start afresh after two.
+        self.kafka_stalls = self.kafka_stalls + 1 if outcome.transient_error and not outcome.delivered else 0
+        if self.kafka_stalls >= 2 and not outcome.fatal_error:
+            self.kafka_stalls = 0
+            metrics.PRODUCER_RECREATED.inc()
+            log.warning("recreating the producer after repeated undelivered batches",
+                        extra={"event": "producer recreated", "reason": outcome.transient_error})
+            self.publisher.recreate()
         if outcome.fatal_error:
             metrics.PRODUCER_RECREATED.inc()
             log.warning(f"recreating the producer after a fatal error: {outcome.fatal_error}",

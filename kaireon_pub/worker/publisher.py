@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -173,62 +173,70 @@ class Publisher:
                 else:
                     out.transient_error = out.transient_error or text
 
-        for row in rows:
-            event_id, topic, key, payload, headers_text, event_type, _attempts, _shard, _xid, created = row
-            if key is not None and key in held_keys:
-                # Strict order: an earlier event of this key was rejected in this batch.
-                out.released.append(event_id)
-                continue
-            headers = [("event-id", str(event_id).encode())]
-            if event_type:
-                headers.append(("event-type", event_type.encode()))
-            headers.append(("created-at", datetime.fromtimestamp(created, UTC).isoformat().encode()))
-            if headers_text != "{}":
-                for name, value in orjson.loads(headers_text).items():
-                    headers.append((name, str(value).encode()))
-            pending[event_id] = row
-            while True:
-                try:
-                    producer.produce(
-                        topic,
-                        value=payload.encode(),
-                        key=key.encode() if key is not None else None,
-                        headers=headers,
-                        on_delivery=lambda err, msg, i=event_id, c=created: on_delivery(err, msg, i, c),
-                    )
+        try:
+            for row in rows:
+                event_id, topic, key, payload, headers_text, event_type, _attempts, _shard, _xid, created = row
+                if key is not None and key in held_keys:
+                    # Strict order: an earlier event of this key was rejected in this batch.
+                    out.released.append(event_id)
+                    continue
+                headers = [("event-id", str(event_id).encode())]
+                if event_type:
+                    headers.append(("event-type", event_type.encode()))
+                headers.append(("created-at", datetime.fromtimestamp(created, UTC).isoformat().encode()))
+                if headers_text != "{}":
+                    for name, value in orjson.loads(headers_text).items():
+                        headers.append((name, str(value).encode()))
+                pending[event_id] = row
+                while True:
+                    try:
+                        producer.produce(
+                            topic,
+                            value=payload.encode(),
+                            key=key.encode() if key is not None else None,
+                            headers=headers,
+                            on_delivery=lambda err, msg, i=event_id, c=created: on_delivery(err, msg, i, c),
+                        )
+                        break
+                    except BufferError:
+                        # Local queue full: let deliveries drain, then try again.
+                        await asyncio.to_thread(producer.poll, 0.05)
+                    except KafkaException as exc:
+                        err = exc.args[0]
+                        pending.pop(event_id, None)
+                        kind = classify(err)
+                        if kind == "permanent":
+                            out.rejected[event_id] = describe(err)
+                            if strict and key is not None:
+                                held_keys.add(key)
+                        elif kind == "fatal":
+                            out.fatal_error = describe(err)
+                            out.released.append(event_id)
+                        elif kind == "systemic":
+                            out.systemic_error = describe(err)
+                            out.released.append(event_id)
+                        else:
+                            out.transient_error = describe(err)
+                            out.released.append(event_id)
+                        break
+                if out.fatal_error:
                     break
-                except BufferError:
-                    # Local queue full: let deliveries drain, then try again.
-                    await asyncio.to_thread(producer.poll, 0.05)
-                except KafkaException as exc:
-                    err = exc.args[0]
-                    pending.pop(event_id, None)
-                    kind = classify(err)
-                    if kind == "permanent":
-                        out.rejected[event_id] = describe(err)
-                        if strict and key is not None:
-                            held_keys.add(key)
-                    elif kind == "fatal":
-                        out.fatal_error = describe(err)
-                        out.released.append(event_id)
-                    elif kind == "systemic":
-                        out.systemic_error = describe(err)
-                        out.released.append(event_id)
-                    else:
-                        out.transient_error = describe(err)
-                        out.released.append(event_id)
-                    break
-            if out.fatal_error:
-                break
-        producer.poll(0)
+            producer.poll(0)
 
-        # Wait for the reports in slices of at most a second, so a stop is handled promptly.
-        while pending and not out.fatal_error and self.fatal is None:
-            now = time.monotonic()
-            limit = min(deadline, stop_deadline())
-            if now >= limit:
-                break
-            await asyncio.to_thread(producer.flush, min(1.0, limit - now))
+            # Wait for the reports in slices of at most a second, so a stop is handled promptly.
+            while pending and not out.fatal_error and self.fatal is None:
+                now = time.monotonic()
+                limit = min(deadline, stop_deadline())
+                if now >= limit:
+                    break
+                await asyncio.to_thread(producer.flush, min(1.0, limit - now))
+        except KafkaException as exc:
+            # poll()/flush() raise once the producer is in a fatal state.
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if err is not None and err.fatal():
+                out.fatal_error = describe(err)
+            else:
+                out.transient_error = str(exc)
         if self.fatal is not None and not out.fatal_error:
             out.fatal_error = describe(self.fatal)
         if pending:

@@ -1,0 +1,75 @@
+"""The walking skeleton, end to end: real PostgreSQL, real broker, `kaireon-pub run` as a process."""
+
+import threading
+
+import orjson
+import psycopg
+
+from kaireon_pub import Event, enqueue, enqueue_many
+from tests.helpers import TopicReader, event_ids, status_counts, wait_for
+
+
+def test_committed_events_reach_the_topic_with_key_value_headers(db_url, broker, topic, tier_env, run_tier):
+    with psycopg.connect(db_url) as conn:
+        first = enqueue(conn, topic=topic, key="order-1", payload={"total": 10, "items": ["a"]},
+                        headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+                        event_type="order.created")
+        ids = enqueue_many(conn, [Event(topic, f"order-{i % 3}", {"n": i}, event_type="order.updated")
+                                  for i in range(20)])
+        conn.commit()
+    tier = run_tier(tier_env)
+    reader = TopicReader(broker.bootstrap, topic)
+    messages = reader.read_count(21, timeout=60)
+    by_id = {int(dict(m.headers())["event-id"]): m for m in messages}
+    assert set(by_id) == {first, *ids}
+    msg = by_id[first]
+    headers = dict(msg.headers())
+    assert msg.key() == b"order-1"
+    assert orjson.loads(msg.value()) == {"total": 10, "items": ["a"]}
+    assert headers["event-type"] == b"order.created"
+    assert headers["traceparent"] == b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert headers["created-at"].startswith(b"20")
+    wait_for(lambda: status_counts(db_url) == {"published": 21}, 30, "all rows published")
+    # Per key, the topic order is the commit order.
+    for key in (b"order-0", b"order-1", b"order-2"):
+        seen = [int(dict(m.headers())["event-id"]) for m in messages if m.key() == key]
+        assert seen == sorted(seen)
+    assert tier.stop() == 0
+    reader.close()
+
+
+def test_rolled_back_transaction_publishes_nothing(db_url, broker, topic, tier_env, run_tier):
+    with psycopg.connect(db_url) as conn:
+        enqueue(conn, topic=topic, key="k", payload={"rolled": "back"})
+        conn.rollback()
+        marker = enqueue(conn, topic=topic, key="k", payload={"committed": True})
+        conn.commit()
+    tier = run_tier(tier_env)
+    reader = TopicReader(broker.bootstrap, topic)
+    wait_for(lambda: status_counts(db_url) == {"published": 1}, 60, "the committed row published")
+    messages = reader.read_count(1, timeout=30)
+    assert event_ids(messages) == [marker]
+    assert [orjson.loads(m.value()) for m in messages] == [{"committed": True}]
+    assert tier.stop() == 0
+    reader.close()
+
+
+def test_late_commit_with_lower_id_is_neither_skipped_nor_reordered(db_url, broker, topic, tier_env, run_tier):
+    """Sequence order is not commit order: a transaction holding a lower id commits last."""
+    tier = run_tier(tier_env)
+    reader = TopicReader(broker.bootstrap, topic)
+    slow = psycopg.connect(db_url)
+    low = enqueue(slow, topic=topic, key="acct-1", payload={"step": 1})
+    with psycopg.connect(db_url) as fast:
+        high = enqueue(fast, topic=topic, key="acct-2", payload={"step": 2})
+        fast.commit()
+    # Keep the slow transaction open across several poll ticks (200 ms each) before it commits.
+    done = threading.Event()
+    done.wait(1.0)
+    slow.commit()
+    slow.close()
+    messages = reader.read_count(2, timeout=60)
+    assert sorted(event_ids(messages)) == sorted([low, high])
+    wait_for(lambda: status_counts(db_url) == {"published": 2}, 30, "both rows published")
+    assert tier.stop() == 0
+    reader.close()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -187,3 +188,69 @@ def metric_value(port: int, name: str, labels: dict[str, str] | None = None) -> 
             if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
                 total = (total or 0.0) + sample.value
     return total
+
+
+class Load:
+    """Commits events from a background thread until stopped; remembers every committed id."""
+
+    def __init__(self, db_url: str, topic: str, *, per_tx: int = 20, pause: float = 0.01, keys: int = 50):
+        self.db_url, self.topic, self.per_tx, self.pause, self.keys = db_url, topic, per_tx, pause, keys
+        self.committed: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        from kaireon_pub import Event, enqueue_many
+
+        n = 0
+        try:
+            with psycopg.connect(self.db_url) as conn:
+                while not self._stop.is_set():
+                    events = [Event(self.topic, f"key-{(n + i) % self.keys}", {"n": n + i}) for i in range(self.per_tx)]
+                    ids = enqueue_many(conn, events)
+                    conn.commit()
+                    self.committed.extend(ids)
+                    n += self.per_tx
+                    self._stop.wait(self.pause)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by stop()
+            self.error = exc
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        self._thread.join(30)
+        if self.error:
+            raise self.error
+        return self.committed
+
+
+def assert_per_key_order(messages: list[Any]) -> None:
+    """Within each key, first deliveries appear in commit (id) order; duplicates may follow."""
+    seen: set[int] = set()
+    last: dict[bytes, int] = {}
+    for msg in messages:
+        event_id = int(dict(msg.headers())["event-id"])
+        if event_id in seen:
+            continue
+        seen.add(event_id)
+        key = msg.key()
+        assert event_id > last.get(key, -1), f"key {key!r}: event {event_id} after {last[key]}"
+        last[key] = event_id
+
+
+def preload(db_url: str, topic: str, n: int, keys: int = 1000) -> None:
+    """A backlog of n events in one transaction, fast (enqueue_many in chunks)."""
+    from kaireon_pub import Event, enqueue_many
+
+    with psycopg.connect(db_url) as conn:
+        for start in range(0, n, 5000):
+            enqueue_many(conn, [Event(topic, f"agg-{i % keys}", {"i": i, "pad": "x" * 200})
+                                for i in range(start, min(n, start + 5000))])
+        conn.commit()

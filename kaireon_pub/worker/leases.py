@@ -79,7 +79,10 @@ class Leases:
                     result.reset_rows = int((await cur.fetchone())[0])
             self.owned.update(taken)
             result.acquired = sorted(taken)
-        self.next_rebalance = time.monotonic() + self.ttl / 3
+        # Below the fair share (a peer is releasing shards to us): look again soon.
+        below = len(self.owned) < SHARDS // max(1, live)
+        interval = min(self.ttl / 3, 0.5) if below else self.ttl / 3
+        self.next_rebalance = time.monotonic() + interval
         return result
 
     async def release_all(self, conn: psycopg.AsyncConnection) -> int:

@@ -1,0 +1,127 @@
+"""The supervisor tier with real processes and signals: backlog, drain, crashes, hangs, metrics."""
+
+import os
+import signal
+import time
+
+import psycopg
+
+from tests.helpers import (
+    Load,
+    TopicReader,
+    assert_per_key_order,
+    event_ids,
+    metric_value,
+    preload,
+    run_cli,
+    status_counts,
+    tier_env,
+    wait_for,
+)
+
+
+def test_four_workers_publish_a_50000_event_backlog(db_url, broker, topic, tmp_path, run_tier):
+    preload(db_url, topic, 50_000)
+    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="4"))
+    wait_for(lambda: status_counts(db_url) == {"published": 50_000}, 240, "50,000 rows published")
+    reader = TopicReader(broker.bootstrap, topic)
+    messages = reader.read_until(lambda msgs: len(set(event_ids(msgs))) >= 50_000, timeout=120)
+    assert len(set(event_ids(messages))) == 50_000
+    assert_per_key_order(messages)
+    # All four workers took part: each held shards at some point.
+    owners = {line["pid"] for line in tier.logs() if line.get("event") == "rebalance" and line.get("owned", 0) > 0}
+    assert len(owners) == 4
+    assert tier.stop() == 0
+    reader.close()
+
+
+def test_sigterm_under_load_drains_within_15_s(db_url, broker, topic, tmp_path, run_tier):
+    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2"))
+    with Load(db_url, topic) as load:
+        wait_for(lambda: status_counts(db_url).get("published", 0) > 2000, 60, "publishing under load")
+        committed_before = list(load.committed)
+        started = time.monotonic()
+        tier.proc.send_signal(signal.SIGTERM)
+        code = tier.wait_exit(30)
+        elapsed = time.monotonic() - started
+    assert code == 0
+    assert elapsed < 15, f"drain took {elapsed:.1f} s"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = dict(conn.execute("SELECT id, status FROM outbox_events WHERE id = ANY(%s)",
+                                 (committed_before,)).fetchall())
+    assert len(rows) == len(committed_before)
+    assert set(rows.values()) <= {"published", "pending"}
+    assert "processing" not in status_counts(db_url)
+    assert any(line.get("event") == "drain done" for line in tier.logs())
+
+
+def test_sigkill_of_one_worker_is_respawned_and_nothing_is_lost(db_url, broker, topic, tmp_path, run_tier):
+    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2"))
+    port = tier.http_port()
+    with Load(db_url, topic) as load:
+        wait_for(lambda: len(tier.worker_pids()) == 2, 30, "two workers")
+        wait_for(lambda: status_counts(db_url).get("published", 0) > 1000, 60, "publishing under load")
+        victim = tier.worker_pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: tier.worker_pids()[1] != victim, 30, "slot 1 respawned")
+        at_respawn = status_counts(db_url).get("published", 0)
+        wait_for(lambda: status_counts(db_url).get("published", 0) > at_respawn + 500,
+                 60, "publishing continues after the respawn")
+        committed = load.stop()
+    wait_for(lambda: status_counts(db_url) == {"published": len(committed)}, 60, "every committed row published")
+    recovery = tier.wait_log(lambda e: e.get("event") == "crash recovery", 10, "the crash recovery line")
+    assert recovery["resetCount"] >= 0
+    assert metric_value(port, "kaireon_outbox_worker_restarts_total", {"reason": "killed"}) >= 1
+    reader = TopicReader(broker.bootstrap, topic)
+    reader.read_until(lambda msgs: set(committed) <= set(event_ids(msgs)), timeout=60)
+    reader.close()
+    assert tier.stop() == 0
+
+
+def test_sigstop_makes_liveness_stale_then_the_tier_recovers(db_url, broker, topic, tmp_path, run_tier):
+    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2", KAFKA_MESSAGE_TIMEOUT_MS="2000",
+                   OUTBOX_WORKER_TIMEOUT_SECONDS="4", OUTBOX_REAPER_STALENESS_SECONDS="60")
+    tier = run_tier(env)
+    alive = env["OUTBOX_LIVENESS_FILE"]
+
+    def liveness(max_stale: str) -> int:
+        return run_cli("liveness-check", "--max-stale-seconds", max_stale, env=env).returncode
+
+    wait_for(lambda: liveness("1.5") == 0, 30, "a fresh liveness file")
+    victim = tier.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        # The supervisor stops touching the file: it goes stale, and the probe fails.
+        wait_for(lambda: liveness("1.5") != 0, 15, "the liveness file to go stale")
+        assert os.path.exists(alive)
+        # After OUTBOX_WORKER_TIMEOUT_SECONDS the hung worker is killed and respawned.
+        wait_for(lambda: tier.worker_pids()[0] != victim, 30, "the hung worker replaced")
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: liveness("1.5") == 0, 30, "liveness fresh again")
+    assert any(line.get("event") == "worker hung" for line in tier.logs())
+    with Load(db_url, topic) as load:
+        wait_for(lambda: len(load.committed) >= 200, 30, "some load")
+        committed = load.stop()
+    wait_for(lambda: status_counts(db_url) == {"published": len(committed)}, 60, "the recovered tier publishes")
+    assert tier.stop() == 0
+
+
+def test_metrics_show_pending_count_and_published_totals(db_url, broker, topic, tmp_path, run_tier):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # Seven rows waiting for a retry an hour from now: pending, and not publishable yet.
+        conn.execute("""INSERT INTO outbox_events (topic, partition_key, payload, attempts, next_attempt_at)
+                        SELECT %s, 'parked-' || g, '{}'::jsonb, 1, now() + interval '1 hour'
+                        FROM generate_series(1, 7) g""", (topic,))
+    preload(db_url, topic, 300, keys=30)
+    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2"))
+    port = tier.http_port()
+    wait_for(lambda: status_counts(db_url) == {"published": 300, "pending": 7}, 60, "300 published, 7 parked")
+    wait_for(lambda: metric_value(port, "kaireon_outbox_pending_count") == 7, 30, "the pending gauge at 7")
+    assert metric_value(port, "kaireon_outbox_processed_total", {"outcome": "published"}) == 300
+    assert metric_value(port, "kaireon_outbox_event_age_seconds_count") == 300
+    assert metric_value(port, "kaireon_outbox_last_success_timestamp_seconds") > time.time() - 60
+    assert tier.stop() == 0

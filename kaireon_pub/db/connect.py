@@ -12,7 +12,10 @@ APPLICATION_NAME = "kaireon-pub"
 def session_options(settings: Settings, role: str) -> dict[str, object]:
     return {
         "application_name": f"{APPLICATION_NAME}:{role}",
-        "options": f"-c statement_timeout={settings.statement_timeout_ms}",
+        # A stopped worker in lock mode must not hold its row locks (its claim) for ever.
+        "options": (f"-c statement_timeout={settings.statement_timeout_ms} "
+                    f"-c idle_in_transaction_session_timeout="
+                    f"{settings.message_timeout_ms + settings.shutdown_drain_timeout_ms + 5000}"),
         "connect_timeout": 5,
     }
 

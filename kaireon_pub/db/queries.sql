@@ -132,6 +132,63 @@ RETURNING e.id, e.topic, e.partition_key, e.payload::text AS payload, e.headers:
           e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
           extract(epoch FROM e.created_at)::float8 AS created_epoch;
 
+-- claim_locked_batch: lock mode; the row locks of this open transaction are the claim (no write)
+-- Same selection as claim_batch. The transaction stays open while the batch is published and
+-- ends with mark_published_locked / delete_published_locked; a crash releases the locks at once.
+WITH horizon AS MATERIALIZED (
+    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, clock_timestamp() AS now
+), cursors AS MATERIALIZED (
+    SELECT c.shard, c.cxid, c.cid, c.n
+    FROM unnest(%(shards)s::smallint[], %(epochs)s::bigint[], %(cursor_xids)s::text[]::xid8[],
+                %(cursor_ids)s::bigint[]) WITH ORDINALITY AS c(shard, epoch, cxid, cid, n)
+    JOIN outbox_shard_leases l ON l.shard = c.shard AND l.epoch = c.epoch
+    WHERE l.owner = %(worker_id)s AND l.expires_at > (SELECT now FROM horizon)
+    ORDER BY c.n
+    FOR SHARE OF l
+)
+SELECT e.id, e.topic, e.partition_key, e.payload::text AS payload, e.headers::text AS headers,
+       e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
+       extract(epoch FROM e.created_at)::float8 AS created_epoch
+FROM cursors c
+CROSS JOIN LATERAL (
+    SELECT e.*
+    FROM outbox_events e
+    WHERE e.status = 'pending' AND e.shard = c.shard
+      AND (e.xid, e.id) > (c.cxid, c.cid)
+      AND e.xid < (SELECT xmin FROM horizon)
+      AND e.next_attempt_at <= (SELECT now FROM horizon)
+      AND (%(relaxed)s OR e.partition_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM outbox_events r
+            WHERE r.status = 'pending' AND r.attempts > 0 AND r.shard = e.shard
+              AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id)))
+    ORDER BY e.xid, e.id
+    LIMIT %(batch)s
+    FOR UPDATE OF e SKIP LOCKED
+) e
+LIMIT %(batch)s;
+
+-- mark_published_locked: lock mode; delivered rows, inside the claiming transaction
+UPDATE outbox_events
+SET status = 'published', published_at = clock_timestamp(), updated_at = clock_timestamp(),
+    last_error = NULL
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
+
+-- delete_published_locked: lock mode with delete-on-publish
+DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
+
+-- mark_retry_locked: lock mode variant of mark_retry, inside the claiming transaction
+UPDATE outbox_events e
+SET status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'failed' ELSE 'pending' END,
+    attempts = e.attempts + 1,
+    last_error = left(u.error, 2000),
+    next_attempt_at = clock_timestamp() + make_interval(secs =>
+        least(%(backoff_max_ms)s, %(backoff_base_ms)s * power(2, least(e.attempts, 30))) / 1000.0),
+    updated_at = clock_timestamp()
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(permanent)s::bool[]) AS u(id, error, permanent)
+WHERE e.id = u.id AND e.status = 'pending'
+RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid,
+          extract(epoch FROM e.next_attempt_at - clock_timestamp())::float8 AS due_in;
+
 -- mark_published: delivered rows; lands only where this batch's claim token still stands
 UPDATE outbox_events
 SET status = 'published', published_at = clock_timestamp(), updated_at = clock_timestamp(),

@@ -88,6 +88,7 @@ class Worker:
         self.pool: psycopg_pool.AsyncConnectionPool | None = None
         self.listen_conn: psycopg.AsyncConnection | None = None
         self.publisher: Publisher | None = None
+        self.purge_task: asyncio.Task | None = None
         self.parent_pid = os.getppid()
         self.strict = settings.ordering == "strict"
 
@@ -112,7 +113,7 @@ class Worker:
     async def boot(self) -> None:
         s = self.settings
         self.pool = psycopg_pool.AsyncConnectionPool(
-            s.database_url, min_size=1, max_size=3, open=False, name=f"worker-{self.slot}",
+            s.database_url, min_size=1, max_size=4, open=False, name=f"worker-{self.slot}",
             kwargs={"autocommit": True, **session_options(s, f"worker-{self.slot}")},
             timeout=5, reconnect_timeout=0,
         )
@@ -120,6 +121,8 @@ class Worker:
         self.publisher = Publisher(s, client_id=f"kaireon-pub-{self.slot}")
         if self.dead_worker_ids:
             await self._recover_dead_workers()
+        if self.slot == 0 and s.retention_seconds > 0:
+            self.purge_task = asyncio.create_task(self._purge_loop())
 
     async def _recover_dead_workers(self) -> None:
         """Rows a crashed predecessor in this slot had claimed go back to pending at once."""
@@ -134,6 +137,8 @@ class Worker:
         self.dead_worker_ids = []
 
     async def shutdown(self) -> None:
+        if self.purge_task is not None:
+            self.purge_task.cancel()
         try:
             if self.unsettled:
                 await self._settle_again()
@@ -193,29 +198,52 @@ class Worker:
         shards = self._rotated_shards()
         if not shards:
             return TickResult()
-        token = uuid.uuid4()
         s = self.settings
+        params = {
+            "shards": shards,
+            "epochs": [self.leases.owned[sh] for sh in shards],
+            "cursor_xids": [str(self.cursors.get(sh, ZERO_CURSOR)[0]) for sh in shards],
+            "cursor_ids": [self.cursors.get(sh, ZERO_CURSOR)[1] for sh in shards],
+            "worker_id": self.worker_id, "relaxed": not self.strict, "batch": s.batch_size,
+        }
+        if s.claim_mode == "lock":
+            return await self._run_once_locked(params)
+        token = uuid.uuid4()
         async with self.pool.connection() as conn:
-            cur = await conn.execute(Q.claim_batch, {
-                "shards": shards,
-                "epochs": [self.leases.owned[sh] for sh in shards],
-                "cursor_xids": [str(self.cursors.get(sh, ZERO_CURSOR)[0]) for sh in shards],
-                "cursor_ids": [self.cursors.get(sh, ZERO_CURSOR)[1] for sh in shards],
-                "worker_id": self.worker_id, "relaxed": not self.strict,
-                "batch": s.batch_size, "token": token, "staleness": s.reaper_staleness_seconds,
-            })
+            cur = await conn.execute(Q.claim_batch, {**params, "token": token, "staleness": s.reaper_staleness_seconds})
             rows = await cur.fetchall()
         if not rows:
             return TickResult()
+        self._advance_cursors(rows)
+        outcome = await self._publish(rows)
+        return await self._settle(token, rows, outcome)
+
+    async def _run_once_locked(self, params: dict) -> TickResult:
+        """Lock mode: one transaction per batch; its row locks are the claim, one write per event."""
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                cur = await conn.execute(Q.claim_locked_batch, params)
+                rows = await cur.fetchall()
+                if not rows:
+                    return TickResult()
+                self._advance_cursors(rows)
+                outcome = await self._publish(rows)
+                result, retry_rows = await self._write_outcome(conn, None, rows, outcome)
+        self._after_settle(rows, outcome, retry_rows, result)
+        return result
+
+    def _advance_cursors(self, rows: list[tuple]) -> None:
         # Per-key order is (xid, id) within a shard; keys never span shards.
         rows.sort(key=lambda r: (r[8], r[0]))
         for row in rows:
             shard, position = row[7], (row[8], row[0])
             if position > self.cursors.get(shard, ZERO_CURSOR):
                 self.cursors[shard] = position
+
+    async def _publish(self, rows: list[tuple]) -> BatchOutcome:
         metrics.IN_FLIGHT.inc(len(rows))
         try:
-            deadline = time.monotonic() + s.message_timeout_ms / 1000 + 1.0
+            deadline = time.monotonic() + self.settings.message_timeout_ms / 1000 + 1.0
             try:
                 outcome = await self.publisher.publish(rows, self.strict, deadline, self.stop_deadline)
             except Exception as exc:  # noqa: BLE001 - never leave claimed rows behind
@@ -223,33 +251,44 @@ class Worker:
                                        transient_error=f"{type(exc).__name__}: {exc}")
             if self.publisher.fatal is not None and not outcome.fatal_error:
                 outcome.fatal_error = f"{self.publisher.fatal.name()}: {self.publisher.fatal.str()}"
-            return await self._settle(token, rows, outcome)
+            return outcome
         finally:
             metrics.IN_FLIGHT.dec(len(rows))
 
-    async def _settle(self, token: uuid.UUID, rows: list[tuple], outcome: BatchOutcome) -> TickResult:
+    async def _write_outcome(self, conn: psycopg.AsyncConnection, token: uuid.UUID | None,
+                             rows: list[tuple], outcome: BatchOutcome) -> tuple[TickResult, list[tuple]]:
+        """The marks of one batch. With a token (status mode) each lands only while the claim stands;
+        without one (lock mode) the caller's open transaction holds the rows."""
         s = self.settings
+        locked = token is None
         result = TickResult(claimed=len(rows))
+        retry_rows: list[tuple] = []
+        if outcome.delivered:
+            if locked:
+                query = Q.delete_published_locked if s.delete_on_publish else Q.mark_published_locked
+            else:
+                query = Q.delete_published if s.delete_on_publish else Q.mark_published
+            cur = await conn.execute(query, {"ids": outcome.delivered, "token": token})
+            result.published = cur.rowcount
+            result.lease_lost = len(outcome.delivered) - cur.rowcount
         failed_ids = list(outcome.rejected) + list(outcome.retry)
+        if failed_ids:
+            cur = await conn.execute(Q.mark_retry_locked if locked else Q.mark_retry, {
+                "ids": failed_ids,
+                "errors": [outcome.rejected.get(i) or outcome.retry.get(i) for i in failed_ids],
+                "permanent": [i in outcome.rejected for i in failed_ids],
+                "max_attempts": s.max_attempts, "backoff_base_ms": s.backoff_base_ms,
+                "backoff_max_ms": s.backoff_max_ms, "token": token,
+            })
+            retry_rows = await cur.fetchall()
+        if outcome.released and not locked:
+            await conn.execute(Q.release_claimed, {"ids": outcome.released, "token": token})
+        return result, retry_rows
+
+    async def _settle(self, token: uuid.UUID, rows: list[tuple], outcome: BatchOutcome) -> TickResult:
         try:
             async with self.pool.connection() as conn, conn.transaction():
-                if outcome.delivered:
-                    query = Q.delete_published if s.delete_on_publish else Q.mark_published
-                    cur = await conn.execute(query, {"ids": outcome.delivered, "token": token})
-                    result.published = cur.rowcount
-                    result.lease_lost = len(outcome.delivered) - cur.rowcount
-                retry_rows = []
-                if failed_ids:
-                    cur = await conn.execute(Q.mark_retry, {
-                        "ids": failed_ids,
-                        "errors": [outcome.rejected.get(i) or outcome.retry.get(i) for i in failed_ids],
-                        "permanent": [i in outcome.rejected for i in failed_ids],
-                        "max_attempts": s.max_attempts, "backoff_base_ms": s.backoff_base_ms,
-                        "backoff_max_ms": s.backoff_max_ms, "token": token,
-                    })
-                    retry_rows = await cur.fetchall()
-                if outcome.released:
-                    await conn.execute(Q.release_claimed, {"ids": outcome.released, "token": token})
+                result, retry_rows = await self._write_outcome(conn, token, rows, outcome)
         except Exception:
             # Delivered but not marked: keep the outcome and settle it before the next claim,
             # instead of leaving the rows to the reaper (and to duplicates).
@@ -387,6 +426,29 @@ class Worker:
                 count = max(count, int((await cur.fetchone())[0] or 0))
         metrics.PENDING.set(count)
         metrics.PENDING_ESTIMATED.set(1 if estimated else 0)
+
+    async def _purge_loop(self) -> None:
+        """Retention: delete published rows older than OUTBOX_RETENTION_SECONDS, in bounded batches.
+
+        Its own connection and short statements, with a pause between batches, so the claim
+        (a different index, different rows) is not slowed while it runs."""
+        s = self.settings
+        while not self.stop_requested:
+            delay = s.purge_interval_seconds
+            started = time.monotonic()
+            try:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(Q.purge_published, {"retention": s.retention_seconds,
+                                                                 "batch": s.purge_batch_size})
+                    purged = (await cur.fetchone())[0]
+                metrics.PURGE_DURATION.observe(time.monotonic() - started)
+                metrics.PURGED.inc(purged)
+                if purged >= s.purge_batch_size:
+                    delay = 0.1  # more to do: keep going, gently
+            except Exception as exc:  # noqa: BLE001 - the purge must never stop the publisher
+                log.error(f"retention purge failed: {type(exc).__name__}: {exc}",
+                          extra={"event": "purge failed", "errorId": new_error_id(), "isTransient": True})
+            await asyncio.sleep(delay)
 
     # ---- waiting ---------------------------------------------------------------------------------
 

@@ -7,7 +7,15 @@ import time
 
 import psycopg
 
-from tests.helpers import Load, TopicReader, assert_per_key_order, event_ids, status_counts, tier_env, wait_for
+from tests.helpers import (
+    Load,
+    TopicReader,
+    assert_per_key_order,
+    event_ids,
+    status_counts,
+    tier_env,
+    wait_for,
+)
 
 TTL = 3  # OUTBOX_LEASE_TTL_SECONDS for this test
 

@@ -6,7 +6,15 @@ import signal
 import psycopg
 
 from kaireon_pub import Event, enqueue, enqueue_many
-from tests.helpers import TopicReader, event_ids, metric_value, run_cli, status_counts, tier_env, wait_for
+from tests.helpers import (
+    TopicReader,
+    event_ids,
+    metric_value,
+    run_cli,
+    status_counts,
+    tier_env,
+    wait_for,
+)
 
 
 def test_zombie_worker_mark_changes_nothing(db_url, restartable_broker, topic, tmp_path, run_tier):

@@ -74,7 +74,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OUTBOX_PURGE_INTERVAL_SECONDS", "60", "Pause between purge passes. 1..86400."),
     Setting("OUTBOX_STATEMENT_TIMEOUT_MS", "30000", "statement_timeout of the tier's database sessions. 100..600000."),
     Setting("OUTBOX_HTTP_HOST", "0.0.0.0", "Address of /metrics, /healthz, /readyz and the cron route."),
-    Setting("OUTBOX_HTTP_PORT", "9464", "Port of the HTTP server; 0 disables it. 0..65535."),
+    Setting("OUTBOX_HTTP_PORT", "9464", "Port of the HTTP server; 0 picks a free port (logged as `http listening`). 0..65535."),
     Setting("OUTBOX_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
     Setting("CRON_SECRET", None, "Shared secret of /api/v1/cron/outbox-reaper. Unset/blank: the route answers 401."),
     Setting("PROMETHEUS_MULTIPROC_DIR", "", "Directory for multiprocess metrics; empty = a fresh temporary directory."),

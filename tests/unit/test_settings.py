@@ -85,3 +85,11 @@ def test_secret_never_in_config_error():
         Settings.from_env({"DATABASE_URL": "postgresql://u:s3ntinel@db/x", "KAFKA_BOOTSTRAP_SERVERS": "x:1",
                            "OUTBOX_BATCH_SIZE": "0"})
     assert "s3ntinel" not in str(info.value)
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [s.env for s in SETTINGS if f"| `{s.env}` |" not in readme]
+    assert missing == []

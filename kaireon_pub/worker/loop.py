@@ -112,13 +112,14 @@ class Worker:
 
     async def boot(self) -> None:
         s = self.settings
+        # The producer first: a bad librdkafka setting fails before any connection is opened.
+        self.publisher = Publisher(s, client_id=f"kaireon-pub-{self.slot}")
         self.pool = psycopg_pool.AsyncConnectionPool(
             s.database_url, min_size=1, max_size=4, open=False, name=f"worker-{self.slot}",
             kwargs={"autocommit": True, **session_options(s, f"worker-{self.slot}")},
-            timeout=5, reconnect_timeout=0,
+            timeout=5,
         )
         await self.pool.open(wait=False)
-        self.publisher = Publisher(s, client_id=f"kaireon-pub-{self.slot}")
         if self.dead_worker_ids:
             await self._recover_dead_workers()
         if self.slot == 0 and s.retention_seconds > 0:
@@ -139,6 +140,8 @@ class Worker:
     async def shutdown(self) -> None:
         if self.purge_task is not None:
             self.purge_task.cancel()
+        if self.pool is None:
+            return  # boot failed before anything was opened
         try:
             if self.unsettled:
                 await self._settle_again()
@@ -152,12 +155,13 @@ class Worker:
             self.publisher.producer.flush(0)
         if self.listen_conn:
             await self.listen_conn.close()
-        await self.pool.close(timeout=2)
+        if self.pool is not None:
+            await self.pool.close(timeout=2)
         metrics.IN_FLIGHT.set(0)
 
     async def run(self) -> int:
-        await self.boot()
         try:
+            await self.boot()
             while not self.stop_requested:
                 self.heartbeat()
                 if os.getppid() != self.parent_pid:
@@ -196,7 +200,7 @@ class Worker:
         """Claim one batch of the owned shards, publish it, settle every event. O(batch)."""
         self._apply_rescans()
         shards = self._rotated_shards()
-        if not shards:
+        if not shards or self.stop_requested:  # a drain stops claiming at once
             return TickResult()
         s = self.settings
         params = {

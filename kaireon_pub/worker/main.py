@@ -13,7 +13,7 @@ import signal
 import uuid
 
 from kaireon_pub import logs
-from kaireon_pub.errors import ExitCode, new_error_id
+from kaireon_pub.errors import ConfigError, ExitCode, new_error_id
 from kaireon_pub.settings import Settings
 
 log = logging.getLogger("kaireon_pub.worker")
@@ -48,12 +48,11 @@ def worker_main(settings: Settings, slot: int, worker_id: uuid.UUID, heartbeat_f
 
     try:
         return uvloop.run(main())
-    except Exception as exc:  # noqa: BLE001 - a crash is logged with an id and a distinct code
-        from confluent_kafka import KafkaException
-
-        if isinstance(exc, KafkaException) and "configuration" in str(exc).lower():
-            log.error(f"invalid librdkafka configuration: {exc}",
-                      extra={"event": "config invalid", "errorId": new_error_id()})
-            return ExitCode.CONFIG
+    except ConfigError as exc:
+        log.error(f"invalid configuration: {exc}", extra={
+            "event": "config invalid", "errorId": new_error_id(), "variable": exc.variable,
+            "problem": exc.problem, "accepted": exc.accepted})
+        return ExitCode.CONFIG
+    except Exception:  # noqa: BLE001 - a crash is logged with an id and a distinct code
         log.exception("worker crashed", extra={"event": "worker crashed", "errorId": new_error_id()})
         return ExitCode.CRASH

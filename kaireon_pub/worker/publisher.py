@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from kaireon_pub.errors import ConfigError
 from kaireon_pub.logs import librdkafka_logger
-from kaireon_pub.settings import Settings
+from kaireon_pub.settings import KAFKA_PREFIX, Settings
 
 log = logging.getLogger("kaireon_pub.worker.publisher")
 
@@ -115,7 +117,16 @@ class Publisher:
         config["error_cb"] = self._on_error
         config["logger"] = librdkafka_logger()
         self.fatal = None
-        return Producer(config)
+        try:
+            return Producer(config)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            match = re.search(r'property: "([a-z0-9._]+)"', str(exc)) or re.search(r'"([a-z0-9._]+)"', str(exc))
+            if err is not None and err.code() == KafkaError._INVALID_ARG and match:
+                prop = match.group(1)
+                raise ConfigError(KAFKA_PREFIX + prop.upper().replace(".", "_"), err.str(),
+                                  "a librdkafka producer property and value") from None
+            raise
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():

@@ -40,3 +40,18 @@ def test_bad_env_exits_2_naming_the_variable(env, variable, tmp_path):
     assert errors[0]["errorId"]
     assert "pw-sentinel-77" not in result.stderr + result.stdout
     assert not (tmp_path / "alive").exists()
+
+
+def test_unknown_librdkafka_property_exits_2_naming_the_variable(tmp_path, pg):
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "KAFKA_"))}
+    env = {**base, "DATABASE_URL": pg.url("postgres"), "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+           "KAFKA_NOT_A_SETTING": "1", "OUTBOX_WORKERS": "1", "OUTBOX_HTTP_PORT": "0",
+           "OUTBOX_LIVENESS_FILE": str(tmp_path / "alive"), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
+    result = run_cli("run", env=env, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    invalid = [line for line in lines if line.get("event") == "config invalid"]
+    assert invalid and invalid[0]["variable"] == "KAFKA_NOT_A_SETTING"
+    assert "No such configuration property" in invalid[0]["problem"]

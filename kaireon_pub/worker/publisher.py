@@ -131,7 +131,14 @@ class Publisher:
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self.fatal = err
-        level = logging.ERROR if err.fatal() else logging.WARNING
+        # librdkafka's own log line already reports each connection failure; only the fatal and
+        # the all-brokers-down conditions deserve a line of ours above DEBUG.
+        if err.fatal():
+            level = logging.ERROR
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            level = logging.WARNING
+        else:
+            level = logging.DEBUG
         log.log(level, f"librdkafka error: {describe(err)}",
                 extra={"event": "kafka error", "kafkaError": err.name(), "fatal": err.fatal()})
 

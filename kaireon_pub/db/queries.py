@@ -24,5 +24,13 @@ def parse(text: str) -> dict[str, str]:
     return {name: "\n".join(lines).strip().rstrip(";") for name, lines in blocks.items()}
 
 
-QUERIES = parse(resources.files("kaireon_pub.db").joinpath("queries.sql").read_text())
+_INCLUDE = re.compile(r"\{\{([a-z_]+)\}\}")
+
+
+def expand(blocks: dict[str, str]) -> dict[str, str]:
+    """`{{name}}` in a block stands for the text of block `name` (one shared selection, one place)."""
+    return {name: _INCLUDE.sub(lambda m: blocks[m.group(1)], sql) for name, sql in blocks.items()}
+
+
+QUERIES = expand(parse(resources.files("kaireon_pub.db").joinpath("queries.sql").read_text()))
 Q = SimpleNamespace(**QUERIES)

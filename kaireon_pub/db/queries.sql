@@ -89,38 +89,10 @@ WITH reset AS (
 SELECT (SELECT count(*) FROM reset) AS reset_count, (SELECT count(*) FROM leases) AS released;
 
 -- claim_batch: pending -> processing in the owned shards, each from its cursor, in (xid, id) order
--- Only rows whose writing transaction is older than every running one are taken, so a row that
--- commits late with a lower id is never passed over. The lease rows are locked FOR SHARE, so a
--- new owner cannot take a shard in the middle of a claim, and an expired lease claims nothing.
-WITH horizon AS MATERIALIZED (
-    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, clock_timestamp() AS now
-), cursors AS MATERIALIZED (
-    SELECT c.shard, c.cxid, c.cid, c.n
-    FROM unnest(%(shards)s::smallint[], %(epochs)s::bigint[], %(cursor_xids)s::text[]::xid8[],
-                %(cursor_ids)s::bigint[]) WITH ORDINALITY AS c(shard, epoch, cxid, cid, n)
-    JOIN outbox_shard_leases l ON l.shard = c.shard AND l.epoch = c.epoch
-    WHERE l.owner = %(worker_id)s AND l.expires_at > (SELECT now FROM horizon)
-    ORDER BY c.n
-    FOR SHARE OF l
-), candidates AS (
-    SELECT e.id
-    FROM cursors c
-    CROSS JOIN LATERAL (
-        SELECT e.id
-        FROM outbox_events e
-        WHERE e.status = 'pending' AND e.shard = c.shard
-          AND (e.xid, e.id) > (c.cxid, c.cid)
-          AND e.xid < (SELECT xmin FROM horizon)
-          AND e.next_attempt_at <= (SELECT now FROM horizon)
-          AND (%(relaxed)s OR e.partition_key IS NULL OR NOT EXISTS (
-                SELECT 1 FROM outbox_events r
-                WHERE r.status = 'pending' AND r.attempts > 0 AND r.shard = e.shard
-                  AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id)))
-        ORDER BY e.xid, e.id
-        LIMIT %(batch)s
-        FOR UPDATE OF e SKIP LOCKED
-    ) e
-    LIMIT %(batch)s
+-- The selection is claim_locked_batch's (included below); this statement turns its row locks
+-- into a durable claim with a fresh token, so the batch can be published outside a transaction.
+WITH candidates AS (
+{{claim_locked_batch}}
 )
 UPDATE outbox_events e
 SET status = 'processing', claim_token = %(token)s, claimed_by = %(worker_id)s,
@@ -128,13 +100,15 @@ SET status = 'processing', claim_token = %(token)s, claimed_by = %(worker_id)s,
     updated_at = clock_timestamp()
 FROM candidates c
 WHERE e.id = c.id
-RETURNING e.id, e.topic, e.partition_key, e.payload::text AS payload, e.headers::text AS headers,
-          e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
-          extract(epoch FROM e.created_at)::float8 AS created_epoch;
+RETURNING c.id, c.topic, c.partition_key, c.payload, c.headers, c.event_type, c.attempts, c.shard,
+          c.xid, c.created_epoch;
 
 -- claim_locked_batch: lock mode; the row locks of this open transaction are the claim (no write)
--- Same selection as claim_batch. The transaction stays open while the batch is published and
--- ends with mark_published_locked / delete_published_locked; a crash releases the locks at once.
+-- Only rows whose writing transaction is older than every running one are taken, so a row that
+-- commits late with a lower id is never passed over. The lease rows are locked FOR SHARE, so a
+-- new owner cannot take a shard in the middle of a claim, and an expired lease claims nothing.
+-- In lock mode the transaction stays open while the batch is published and ends with
+-- mark_published_locked / delete_published_locked; a crash releases the locks at once.
 WITH horizon AS MATERIALIZED (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, clock_timestamp() AS now
 ), cursors AS MATERIALIZED (

@@ -38,6 +38,7 @@ PER_EVENT_PERMANENT = {
     KafkaError.RECORD_LIST_TOO_LARGE,
     KafkaError.POLICY_VIOLATION,
     KafkaError._INVALID_ARG,
+    KafkaError.TOPIC_EXCEPTION,  # an invalid topic name: the event's own fault
 }
 # Errors of the whole tier's setup: retrying changes nothing until an operator acts.
 SYSTEMIC = {
@@ -48,7 +49,6 @@ SYSTEMIC = {
     KafkaError._AUTHENTICATION,
     KafkaError._UNKNOWN_TOPIC,
     KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError.TOPIC_EXCEPTION,
     KafkaError._SSL,
 }
 # Errors that only say the broker was not there or not fast enough.

@@ -8,24 +8,31 @@ from kaireon_pub import Event, enqueue, enqueue_many
 from tests.helpers import TopicReader, event_ids, status_counts, tier_env, wait_for
 
 
-def test_oversize_event_fails_alone_while_the_others_publish(db_url, broker, topic, tier_env, run_tier):
+def test_poison_events_fail_alone_while_the_others_publish(db_url, broker, topic, tier_env, run_tier):
     with psycopg.connect(db_url) as conn:
         before = enqueue_many(conn, [Event(topic, f"k{i}", {"i": i}) for i in range(5)])
         # Accepted by enqueue (its limit raised here) but beyond the producer's message.max.bytes.
         poison = enqueue(conn, topic=topic, key="k-big", payload={"blob": "x" * 1_500_000},
                          max_payload_bytes=5_000_000)
+        # A topic name the broker refuses: the event's own fault, not the tier's.
+        bad_topic = enqueue(conn, topic="not a valid topic!", key="k-bad", payload={"x": 1})
         after = enqueue_many(conn, [Event(topic, f"k{i}", {"i": i}) for i in range(5)])
         conn.commit()
     tier = run_tier(tier_env)
     reader = TopicReader(broker.bootstrap, topic)
     messages = reader.read_count(10, timeout=60)
     assert sorted(event_ids(messages)) == sorted(before + after)
-    wait_for(lambda: status_counts(db_url) == {"published": 10, "failed": 1}, 30, "10 published, 1 failed")
+    wait_for(lambda: status_counts(db_url) == {"published": 10, "failed": 2}, 30, "10 published, 2 failed")
     with psycopg.connect(db_url) as conn:
         status, attempts, error = conn.execute(
             "SELECT status, attempts, last_error FROM outbox_events WHERE id = %s", (poison,)).fetchone()
     assert status == "failed" and attempts == 1
     assert "MSG_SIZE_TOO_LARGE" in error
+    with psycopg.connect(db_url) as conn:
+        status, error = conn.execute("SELECT status, last_error FROM outbox_events WHERE id = %s",
+                                     (bad_topic,)).fetchone()
+    assert status == "failed" and "TOPIC_EXCEPTION" in error
+    assert not [line for line in tier.logs() if line.get("msg") == "outbox-publisher tick failed"]
     assert any(line.get("event") == "event failed" and line.get("eventId") == poison for line in tier.logs())
     # The streak was not touched: the tier is still running.
     assert tier.proc.poll() is None

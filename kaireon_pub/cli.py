@@ -87,5 +87,76 @@ def liveness_check(path: str, max_stale_seconds: float) -> None:
     click.echo(f"ok: liveness file {path} is {age:.1f} s old")
 
 
+# ---- operator tools (kaireon_pub.ops) ------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+def status(as_json: bool) -> None:
+    """Backlog, oldest pending, lagging shards, failed events, shard owners, reaper runs."""
+    settings = load_settings(need_kafka=False)
+    from kaireon_pub.ops import status as ops_status
+
+    sys.exit(ops_status.run(settings, as_json=as_json, echo=click.echo))
+
+
+@cli.command()
+@click.option("--id", "ids", multiple=True, type=click.IntRange(min=1), help="A failed event id (repeatable).")
+@click.option("--topic", default=None, help="Failed events of this topic.")
+@click.option("--error-contains", default=None, help="Failed events whose last error contains TEXT (any case).")
+@click.option("--all", "everything", is_flag=True, help="Every failed event (asks for confirmation).")
+@click.option("--dry-run", is_flag=True, help="Count and list what would move; move nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (--all).")
+def requeue(ids: tuple[int, ...], topic: str | None, error_contains: str | None, everything: bool,
+            dry_run: bool, yes: bool) -> None:
+    """Move failed events back to pending (attempts reset); the workers then publish them."""
+    from kaireon_pub.ops import requeue as ops_requeue
+
+    selection = ops_requeue.Selection(ids=ids, topic=topic, error_contains=error_contains, everything=everything)
+    problem = selection.validate()
+    if problem:
+        raise click.UsageError(problem)
+    settings = load_settings(need_kafka=False)
+
+    def confirm(question: str) -> bool:
+        try:
+            return click.confirm(question, default=False, err=True)
+        except click.Abort:  # no answer (stdin closed)
+            return False
+        finally:
+            if not sys.stdin.isatty():
+                click.echo("", err=True)  # a piped answer is not echoed: end the prompt's line
+
+    sys.exit(ops_requeue.run(settings, selection, dry_run=dry_run, yes=yes, confirm=confirm, echo=click.echo))
+
+
+@cli.command()
+@click.option("--topic", "topics", multiple=True, help="A topic the tier must be able to publish to (repeatable).")
+@click.option("--auto-create/--no-auto-create", default=None,
+              help="Whether the broker creates missing topics; unset: ask the broker.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+def check(topics: tuple[str, ...], auto_create: bool | None, as_json: bool) -> None:
+    """Preflight: settings, producer safety, timeouts, database, schema, broker, topics. Exit 1 on any failure."""
+    logs.configure("WARNING")
+    import orjson
+
+    from kaireon_pub.ops.check import run_checks
+
+    report = run_checks(topics=topics, auto_create=auto_create)
+    click.echo(orjson.dumps(report.as_json()).decode() if as_json else report.render())
+    sys.exit(ExitCode.CRASH if report.failed else ExitCode.OK)
+
+
+@cli.command()
+@click.option("--url", default="http://127.0.0.1:9464/metrics", show_default=True, help="The tier's /metrics.")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1))
+@click.option("--once", is_flag=True, help="Print one frame (after one interval) and exit.")
+def top(url: str, interval: float, once: bool) -> None:
+    """A live view of a running tier: events/s, backlog, ages, workers, failures."""
+    from kaireon_pub.ops import top as ops_top
+
+    sys.exit(ops_top.run(url, interval, once=once))
+
+
 def main() -> None:
     cli()

@@ -55,7 +55,7 @@ PRODUCER_RECREATED = Counter(
 )
 ORDER_VIOLATIONS = Counter(
     f"{NS}_order_violations_total",
-    "Relaxed ordering only: events published after a later event of the same key.",
+    "Relaxed ordering only: events that went into a retry while later events of their key flowed on.",
 )
 WORKER_RESTARTS = Counter(
     f"{NS}_worker_restarts_total", "Workers respawned by the supervisor, by reason.", ["reason"]
@@ -84,3 +84,53 @@ PURGE_DURATION = Histogram(
     f"{NS}_purge_duration_seconds", "Duration of one purge batch.",
     buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
 )
+
+# ---- operator gauges -----------------------------------------------------------------------
+# The backlog figures are refreshed by worker slot 0 through kaireon_pub.ops.gauges (one process
+# per replica writes them, the others export their initial 0), hence livemax: the refreshing
+# process's value wins and disappears with it when it dies.
+SHARD_GROUPS = 16  # pending per shard group: 256 shards in 16 groups of 16, bounded cardinality
+OLDEST_PENDING_AGE = Gauge(
+    f"{NS}_oldest_pending_age_seconds",
+    "Age of the oldest pending event (the oldest head of the 256 shards' claim order).",
+    multiprocess_mode="livemax",
+)
+FAILED_COUNT = Gauge(
+    f"{NS}_failed_count",
+    "Events in status failed, parked until requeued (exact up to a cap of 100000).",
+    multiprocess_mode="livemax",
+)
+PENDING_BY_SHARD_GROUP = Gauge(
+    f"{NS}_pending_by_shard_group",
+    "Pending events per group of 16 shards (group g = shards 16g..16g+15), exact up to 1000 per group.",
+    ["group"],
+    multiprocess_mode="livemax",
+)
+OLDEST_PENDING_AGE_BY_SHARD_GROUP = Gauge(
+    f"{NS}_oldest_pending_age_by_shard_group_seconds",
+    "Age of the oldest pending event per group of 16 shards; a lagging shard shows here first.",
+    ["group"],
+    multiprocess_mode="livemax",
+)
+# Each worker reports its own producer's local queue; the replica's depth is their sum.
+PRODUCER_QUEUE_DEPTH = Gauge(
+    f"{NS}_producer_queue_depth",
+    "Messages in the producers' local queues, produced and not yet acknowledged by the broker.",
+    multiprocess_mode="livesum",
+)
+# Written by the readiness check (/readyz) of the HTTP server process only.
+DATABASE_UP = Gauge(
+    f"{NS}_database_up",
+    "1 when the last readiness check reached the database, else 0 (0 until the first check).",
+    multiprocess_mode="livemax",
+)
+BROKER_UP = Gauge(
+    f"{NS}_broker_up",
+    "1 when the last readiness check reached the broker, else 0 (0 until the first check).",
+    multiprocess_mode="livemax",
+)
+# The group label values are known and few: create them up front so every series exists from
+# the first scrape (the dashboard and alerts need no `or vector(0)`).
+for _group in range(SHARD_GROUPS):
+    PENDING_BY_SHARD_GROUP.labels(str(_group))
+    OLDEST_PENDING_AGE_BY_SHARD_GROUP.labels(str(_group))

@@ -343,7 +343,11 @@ class DefaultReadiness:
         self._admin_lock = threading.Lock()
 
     def __call__(self) -> dict[str, bool]:
-        return {"database": self.database(), "broker": self.broker()}
+        from kaireon_pub.ops.gauges import record_reachability
+
+        checks = {"database": self.database(), "broker": self.broker()}
+        record_reachability(checks)
+        return checks
 
     def database(self) -> bool:
         try:

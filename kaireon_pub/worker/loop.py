@@ -24,6 +24,7 @@ from kaireon_pub import metrics
 from kaireon_pub.db.connect import session_options
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, SystemicError, TransientError, new_error_id
+from kaireon_pub.ops.gauges import refresh_backlog_gauges
 from kaireon_pub.settings import Settings
 from kaireon_pub.worker.leases import Leases
 from kaireon_pub.worker.publisher import BatchOutcome, Publisher
@@ -431,6 +432,7 @@ class Worker:
             if estimated:
                 cur = await conn.execute(Q.pending_estimate)
                 count = max(count, int((await cur.fetchone())[0] or 0))
+            await refresh_backlog_gauges(conn)
         metrics.PENDING.set(count)
         metrics.PENDING_ESTIMATED.set(1 if estimated else 0)
 

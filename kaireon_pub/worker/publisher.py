@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from kaireon_pub import metrics
 from kaireon_pub.errors import ConfigError
 from kaireon_pub.logs import librdkafka_logger
 from kaireon_pub.settings import KAFKA_PREFIX, Settings
@@ -273,4 +274,5 @@ class Publisher:
         if out.fatal_error:
             settled = set(out.delivered) | set(out.rejected) | set(out.retry) | set(out.released)
             out.released.extend(r[0] for r in rows if r[0] not in settled)
+        metrics.PRODUCER_QUEUE_DEPTH.set(len(producer))
         return out

@@ -1,0 +1,1 @@
+"""Operator tools: `status`, `requeue`, `check`, `top`, and the backlog gauges the workers refresh."""

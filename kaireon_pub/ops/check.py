@@ -1,0 +1,311 @@
+"""`kaireon-pub check`: a preflight for an initContainer or a human; every problem, not the first.
+
+Checks, in order: settings valid; producer settings safe for the guarantees; timeouts consistent
+(reaper staleness vs message.timeout.ms vs drain, worker timeout vs message.timeout.ms); database
+reachable; schema at the expected version with its tables and indexes; broker reachable; topics
+exist (those named with --topic and those of a bounded sample of pending rows) unless
+auto-creation is allowed. Each check is ok, warn, fail or skip; any fail exits 1.
+
+The settings are read without exiting on the first invalid one, so that an unsafe KAFKA_ACKS is
+reported as a failed check, by name, beside the others. No secret reaches the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from kaireon_pub import logs
+from kaireon_pub.db import migrate
+from kaireon_pub.errors import ConfigError
+from kaireon_pub.ops.sql import OPS
+from kaireon_pub.settings import (
+    KAFKA_PREFIX,
+    PRODUCER_DEFAULTS,
+    SAFE_PRODUCER_SETTINGS,
+    SECRET_KAFKA_KEYS,
+    SETTINGS,
+    Settings,
+)
+
+log = logging.getLogger("kaireon_pub.ops.check")
+
+TIMEOUT_SECONDS = 5
+PENDING_TOPIC_SAMPLE = 10_000
+_DEFAULTS = {s.env: s.default for s in SETTINGS}
+# Producer-only settings an admin client does not need (idempotence would request a producer id).
+_ADMIN_EXCLUDED = frozenset(PRODUCER_DEFAULTS) - {"bootstrap.servers"}
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # ok | warn | fail | skip
+    detail: str
+
+
+@dataclass
+class Report:
+    results: list[Result] = field(default_factory=list)
+
+    def add(self, name: str, status: str, detail: str) -> Result:
+        result = Result(name, status, detail)
+        self.results.append(result)
+        return result
+
+    @property
+    def failed(self) -> list[Result]:
+        return [r for r in self.results if r.status == "fail"]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": not self.failed,
+                "checks": [{"name": r.name, "status": r.status, "detail": r.detail} for r in self.results]}
+
+    def render(self) -> str:
+        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
+        lines = [f"{marks[r.status]}  {r.name:<9} {r.detail}" for r in self.results]
+        lines.append(f"check failed: {len(self.failed)} of {len(self.results)} checks failed"
+                     if self.failed else f"check passed: {len(self.results)} checks")
+        return "\n".join(lines)
+
+
+def _kafka_env(env: Mapping[str, str]) -> dict[str, str]:
+    """librdkafka settings as the tier derives them: defaults overlaid with KAFKA_* variables."""
+    config = dict(PRODUCER_DEFAULTS)
+    for name, value in env.items():
+        if name.startswith(KAFKA_PREFIX):
+            config[name[len(KAFKA_PREFIX):].lower().replace("_", ".")] = value
+    return config
+
+
+def _env_name(kafka_key: str) -> str:
+    return KAFKA_PREFIX + kafka_key.upper().replace(".", "_")
+
+
+def secrets_of(env: Mapping[str, str]) -> list[str]:
+    """Secret values in the environment (database password, SASL/SSL passwords, cron secret)."""
+    found = {env.get("CRON_SECRET", "").strip()}
+    try:
+        found.add(str(psycopg.conninfo.conninfo_to_dict(env.get("DATABASE_URL", "")).get("password") or ""))
+    except psycopg.ProgrammingError:
+        pass
+    found.update(env.get(_env_name(key), "") for key in SECRET_KAFKA_KEYS)
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for value in secrets:
+        text = text.replace(value, "***")
+    # A DSN quoted back by a driver: hide any user:password@ part.
+    return re.sub(r"(://[^:/@\s]+):[^@\s]+@", r"\1:***@", text)
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+    try:
+        return int(str(env.get(name, _DEFAULTS.get(name)) or "").strip())
+    except ValueError:
+        return None
+
+
+def run_checks(env: Mapping[str, str] | None = None, *, topics: tuple[str, ...] = (),
+               auto_create: bool | None = None) -> Report:
+    """Every check; `auto_create` None asks the broker (auto.create.topics.enable)."""
+    env = dict(os.environ if env is None else env)
+    secrets = secrets_of(env)
+    report = Report()
+
+    settings: Settings | None = None
+    try:
+        settings = Settings.from_env(env, need_kafka=True)
+        report.add("settings", "ok", f"valid ({len(SETTINGS)} settings and {len(settings.producer_config)} "
+                                     "producer settings read)")
+    except ConfigError as exc:
+        report.add("settings", "fail", _redact(str(exc), secrets))
+
+    kafka = dict(settings.producer_config) if settings else _kafka_env(env)
+    _check_producer(report, kafka)
+    _check_timeouts(report, env, settings, kafka)
+
+    conn = _check_database(report, env, secrets)
+    pending_topics: list[str] = []
+    if conn is None:
+        report.add("schema", "skip", "database unreachable")
+    else:
+        with conn:
+            if _check_schema(report, conn):
+                pending_topics = [r[0] for r in conn.execute(OPS.pending_topics_sample,
+                                                             {"limit": PENDING_TOPIC_SAMPLE}).fetchall()]
+    _check_broker_and_topics(report, kafka, secrets, topics, pending_topics, auto_create)
+    for r in report.results:
+        if r.status == "fail":
+            log.error(f"check {r.name} failed: {r.detail}",
+                      extra={"event": "check failed", "check": r.name, "detail": r.detail})
+    return report
+
+
+def _check_producer(report: Report, kafka: Mapping[str, str]) -> None:
+    unsafe = []
+    for key, accepted in SAFE_PRODUCER_SETTINGS.items():
+        value = str(kafka.get(key, "")).strip().lower()
+        if value not in accepted:
+            unsafe.append(f"{_env_name(key)}={value!r} ({key}; accepted: {' | '.join(sorted(accepted))})")
+    if unsafe:
+        report.add("producer", "fail", "unsafe for at-least-once, in-order delivery: " + "; ".join(unsafe))
+    else:
+        report.add("producer", "ok", "enable.idempotence=true, acks=" + str(kafka.get("acks")))
+
+
+def _check_timeouts(report: Report, env: Mapping[str, str], settings: Settings | None,
+                    kafka: Mapping[str, str]) -> None:
+    if settings is not None:
+        staleness, drain_ms = settings.reaper_staleness_seconds, settings.shutdown_drain_timeout_ms
+        worker_timeout, timeout_ms = settings.worker_timeout_seconds, settings.message_timeout_ms
+    else:
+        staleness = _int(env, "OUTBOX_REAPER_STALENESS_SECONDS")
+        drain_ms = _int(env, "OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS")
+        worker_timeout = _int(env, "OUTBOX_WORKER_TIMEOUT_SECONDS")
+        try:
+            timeout_ms = int(str(kafka.get("message.timeout.ms")))
+        except ValueError:
+            timeout_ms = None
+    if None in (staleness, drain_ms, worker_timeout, timeout_ms):
+        report.add("timeouts", "skip", "a timeout setting is not an integer (see settings)")
+        return
+    problems = []
+    floor = (timeout_ms + drain_ms) / 1000
+    if staleness <= floor:
+        problems.append(f"OUTBOX_REAPER_STALENESS_SECONDS={staleness} must be above KAFKA_MESSAGE_TIMEOUT_MS "
+                        f"{timeout_ms / 1000:g} s + OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS {drain_ms / 1000:g} s "
+                        "(else the reaper resets rows librdkafka may still deliver: duplicates)")
+    if worker_timeout * 1000 <= timeout_ms:
+        problems.append(f"OUTBOX_WORKER_TIMEOUT_SECONDS={worker_timeout} must be above KAFKA_MESSAGE_TIMEOUT_MS "
+                        f"{timeout_ms / 1000:g} s (else a slow batch gets its worker killed)")
+    if problems:
+        report.add("timeouts", "fail", "; ".join(problems))
+    else:
+        report.add("timeouts", "ok", f"reaper staleness {staleness} s > message.timeout.ms {timeout_ms / 1000:g} s "
+                                     f"+ drain {drain_ms / 1000:g} s; worker timeout {worker_timeout} s > "
+                                     f"message.timeout.ms")
+
+
+def _where(dsn: str) -> str:
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable DATABASE_URL)"
+    return f"{info.get('host') or 'local socket'}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
+
+
+def _check_database(report: Report, env: Mapping[str, str], secrets: list[str]) -> psycopg.Connection | None:
+    dsn = env.get("DATABASE_URL", "").strip()
+    if not dsn:
+        report.add("database", "fail", "DATABASE_URL is not set")
+        return None
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=TIMEOUT_SECONDS,
+                               application_name="kaireon-pub:check",
+                               options=f"-c statement_timeout={TIMEOUT_SECONDS * 1000}")
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is this check's finding
+        report.add("database", "fail", f"unreachable at {_where(dsn)}: {_redact(str(exc).strip(), secrets)}")
+        return None
+    version = conn.execute("SHOW server_version").fetchone()[0]
+    report.add("database", "ok", f"reachable at {_where(dsn)} (PostgreSQL {version})")
+    return conn
+
+
+def expected_objects() -> tuple[set[str], set[str]]:
+    """Tables and indexes the migrations create."""
+    tables, indexes = set(), set()
+    for m in migrate.available():
+        tables.update(re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", m.sql))
+        indexes.update(re.findall(r"CREATE (?:UNIQUE )?INDEX (?:CONCURRENTLY )?(?:IF NOT EXISTS )?(\w+)", m.sql))
+    return tables, indexes
+
+
+def _check_schema(report: Report, conn: psycopg.Connection) -> bool:
+    expected = migrate.expected_version()
+    current = migrate.current_version(conn)
+    if current is None:
+        report.add("schema", "fail", f"no schema: run `kaireon-pub migrate` (expected version {expected})")
+        return False
+    if current < expected:
+        report.add("schema", "fail", f"version {current}, expected {expected}: run `kaireon-pub migrate`")
+        return False
+    tables, indexes = expected_objects()
+    present = {(kind, name) for kind, name in conn.execute(OPS.schema_objects).fetchall()}
+    missing = sorted({("table", t) for t in tables} - present) + sorted({("index", i) for i in indexes} - present)
+    if missing:
+        report.add("schema", "fail", "missing " + ", ".join(f"{k} {n}" for k, n in missing)
+                   + " (a manual change? re-create them from kaireon_pub/db/migrations)")
+        return False
+    newer = f" (the database is newer: {current})" if current > expected else ""
+    report.add("schema", "ok", f"version {expected}{newer}; {len(tables)} tables and {len(indexes)} indexes present")
+    return True
+
+
+def _check_broker_and_topics(report: Report, kafka: Mapping[str, str], secrets: list[str],
+                             named: tuple[str, ...], pending: list[str], auto_create: bool | None) -> None:
+    bootstrap = str(kafka.get("bootstrap.servers") or "").strip()
+    if not bootstrap:
+        report.add("broker", "fail", "KAFKA_BOOTSTRAP_SERVERS is not set")
+        report.add("topics", "skip", "broker not configured")
+        return
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    config: dict[str, object] = {k: v for k, v in kafka.items() if k not in _ADMIN_EXCLUDED}
+    config["logger"] = logs.librdkafka_logger()
+    try:
+        admin = AdminClient(config)
+        # No topic named: a metadata request for every topic, which never auto-creates one.
+        metadata = admin.list_topics(timeout=TIMEOUT_SECONDS)
+    except (KafkaException, ValueError, TypeError) as exc:
+        report.add("broker", "fail", f"unreachable at {bootstrap}: {_redact(str(exc), secrets)}")
+        report.add("topics", "skip", "broker unreachable")
+        return
+    existing = {name for name, t in metadata.topics.items() if t.error is None}
+    report.add("broker", "ok", f"reachable at {bootstrap} (brokers: {len(metadata.brokers)}, topics: {len(existing)})")
+
+    wanted = {t: "of pending events" for t in pending} | {t: "named by --topic" for t in named}
+    missing = sorted(t for t in wanted if t not in existing)
+    if not wanted:
+        report.add("topics", "ok", "no topic named and no pending events")
+        return
+    if not missing:
+        report.add("topics", "ok", f"{len(wanted)} topics exist: " + ", ".join(sorted(wanted)))
+        return
+    source = "--no-auto-create" if auto_create is False else "--auto-create" if auto_create else ""
+    if auto_create is None:
+        auto_create, source = _broker_auto_create(admin, metadata)
+    listed = ", ".join(f"{t} ({wanted[t]})" for t in missing)
+    if auto_create is False:
+        report.add("topics", "fail", f"missing: {listed}; auto-creation is off ({source}): "
+                                     "create them, or events to them fail as unknown topics")
+    elif auto_create is True:
+        report.add("topics", "ok", f"missing: {listed}; the broker creates them on first use ({source})")
+    else:
+        report.add("topics", "warn", f"missing: {listed}; whether the broker auto-creates topics is unknown "
+                                     "(pass --no-auto-create or --auto-create to decide)")
+
+
+def _broker_auto_create(admin: Any, metadata: Any) -> tuple[bool | None, str]:
+    """The brokers' auto.create.topics.enable, when they answer DescribeConfigs."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    try:
+        broker_id = next(iter(metadata.brokers))
+        futures = admin.describe_configs([ConfigResource(ResourceType.BROKER, str(broker_id))],
+                                         request_timeout=TIMEOUT_SECONDS)
+        (future,) = futures.values()
+        entry = future.result(timeout=TIMEOUT_SECONDS).get("auto.create.topics.enable")
+    except Exception:  # noqa: BLE001 - brokers that do not answer leave the question open
+        return None, "the broker did not say"
+    if entry is None or entry.value is None:
+        return None, "the broker did not say"
+    return entry.value.strip().lower() == "true", f"broker auto.create.topics.enable={entry.value}"

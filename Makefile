@@ -23,8 +23,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check kaireon_pub tests bench
 
+# BENCH_ARGS, e.g. `make bench BENCH_ARGS="drain --database-url postgresql://…"`; see bench/README.md.
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run

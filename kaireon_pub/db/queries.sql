@@ -101,7 +101,7 @@ SET status = 'processing', claim_token = %(token)s, claimed_by = %(worker_id)s,
 FROM candidates c
 WHERE e.id = c.id
 RETURNING c.id, c.topic, c.partition_key, c.payload, c.headers, c.event_type, c.attempts, c.shard,
-          c.xid, c.created_epoch;
+          c.xid, c.created_epoch, c.created_iso;
 
 -- claim_locked_batch: lock mode; the row locks of this open transaction are the claim (no write)
 -- Only rows whose writing transaction is older than every running one are taken, so a row that
@@ -122,7 +122,8 @@ WITH horizon AS MATERIALIZED (
 )
 SELECT e.id, e.topic, e.partition_key, e.payload::text AS payload, e.headers::text AS headers,
        e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
-       extract(epoch FROM e.created_at)::float8 AS created_epoch
+       extract(epoch FROM e.created_at)::float8 AS created_epoch,
+       to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_iso
 FROM cursors c
 CROSS JOIN LATERAL (
     SELECT e.*

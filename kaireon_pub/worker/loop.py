@@ -84,12 +84,12 @@ class Worker:
         self.streak_transient = 0
         self.kafka_stalls = 0
         self.last_error_id: str | None = None
-        self.next_pending_refresh = 0.0
         self.unsettled: tuple[uuid.UUID, list[tuple], BatchOutcome] | None = None
         self.pool: psycopg_pool.AsyncConnectionPool | None = None
         self.listen_conn: psycopg.AsyncConnection | None = None
         self.publisher: Publisher | None = None
-        self.purge_task: asyncio.Task | None = None
+        self.background: list[asyncio.Task] = []
+        self.last_claim_full = False
         self.parent_pid = os.getppid()
         self.strict = settings.ordering == "strict"
 
@@ -123,8 +123,12 @@ class Worker:
         await self.pool.open(wait=False)
         if self.dead_worker_ids:
             await self._recover_dead_workers()
-        if self.slot == 0 and s.retention_seconds > 0:
-            self.purge_task = asyncio.create_task(self._purge_loop())
+        if self.slot == 0:
+            # Replica-wide housekeeping runs beside the claim loop, on its own connections,
+            # so its queries never delay a batch.
+            self.background.append(asyncio.create_task(self._gauges_loop()))
+            if s.retention_seconds > 0:
+                self.background.append(asyncio.create_task(self._purge_loop()))
 
     async def _recover_dead_workers(self) -> None:
         """Rows a crashed predecessor in this slot had claimed go back to pending at once."""
@@ -139,8 +143,8 @@ class Worker:
         self.dead_worker_ids = []
 
     async def shutdown(self) -> None:
-        if self.purge_task is not None:
-            self.purge_task.cancel()
+        for task in self.background:
+            task.cancel()
         if self.pool is None:
             return  # boot failed before anything was opened
         try:
@@ -181,7 +185,9 @@ class Worker:
                     metrics.TICK_DURATION.observe(time.monotonic() - started)
                 self._tick_succeeded()
                 if result.claimed == 0:
-                    await self.wait_for_work(self.settings.poll_interval_ms / 1000)
+                    # Never sleep through a lease renewal, whatever the poll interval.
+                    until_renewal = max(0.0, self.leases.next_rebalance - time.monotonic())
+                    await self.wait_for_work(min(self.settings.poll_interval_ms / 1000, until_renewal))
             return ExitCode.OK
         finally:
             await self.shutdown()
@@ -193,8 +199,6 @@ class Worker:
             await self._settle_again()
         if self.leases.due():
             await self._rebalance()
-        if self.slot == 0 and time.monotonic() >= self.next_pending_refresh:
-            await self.refresh_pending_count()
         return await self.run_once()
 
     async def run_once(self) -> TickResult:
@@ -217,6 +221,7 @@ class Worker:
         async with self.pool.connection() as conn:
             cur = await conn.execute(Q.claim_batch, {**params, "token": token, "staleness": s.reaper_staleness_seconds})
             rows = await cur.fetchall()
+        self.last_claim_full = len(rows) >= s.batch_size
         if not rows:
             return TickResult()
         self._advance_cursors(rows)
@@ -229,6 +234,7 @@ class Worker:
             async with conn.transaction():
                 cur = await conn.execute(Q.claim_locked_batch, params)
                 rows = await cur.fetchall()
+                self.last_claim_full = len(rows) >= self.settings.batch_size
                 if not rows:
                     return TickResult()
                 self._advance_cursors(rows)
@@ -422,9 +428,18 @@ class Worker:
                 "lost": len(result.lost), "resetRows": result.reset_rows})
         metrics.SHARDS_OWNED.labels(str(self.slot)).set(len(self.leases.owned))
 
+    async def _gauges_loop(self) -> None:
+        """Every poll interval: the pending count and the backlog gauges, for the whole replica."""
+        while not self.stop_requested:
+            try:
+                await self.refresh_pending_count()
+            except Exception as exc:  # noqa: BLE001 - a gauge failure must not stop the publisher
+                log.warning(f"pending count refresh failed: {type(exc).__name__}: {exc}",
+                            extra={"event": "gauges failed", "errorId": new_error_id(), "isTransient": True})
+            await asyncio.sleep(self.settings.poll_interval_ms / 1000)
+
     async def refresh_pending_count(self) -> None:
         """Bounded cost: an exact count up to a cap, the planner's estimate above it."""
-        self.next_pending_refresh = time.monotonic() + self.settings.poll_interval_ms / 1000
         async with self.pool.connection() as conn:
             cur = await conn.execute(Q.pending_count, {"cap": PENDING_EXACT_CAP})
             count = (await cur.fetchone())[0]
@@ -444,16 +459,22 @@ class Worker:
         s = self.settings
         while not self.stop_requested:
             delay = s.purge_interval_seconds
+            if self.last_claim_full:
+                # A backlog is draining: the claim has the database's full attention.
+                await asyncio.sleep(1.0)
+                continue
             started = time.monotonic()
             try:
                 async with self.pool.connection() as conn:
                     cur = await conn.execute(Q.purge_published, {"retention": s.retention_seconds,
                                                                  "batch": s.purge_batch_size})
                     purged = (await cur.fetchone())[0]
-                metrics.PURGE_DURATION.observe(time.monotonic() - started)
+                took = time.monotonic() - started
+                metrics.PURGE_DURATION.observe(took)
                 metrics.PURGED.inc(purged)
                 if purged >= s.purge_batch_size:
-                    delay = 0.1  # more to do: keep going, gently
+                    # More to do: keep going on a 10 % duty cycle.
+                    delay = max(0.1, 9 * took)
             except Exception as exc:  # noqa: BLE001 - the purge must never stop the publisher
                 log.error(f"retention purge failed: {type(exc).__name__}: {exc}",
                           extra={"event": "purge failed", "errorId": new_error_id(), "isTransient": True})

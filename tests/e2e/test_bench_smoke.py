@@ -1,0 +1,25 @@
+"""bench-smoke: the bench still runs end to end. It asserts no figure: timings on a shared
+2-core machine are not test outcomes, only that every scenario ran and the summary was printed."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_quick_runs_every_scenario_and_prints_the_summary():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "KAFKA_"))}
+    proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=150)
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-4000:]}\n{proc.stderr[-4000:]}"
+    summary = [line for line in out.splitlines() if line.startswith("SUMMARY ")]
+    assert len(summary) == 1, out[-4000:]
+    assert "failed=" not in summary[0] and "INTERRUPTED" not in summary[0]
+    assert re.search(r"drain=[\d,]+/s", summary[0]), summary[0]
+    assert re.search(r"ceil_status=[\d,]+/s", summary[0]), summary[0]
+    assert re.search(r"p99=[\d.]+ms", summary[0]), summary[0]
+    assert "targets (issues 5 and 6):" in out

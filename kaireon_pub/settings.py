@@ -11,7 +11,6 @@ table, the Helm chart and the compose file are checked against it by tests.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -86,6 +85,11 @@ _DEFAULTS = {s.env: s.default for s in SETTINGS}
 
 def _kafka_key(env_name: str) -> str:
     return env_name[len(KAFKA_PREFIX):].lower().replace("_", ".")
+
+
+def kafka_env_name(prop: str) -> str:
+    """The environment variable that sets librdkafka property `prop` (sasl.username -> KAFKA_SASL_USERNAME)."""
+    return KAFKA_PREFIX + prop.upper().replace(".", "_")
 
 
 @dataclass(frozen=True)
@@ -248,8 +252,7 @@ class Settings:
         for key, accepted in SAFE_PRODUCER_SETTINGS.items():
             value = str(self.producer_config.get(key, "")).strip().lower()
             if value not in accepted:
-                env_name = KAFKA_PREFIX + key.upper().replace(".", "_")
-                raise ConfigError(env_name, f"{value!r} would weaken at-least-once, in-order delivery", " | ".join(sorted(accepted)))
+                raise ConfigError(kafka_env_name(key), f"{value!r} would weaken at-least-once, in-order delivery", " | ".join(sorted(accepted)))
         try:
             timeout = self.message_timeout_ms
         except ValueError:
@@ -281,11 +284,6 @@ class Settings:
             )
 
     # ---- helpers ---------------------------------------------------------------------------
-
-    def replace(self, **changes: object) -> Settings:
-        new = dataclasses.replace(self, **changes)
-        new.validate()
-        return new
 
     def log_warnings(self) -> None:
         for message in self.warnings:

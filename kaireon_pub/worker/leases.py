@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import time
 import uuid
@@ -50,7 +51,7 @@ class Leases:
         async with conn.transaction():
             cur = await conn.execute(Q.register_worker, {
                 "worker_id": self.worker_id, "hostname": socket.gethostname()[:200],
-                "pid": _pid(), "slot": self.slot, "ttl": self.ttl,
+                "pid": os.getpid(), "slot": self.slot, "ttl": self.ttl,
             })
             live = int((await cur.fetchone())[0])
             cur = await conn.execute(Q.renew_leases, {"worker_id": self.worker_id, "ttl": self.ttl})
@@ -94,9 +95,3 @@ class Leases:
             await conn.execute(Q.unregister_worker, {"worker_id": self.worker_id})
         self.owned.clear()
         return len(shards)
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()

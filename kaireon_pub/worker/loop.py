@@ -335,11 +335,8 @@ class Worker:
             row = by_id[event_id]
             self._rewind(row[7], (row[8], row[0] - 1))
         for row in rows:
-            if row[6] > 0:  # it had been retried before: its key's later events may be waiting
-                self._rewind(row[7], (row[8], row[0]))
-        if outcome.rejected:
-            for event_id in outcome.rejected:
-                row = by_id[event_id]
+            # Settled after a retry, or rejected now: later events of its key may be waiting.
+            if row[6] > 0 or row[0] in outcome.rejected:
                 self._rewind(row[7], (row[8], row[0]))
         result.released = len(outcome.released)
         if outcome.ages:

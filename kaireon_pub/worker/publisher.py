@@ -25,7 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from kaireon_pub import metrics
 from kaireon_pub.errors import ConfigError
 from kaireon_pub.logs import librdkafka_logger
-from kaireon_pub.settings import KAFKA_PREFIX, Settings
+from kaireon_pub.settings import Settings, kafka_env_name
 
 log = logging.getLogger("kaireon_pub.worker.publisher")
 
@@ -124,7 +124,7 @@ class Publisher:
             match = re.search(r'property: "([a-z0-9._]+)"', str(exc)) or re.search(r'"([a-z0-9._]+)"', str(exc))
             if err is not None and err.code() == KafkaError._INVALID_ARG and match:
                 prop = match.group(1)
-                raise ConfigError(KAFKA_PREFIX + prop.upper().replace(".", "_"), err.str(),
+                raise ConfigError(kafka_env_name(prop), err.str(),
                                   "a librdkafka producer property and value") from None
             raise
 
@@ -150,12 +150,6 @@ class Publisher:
         except KafkaException:
             pass
         self.producer = self._make()
-
-    def queue_length(self) -> int:
-        return len(self.producer)
-
-    def poll(self, timeout: float = 0) -> None:
-        self.producer.poll(timeout)
 
     async def publish(self, rows: list[tuple], strict: bool, deadline: float,
                       stop_deadline: Callable[[], float]) -> BatchOutcome:

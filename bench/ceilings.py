@@ -111,10 +111,10 @@ class Cursors:
                 self.pos[shard] = position
 
 
-def _status_loop(url: str, worker_id: uuid.UUID, leases: dict[int, int], batch: int) -> int:
+def _status_loop(url: str, worker_id: uuid.UUID, leases: dict[int, int], batch: int, options: str) -> int:
     cursors = Cursors(list(leases))
     total = 0
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(url, autocommit=True, options=options) as conn:
         while True:
             shards = cursors.rotated()
             token = uuid.uuid4()
@@ -130,10 +130,10 @@ def _status_loop(url: str, worker_id: uuid.UUID, leases: dict[int, int], batch: 
             total += cur.rowcount
 
 
-def _lock_loop(url: str, shards: list[int], batch: int, delete: bool) -> int:
+def _lock_loop(url: str, shards: list[int], batch: int, delete: bool, options: str) -> int:
     cursors = Cursors(shards)
     total = 0
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(url, options=options) as conn:
         while True:
             rotated = cursors.rotated()
             rows = conn.execute(LOCK_CLAIM, {"shards": rotated, "batch": batch,
@@ -147,25 +147,27 @@ def _lock_loop(url: str, shards: list[int], batch: int, delete: bool) -> int:
             total += cur.rowcount
 
 
-def _child(kind: str, url: str, worker_id: uuid.UUID, leases: dict[int, int], batch: int,
+def _child(kind: str, url: str, worker_id: uuid.UUID, leases: dict[int, int], batch: int, options: str,
            barrier, results) -> None:
     # The parent handles Ctrl-C and terminates its children.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     barrier.wait(60)
     started, cpu0 = time.monotonic(), time.process_time()
     if kind == "status":
-        rows = _status_loop(url, worker_id, leases, batch)
+        rows = _status_loop(url, worker_id, leases, batch, options)
     else:
-        rows = _lock_loop(url, list(leases), batch, delete=(kind == "lock-delete"))
+        rows = _lock_loop(url, list(leases), batch, kind == "lock-delete", options)
     results.put((rows, started, time.monotonic(), time.process_time() - cpu0))
 
 
-def sql_ceiling(url: str, kind: str, processes: int, batch: int) -> LoopResult:
-    """kind: status | lock | lock-delete; the backlog must already be loaded in `url`."""
+def sql_ceiling(url: str, kind: str, processes: int, batch: int, synchronous_commit: str) -> LoopResult:
+    """kind: status | lock | lock-delete; the backlog must already be loaded in `url`.
+    `synchronous_commit` is the tier's (OUTBOX_SYNCHRONOUS_COMMIT): the same commit cost per batch."""
+    options = f"-c synchronous_commit={synchronous_commit}"
     ctx = multiprocessing.get_context("spawn")
     leases = synthetic_leases(url, processes)
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(kind, url, wid, owned, batch, barrier, results), daemon=True)
+    procs = [ctx.Process(target=_child, args=(kind, url, wid, owned, batch, options, barrier, results), daemon=True)
              for wid, owned in leases]
     for p in procs:
         p.start()

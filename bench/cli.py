@@ -26,6 +26,7 @@ from bench.env import PARTITIONS, Services
 from bench.latency import TopicLatency, histogram_percentiles
 from bench.report import Figure, Report
 from bench.tier import Tier, drain, row_writes
+from kaireon_pub.settings import DEFAULTS, SYNCHRONOUS_COMMIT_LEVELS
 
 SCENARIOS = ("ceilings", "drain", "lock", "scale", "purge", "latency")
 MB = 1024 * 1024
@@ -47,7 +48,7 @@ class Plan:
 
 def plan_from(args: argparse.Namespace) -> Plan:
     quick = args.quick
-    env = {"OUTBOX_BATCH_SIZE": str(args.batch)}
+    env = {"OUTBOX_BATCH_SIZE": str(args.batch), "OUTBOX_SYNCHRONOUS_COMMIT": args.synchronous_commit}
     return Plan(
         backlog=args.backlog or (3_000 if quick else 100_000),
         big_backlog=args.big_backlog or (6_000 if quick else 1_000_000),
@@ -136,14 +137,15 @@ class Bench:
 
     def ceilings(self) -> None:
         r, p = self.r, self.plan
-        r.say(f"\n== ceilings: bare loops, batch {p.batch}, {p.ceiling_rows:,} rows each, no broker in the SQL ones")
+        r.say(f"\n== ceilings: bare loops, batch {p.batch}, {p.ceiling_rows:,} rows each, no broker in the SQL ones,"
+              f" synchronous_commit={p.tier_env['OUTBOX_SYNCHRONOUS_COMMIT']} as the tier's sessions")
         cpu_sql = None
         for kind, procs, key in (("status", 1, "sql_status_1p"), ("status", 2, "sql_status_2p"),
                                  ("lock", 2, "sql_lock_2p"), ("lock-delete", 2, "sql_lock_delete_2p")):
             url = self.s.fresh_database(f"ceil-{kind}")
             try:
                 backlog.load(url, "bench-ceiling", p.ceiling_rows, notify=False)
-                res = sql_ceiling(url, kind, procs, p.batch)
+                res = sql_ceiling(url, kind, procs, p.batch, p.tier_env["OUTBOX_SYNCHRONOUS_COMMIT"])
             finally:
                 self.s.drop_database(url)
             if res.rows != p.ceiling_rows:
@@ -355,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1000, help="OUTBOX_BATCH_SIZE, also the ceiling loops' batch")
     ap.add_argument("--rate", type=float, help="offered events/s in the latency scenario (default 2,000)")
     ap.add_argument("--latency-seconds", type=float, help="latency window (default 30)")
+    ap.add_argument("--synchronous-commit", default=DEFAULTS["OUTBOX_SYNCHRONOUS_COMMIT"],
+                    choices=SYNCHRONOUS_COMMIT_LEVELS,
+                    help="OUTBOX_SYNCHRONOUS_COMMIT of the tier, also the SQL ceiling loops' (default: the tier's)")
+    ap.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                    help="a reloadable server setting for the run (ALTER SYSTEM + reload), e.g. max_wal_size=8GB;"
+                         " repeatable; printed with the results")
     args = ap.parse_args(argv)
     scenarios = list(SCENARIOS) if "all" in args.scenarios else args.scenarios
     plan = plan_from(args)
@@ -367,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     services = None
     try:
-        services = Services(args.database_url, args.bootstrap)
+        services = Services(args.database_url, args.bootstrap, dict(kv.split("=", 1) for kv in args.pg_setting))
         report.say(f"services: {services.describe()}; tier logs under {run_dir}")
         bench = Bench(services, plan, report, run_dir)
         for name in scenarios:

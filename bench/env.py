@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 
 import psycopg
 from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
 
 from kaireon_pub.db.migrate import migrate
 
@@ -20,10 +22,14 @@ PARTITIONS = 12
 
 
 class Services:
-    def __init__(self, database_url: str | None, bootstrap: str | None):
+    def __init__(self, database_url: str | None, bootstrap: str | None,
+                 server_settings: dict[str, str] | None = None):
         from kaireon_pub.devenv import Broker, Postgres
 
         if database_url:
+            if server_settings:
+                # ALTER SYSTEM outlives the run: never on a server the bench does not own.
+                raise SystemExit("--pg-setting applies to the embedded server only, not to --database-url")
             os.environ["KAIREON_TEST_DATABASE_URL"] = database_url
         self.pg = Postgres()
         self.broker = None if bootstrap else Broker()
@@ -33,15 +39,35 @@ class Services:
         with psycopg.connect(self.pg.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.template}"')
             self.server_version = conn.execute("SHOW server_version").fetchone()[0]
+            self.server_settings = self._apply(conn, server_settings or {})
         with psycopg.connect(self.pg.url(self.template), autocommit=True) as conn:
             migrate(conn)
         self.databases: list[str] = []
         self.topics: list[str] = []
 
+    @staticmethod
+    def _apply(conn: psycopg.Connection, settings: dict[str, str]) -> dict[str, str]:
+        """Reloadable server settings for this run; returns each as the server now reports it."""
+        for name, value in settings.items():
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+        conn.execute("SELECT pg_reload_conf()")
+        applied = {}
+        for name in settings:
+            # The reload is asynchronous: wait (bounded) until this session sees the new value.
+            for _ in range(50):
+                applied[name] = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
+                if conn.execute("SELECT pending_restart FROM pg_settings WHERE name = %s", (name,)).fetchone()[0]:
+                    raise RuntimeError(f"--pg-setting {name} needs a server restart; only reloadable settings apply")
+                if applied[name].lower() == settings[name].lower():
+                    break
+                time.sleep(0.1)
+        return applied
+
     def describe(self) -> str:
         where = "embedded" if os.environ.get("KAIREON_TEST_DATABASE_URL") is None else "external"
         broker = "Tansu (embedded)" if self.broker else f"external {self.bootstrap}"
-        return f"PostgreSQL {self.server_version} ({where}), broker {broker}"
+        tuned = "".join(f", {k}={v}" for k, v in self.server_settings.items())
+        return f"PostgreSQL {self.server_version} ({where}{tuned}), broker {broker}"
 
     def fresh_database(self, scenario: str) -> str:
         name = f"bench_{scenario.replace('-', '_')}_{uuid.uuid4().hex[:6]}"

@@ -8,6 +8,9 @@ that add up across workers; dead workers' files are dropped with `mark_process_d
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram
 
 NS = "kaireon_outbox"
@@ -134,3 +137,26 @@ BROKER_UP = Gauge(
 for _group in range(SHARD_GROUPS):
     PENDING_BY_SHARD_GROUP.labels(str(_group))
     OLDEST_PENDING_AGE_BY_SHARD_GROUP.labels(str(_group))
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """Histogram.observe for a whole batch: one write per touched bucket instead of one per value.
+
+    In multiprocess mode every write is a locked mmap update, and a batch of 1,000 events made
+    per-event observe() a visible share of a worker's CPU. Uses the unlabelled histogram's
+    bucket values as observe() does (client_python 0.x); falls back to observe() if they change.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bound ≥ value, as observe() picks
+    total.inc(sum(values))
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)

@@ -72,6 +72,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OUTBOX_PURGE_BATCH_SIZE", "5000", "Rows deleted per purge statement. 1..100000."),
     Setting("OUTBOX_PURGE_INTERVAL_SECONDS", "60", "Pause between purge passes. 1..86400."),
     Setting("OUTBOX_STATEMENT_TIMEOUT_MS", "30000", "statement_timeout of the tier's database sessions. 100..600000."),
+    Setting("OUTBOX_SYNCHRONOUS_COMMIT", "off", "synchronous_commit of the workers' sessions (claims, marks, leases). off: a database crash may undo the last moments of marks, and those events are published again; on: every batch waits for two WAL flushes. off | local | remote_write | on | remote_apply."),
     Setting("OUTBOX_HTTP_HOST", "0.0.0.0", "Address of /metrics, /healthz, /readyz and the cron route."),
     Setting("OUTBOX_HTTP_PORT", "9464", "Port of the HTTP server; 0 picks a free port (logged as `http listening`). 0..65535."),
     Setting("OUTBOX_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
@@ -79,8 +80,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PROMETHEUS_MULTIPROC_DIR", "", "Directory for multiprocess metrics; empty = a fresh temporary directory."),
 )
 
+SYNCHRONOUS_COMMIT_LEVELS = ("off", "local", "remote_write", "on", "remote_apply")
 SETTING_NAMES = frozenset(s.env for s in SETTINGS)
-_DEFAULTS = {s.env: s.default for s in SETTINGS}
+DEFAULTS = {s.env: s.default for s in SETTINGS}
 
 
 def _kafka_key(env_name: str) -> str:
@@ -117,6 +119,7 @@ class Settings:
     purge_batch_size: int = 5000
     purge_interval_seconds: int = 60
     statement_timeout_ms: int = 30000
+    synchronous_commit: str = "off"
     http_host: str = "0.0.0.0"
     http_port: int = 9464
     log_level: str = "INFO"
@@ -137,7 +140,7 @@ class Settings:
 
         def raw(name: str) -> str | None:
             value = env.get(name)
-            return value if value is not None else _DEFAULTS[name]
+            return value if value is not None else DEFAULTS[name]
 
         def integer(name: str, lo: int, hi: int) -> int:
             text = raw(name)
@@ -230,6 +233,7 @@ class Settings:
             purge_batch_size=integer("OUTBOX_PURGE_BATCH_SIZE", 1, 100_000),
             purge_interval_seconds=integer("OUTBOX_PURGE_INTERVAL_SECONDS", 1, 86400),
             statement_timeout_ms=integer("OUTBOX_STATEMENT_TIMEOUT_MS", 100, 600_000),
+            synchronous_commit=choice("OUTBOX_SYNCHRONOUS_COMMIT", SYNCHRONOUS_COMMIT_LEVELS),
             http_host=str(raw("OUTBOX_HTTP_HOST")).strip(),
             http_port=integer("OUTBOX_HTTP_PORT", 0, 65535),
             log_level=log_level,

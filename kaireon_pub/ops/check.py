@@ -26,6 +26,7 @@ from kaireon_pub.db import migrate
 from kaireon_pub.errors import ConfigError
 from kaireon_pub.ops.sql import OPS
 from kaireon_pub.settings import (
+    DEFAULTS,
     KAFKA_PREFIX,
     PRODUCER_DEFAULTS,
     SAFE_PRODUCER_SETTINGS,
@@ -38,7 +39,6 @@ log = logging.getLogger("kaireon_pub.ops.check")
 
 TIMEOUT_SECONDS = 5
 PENDING_TOPIC_SAMPLE = 10_000
-_DEFAULTS = {s.env: s.default for s in SETTINGS}
 # Producer-only settings an admin client does not need (idempotence would request a producer id).
 _ADMIN_EXCLUDED = frozenset(PRODUCER_DEFAULTS) - {"bootstrap.servers"}
 
@@ -108,7 +108,7 @@ def _redact(text: str, secrets: list[str]) -> str:
 
 def _int(env: Mapping[str, str], name: str) -> int | None:
     try:
-        return int(str(env.get(name, _DEFAULTS.get(name)) or "").strip())
+        return int(str(env.get(name, DEFAULTS.get(name)) or "").strip())
     except ValueError:
         return None
 

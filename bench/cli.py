@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in scenarios:
             started = time.monotonic()
             try:
+                services.settle()
                 getattr(bench, name)()
                 report.say(f"  ({name}: {time.monotonic() - started:.0f} s)")
             except (RuntimeError, psycopg.Error, OSError, subprocess.SubprocessError) as exc:

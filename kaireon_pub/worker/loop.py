@@ -38,16 +38,6 @@ ZERO_CURSOR = (0, 0)
 
 
 @dataclass
-class Claim:
-    """One claimed batch. Status mode holds it by its token (a committed write); lock mode by the
-    open transaction on `conn` whose row locks are the claim."""
-    rows: list[tuple]
-    token: uuid.UUID | None = None
-    conn: psycopg.AsyncConnection | None = None
-    prefetched: bool = False  # claimed while the previous batch was still at the broker
-
-
-@dataclass
 class TickResult:
     claimed: int = 0
     published: int = 0
@@ -96,15 +86,7 @@ class Worker:
         self.streak_transient = 0
         self.kafka_stalls = 0
         self.last_error_id: str | None = None
-        self.unsettled: tuple[Claim, BatchOutcome] | None = None
-        # The next batch, claimed while the current one waits for its delivery reports.
-        self.prefetch: asyncio.Task[Claim] | None = None
-        # Keys the last settled batch did not deliver: a batch claimed before that was known
-        # (prefetched) must not publish their later events first.
-        self.blocked_keys: frozenset[str] = frozenset()
-        # Set when a cursor moves back (a release, a rescan) while a prefetch is outstanding: the
-        # prefetched rows must then not carry the cursor past the rows that moved it back.
-        self.cursors_moved_back = False
+        self.unsettled: tuple[uuid.UUID, list[tuple], BatchOutcome] | None = None
         self.pool: psycopg_pool.AsyncConnectionPool | None = None
         self.listen_conn: psycopg.AsyncConnection | None = None
         self.publisher: Publisher | None = None
@@ -136,7 +118,7 @@ class Worker:
         # The producer first: a bad librdkafka setting fails before any connection is opened.
         self.publisher = Publisher(s, client_id=f"kaireon-pub-{self.slot}")
         self.pool = psycopg_pool.AsyncConnectionPool(
-            s.database_url, min_size=1, max_size=6, open=False, name=f"worker-{self.slot}",
+            s.database_url, min_size=1, max_size=4, open=False, name=f"worker-{self.slot}",
             kwargs={"autocommit": True, **session_options(s, f"worker-{self.slot}", publisher=True)},
             timeout=5,
         )
@@ -168,7 +150,6 @@ class Worker:
         if self.pool is None:
             return  # boot failed before anything was opened
         try:
-            await self._give_back_prefetch()
             if self.unsettled:
                 await self._settle_again()
             async with self.pool.connection(timeout=2) as conn:
@@ -218,108 +199,51 @@ class Worker:
     async def tick(self) -> TickResult:
         if self.unsettled:
             await self._settle_again()
-        # A rebalance waits while a prefetched batch is outstanding: it could hand over the shards
-        # of those rows. run_once starts no new prefetch once a rebalance is due.
-        if self.leases.due() and self.prefetch is None:
+        if self.leases.due():
             await self._rebalance()
         return await self.run_once()
 
     async def run_once(self) -> TickResult:
-        """Publish one claimed batch and settle every event, claiming the next batch meanwhile,
-        so the database and the broker work at the same time. O(batch)."""
-        if self.stop_requested:  # a drain stops claiming at once; shutdown releases a prefetch
-            return TickResult()
-        claim = await self._take_prefetch()
-        if claim is None:
-            params = self._claim_params()
-            if params is None:
-                return TickResult()
-            claim = await self._claim(params)
-        self.last_claim_full = len(claim.rows) >= self.settings.batch_size
-        if not claim.rows:
-            return TickResult()
-        blocked = self.blocked_keys if claim.prefetched else frozenset()
-        if not (claim.prefetched and self.cursors_moved_back):
-            self._advance_cursors(claim.rows)
-        # else: the next claim starts from the lower cursor and steps over these rows (claimed by
-        # status, or locked by this worker's other transaction) at the cost of a longer scan.
-        self._start_prefetch()
-        outcome = await self._publish(claim.rows, blocked)
-        return await self._settle(claim, outcome)
-
-    def _claim_params(self) -> dict | None:
+        """Claim one batch of the owned shards, publish it, settle every event. O(batch)."""
         self._apply_rescans()
         shards = self._rotated_shards()
-        if not shards:
-            return None
-        return {
+        if not shards or self.stop_requested:  # a drain stops claiming at once
+            return TickResult()
+        s = self.settings
+        params = {
             "shards": shards,
             "epochs": [self.leases.owned[sh] for sh in shards],
             "cursor_xids": [str(self.cursors.get(sh, ZERO_CURSOR)[0]) for sh in shards],
             "cursor_ids": [self.cursors.get(sh, ZERO_CURSOR)[1] for sh in shards],
-            "worker_id": self.worker_id, "relaxed": not self.strict, "batch": self.settings.batch_size,
+            "worker_id": self.worker_id, "relaxed": not self.strict, "batch": s.batch_size,
         }
-
-    async def _claim(self, params: dict, *, prefetched: bool = False) -> Claim:
-        s = self.settings
         if s.claim_mode == "lock":
-            # Lock mode: the transaction stays open until the batch is settled.
-            conn = await self.pool.getconn()
-            try:
-                await conn.execute("BEGIN")
-                rows = await (await conn.execute(Q.claim_locked_batch, params)).fetchall()
-            except BaseException:
-                await self._end_transaction(conn, commit=False)
-                raise
-            if not rows:
-                await self._end_transaction(conn, commit=False)
-                return Claim(rows, prefetched=prefetched)
-            return Claim(rows, conn=conn, prefetched=prefetched)
+            return await self._run_once_locked(params)
         token = uuid.uuid4()
         async with self.pool.connection() as conn:
             cur = await conn.execute(Q.claim_batch, {**params, "token": token, "staleness": s.reaper_staleness_seconds})
             rows = await cur.fetchall()
-        return Claim(rows, token=token, prefetched=prefetched)
+        self.last_claim_full = len(rows) >= s.batch_size
+        if not rows:
+            return TickResult()
+        self._advance_cursors(rows)
+        outcome = await self._publish(rows)
+        return await self._settle(token, rows, outcome)
 
-    async def _end_transaction(self, conn: psycopg.AsyncConnection, *, commit: bool) -> None:
-        """End a lock-mode transaction (the pool's connections are autocommit; BEGIN was explicit)."""
-        try:
-            if not conn.closed:
-                await conn.execute("COMMIT" if commit else "ROLLBACK")
-        finally:
-            await self.pool.putconn(conn)
-
-    def _start_prefetch(self) -> None:
-        """Claim the next batch in the background while a backlog drains (the last claim came back
-        full), unless stopping, rebalancing, or the last batch left events undelivered (then the
-        next claim waits for this batch's outcome). Not under light load: there the concurrent
-        claim and mark hold the xid horizon back for each other, which measured as a doubled
-        commit → delivery latency at 2,000 events/s."""
-        if self.stop_requested or self.leases.due() or self.blocked_keys or not self.last_claim_full:
-            return
-        params = self._claim_params()
-        if params is not None:
-            self.cursors_moved_back = False
-            self.prefetch = asyncio.create_task(self._claim(params, prefetched=True))
-
-    async def _take_prefetch(self) -> Claim | None:
-        task, self.prefetch = self.prefetch, None
-        return None if task is None else await task
-
-    async def _give_back_prefetch(self) -> None:
-        """At shutdown: a prefetched batch goes back to pending unpublished."""
-        task, self.prefetch = self.prefetch, None
-        if task is None:
-            return
-        try:
-            claim = await asyncio.wait_for(task, 5)
-        except Exception:  # noqa: BLE001 - the claim failed: nothing is held
-            return
-        if claim.conn is not None:
-            await self._end_transaction(claim.conn, commit=False)
-        elif claim.rows:
-            async with self.pool.connection(timeout=2) as conn:
-                await conn.execute(Q.release_claimed, {"ids": [r[0] for r in claim.rows], "token": claim.token})
+    async def _run_once_locked(self, params: dict) -> TickResult:
+        """Lock mode: one transaction per batch; its row locks are the claim, one write per event."""
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                cur = await conn.execute(Q.claim_locked_batch, params)
+                rows = await cur.fetchall()
+                self.last_claim_full = len(rows) >= self.settings.batch_size
+                if not rows:
+                    return TickResult()
+                self._advance_cursors(rows)
+                outcome = await self._publish(rows)
+                result, retry_rows = await self._write_outcome(conn, None, rows, outcome)
+        self._after_settle(rows, outcome, retry_rows, result)
+        return result
 
     def _advance_cursors(self, rows: list[tuple]) -> None:
         # Per-key order is (xid, id) within a shard; keys never span shards.
@@ -329,13 +253,12 @@ class Worker:
             if position > self.cursors.get(shard, ZERO_CURSOR):
                 self.cursors[shard] = position
 
-    async def _publish(self, rows: list[tuple], blocked: frozenset[str]) -> BatchOutcome:
+    async def _publish(self, rows: list[tuple]) -> BatchOutcome:
         metrics.IN_FLIGHT.inc(len(rows))
         try:
             deadline = time.monotonic() + self.settings.message_timeout_ms / 1000 + 1.0
             try:
-                outcome = await self.publisher.publish(rows, self.strict, deadline, self.stop_deadline, blocked,
-                                                       overlap=self.prefetch is not None)
+                outcome = await self.publisher.publish(rows, self.strict, deadline, self.stop_deadline)
             except Exception as exc:  # noqa: BLE001 - never leave claimed rows behind
                 outcome = BatchOutcome(released=[r[0] for r in rows],
                                        transient_error=f"{type(exc).__name__}: {exc}")
@@ -375,44 +298,32 @@ class Worker:
             await conn.execute(Q.release_claimed, {"ids": outcome.released, "token": token})
         return result, retry_rows
 
-    async def _settle(self, claim: Claim, outcome: BatchOutcome) -> TickResult:
-        if claim.conn is not None:
-            # Lock mode: the marks and the end of the claim are one commit. If it fails the locks
-            # go with the transaction and the rows are pending again (to be published again).
-            try:
-                result, retry_rows = await self._write_outcome(claim.conn, None, claim.rows, outcome)
-            except BaseException:
-                await self._end_transaction(claim.conn, commit=False)
-                raise
-            await self._end_transaction(claim.conn, commit=True)
-        else:
-            try:
-                async with self.pool.connection() as conn:
-                    if outcome.released or outcome.rejected or outcome.retry:
-                        async with conn.transaction():
-                            result, retry_rows = await self._write_outcome(conn, claim.token, claim.rows, outcome)
-                    else:
-                        # All delivered: one statement, no transaction block to open and close.
-                        result, retry_rows = await self._write_outcome(conn, claim.token, claim.rows, outcome)
-            except Exception:
-                # Delivered but not marked: keep the outcome and settle it before the next claim,
-                # instead of leaving the rows to the reaper (and to duplicates).
-                self.unsettled = (claim, outcome)
-                raise
-            self.unsettled = None
-        self._after_settle(claim.rows, outcome, retry_rows, result)
+    async def _settle(self, token: uuid.UUID, rows: list[tuple], outcome: BatchOutcome) -> TickResult:
+        try:
+            async with self.pool.connection() as conn:
+                if outcome.released or outcome.rejected or outcome.retry:
+                    async with conn.transaction():
+                        result, retry_rows = await self._write_outcome(conn, token, rows, outcome)
+                else:
+                    # All delivered: one statement, no transaction block to open and close.
+                    result, retry_rows = await self._write_outcome(conn, token, rows, outcome)
+        except Exception:
+            # Delivered but not marked: keep the outcome and settle it before the next claim,
+            # instead of leaving the rows to the reaper (and to duplicates).
+            self.unsettled = (token, rows, outcome)
+            raise
+        self.unsettled = None
+        self._after_settle(rows, outcome, retry_rows, result)
         return result
 
     async def _settle_again(self) -> None:
-        claim, outcome = self.unsettled
+        token, rows, outcome = self.unsettled
         log.info("settling a batch left unmarked by a failed tick",
-                 extra={"event": "settle retry", "errorId": self.last_error_id, "events": len(claim.rows)})
-        await self._settle(claim, outcome)
+                 extra={"event": "settle retry", "errorId": self.last_error_id, "events": len(rows)})
+        await self._settle(token, rows, outcome)
 
     def _after_settle(self, rows: list[tuple], outcome: BatchOutcome, retry_rows: list[tuple],
                       result: TickResult) -> None:
-        undelivered = set(outcome.released) | outcome.rejected.keys() | outcome.retry.keys()
-        self.blocked_keys = frozenset(r[2] for r in rows if r[0] in undelivered and r[2] is not None)
         by_id = {r[0]: r for r in rows}
         for _event_id, status, shard, _xid, due_in in retry_rows:
             if status == "failed":
@@ -471,20 +382,17 @@ class Worker:
     # ---- cursors ---------------------------------------------------------------------------------
 
     def _rewind(self, shard: int, position: tuple[int, int]) -> None:
-        self.cursors_moved_back = True
         if shard in self.cursors and position < self.cursors[shard]:
             self.cursors[shard] = position
 
     def _apply_rescans(self) -> None:
         now = time.monotonic()
         if now >= self.next_full_rescan:
-            self.cursors_moved_back = True
             self.cursors.clear()
             self.rescan_at.clear()
             self.next_full_rescan = now + self.settings.rescan_interval_ms / 1000
             return
         for shard in [sh for sh, at in self.rescan_at.items() if at <= now]:
-            self.cursors_moved_back = True
             self.cursors.pop(shard, None)
             del self.rescan_at[shard]
 
@@ -504,8 +412,6 @@ class Worker:
         except Exception:
             metrics.LEASE_RENEWAL_FAILURES.inc()
             raise
-        # (No prefetch is outstanding during a rebalance; the flag keeps that true if it changes.)
-        self.cursors_moved_back = True
         for shard in result.acquired:
             self.cursors.pop(shard, None)
         for shard in result.released + result.lost:
@@ -626,7 +532,6 @@ class Worker:
 
     def _on_notify(self, channel: str) -> None:
         if channel == "kaireon_outbox_rescan":
-            self.cursors_moved_back = True
             self.cursors.clear()
 
     # ---- failure accounting ------------------------------------------------------------------------

@@ -11,7 +11,6 @@ The batch also reports the worst systemic condition seen, which decides the tick
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -153,16 +152,12 @@ class Publisher:
         self.producer = self._make()
 
     async def publish(self, rows: list[tuple], strict: bool, deadline: float,
-                      stop_deadline: Callable[[], float], blocked_keys: frozenset[str] = frozenset(),
-                      overlap: bool = False) -> BatchOutcome:
+                      stop_deadline: Callable[[], float]) -> BatchOutcome:
         """Produce rows (already in per-key order), wait for every delivery report.
 
         `deadline` (monotonic) bounds the wait; `stop_deadline()` returns the drain deadline once
-        a stop was requested, so a drain shortens the wait. Events of `blocked_keys` are released
-        unpublished (an earlier event of theirs was not delivered). Undelivered events are purged
-        and released, never left unaccounted. With `overlap` the wait runs in a thread, so the
-        event loop can claim the next batch meanwhile; without, inline (no thread hop on the
-        latency path of small batches).
+        a stop was requested, so a drain shortens the wait. Undelivered events are purged and
+        released, never left unaccounted.
         """
         out = BatchOutcome()
         producer = self.producer
@@ -193,9 +188,8 @@ class Publisher:
         try:
             for row in rows:
                 event_id, topic, key, payload, headers_text, event_type, _attempts, _shard, _xid, created, created_iso = row
-                if key is not None and (key in held_keys or key in blocked_keys):
-                    # An earlier event of this key was rejected in this batch (strict order), or
-                    # was not delivered by the previous batch.
+                if key is not None and key in held_keys:
+                    # Strict order: an earlier event of this key was rejected in this batch.
                     out.released.append(event_id)
                     continue
                 headers = [("event-id", str(event_id).encode())]
@@ -247,13 +241,9 @@ class Publisher:
                 limit = min(deadline, stop_deadline())
                 if now >= limit:
                     break
-                # A slice of at most a second keeps the stop signal prompt. In a thread when the
-                # next claim is to proceed meanwhile: the delivery callbacks run there too, and
-                # nothing else touches this batch's state until it returns.
-                if overlap:
-                    await asyncio.to_thread(producer.flush, min(1.0, limit - now))
-                else:
-                    producer.flush(min(1.0, limit - now))
+                # Inline, not in a thread: nothing else in this loop needs to run meanwhile, and
+                # a slice of at most a second keeps the stop signal prompt.
+                producer.flush(min(1.0, limit - now))
         except KafkaException as exc:
             # poll()/flush() raise once the producer is in a fatal state.
             err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None

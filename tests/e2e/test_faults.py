@@ -48,7 +48,7 @@ def test_poison_events_fail_alone_while_the_others_publish(db_url, broker, topic
 
 
 def _publish_through_outage(db_url, broker, topic, tmp_path, run_tier, outage_s: float):
-    # Small batches: the outage catches batches claimed ahead (prefetched) behind released ones.
+    # Small batches: the outage releases many batches, whose later events must wait for them.
     env = tier_env(db_url, broker.bootstrap, tmp_path, KAFKA_MESSAGE_TIMEOUT_MS="3000", OUTBOX_BATCH_SIZE="5",
                    OUTBOX_WORKER_TIMEOUT_SECONDS="10", OUTBOX_REAPER_STALENESS_SECONDS="60")
     tier = run_tier(env)

@@ -7,7 +7,6 @@ import pytest
 
 from kaireon_pub.settings import Settings
 from kaireon_pub.worker.publisher import Publisher
-from tests.helpers import TopicReader, event_ids
 
 
 def rows_for(topic: str, keys: list[str]) -> list[tuple]:
@@ -17,12 +16,12 @@ def rows_for(topic: str, keys: list[str]) -> list[tuple]:
             for i, key in enumerate(keys, start=1)]
 
 
-def publish(broker, rows, blocked=frozenset()):
+def publish(broker, rows):
     settings = Settings.from_env({"DATABASE_URL": "postgresql:///unused", "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap})
     publisher = Publisher(settings, client_id="test-publisher")
     # A deadline far beyond the test's timeout: publish must return on the last report, not on it.
     deadline = time.monotonic() + 600
-    return asyncio.run(publisher.publish(rows, True, deadline, lambda: float("inf"), blocked))
+    return asyncio.run(publisher.publish(rows, True, deadline, lambda: float("inf")))
 
 
 @pytest.mark.timeout(60)
@@ -32,16 +31,3 @@ def test_publish_returns_once_every_report_is_in(broker, topic):
     assert sorted(outcome.delivered) == list(range(1, 31))
     assert len(outcome.ages) == 30
     assert not (outcome.released or outcome.rejected or outcome.retry or outcome.transient_error)
-
-
-@pytest.mark.timeout(60)
-def test_blocked_keys_are_released_unpublished_and_the_others_go_out(broker, topic):
-    keys = ["held", "free", "held", "other", "free", "held"]
-    outcome = publish(broker, rows_for(topic, keys), blocked=frozenset({"held"}))
-    assert sorted(outcome.released) == [1, 3, 6]
-    assert sorted(outcome.delivered) == [2, 4, 5]
-    reader = TopicReader(broker.bootstrap, topic)
-    try:
-        assert sorted(event_ids(reader.read_count(3, timeout=30))) == [2, 4, 5]
-    finally:
-        reader.close()

@@ -28,8 +28,14 @@ ZERO = (0, 0)
 
 # The lock-mode claim: the tier's candidate scan (same index, cursors and horizon), no status write.
 LOCK_CLAIM = """
-WITH horizon AS MATERIALIZED (
-    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin
+WITH horizon AS MATERIALIZED (  -- the tier's horizon (see claim_locked_batch), at the same cost
+    SELECT coalesce(
+               (SELECT min(x) FROM pg_snapshot_xip(s.snap) AS x
+                WHERE x::xid NOT IN (SELECT a.backend_xid FROM pg_stat_activity a
+                                     WHERE a.backend_xid IS NOT NULL
+                                       AND a.application_name LIKE 'kaireon-pub:worker-%%')),
+               pg_snapshot_xmax(s.snap)) AS xmin
+    FROM (SELECT pg_current_snapshot() AS snap) s
 ), cursors AS MATERIALIZED (
     SELECT c.shard, c.cxid, c.cid, c.n
     FROM unnest(%(shards)s::smallint[], %(cursor_xids)s::text[]::xid8[], %(cursor_ids)s::bigint[])

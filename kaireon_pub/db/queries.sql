@@ -105,12 +105,23 @@ RETURNING c.id, c.topic, c.partition_key, c.payload, c.headers, c.event_type, c.
 
 -- claim_locked_batch: lock mode; the row locks of this open transaction are the claim (no write)
 -- Only rows whose writing transaction is older than every running one are taken, so a row that
--- commits late with a lower id is never passed over. The lease rows are locked FOR SHARE, so a
--- new owner cannot take a shard in the middle of a claim, and an expired lease claims nothing.
--- In lock mode the transaction stays open while the batch is published and ends with
--- mark_published_locked / delete_published_locked; a crash releases the locks at once.
+-- commits late with a lower id is never passed over. The publisher workers' own transactions
+-- (sessions named kaireon-pub:worker-*) are left out of that horizon: they update and delete
+-- outbox rows but never insert one, and counting them made every worker's claim and mark hold
+-- back the others' claims (twice the idle-load latency with two workers in the bench). The
+-- lease rows are locked FOR SHARE, so a new owner cannot take a shard in the middle of a claim,
+-- and an expired lease claims nothing. In lock mode the transaction stays open while the batch
+-- is published and ends with mark_published_locked / delete_published_locked; a crash releases
+-- the locks at once.
 WITH horizon AS MATERIALIZED (
-    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, clock_timestamp() AS now
+    SELECT coalesce(
+               (SELECT min(x) FROM pg_snapshot_xip(s.snap) AS x
+                WHERE x::xid NOT IN (SELECT a.backend_xid FROM pg_stat_activity a
+                                     WHERE a.backend_xid IS NOT NULL
+                                       AND a.application_name LIKE 'kaireon-pub:worker-%%')),
+               pg_snapshot_xmax(s.snap)) AS xmin,
+           clock_timestamp() AS now
+    FROM (SELECT pg_current_snapshot() AS snap) s
 ), cursors AS MATERIALIZED (
     SELECT c.shard, c.cxid, c.cid, c.n
     FROM unnest(%(shards)s::smallint[], %(epochs)s::bigint[], %(cursor_xids)s::text[]::xid8[],

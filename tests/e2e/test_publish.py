@@ -73,3 +73,35 @@ def test_late_commit_with_lower_id_is_neither_skipped_nor_reordered(db_url, brok
     wait_for(lambda: status_counts(db_url) == {"published": 2}, 30, "both rows published")
     assert tier.stop() == 0
     reader.close()
+
+
+def test_the_horizon_waits_for_application_writers_not_for_publisher_workers(db_url, tier_env, run_tier):
+    """An open writing transaction of the application holds later events back (it may still
+    insert one with a lower xid); one of a publisher worker's sessions does not (it never inserts)."""
+    tier = run_tier(tier_env)
+
+    def status_of(event_id: int) -> str:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            return conn.execute("SELECT status FROM outbox_events WHERE id = %s", (event_id,)).fetchone()[0]
+
+    def commit_one(key: str) -> int:
+        with psycopg.connect(db_url) as conn:
+            event_id = enqueue(conn, topic="horizon-test", key=key, payload={"k": key})
+            conn.commit()
+        return event_id
+
+    with psycopg.connect(db_url, application_name="kaireon-pub:worker-test") as worker_like:
+        worker_like.execute("SELECT pg_current_xact_id()")  # an open transaction with an xid
+        passes = commit_one("after-a-worker-transaction")
+        wait_for(lambda: status_of(passes) == "published", 30, "published past a worker's open transaction")
+        worker_like.rollback()
+
+    with psycopg.connect(db_url, application_name="some-app") as app_writer:
+        app_writer.execute("SELECT pg_current_xact_id()")
+        held = commit_one("after-an-application-transaction")
+        # Several poll ticks (200 ms each) pass; the event must still be waiting.
+        threading.Event().wait(1.5)
+        assert status_of(held) == "pending"
+        app_writer.rollback()
+    wait_for(lambda: status_of(held) == "published", 30, "published once the application transaction ended")
+    assert tier.stop() == 0

@@ -27,6 +27,7 @@ Cron authentication (fail-closed):
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import hmac
 import logging
@@ -213,13 +214,12 @@ class _App:
         with self._metrics_lock:
             if self._metrics_app is None:
                 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
-                from prometheus_client.multiprocess import MultiProcessCollector
 
                 path = self.settings.prometheus_multiproc_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
                 if path:
-                    # MultiProcessCollector reads every process's files at each scrape.
+                    # Every process's files are read at each scrape.
                     registry = CollectorRegistry()
-                    MultiProcessCollector(registry, path=path)
+                    registry.register(ScrapeSafeCollector(path))
                 else:
                     registry = REGISTRY  # single process (no multiprocess directory configured)
                 self._metrics_app = make_wsgi_app(registry)
@@ -385,3 +385,36 @@ class DefaultReadiness:
         log.warning(f"readiness check {check} failed",
                     extra={"event": "readyz check failed", "errorId": new_error_id(), "check": check,
                            "errorType": type(exc).__name__, "error": redact(str(exc), self.settings)})
+
+
+class ScrapeSafeCollector:
+    """prometheus-client's multiprocess merge, minus two races with processes that come and go.
+
+    A worker that has just been forked creates its metrics file before it writes the file's
+    header: read in that instant, the empty file made the whole scrape fail (HTTP 500, seen
+    right after a respawn). A file removed between listing and reading (a dead process's live
+    gauges) did the same. Empty files are skipped (they hold no sample yet); a vanished one
+    means the listing is taken again.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def collect(self):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        for attempt in range(3):
+            files = [f for f in glob.glob(os.path.join(self.path, "*.db")) if _non_empty(f)]
+            try:
+                return MultiProcessCollector.merge(files, accumulate=True)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        return []
+
+
+def _non_empty(file: str) -> bool:
+    try:
+        return os.path.getsize(file) > 0
+    except FileNotFoundError:
+        return False

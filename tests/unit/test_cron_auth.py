@@ -352,3 +352,20 @@ def test_metrics_is_prometheus_text():
     assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert b"# TYPE " in reply.body
     assert call(app, "HEAD", "/metrics").body == b""
+
+
+def test_metrics_scrape_survives_a_process_that_has_not_written_its_file_yet(tmp_path):
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    # One process's counter, as prometheus-client's multiprocess mode writes it...
+    written = MmapedDict(str(tmp_path / "counter_100.db"))
+    written.write_value(mmap_key("kaireon_outbox_processed_total", "kaireon_outbox_processed_total",
+                                 ["outcome"], ["published"], "Events handled."), 7.0, 0.0)
+    written.close()
+    # ...and a process forked a moment ago: its file exists, its header does not yet.
+    (tmp_path / "counter_200.db").touch()
+    app = make_app(settings_with(SECRET, prometheus_multiproc_dir=str(tmp_path)), reaper=FakeReaper(),
+                   readiness=lambda: {})
+    reply = call(app, path="/metrics")
+    assert reply.status == 200
+    assert b'kaireon_outbox_processed_total{outcome="published"} 7.0' in reply.body

@@ -403,14 +403,15 @@ class ScrapeSafeCollector:
     def collect(self):
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        for attempt in range(3):
-            files = [f for f in glob.glob(os.path.join(self.path, "*.db")) if _non_empty(f)]
+        for _ in range(2):
             try:
-                return MultiProcessCollector.merge(files, accumulate=True)
+                return MultiProcessCollector.merge(self._readable_files(), accumulate=True)
             except FileNotFoundError:
-                if attempt == 2:
-                    raise
-        return []
+                continue
+        return MultiProcessCollector.merge(self._readable_files(), accumulate=True)
+
+    def _readable_files(self) -> list[str]:
+        return [f for f in glob.glob(os.path.join(self.path, "*.db")) if _non_empty(f)]
 
 
 def _non_empty(file: str) -> bool:

@@ -10,6 +10,7 @@ next attempt's line repeats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -301,11 +302,9 @@ class Worker:
     async def _settle(self, token: uuid.UUID, rows: list[tuple], outcome: BatchOutcome) -> TickResult:
         try:
             async with self.pool.connection() as conn:
-                if outcome.released or outcome.rejected or outcome.retry:
-                    async with conn.transaction():
-                        result, retry_rows = await self._write_outcome(conn, token, rows, outcome)
-                else:
-                    # All delivered: one statement, no transaction block to open and close.
+                # A transaction only when there are several statements: all delivered is one mark.
+                several = outcome.released or outcome.rejected or outcome.retry
+                async with conn.transaction() if several else contextlib.nullcontext():
                     result, retry_rows = await self._write_outcome(conn, token, rows, outcome)
         except Exception:
             # Delivered but not marked: keep the outcome and settle it before the next claim,

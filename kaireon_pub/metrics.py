@@ -137,6 +137,19 @@ BROKER_UP = Gauge(
 for _group in range(SHARD_GROUPS):
     PENDING_BY_SHARD_GROUP.labels(str(_group))
     OLDEST_PENDING_AGE_BY_SHARD_GROUP.labels(str(_group))
+# Likewise every labelled counter's known values: increase() and rate() need a 0 to start from,
+# or a panel shows "No data" and an alert misses the first event.
+for _outcome in ("published", "failed", "retried"):
+    PROCESSED.labels(_outcome)
+for _transient in ("true", "false"):
+    TICK_FAILURES.labels(_transient)
+for _reason in ("crash", "exit", "killed", "hung"):
+    WORKER_RESTARTS.labels(_reason)
+for _direction in ("acquired", "released"):
+    HANDOVERS.labels(_direction)
+for _source in ("http", "cli"):
+    REAPER_RUNS.labels(_source)
+    REAPER_FAILURES.labels(_source)
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:

@@ -1,0 +1,232 @@
+"""Fault injection for the outside-in tests: a small TCP proxy and a broker that can be frozen.
+
+`Proxy` forwards loopback TCP connections to a target port, in one of three modes:
+- `pass`: bytes flow both ways;
+- `blackhole`: nothing is forwarded in either direction, but every socket stays open (bytes
+  already sent wait, as behind a network partition, and flow again when the mode is `pass`);
+- `reset`: every connection, open or new, is closed with an RST (SO_LINGER 0, then close).
+
+`FaultBroker` is the dev broker (Tansu) that can advertise a proxy's address, so that every
+client connection (bootstrap and the broker connections from metadata) goes through the proxy;
+it can start with a given `--cluster-id` and be frozen (SIGSTOP) and thawed (SIGCONT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+from kaireon_pub.devenv import Broker, free_port, wait_for_port
+
+MODES = ("pass", "blackhole", "reset")
+
+
+def _rst(sock: socket.socket) -> None:
+    """Close with an RST instead of a FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class _Connection:
+    def __init__(self, proxy: Proxy, client: socket.socket, upstream: socket.socket):
+        self.proxy = proxy
+        self.client = client
+        self.upstream = upstream
+        self.closed = threading.Event()
+        self.bytes = {"up": 0, "down": 0}
+        for src, dst, direction in ((client, upstream, "up"), (upstream, client, "down")):
+            threading.Thread(target=self._pump, args=(src, dst, direction), daemon=True,
+                             name=f"proxy-{proxy.port}-{direction}").start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        try:
+            while not self.closed.is_set():
+                if self.proxy.mode != "pass":
+                    # Blackhole: leave the bytes unread (the kernel buffers hold them, the peer's
+                    # writes eventually block), as a partition would. Reset is handled by the proxy.
+                    self.proxy.mode_changed.wait(0.1)
+                    continue
+                readable, _, _ = select.select([src], [], [], 0.1)
+                if not readable or self.proxy.mode != "pass":
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                self.bytes[direction] += len(data)
+        except OSError:
+            pass
+        self.close()
+
+    def close(self, reset: bool = False) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for sock in (self.client, self.upstream):
+            if reset:
+                _rst(sock)
+            else:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    sock.close()
+        self.proxy._forget(self)
+
+
+class Proxy:
+    """A threaded TCP proxy on 127.0.0.1:`port` to 127.0.0.1:`target_port`."""
+
+    def __init__(self, target_port: int, port: int | None = None):
+        self.target_port = target_port
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.mode = "pass"
+        self.mode_changed = threading.Event()
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(128)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True, name=f"proxy-{self.port}")
+        self._thread.start()
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.mode = mode
+        self.mode_changed.set()
+        self.mode_changed.clear()
+        if mode == "reset":
+            for conn in self.connections():
+                conn.close(reset=True)
+
+    def connections(self) -> list[_Connection]:
+        with self._lock:
+            return list(self._connections)
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    def _accept_loop(self) -> None:
+        while not self._stopped.is_set():
+            readable, _, _ = select.select([self._listener], [], [], 0.1)
+            if not readable:
+                continue
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            if self.mode == "reset":
+                _rst(client)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                # Nothing behind the proxy (the broker is down): refuse as the broker would.
+                _rst(client)
+                continue
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Connection(self, client, upstream)
+            with self._lock:
+                self._connections.add(conn)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for conn in self.connections():
+            conn.close()
+
+
+class FaultBroker(Broker):
+    """Tansu (memory storage) that may sit behind a `Proxy`, start with a cluster id, be frozen.
+
+    With `proxied=True`, `bootstrap` is the proxy's address and the broker advertises it, so
+    every connection of every client goes through `proxy`; `direct_bootstrap` bypasses it.
+    `restart(cluster_id=...)` brings the broker back empty behind the same address.
+    """
+
+    def __init__(self, *, cluster_id: str | None = None, proxied: bool = False, log_path: Path | None = None):
+        self.cluster_id = cluster_id
+        self.proxy: Proxy | None = None
+        self.paused = False
+        self._proxy_port = free_port() if proxied else None
+        super().__init__(log_path=log_path)
+        self.direct_bootstrap = f"127.0.0.1:{self.port}"
+        if proxied:
+            self.proxy = Proxy(self.port, port=self._proxy_port)
+            self.bootstrap = self.proxy.address
+
+    def start(self) -> None:
+        listen = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self._proxy_port or self.port}"
+        args = [self.binary, "broker", "--listener-url", listen, "--advertised-listener-url", advertised,
+                "--storage-engine", "memory://tansu/"]
+        if self.cluster_id:
+            args += ["--cluster-id", self.cluster_id]
+        # Tansu also reads its settings from the environment: give it none of the caller's.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE")}
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env=env)
+        self.paused = False
+        wait_for_port(self.port)
+
+    def restart(self, cluster_id: str | None = None) -> None:
+        self.stop()
+        if cluster_id is not None:
+            self.cluster_id = cluster_id
+        self.start()
+
+    def pause(self) -> None:
+        """Freeze the broker (SIGSTOP): connections stay open, nothing is answered."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+        self.paused = False
+
+    def kill(self) -> None:
+        """SIGKILL, at once (no grace); `start()` may bring it back empty."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(5)
+        self.stop()  # closes the log, waits for the port to be free
+
+    def stop(self, grace: float = 0.5) -> None:
+        if self.process is not None and self.paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)
+            self.paused = False
+        if self.process is not None and self.process.poll() is not None:
+            # Already dead (kill()): only the bookkeeping is left.
+            self.process = None
+            self._log.close()
+            return
+        super().stop(grace)
+
+    def close(self) -> None:
+        self.stop()
+        if self.proxy is not None:
+            self.proxy.close()

@@ -4,12 +4,17 @@ Runs under Python >= 3.12 with helm-sdkpy installed (tests/unit/test_helm_chart.
 virtualenv at .venv-helm/); standard library otherwise.
 
     python scripts/helm_lint.py lint   helm/kaireon-pub
-    python scripts/helm_lint.py render helm/kaireon-pub ['{"outboxPublisher": {"replicas": 2}}']
-    python scripts/helm_lint.py batch  < jobs.json      # [{"op": "lint"|"render", "chart", "values"}]
+    python scripts/helm_lint.py render helm/kaireon-pub ['{"outboxPublisher": {"replicas": 2}}'] \
+        [--api-versions monitoring.coreos.com/v1]
+    python scripts/helm_lint.py batch  < jobs.json      # [{"op": "lint"|"render", "chart", "values",
+                                                        #   "api_versions": [...]}]
 
 helm-sdkpy exposes Lint but no `helm template`: rendering is a real `helm install` against a
 stand-in Kubernetes API server in this process, which answers discovery, stores nothing and
-accepts every object. Helm validates the values against values.schema.json, renders the
+accepts every object. The server advertises the built-in kinds the chart uses; a custom
+resource's group/version (the Prometheus Operator's `monitoring.coreos.com/v1`) only when asked,
+as `helm template --api-versions` would, so `.Capabilities.APIVersions` answers as on a cluster
+with or without those CRDs. Helm validates the values against values.schema.json, renders the
 templates, builds every object against the discovered kinds and returns the release, whose
 `manifest` is exactly what `helm template` prints.
 """
@@ -28,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import helm_sdkpy
 
-# Kinds the stand-in server advertises: (group/version, plural, kind, namespaced).
+# Kinds the stand-in server can advertise: (group/version, plural, kind, namespaced).
 KINDS = [
     ("v1", "namespaces", "Namespace", False),
     ("v1", "secrets", "Secret", True),
@@ -43,12 +48,16 @@ KINDS = [
     ("monitoring.coreos.com/v1", "servicemonitors", "ServiceMonitor", True),
     ("monitoring.coreos.com/v1", "prometheusrules", "PrometheusRule", True),
 ]
+# Group/versions that exist only where their CRDs are installed.
+OPTIONAL_GROUP_VERSIONS = {"monitoring.coreos.com/v1"}
 # Helm's lint severities (pkg/chart/v2/lint/support): 1 info, 2 warning, 3 error.
 SEVERITY = {0: "unknown", 1: "info", 2: "warning", 3: "error"}
 
 
 class _FakeApiServer(BaseHTTPRequestHandler):
     """Just enough of the Kubernetes API for `helm install --wait=false`."""
+
+    kinds: list[tuple[str, str, str, bool]] = KINDS  # per server: see _server_class
 
     def log_message(self, *args: object) -> None:  # quiet: the caller reports errors
         pass
@@ -63,7 +72,7 @@ class _FakeApiServer(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        groups = sorted({gv for gv, *_ in KINDS if "/" in gv})
+        groups = sorted({gv for gv, *_ in self.kinds if "/" in gv})
         if path == "/version":
             self._send(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0"})
         elif path == "/api":
@@ -78,7 +87,7 @@ class _FakeApiServer(BaseHTTPRequestHandler):
             self._send(200, {"kind": "APIResourceList", "groupVersion": gv, "resources": [
                 {"name": plural, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind,
                  "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
-                for g, plural, kind, namespaced in KINDS if g == gv]})
+                for g, plural, kind, namespaced in self.kinds if g == gv]})
         elif path.endswith("/secrets"):  # Helm's release history: none
             self._send(200, {"kind": "SecretList", "apiVersion": "v1", "metadata": {}, "items": []})
         else:  # no object exists yet
@@ -118,9 +127,21 @@ def lint(chart: str) -> dict:
     return {"ok": ok, "messages": messages}
 
 
-def render(chart: str, values: dict | None, release: str = "kaireon", namespace: str = "outbox") -> dict:
-    """helm install against the stand-in API server; the manifest, or Helm's error text."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeApiServer)
+def _server_class(api_versions: list[str]) -> type[_FakeApiServer]:
+    unknown = set(api_versions) - OPTIONAL_GROUP_VERSIONS
+    if unknown:
+        raise SystemExit(f"unknown api versions {sorted(unknown)}; known: {sorted(OPTIONAL_GROUP_VERSIONS)}")
+    kinds = [k for k in KINDS if k[0] not in OPTIONAL_GROUP_VERSIONS or k[0] in api_versions]
+    return type("_ApiServer", (_FakeApiServer,), {"kinds": kinds})
+
+
+def render(chart: str, values: dict | None, release: str = "kaireon", namespace: str = "outbox",
+           api_versions: list[str] | None = None) -> dict:
+    """helm install against the stand-in API server; the manifest, or Helm's error text.
+
+    api_versions: optional group/versions (CRDs) the cluster has, e.g. ["monitoring.coreos.com/v1"].
+    """
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _server_class(api_versions or []))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -140,7 +161,8 @@ def run_job(job: dict) -> dict:
     if job["op"] == "lint":
         return lint(job["chart"])
     if job["op"] == "render":
-        return render(job["chart"], job.get("values"), job.get("release", "kaireon"), job.get("namespace", "outbox"))
+        return render(job["chart"], job.get("values"), job.get("release", "kaireon"), job.get("namespace", "outbox"),
+                      job.get("api_versions"))
     raise SystemExit(f"unknown op {job['op']!r}")
 
 
@@ -155,7 +177,12 @@ def main(argv: list[str]) -> int:
         print(json.dumps(result, indent=2))
         return 0 if result["ok"] else 1
     if len(argv) >= 2 and argv[0] == "render":
-        result = render(argv[1], json.loads(argv[2]) if len(argv) > 2 else None)
+        api_versions: list[str] = []
+        while "--api-versions" in argv:
+            at = argv.index("--api-versions")
+            api_versions += argv[at + 1].split(",")
+            del argv[at:at + 2]
+        result = render(argv[1], json.loads(argv[2]) if len(argv) > 2 else None, api_versions=api_versions)
         print(result["manifest"] if result["ok"] else result["error"], file=sys.stdout if result["ok"] else sys.stderr)
         return 0 if result["ok"] else 1
     if argv == ["batch"]:

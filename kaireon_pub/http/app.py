@@ -7,7 +7,8 @@ Routes and methods:
   GET|POST  /api/v1/cron/outbox-reaper   runs the reaper; cron callers differ in the method used
 
 Order of refusals: unknown path 404, method 405 (with Allow), body over 1 KiB or of unknown
-length 413, then (cron route) authentication 401. HEAD and OPTIONS never reach the reaper.
+length 413, then (cron route) authentication 401. (Behind waitress a chunked body arrives
+de-chunked, with its length: the server buffers it up to its own limit.) HEAD and OPTIONS never reach the reaper.
 Every refusal and failure logs one line with an errorId; a 500 body holds only that errorId.
 
 Cron authentication (fail-closed):
@@ -58,7 +59,8 @@ MAX_BODY_BYTES = 1024
 # connection before the client has read the 413.
 _DRAIN_LIMIT = 64 * 1024
 DEFAULT_MAX_STALE_SECONDS = 90.0
-ROUTE_PATHS = frozenset({"/metrics", "/healthz", "/readyz", CRON_PATH})
+PROBE_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+ROUTE_PATHS = PROBE_PATHS | {CRON_PATH}
 READINESS_TIMEOUT_SECONDS = 2
 # Values a template renders for a missing secret; configured as CRON_SECRET they mean "unset",
 # so a caller rendering the same placeholder (`Bearer None`) can never match.
@@ -202,7 +204,8 @@ class _App:
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> None:
             captured["status"], captured["headers"] = status, headers
 
-        body = b"".join(app(environ, start_response))
+        # prometheus-client answers HEAD with 405; it gets a GET, and __call__ drops the body.
+        body = b"".join(app({**environ, "REQUEST_METHOD": "GET"}, start_response))
         headers = dict(captured["headers"])
         content_type = headers.pop("Content-Type", "text/plain; charset=utf-8")
         headers.pop("Content-Length", None)

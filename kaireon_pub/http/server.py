@@ -1,12 +1,25 @@
-"""The HTTP server: the standard library's wsgiref behind socketserver.ThreadingMixIn.
+"""The HTTP server: waitress, serving the WSGI app of `kaireon_pub.http.app`.
 
 It runs in a child process of its own (the supervisor stays single-threaded and socket-free):
-the supervisor forks and calls `http_child_main`. Each request gets a daemon thread, at most
-`MAX_CONCURRENT_REQUESTS` at once; a connection beyond that is closed at once. One request per
-connection (wsgiref), with a socket timeout, so a slow client holds a thread for a bounded time.
+the supervisor forks and calls `http_child_main`. waitress reads requests on one thread (an
+asyncore loop) and hands complete requests to a fixed pool of threads, so a slow client holds a
+connection, never a thread. The limits (`Limits`, defaults below):
 
-Request logging goes to the JSON logger: method, path (no query string), status, size, remote
-address. Headers are never logged: they carry the cron secret.
+- at most `connections` open connections; beyond that waitress stops accepting, and new
+  connections wait in the listen backlog until one closes;
+- `threads` requests run at once; complete requests beyond that wait in waitress's queue;
+- a connection silent for `channel_timeout` seconds (a client that sent half a request, or an
+  idle keep-alive connection) is closed;
+- the request line and headers together are at most `header_bytes` (431 beyond), a body at most
+  `body_bytes` (413 beyond; the app itself refuses any body over 1 KiB);
+- HTTP/1.1 keep-alive: every answer has a Content-Length.
+
+waitress's own answers (400, 413, 431, 500) are JSON like the app's, `{"error": "http 431"}`
+(a 500 carries only an errorId), and each logs one line with an errorId. Request logging goes
+to the JSON logger: method, path (the tier's own paths only, never the query string), status,
+size, remote address; successful probe requests (/metrics, /healthz, /readyz) at DEBUG, the
+rest at INFO. Headers are never logged: they carry the cron secret. waitress's loggers
+(`waitress`, `waitress.queue`) reach the same JSON handler, with the tier's secrets redacted.
 """
 
 from __future__ import annotations
@@ -15,174 +28,229 @@ import logging
 import os
 import signal
 import socket
-import socketserver
-import sys
 import threading
 import traceback
-import urllib.parse
-from collections.abc import Callable
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import orjson
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, create_server
+from waitress.task import ErrorTask
 
 from kaireon_pub import logs
 from kaireon_pub.errors import ExitCode, new_error_id
-from kaireon_pub.http.app import loggable_path, make_app
+from kaireon_pub.http.app import PROBE_PATHS, loggable_path, make_app
 from kaireon_pub.reaper import redact
 from kaireon_pub.settings import Settings
 
 log = logging.getLogger("kaireon_pub.http")
 
-MAX_CONCURRENT_REQUESTS = 32
-REQUEST_TIMEOUT_SECONDS = 10
+# waitress's loggers; both propagate to the root logger (the tier's JSON handler).
+WAITRESS_LOGGERS = ("waitress", "waitress.queue")
 # How often the child checks that its supervisor still exists.
 _ORPHAN_CHECK_SECONDS = 1.0
+# On stop, how long in-flight requests get before the server closes anyway (a reaper run cut
+# short rolls back).
+_STOP_GRACE_SECONDS = 1.0
 # Signals the supervisor may have handlers for; in the child they get their defaults back.
 _INHERITED_SIGNALS = ("SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGTTIN", "SIGTTOU", "SIGWINCH")
 
 
-class _ServerHandler(ServerHandler):
-    """wsgiref's per-request handler; errors go to the JSON log and the client sees an errorId."""
-
-    _error_id = ""
-
-    def log_exception(self, exc_info) -> None:  # type: ignore[override]
-        self._error_id = new_error_id()
-        settings = self.request_handler.server.settings  # type: ignore[attr-defined]
-        log.error("http server error",
-                  extra={"event": "http failed", "errorId": self._error_id,
-                         "errorType": exc_info[0].__name__ if exc_info[0] else None,
-                         "traceback": redact("".join(traceback.format_exception(*exc_info)), settings)})
-
-    def error_output(self, environ, start_response):  # type: ignore[override]
-        body = orjson.dumps({"errorId": self._error_id})
-        start_response("500 Internal Server Error",
-                       [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
-                       sys.exc_info())
-        return [body]
+@dataclass(frozen=True)
+class Limits:
+    threads: int = 8
+    connections: int = 64
+    channel_timeout: int = 10  # seconds; waitress takes whole seconds
+    header_bytes: int = 64 * 1024
+    body_bytes: int = 64 * 1024
+    backlog: int = 64
 
 
-class _RequestHandler(WSGIRequestHandler):
-    timeout = REQUEST_TIMEOUT_SECONDS
-    # Protocol errors (bad request line, oversized headers) answer without echoing the request.
-    error_message_format = '{"error":"http %(code)d"}'
-    error_content_type = "application/json"
-
-    def handle(self) -> None:
-        # wsgiref's handle(), with our ServerHandler (JSON errors) and multithread=True.
-        self.raw_requestline = self.rfile.readline(65537)
-        if len(self.raw_requestline) > 65536:
-            self.requestline = ""
-            self.request_version = ""
-            self.command = ""
-            self.send_error(414)
-            return
-        if not self.parse_request():
-            return
-        handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(),
-                                 multithread=True)
-        handler.request_handler = self
-        handler.run(self.server.get_app())
-
-    def _path(self) -> str:
-        # Unquoted as wsgiref does for PATH_INFO, so the same paths count as the tier's own.
-        raw = (getattr(self, "path", "") or "").split("?", 1)[0]
-        return loggable_path(urllib.parse.unquote(raw, "iso-8859-1"))
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        try:
-            status = int(code)
-        except (TypeError, ValueError):
-            status = 0
-        log.info("http request",
-                 extra={"event": "http request", "method": (getattr(self, "command", "") or "")[:16],
-                        "path": self._path(), "status": status, "bytes": size,
-                        "remote": self.client_address[0]})
-
-    def log_error(self, format: str, *args: object) -> None:
-        # http.server's protocol errors ("code 400, message Bad request syntax (...)"): the
-        # message may quote the request line, so only the code is kept.
-        code = args[0] if args and isinstance(args[0], int) else None
-        log.warning("http protocol error",
-                    extra={"event": "http protocol error", "errorId": new_error_id(), "status": code,
-                           "remote": self.client_address[0]})
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.info(redact(format % args, self.server.settings)[:500],  # type: ignore[attr-defined]
-                 extra={"event": "http server"})
+LIMITS = Limits()
 
 
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    # Do not wait for in-flight requests on close: a reaper run cut short rolls back.
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = 64
+# ---- waitress's own answers and log lines ---------------------------------------------------
 
-    def __init__(self, settings: Settings, app: Callable):
+
+class _ErrorTask(ErrorTask):
+    """waitress's answer to a request it refuses (bad syntax, headers or body too large) or
+    to an application that raised: a JSON body, one log line with an errorId."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        code = int(getattr(error, "code", 500))
+        error_id = new_error_id()
+        remote = self.channel.addr[0] if self.channel.addr else ""
+        if code >= 500:
+            log.error("http server error",
+                      extra={"event": "http failed", "errorId": error_id, "status": code, "remote": remote})
+            body = orjson.dumps({"errorId": error_id})
+        else:
+            # error.body may quote the request; only the code is kept.
+            log.warning("http protocol error",
+                        extra={"event": "http protocol error", "errorId": error_id, "status": code,
+                               "reason": getattr(error, "reason", ""), "remote": remote})
+            body = orjson.dumps({"error": f"http {code}"})
+        self.status = f"{code} {getattr(error, 'reason', 'Error')}"
+        self.response_headers.extend([("Content-Type", "application/json"), ("Cache-Control", "no-store")])
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Channel(HTTPChannel):
+    error_task_class = _ErrorTask
+
+
+class _RedactingFilter(logging.Filter):
+    """On waitress's loggers: the message without the tier's secrets (waitress quotes request
+    paths, e.g. "Exception while serving /..."), a traceback field instead of exc_info (also
+    redacted), and an errorId on warnings and errors."""
+
+    def __init__(self, settings: Settings):
+        super().__init__()
         self.settings = settings
-        self.address_family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
-        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
-        super().__init__((settings.http_host, settings.http_port), _RequestHandler)
-        self.set_app(app)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN (a DNS lookup that can hang); skip it.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-        self.setup_environ()
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage(), self.settings)[:500]
+        record.args = ()
+        if record.exc_info:
+            text = "".join(traceback.format_exception(*record.exc_info))
+            record.traceback = redact(text, self.settings)
+            record.errorType = record.exc_info[0].__name__ if record.exc_info[0] else None
+            record.exc_info = None
+            record.exc_text = None
+        if not hasattr(record, "event"):
+            record.event = "http server"
+        if record.levelno >= logging.WARNING and not hasattr(record, "errorId"):
+            record.errorId = new_error_id()
+        return True
 
-    def process_request(self, request, client_address) -> None:  # type: ignore[override]
-        if not self._slots.acquire(blocking=False):
-            log.warning("http connection dropped: too many requests in flight",
-                        extra={"event": "http overloaded", "errorId": new_error_id(),
-                               "remote": client_address[0], "limit": MAX_CONCURRENT_REQUESTS})
-            self.shutdown_request(request)
-            return
+
+def _install_log_filter(settings: Settings) -> Callable[[], None]:
+    """Adds the redacting filter to waitress's loggers; returns the function that removes it."""
+    flt = _RedactingFilter(settings)
+    loggers = [logging.getLogger(name) for name in WAITRESS_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(flt)
+
+    def remove() -> None:
+        for logger in loggers:
+            logger.removeFilter(flt)
+
+    return remove
+
+
+def access_logged(app: Callable) -> Callable:
+    """WSGI middleware: one "http request" line per request answered by `app`."""
+
+    def logged(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        seen: list[str] = []
+
+        def capture(status: str, headers: list, exc_info: object = None) -> Callable:
+            seen.append(status)
+            return start_response(status, headers, exc_info)
+
+        result = app(environ, capture)
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
-        try:
-            super().process_request_thread(request, client_address)
+            chunks = list(result)
         finally:
-            self._slots.release()
+            if hasattr(result, "close"):
+                result.close()
+        try:
+            status = int(seen[-1].split(" ", 1)[0]) if seen else 0
+        except ValueError:
+            status = 0
+        path = loggable_path(str(environ.get("PATH_INFO", "")))
+        # Probes come every few seconds from kubelet, Prometheus and `top`; only their
+        # failures are worth an INFO line.
+        level = logging.DEBUG if path in PROBE_PATHS and 0 < status < 400 else logging.INFO
+        log.log(level, "http request",
+                extra={"event": "http request", "method": str(environ.get("REQUEST_METHOD", ""))[:16],
+                       "path": path, "status": status, "bytes": sum(len(c) for c in chunks),
+                       "remote": environ.get("REMOTE_ADDR", "")})
+        return chunks
 
-    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
-        # socketserver's default prints a traceback to stderr.
-        exc = sys.exc_info()[1]
-        log.error("http connection error",
-                  extra={"event": "http failed", "errorId": new_error_id(),
-                         "errorType": type(exc).__name__ if exc else None,
-                         "error": redact(str(exc), self.settings), "remote": client_address[0]})
+    return logged
+
+
+# ---- serving --------------------------------------------------------------------------------
+
+
+def _listening_socket(settings: Settings) -> socket.socket:
+    # Bound here rather than by waitress: an IPv6 host such as "::" keeps the dual-stack socket
+    # it had (waitress sets IPV6_V6ONLY), and a bind error is an OSError before anything runs.
+    family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.http_host, settings.http_port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def create(settings: Settings, app: Callable, limits: Limits = LIMITS) -> tuple[BaseWSGIServer, dict]:
+    """A listening waitress server for `app` and its socket map (not yet serving)."""
+    sock = _listening_socket(settings)
+    socket_map: dict = {}
+    try:
+        server = create_server(
+            access_logged(app), map=socket_map, sockets=[sock],
+            threads=limits.threads,
+            # waitress counts its listening socket and its wake-up pipe among the connections.
+            connection_limit=limits.connections + 2,
+            channel_timeout=limits.channel_timeout,
+            cleanup_interval=1,  # how often silent connections are looked for
+            max_request_header_size=limits.header_bytes,
+            max_request_body_size=limits.body_bytes,
+            backlog=limits.backlog,
+            ident="kaireon-pub",
+            expose_tracebacks=False,
+            clear_untrusted_proxy_headers=True,
+            asyncore_use_poll=True,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    server.channel_class = _Channel
+    return server, socket_map
 
 
 def serve_forever(settings: Settings, stop_event: threading.Event | None = None,
-                  ready: Callable[[int], None] | None = None, *, app: Callable | None = None) -> None:
+                  ready: Callable[[int], None] | None = None, *, app: Callable | None = None,
+                  limits: Limits = LIMITS) -> None:
     """Serve `app` (default `make_app(settings)`) on settings.http_host:http_port until
     `stop_event` is set. Port 0 binds a free port; `ready(port)` gets the bound port once the
     socket listens. Bind errors (OSError) propagate before `ready` is called."""
-    server = _Server(settings, app or make_app(settings))
+    stop_event = stop_event or threading.Event()
+    remove_filter = _install_log_filter(settings)
     try:
-        port = int(server.server_address[1])
-        if stop_event is not None:
-            # shutdown() must come from another thread than serve_forever's.
-            threading.Thread(target=_shutdown_when_set, args=(server, stop_event),
+        server, socket_map = create(settings, app or make_app(settings), limits)
+        try:
+            # The stop thread wakes the loop at once instead of at its next poll timeout.
+            threading.Thread(target=_wake_when_set, args=(server, stop_event),
                              name="http-stop", daemon=True).start()
-        if ready is not None:
-            ready(port)
-        server.serve_forever(poll_interval=0.5)
+            if ready is not None:
+                ready(int(server.effective_port))
+            while not stop_event.is_set():
+                wasyncore.loop(timeout=1.0, use_poll=True, map=socket_map, count=1)
+        finally:
+            wasyncore.close_all(socket_map, ignore_all=True)
+            server.task_dispatcher.shutdown(cancel_pending=True, timeout=_STOP_GRACE_SECONDS)
     finally:
-        server.server_close()
+        remove_filter()
 
 
-def _shutdown_when_set(server: _Server, stop_event: threading.Event) -> None:
+def _wake_when_set(server: BaseWSGIServer, stop_event: threading.Event) -> None:
     stop_event.wait()
-    server.shutdown()
+    try:
+        server.pull_trigger()
+    except OSError:
+        pass  # already closed: the loop has ended
 
 
 def http_child_main(settings: Settings, port_report_fd: int | None) -> int:
@@ -199,7 +267,7 @@ def http_child_main(settings: Settings, port_report_fd: int | None) -> int:
             signal.signal(getattr(signal, name), signal.SIG_DFL)
 
     def on_stop_signal(signum: int, frame: object) -> None:
-        stop.set()  # only sets the event; the stop thread does the work
+        stop.set()  # only sets the event; the stop thread wakes the loop
 
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal)

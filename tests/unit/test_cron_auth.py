@@ -354,6 +354,15 @@ def test_metrics_is_prometheus_text():
     assert call(app, "HEAD", "/metrics").body == b""
 
 
+def test_head_metrics_is_200_with_the_gets_headers_and_no_body():
+    # prometheus-client's own app answers HEAD with 405 (Allow: OPTIONS,GET).
+    app = make_app(settings_with(SECRET), reaper=FakeReaper(), readiness=lambda: {})
+    head, got = call(app, "HEAD", "/metrics"), call(app, "GET", "/metrics")
+    assert (head.status, head.body) == (200, b"")
+    assert head.headers["Content-Type"] == got.headers["Content-Type"]
+    assert "Allow" not in head.headers
+
+
 def test_metrics_scrape_survives_a_process_that_has_not_written_its_file_yet(tmp_path):
     from prometheus_client.mmap_dict import MmapedDict, mmap_key
 

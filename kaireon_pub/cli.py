@@ -8,6 +8,7 @@ import sys
 import click
 
 from kaireon_pub import logs
+from kaireon_pub.db.migrate import DEFAULT_LOCK_TIMEOUT_SECONDS
 from kaireon_pub.errors import ConfigError, ExitCode, new_error_id
 from kaireon_pub.settings import Settings
 
@@ -47,18 +48,20 @@ def run() -> None:
 
 
 @cli.command()
-def migrate() -> None:
-    """Create or upgrade the schema (idempotent; safe to run from several pods at once)."""
-    settings = load_settings(need_kafka=False)
-    from kaireon_pub.db.connect import connect
-    from kaireon_pub.db.migrate import migrate as apply
+@click.option("--check", "check_only", is_flag=True,
+              help="Apply nothing: exit 0 when the schema is up to date, 5 when migrations are pending.")
+@click.option("--lock-timeout", "lock_timeout", default=DEFAULT_LOCK_TIMEOUT_SECONDS, show_default=True,
+              envvar="OUTBOX_MIGRATE_LOCK_TIMEOUT_SECONDS", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for another migrate's lock (several pods starting at once).")
+def migrate(check_only: bool, lock_timeout: float) -> None:
+    """Create or upgrade the schema (idempotent; safe to run from several pods at once).
 
-    with connect(settings, "migrate") as conn:
-        applied = apply(conn)
-    for m in applied:
-        log.info(f"applied migration {m.version:04d}_{m.name}", extra={"event": "migration applied", "version": m.version})
-    if not applied:
-        log.info("schema is up to date", extra={"event": "migration none"})
+    Each file is its own transaction; no statement timeout applies. Prints one line per file applied.
+    """
+    settings = load_settings(need_kafka=False)
+    from kaireon_pub.db.migrate import run_cli
+
+    sys.exit(run_cli(settings, check_only=check_only, lock_timeout_seconds=lock_timeout, echo=click.echo))
 
 
 @cli.command()
@@ -136,7 +139,10 @@ def requeue(ids: tuple[int, ...], topic: str | None, error_contains: str | None,
               help="Whether the broker creates missing topics; unset: ask the broker.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
 def check(topics: tuple[str, ...], auto_create: bool | None, as_json: bool) -> None:
-    """Preflight: settings, producer safety, timeouts, database, schema, broker, topics. Exit 1 on any failure."""
+    """Preflight: settings, producer safety, timeouts, database, schema, broker, topics.
+
+    Exit 1 on any failure; 5 when the schema is missing or behind (run `kaireon-pub migrate`).
+    """
     logs.configure("WARNING")
     import orjson
 
@@ -144,7 +150,7 @@ def check(topics: tuple[str, ...], auto_create: bool | None, as_json: bool) -> N
 
     report = run_checks(topics=topics, auto_create=auto_create)
     click.echo(orjson.dumps(report.as_json()).decode() if as_json else report.render())
-    sys.exit(ExitCode.CRASH if report.failed else ExitCode.OK)
+    sys.exit(ExitCode.SCHEMA_MISSING if report.schema_missing else ExitCode.CRASH if report.failed else ExitCode.OK)
 
 
 @cli.command()

@@ -17,6 +17,9 @@ class ExitCode:
     CONFIG = 2  # bad environment configuration
     NON_TRANSIENT = 3  # OUTBOX_MAX_CONSECUTIVE_FAILURES non-transient tick failures in a row
     WORKER_BOOT = 4  # workers failed to boot again and again
+    # The database schema is missing or older than this version's migrations; the message says
+    # to run `kaireon-pub migrate` (every command that needs the schema, and `migrate --check`).
+    SCHEMA_MISSING = 5
 
 
 class ConfigError(Exception):

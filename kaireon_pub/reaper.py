@@ -25,7 +25,9 @@ from datetime import UTC, datetime
 import orjson
 import psycopg
 
+from kaireon_pub.db import migrate
 from kaireon_pub.db.connect import connect
+from kaireon_pub.db.migrate import SchemaNotReady
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, new_error_id
 from kaireon_pub.settings import SECRET_KAFKA_KEYS, Settings
@@ -40,10 +42,14 @@ _LOCK_GRACE_SECONDS = 10.0
 
 
 class ReaperError(Exception):
-    """A reaper run failed; the failure was logged under `error_id` (the message holds no secret)."""
+    """A reaper run failed; the failure was logged under `error_id` (the message holds no secret).
 
-    def __init__(self, error_id: str):
+    `schema` is the SchemaNotReady behind it, when the database is not migrated.
+    """
+
+    def __init__(self, error_id: str, schema: SchemaNotReady | None = None):
         self.error_id = error_id
+        self.schema = schema
         super().__init__(f"reaper run failed (errorId={error_id})")
 
 
@@ -82,12 +88,20 @@ def run_once(settings: Settings, *, source: str) -> dict[str, object]:
     started = time.monotonic()
     try:
         with connect(settings, "reaper") as conn, conn.transaction():
+            migrate.require_current(conn)
             reset_count = reset_stale(conn, staleness)
             duration_ms = round((time.monotonic() - started) * 1000)
             conn.execute(Q.record_reaper_run,
                          {"source": source, "reset_count": reset_count, "duration_ms": duration_ms})
             if reset_count > 0:
                 conn.execute(Q.notify_rescan)
+    except migrate.SchemaNotReady as exc:
+        error_id = new_error_id()
+        metrics.REAPER_FAILURES.labels(source).inc()
+        log.error(f"reaper run failed: {exc}", extra={
+            "event": "reaper failed", "errorId": error_id, "source": source, "errorType": "SchemaNotReady",
+            "schemaVersion": exc.current, "expectedVersion": exc.expected, "isTransient": False})
+        raise ReaperError(error_id, schema=exc) from None
     except Exception as exc:
         error_id = new_error_id()
         metrics.REAPER_FAILURES.labels(source).inc()
@@ -132,7 +146,8 @@ def utc_timestamp() -> str:
 
 
 def run_cli_reap(settings: Settings) -> int:
-    """`kaireon-pub reap`: one run, the JSON on stdout; 0, or 1 after a logged failure."""
+    """`kaireon-pub reap`: one run, the JSON on stdout; 0, 1 after a logged failure, or 5 (and
+    one line saying to migrate) when the schema is missing or behind."""
     # prometheus_client (imported by the run) writes its multiprocess files there: make sure it
     # exists, so a CLI run beside the tier shows up in the tier's /metrics.
     multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
@@ -140,7 +155,10 @@ def run_cli_reap(settings: Settings) -> int:
         os.makedirs(multiproc_dir, exist_ok=True)
     try:
         result = reap(settings, source="cli")
-    except ReaperError:
+    except ReaperError as exc:
+        if exc.schema is not None:
+            sys.stderr.write(f"reap: {exc.schema}\n")
+            return ExitCode.SCHEMA_MISSING
         return ExitCode.CRASH  # already logged with its errorId
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     sys.stdout.flush()

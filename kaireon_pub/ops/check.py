@@ -4,7 +4,8 @@ Checks, in order: settings valid; producer settings safe for the guarantees; tim
 (reaper staleness vs message.timeout.ms vs drain, worker timeout vs message.timeout.ms); database
 reachable; schema at the expected version with its tables and indexes; broker reachable; topics
 exist (those named with --topic and those of a bounded sample of pending rows) unless
-auto-creation is allowed. Each check is ok, warn, fail or skip; any fail exits 1.
+auto-creation is allowed. Each check is ok, warn, fail or skip; any fail exits 1, except a schema
+that is missing or older than the code's migrations: exit 5 (run `kaireon-pub migrate` first).
 
 The settings are read without exiting on the first invalid one, so that an unsafe KAFKA_ACKS is
 reported as a failed check, by name, beside the others. No secret reaches the report.
@@ -53,6 +54,7 @@ class Result:
 @dataclass
 class Report:
     results: list[Result] = field(default_factory=list)
+    schema_missing: bool = False  # the schema is absent or older than the code: exit 5, not 1
 
     def add(self, name: str, status: str, detail: str) -> Result:
         result = Result(name, status, detail)
@@ -231,11 +233,10 @@ def expected_objects() -> tuple[set[str], set[str]]:
 def _check_schema(report: Report, conn: psycopg.Connection) -> bool:
     expected = migrate.expected_version()
     current = migrate.current_version(conn)
-    if current is None:
-        report.add("schema", "fail", f"no schema: run `kaireon-pub migrate` (expected version {expected})")
-        return False
-    if current < expected:
-        report.add("schema", "fail", f"version {current}, expected {expected}: run `kaireon-pub migrate`")
+    if current is None or current < expected:
+        found = "no schema" if current is None else f"version {current}"
+        report.add("schema", "fail", f"{found}: {migrate.MIGRATE_HINT} (expected version {expected})")
+        report.schema_missing = True
         return False
     tables, indexes = expected_objects()
     present = {(kind, name) for kind, name in conn.execute(OPS.schema_objects).fetchall()}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from kaireon_pub.db import migrate
 from kaireon_pub.db.connect import connect
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, new_error_id
@@ -103,6 +104,7 @@ def run(settings: Settings, selection: Selection, *, dry_run: bool, yes: bool,
                                 "selection": selection.describe(), "dryRun": dry_run}
     try:
         with connect(settings, "requeue") as conn:
+            migrate.require_current(conn)
             found = preview(conn, selection)
             if dry_run or found.matched == 0:
                 verb = "would requeue" if dry_run else "requeued"
@@ -117,6 +119,8 @@ def run(settings: Settings, selection: Selection, *, dry_run: bool, yes: bool,
                          extra={**audit, "matched": found.matched, "requeued": 0, "declined": True})
                 return ExitCode.CRASH
             ids = requeue(conn, selection)
+    except migrate.SchemaNotReady as exc:
+        return migrate.report_not_ready(exc, "requeue")
     except psycopg.Error as exc:
         error_id = new_error_id()
         log.error("requeue failed", extra={**audit, "errorId": error_id, "errorType": type(exc).__name__,

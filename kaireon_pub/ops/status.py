@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from kaireon_pub.db import migrate
 from kaireon_pub.db.connect import connect
 from kaireon_pub.errors import ExitCode, new_error_id
 from kaireon_pub.ops.sql import OPS
@@ -62,10 +63,14 @@ def capped(count: int, cap: int) -> Figure:
 
 
 def run(settings: Settings, *, as_json: bool, echo: Callable[[str], None]) -> int:
-    """The command: collect, print (text or JSON); 1 after a logged database failure."""
+    """The command: collect, print (text or JSON); 1 after a logged database failure, 5 when
+    the schema is missing or behind (one line saying to migrate)."""
     try:
         with connect(settings, "status") as conn:
+            migrate.require_current(conn)
             doc = collect(conn)
+    except migrate.SchemaNotReady as exc:
+        return migrate.report_not_ready(exc, "status")
     except psycopg.Error as exc:
         error_id = new_error_id()
         log.error("status failed", extra={"event": "status failed", "errorId": error_id,

@@ -1,11 +1,12 @@
 """kaireon-pub: the outbox publisher tier (PostgreSQL outbox_events -> Kafka).
 
 Application side: `enqueue(conn, topic=..., key=..., payload=...)` and `enqueue_many(conn, events)`
-write inside the caller's transaction. The tier itself runs as `kaireon-pub run`.
+write inside the caller's transaction (on a psycopg AsyncConnection, `await` them). The tier
+itself runs as `kaireon-pub run`.
 """
 
-from kaireon_pub.enqueue import Event, enqueue, enqueue_many
-from kaireon_pub.errors import PayloadError
+from kaireon_pub.enqueue import Event, PendingWrite, enqueue, enqueue_many
+from kaireon_pub.errors import ConfigError, PayloadError
 
-__all__ = ["Event", "PayloadError", "enqueue", "enqueue_many"]
+__all__ = ["ConfigError", "Event", "PayloadError", "PendingWrite", "enqueue", "enqueue_many"]
 __version__ = "0.1.0"

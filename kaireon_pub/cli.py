@@ -27,7 +27,7 @@ def load_settings(*, need_kafka: bool = True) -> Settings:
                    "accepted": exc.accepted, "event": "config invalid"},
         )
         sys.exit(ExitCode.CONFIG)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.secret_values())
     settings.log_warnings()
     return settings
 
@@ -162,6 +162,29 @@ def top(url: str, interval: float, once: bool) -> None:
     from kaireon_pub.ops import top as ops_top
 
     sys.exit(ops_top.run(url, interval, once=once))
+
+
+@cli.command("call-reaper")
+@click.option("--url", required=True,
+              help="The tier's cron route, e.g. http://kaireon-pub:9464/api/v1/cron/outbox-reaper.")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds per attempt.")
+@click.option("--retries", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Retries after a connection error, a timeout, a 5xx or a 429 (never after a 401).")
+@click.option("--backoff", default=2.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds before the first retry; doubles per retry, at most 30.")
+def call_reaper(url: str, timeout: float, retries: int, backoff: float) -> None:
+    """Call the reaper route with CRON_SECRET from the environment (never the command line).
+
+    Prints the route's JSON; exit 0 on a 200, 1 otherwise, 2 when CRON_SECRET is not set.
+    """
+    logs.configure("INFO")
+    from kaireon_pub.ops import call_reaper as ops_call_reaper
+
+    problem = ops_call_reaper.url_problem(url)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--url")
+    sys.exit(ops_call_reaper.run(url, timeout=timeout, retries=retries, backoff=backoff))
 
 
 def main() -> None:

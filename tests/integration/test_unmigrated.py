@@ -33,11 +33,15 @@ def empty_url(pg):
 
 @pytest.fixture
 def older_url(db_url):
-    """A schema whose recorded version is below the code's newest migration."""
+    """A schema as an older release left it: its newest migration not recorded (or, with one
+    migration only, recorded as version 0)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("UPDATE kaireon_schema_migrations SET version = version - 1 WHERE version = %s",
-                     (expected_version(),))
-    return db_url
+        conn.execute("DELETE FROM kaireon_schema_migrations WHERE version = %s AND "
+                     "(SELECT count(*) FROM kaireon_schema_migrations) > 1", (expected_version(),))
+        conn.execute("UPDATE kaireon_schema_migrations SET version = 0 WHERE version = %s", (expected_version(),))
+        older = conn.execute("SELECT max(version) FROM kaireon_schema_migrations").fetchone()[0]
+    assert older < expected_version()
+    return db_url, older
 
 
 def plain_lines(stderr: str) -> list[str]:
@@ -62,8 +66,9 @@ def test_a_command_on_an_unmigrated_database_says_to_migrate(name, empty_url, tm
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_a_command_on_an_older_schema_says_to_migrate(name, older_url, tmp_path):
-    done = run_cli(*COMMANDS[name], env=tier_env(older_url, "127.0.0.1:1", tmp_path))
-    found = (f"the database schema is at version {expected_version() - 1}, "
+    url, older = older_url
+    done = run_cli(*COMMANDS[name], env=tier_env(url, "127.0.0.1:1", tmp_path))
+    found = (f"the database schema is at version {older}, "
              f"this kaireon-pub needs version {expected_version()}")
     assert_says_migrate(done, name.split(" --")[0] if name != "migrate --check" else name, found)
 
@@ -76,9 +81,10 @@ def test_check_on_an_unmigrated_database_exits_5(empty_url, broker, tmp_path):
 
 
 def test_check_on_an_older_schema_exits_5(older_url, broker, tmp_path):
-    done = run_cli("check", "--json", env=tier_env(older_url, broker.bootstrap, tmp_path))
+    url, older = older_url
+    done = run_cli("check", "--json", env=tier_env(url, broker.bootstrap, tmp_path))
     assert done.returncode == 5, done.stdout + done.stderr
     checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
     assert checks["schema"]["status"] == "fail"
-    assert checks["schema"]["detail"] == (f"version {expected_version() - 1}: run `kaireon-pub migrate` "
+    assert checks["schema"]["detail"] == (f"version {older}: run `kaireon-pub migrate` "
                                           f"(expected version {expected_version()})")

@@ -35,8 +35,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: outbox-publisher
 {{- end }}
 
+{{/* Labels of the pods the chart makes, beyond a workload's selector (not part of any selector). */}}
+{{- define "kaireon-pub.podExtraLabels" -}}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* repository@digest when image.digest is set, else repository:tag (tag defaults to appVersion). */}}
 {{- define "kaireon-pub.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "kaireon-pub.databaseSecret" -}}
@@ -47,26 +58,57 @@ app.kubernetes.io/component: outbox-publisher
 {{- default (printf "%s-cron" (include "kaireon-pub.fullname" .)) .Values.cronSecret.existingSecret }}
 {{- end }}
 
+{{/*
+"true" when the publisher gets CRON_SECRET: the chart's reaper CronJob calls the route, or
+cronSecret.existingSecret names a Secret for another caller. Otherwise the route stays
+fail-closed (401) and the pods need no cron Secret at all.
+*/}}
+{{- define "kaireon-pub.cronSecretUsed" -}}
+{{- if or .Values.cron.schedules.outboxReaper.enabled .Values.cronSecret.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+"true" when the PodDisruptionBudget is rendered: enabled, and it can allow a disruption (more
+replicas than minAvailable requires; Kubernetes rounds a percentage up). With minAvailable 1 and
+one replica it would stall every node drain and cluster-autoscaler scale-down.
+*/}}
+{{- define "kaireon-pub.pdbRendered" -}}
+{{- $p := .Values.outboxPublisher }}
+{{- $replicas := $p.replicas | int }}
+{{- $min := $p.pdb.minAvailable }}
+{{- $required := 0 }}
+{{- if kindIs "string" $min }}
+{{- $required = div (add (mul $replicas (trimSuffix "%" $min | int)) 99) 100 }}
+{{- else }}
+{{- $required = $min | int }}
+{{- end }}
+{{- if and $p.enabled $p.pdb.enabled (gt $replicas $required) }}true{{ end }}
+{{- end }}
+
 {{/* Where the Kafka TLS Secret is mounted. */}}
 {{- define "kaireon-pub.kafkaTlsDir" -}}/etc/kaireon/kafka-tls{{- end }}
 
 {{/*
-The tier's environment. Every name is a kaireon_pub.settings setting or a KAFKA_* librdkafka
-pass-through (tests/unit/test_helm_chart.py checks the rendered chart against the registry).
-Numbers go through `int` so large values never render in exponent form.
+The environment the chart itself sets. Every name is a kaireon_pub.settings setting or a KAFKA_*
+librdkafka pass-through (tests/unit/test_helm_chart.py checks the rendered chart against the
+registry). Numbers go through `int` so large values never render in exponent form.
 */}}
-{{- define "kaireon-pub.env" -}}
+{{- define "kaireon-pub.chartEnv" -}}
 {{- $p := .Values.outboxPublisher -}}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "kaireon-pub.databaseSecret" . }}
       key: {{ .Values.database.key }}
+{{- if include "kaireon-pub.cronSecretUsed" . }}
+{{- /* Optional: publishing never needs it; without it the route answers 401 (fail-closed). */}}
 - name: CRON_SECRET
   valueFrom:
     secretKeyRef:
       name: {{ include "kaireon-pub.cronSecret" . }}
       key: {{ .Values.cronSecret.key }}
+      optional: true
+{{- end }}
 - name: KAFKA_BOOTSTRAP_SERVERS
   value: {{ .Values.kafka.bootstrapServers | quote }}
 - name: OUTBOX_POLL_INTERVAL_MS
@@ -118,14 +160,63 @@ Numbers go through `int` so large values never render in exponent form.
   value: {{ printf "%s/%s" (include "kaireon-pub.kafkaTlsDir" .) $k.tls.keyKey | quote }}
 {{- end }}
 {{- end }}
-{{- range $name, $value := $k.extraConfig }}
+{{- end }}
+
+{{/*
+The publisher's environment: the chart's own, kafka.extraConfig, then outboxPublisher.extraEnv.
+A name set twice fails the render (Kubernetes would keep the last entry and hide the first):
+the schema refuses extraEnv names the chart always sets, this catches the conditional ones
+(KAFKA_SASL_*, KAFKA_SSL_*, KAFKA_SECURITY_PROTOCOL, OUTBOX_WORKERS) and extraConfig overlaps.
+*/}}
+{{- define "kaireon-pub.env" -}}
+{{- $chart := include "kaireon-pub.chartEnv" . }}
+{{- $seen := dict }}
+{{- range (fromYamlArray $chart) }}
+{{- $_ := set $seen .name "the chart" }}
+{{- end }}
+{{- range $name, $value := .Values.kafka.extraConfig }}
+{{- if hasKey $seen $name }}
+{{- fail (printf "kafka.extraConfig.%s: %s is already set by %s; use the chart's value for it" $name $name (get $seen $name)) }}
+{{- end }}
+{{- $_ := set $seen $name "kafka.extraConfig" }}
+{{- end }}
+{{- range .Values.outboxPublisher.extraEnv }}
+{{- if hasKey $seen .name }}
+{{- fail (printf "outboxPublisher.extraEnv: %s is already set by %s; use the chart's value for it" .name (get $seen .name)) }}
+{{- end }}
+{{- $_ := set $seen .name "outboxPublisher.extraEnv" }}
+{{- end }}
+{{- $chart }}
+{{- range $name, $value := .Values.kafka.extraConfig }}
 - name: {{ $name }}
   value: {{ $value | toString | quote }}
 {{- end }}
-{{- with $p.extraEnv }}
+{{- with .Values.outboxPublisher.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/*
+The migrate init container's environment: the DSN and the extraEnv entries that shape a
+migration session (statement and lock timeouts, log level). No Kafka settings or credentials,
+no CRON_SECRET.
+*/}}
+{{- define "kaireon-pub.migrateEnvPattern" -}}^OUTBOX_(STATEMENT_TIMEOUT_MS|LOG_LEVEL|[A-Z_]*LOCK_TIMEOUT[A-Z_]*|MIGRAT[A-Z_]*)${{- end }}
+
+{{- define "kaireon-pub.migrateEnv" -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kaireon-pub.databaseSecret" . }}
+      key: {{ .Values.database.key }}
+{{- $pattern := include "kaireon-pub.migrateEnvPattern" . }}
+{{- range .Values.outboxPublisher.extraEnv }}
+{{- if regexMatch $pattern .name }}
+{{ list . | toYaml }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 
 {{- define "kaireon-pub.containerSecurityContext" -}}
 allowPrivilegeEscalation: false

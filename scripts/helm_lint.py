@@ -5,7 +5,7 @@ virtualenv at .venv-helm/); standard library otherwise.
 
     python scripts/helm_lint.py lint   helm/kaireon-pub
     python scripts/helm_lint.py render helm/kaireon-pub ['{"outboxPublisher": {"replicas": 2}}'] \
-        [--api-versions monitoring.coreos.com/v1]
+        [--api-versions monitoring.coreos.com/v1] [--release NAME] [--namespace NAME]
     python scripts/helm_lint.py batch  < jobs.json      # [{"op": "lint"|"render", "chart", "values",
                                                         #   "api_versions": [...]}]
 
@@ -177,12 +177,14 @@ def main(argv: list[str]) -> int:
         print(json.dumps(result, indent=2))
         return 0 if result["ok"] else 1
     if len(argv) >= 2 and argv[0] == "render":
-        api_versions: list[str] = []
-        while "--api-versions" in argv:
-            at = argv.index("--api-versions")
-            api_versions += argv[at + 1].split(",")
-            del argv[at:at + 2]
-        result = render(argv[1], json.loads(argv[2]) if len(argv) > 2 else None, api_versions=api_versions)
+        options: dict[str, list[str]] = {"--api-versions": [], "--release": ["kaireon"], "--namespace": ["outbox"]}
+        for option, given in options.items():
+            while option in argv:
+                at = argv.index(option)
+                given[:] = argv[at + 1].split(",") if option == "--api-versions" else [argv[at + 1]]
+                del argv[at:at + 2]
+        result = render(argv[1], json.loads(argv[2]) if len(argv) > 2 else None, options["--release"][0],
+                        options["--namespace"][0], options["--api-versions"])
         print(result["manifest"] if result["ok"] else result["error"], file=sys.stdout if result["ok"] else sys.stderr)
         return 0 if result["ok"] else 1
     if argv == ["batch"]:

@@ -193,7 +193,7 @@ def _listening_socket(settings: Settings) -> socket.socket:
     return sock
 
 
-def create(settings: Settings, app: Callable, limits: Limits = LIMITS) -> tuple[BaseWSGIServer, dict]:
+def make_server(settings: Settings, app: Callable, limits: Limits = LIMITS) -> tuple[BaseWSGIServer, dict]:
     """A listening waitress server for `app` and its socket map (not yet serving)."""
     sock = _listening_socket(settings)
     socket_map: dict = {}
@@ -229,7 +229,7 @@ def serve_forever(settings: Settings, stop_event: threading.Event | None = None,
     stop_event = stop_event or threading.Event()
     remove_filter = _install_log_filter(settings)
     try:
-        server, socket_map = create(settings, app or make_app(settings), limits)
+        server, socket_map = make_server(settings, app or make_app(settings), limits)
         try:
             # The stop thread wakes the loop at once instead of at its next poll timeout.
             threading.Thread(target=_wake_when_set, args=(server, stop_event),

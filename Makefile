@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: run test lint bench bench-smoke clean
 
+# PYTHONWARNINGS: setuptools announces every editable install with a warning that pip shows even
+# with --quiet (the license is an SPDX string, so no deprecation warning remains).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)

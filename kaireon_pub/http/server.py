@@ -83,7 +83,7 @@ class _ErrorTask(ErrorTask):
         code = int(getattr(error, "code", 500))
         error_id = new_error_id()
         remote = self.channel.addr[0] if self.channel.addr else ""
-        if code >= 500:
+        if code == 500:  # the application raised (501 is a client's unsupported Transfer-Encoding)
             log.error("http server error",
                       extra={"event": "http failed", "errorId": error_id, "status": code, "remote": remote})
             body = orjson.dumps({"errorId": error_id})

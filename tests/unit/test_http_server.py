@@ -331,3 +331,13 @@ def test_a_chunked_body_is_bounded_by_the_server_then_judged_by_its_length(tmp_p
             head, _, body = read_response(sock).partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 413 ")
             assert orjson.loads(body) == {"error": "request body too large"}
+
+
+def test_an_unsupported_transfer_encoding_is_a_501_refusal_not_a_server_error(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    with serving(settings_for(tmp_path)) as port, connect(port) as sock:
+        sock.sendall(f"POST {CRON_PATH} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n".encode())
+        head, _, body = read_response(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 ") and orjson.loads(body) == {"error": "http 501"}
+    refusals = [r for r in caplog.records if getattr(r, "event", None) == "http protocol error"]
+    assert [(r.status, r.levelname) for r in refusals] == [(501, "WARNING")]

@@ -151,7 +151,7 @@ def render(chart: str, values: dict | None, release: str = "kaireon", namespace:
         except helm_sdkpy.HelmError as exc:
             return {"ok": False, "error": str(exc)}
         # An empty manifest (everything disabled) is left out of the release.
-        return {"ok": True, "manifest": rel.get("manifest", "")}
+        return {"ok": True, "manifest": rel.get("manifest", ""), "notes": (rel.get("info") or {}).get("notes", "")}
     finally:
         server.shutdown()
         server.server_close()

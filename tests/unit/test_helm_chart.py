@@ -40,7 +40,7 @@ DEFAULTS = {s.env: s.default for s in SETTINGS}
 RELEASE, NAMESPACE = "kaireon", "outbox"
 MONITORING_API = "monitoring.coreos.com/v1"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the validator ships.
-K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+K8S_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 # Metrics an alert may read before every image in use exports them (the rule is off by default).
 PENDING_METRICS = {"kaireon_outbox_horizon_age_seconds"}
 
@@ -755,6 +755,15 @@ def test_monitoring_objects_need_their_values_flags_and_the_crds(helm):
     assert not {"ServiceMonitor", "PrometheusRule"} & set(rendered(helm, "default"))
 
 
+def test_install_notes_say_what_was_left_out(helm):
+    assert "WARNING: monitoring.coreos.com/v1" in helm["render:monitoring-without-crds"]["notes"]
+    assert "WARNING" not in helm["render:monitoring"]["notes"]
+    assert "No PodDisruptionBudget" in helm["render:default"]["notes"]
+    assert "No PodDisruptionBudget" not in helm["render:replicas-3"]["notes"]
+    notes = helm["render:reaper-off"]["notes"]
+    assert f"{RELEASE}-kaireon-pub-cron" not in notes and "no cron Secret is referenced" in notes
+
+
 def rules_of(helm: dict, variant: str) -> dict[str, dict]:
     (group,) = rendered(helm, variant)["PrometheusRule"]["spec"]["groups"]
     return {r["alert"]: r for r in group["rules"]}
@@ -910,6 +919,7 @@ def test_every_rendered_object_is_valid_for_kubernetes(helm, variant, version):
 
 
 def test_validation_covers_the_variants_the_issue_names(helm):
+    assert yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"] == f">={K8S_VERSIONS[0]}-0"
     kinds = {variant: set(rendered(helm, variant)) for variant in ("default", "replicas-3", "reaper-off", "monitoring")}
     assert kinds["default"] == {"Deployment", "Service", "CronJob"}
     assert kinds["replicas-3"] == {"Deployment", "Service", "CronJob", "PodDisruptionBudget"}

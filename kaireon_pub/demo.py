@@ -2,17 +2,16 @@
 
 Starts an embedded PostgreSQL (data kept in .run/pgdata, listening on a unix socket in that
 directory) and a Tansu broker on a free loopback port, migrates, starts `kaireon-pub run` (HTTP
-on 127.0.0.1, a fresh cron secret each run) and a load generator that commits events through
-`kaireon_pub.enqueue_many`. Once /readyz answers 200 it prints what to paste into a second
-terminal (the environment, then the `status`, `top`, `curl` commands), then one progress line a
-second. Ctrl-C drains and stops everything. `--load-only` only generates load against
-DATABASE_URL (used by docker-compose).
+on 127.0.0.1, cron secret `demo-secret` as in docker-compose.yml) and a load generator that
+commits events through `kaireon_pub.enqueue_many`. Once /readyz answers 200 it prints what to
+paste into a second terminal (the environment, then the `status`, `top`, `curl` commands), then
+one progress line a second. Ctrl-C drains and stops everything. `--load-only` only generates
+load against DATABASE_URL (used by docker-compose).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import shlex
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from kaireon_pub import Event, enqueue_many
 
 TOPIC = "demo.orders.v1"
 CRON_PATH = "/api/v1/cron/outbox-reaper"
+CRON_SECRET = "demo-secret"  # docker-compose.yml's too; the route listens on 127.0.0.1 only
 READY_TIMEOUT_SECONDS = 60.0
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the tier is local: no proxy
 
@@ -80,7 +80,7 @@ def print_second_terminal(lines: list[str], cron_secret: str, tier_log: Path) ->
     click.echo("\nready. In a second terminal, paste:\n")
     for line in lines:
         click.echo(f"  {line}")
-    click.echo(f"\n(this run's cron secret: {cron_secret}; the tier's log: {tier_log})\n")
+    click.echo(f"\n(the cron secret: {cron_secret}; the tier's log: {tier_log})\n")
 
 
 def wait_ready(port: int, tier: subprocess.Popen, timeout: float = READY_TIMEOUT_SECONDS) -> bool:
@@ -128,7 +128,7 @@ def main(rate: int, workers: int, load_only: bool, run_dir: str) -> None:
         applied = migrate(conn)
     click.echo(f"migrated ({len(applied)} new migrations); broker at {broker.bootstrap} (pid {broker.process.pid})")
     port = free_port()
-    cron_secret = secrets.token_urlsafe(18)
+    cron_secret = CRON_SECRET
     env = {**os.environ, "DATABASE_URL": database_url, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
            "OUTBOX_WORKERS": str(workers), "OUTBOX_HTTP_HOST": "127.0.0.1", "OUTBOX_HTTP_PORT": str(port),
            "OUTBOX_LIVENESS_FILE": str(run_path / "outbox-publisher.alive"),

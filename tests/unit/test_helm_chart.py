@@ -125,6 +125,7 @@ RENDER = {
         {"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
          "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "outbox-publisher"}}}]}},
     "digest": {"image": {"digest": "sha256:" + "ab" * 32}},
+    "migrate-lock-timeout": {"outboxPublisher": {"migrate": {"lockTimeoutSeconds": 600}}},
     "cron-secret-without-reaper": {**REAPER_OFF, "cronSecret": {"existingSecret": "external-cron"}},
     **{f"schedule:{macro}": {"cron": {"schedules": {"outboxReaper": {"schedule": macro}}}}
        for macro in ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly", "0 */6 * * 1-5")},
@@ -621,6 +622,20 @@ def test_migrate_init_container_gets_only_the_database_settings(helm, variant, e
     assert set(env_of(init)) == expected
     assert "envFrom" not in init
     assert [m["name"] for m in init["volumeMounts"]] == ["tmp"]  # no Kafka TLS material either
+
+
+def test_migrate_lock_wait_is_a_value(helm):
+    """OUTBOX_MIGRATE_LOCK_TIMEOUT_SECONDS is the command's option, not a tier setting: the chart
+    passes it as `migrate --lock-timeout`, and only when set."""
+    def init_args(variant):
+        (init,) = rendered(helm, variant)["Deployment"]["spec"]["template"]["spec"]["initContainers"]
+        return init["args"]
+
+    assert init_args("default") == ["migrate"]
+    assert init_args("migrate-lock-timeout") == ["migrate", "--lock-timeout", "600"]
+    from kaireon_pub import cli
+
+    assert "--lock-timeout" in {opt for param in cli.cli.commands["migrate"].params for opt in param.opts}
 
 
 # ---- the reaper CronJob ---------------------------------------------------------------------

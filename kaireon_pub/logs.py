@@ -1,21 +1,37 @@
-"""One JSON object per line on stderr, for every process of the tier.
+"""One JSON object per line on stderr, for every process of the tier and every library in it.
 
-Fields: ts, level, logger, msg, pid, role (supervisor | worker-N | cli), plus whatever a call
-passes in `extra` (errorId, isTransient, eventIds, ...). librdkafka's own log lines are routed
-through the `kaireon_pub.librdkafka` logger by giving the Producer a `logger`.
+Fields: ts, level, logger, msg, pid, role (supervisor | worker-N | http | cli), event, plus
+whatever a call passes in `extra` (errorId, isTransient, eventIds, ...). librdkafka's own log
+lines are routed through the `kaireon_pub.librdkafka` logger by giving the Producer a `logger`;
+psycopg's, psycopg_pool's and waitress's loggers reach the same root handler.
+
+Every line is scrubbed before it is written: the configured secrets (the database password,
+CRON_SECRET, librdkafka's passwords) and anything shaped like a credential in a connection string
+(`user:password@`, `password=…`) become `***`, whichever logger wrote it. Lines of other libraries
+get an `event` (`library log`) and, from WARNING up, an `errorId`, like the tier's own.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets as _secrets
 import sys
 import time
+from collections.abc import Iterable
 
 import orjson
 
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_OWN_LOGGERS = "kaireon_pub"
 _role = "cli"
+
+# Credentials in connection strings, whatever wrote them: URI userinfo and key=value pairs.
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s\"']*):(?P<password>[^@\s\"']*)@", re.I)
+_KV_PASSWORD = re.compile(r"(?P<key>\b(?:password|passwd|sasl\.password|ssl\.key\.password)\s*[=:]\s*)"
+                          r"(?P<quote>['\"]?)(?P<value>[^\s'\",}]+)", re.I)
+MIN_SECRET_LENGTH = 3  # shorter values would blank out ordinary text
 
 
 def set_role(role: str) -> None:
@@ -23,7 +39,35 @@ def set_role(role: str) -> None:
     _role = role
 
 
+class Redactor:
+    def __init__(self, secrets: Iterable[str] = ()):
+        # Longest first, so a secret that contains another is replaced whole.
+        self.secrets = sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        for secret in self.secrets:
+            if secret in value:
+                value = value.replace(secret, "***")
+        value = _URI_PASSWORD.sub(lambda m: f"{m['scheme']}:***@", value)
+        return _KV_PASSWORD.sub(lambda m: f"{m['key']}{m['quote']}***", value)
+
+    def value(self, value: object) -> object:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        if isinstance(value, int | float | bool) or value is None:
+            return value
+        return self.text(str(value))
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self, redactor: Redactor | None = None):
+        super().__init__()
+        self.redactor = redactor or Redactor()
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -37,14 +81,18 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
+        if not record.name.startswith(_OWN_LOGGERS):
+            entry.setdefault("event", "library log")
+            if record.levelno >= logging.WARNING:
+                entry.setdefault("errorId", _secrets.token_hex(8))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return orjson.dumps(self.redactor.value(entry), default=str).decode()
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(Redactor(secrets)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

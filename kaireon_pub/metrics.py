@@ -54,7 +54,16 @@ LEASE_LOST = Counter(
     "Events whose mark found the claim gone (reaped or handed over); they may be duplicated.",
 )
 PRODUCER_RECREATED = Counter(
-    f"{NS}_producer_recreated_total", "Producers recreated after a fatal librdkafka error."
+    f"{NS}_producer_recreated_total",
+    "Producers recreated, by cause: fatal (a fatal librdkafka error), producer (fenced, out-of-order "
+    "sequence, unknown producer id), exception (the client raised), cluster_changed (a different "
+    "cluster behind the bootstrap address), stalled (batches kept timing out).",
+    ["cause"],
+)
+UNCONFIRMED = Counter(
+    f"{NS}_unconfirmed_total",
+    "Events released after librdkafka had them but before a delivery report confirmed them "
+    "(timeout, drain, lease end, producer recreated): their next publish may be a duplicate.",
 )
 ORDER_VIOLATIONS = Counter(
     f"{NS}_order_violations_total",
@@ -145,6 +154,8 @@ for _transient in ("true", "false"):
     TICK_FAILURES.labels(_transient)
 for _reason in ("crash", "exit", "killed", "hung"):
     WORKER_RESTARTS.labels(_reason)
+for _cause in ("fatal", "producer", "exception", "cluster_changed", "stalled"):
+    PRODUCER_RECREATED.labels(_cause)
 for _direction in ("acquired", "released"):
     HANDOVERS.labels(_direction)
 for _source in ("http", "cli"):

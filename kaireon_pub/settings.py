@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -23,6 +24,13 @@ log = logging.getLogger("kaireon_pub.settings")
 # librdkafka settings are passed through from variables with this prefix:
 # KAFKA_SASL_USERNAME -> sasl.username, KAFKA_MESSAGE_TIMEOUT_MS -> message.timeout.ms.
 KAFKA_PREFIX = "KAFKA_"
+
+# Kubernetes writes variables like these into every pod of a namespace that has a Service whose
+# name starts with "kafka" (service links: KAFKA_PORT=tcp://10.0.0.7:9092, KAFKA_SERVICE_HOST, …).
+# No librdkafka property has such a name, so they are never taken for one.
+SERVICE_LINK = re.compile(
+    r"^KAFKA(_[A-Z0-9]+)*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$"
+)
 
 # Producer settings the tier's guarantees rest on; an operator may not weaken them.
 SAFE_PRODUCER_SETTINGS = {"enable.idempotence": {"true"}, "acks": {"all", "-1"}}
@@ -87,6 +95,29 @@ DEFAULTS = {s.env: s.default for s in SETTINGS}
 
 def _kafka_key(env_name: str) -> str:
     return env_name[len(KAFKA_PREFIX):].lower().replace("_", ".")
+
+
+def is_service_link(env_name: str) -> bool:
+    """True for a Kubernetes service-link variable (never a librdkafka property)."""
+    return bool(SERVICE_LINK.match(env_name))
+
+
+def check_database_url(url: str) -> None:
+    """A connection string libpq can parse, with numeric ports; the error never repeats it."""
+    import psycopg
+
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        # libpq quotes the whole string, password included: keep only its reason.
+        reason = str(exc).strip().splitlines()[0]
+        reason = re.split(r' in (?:URI|connection info string)[: ]', reason)[0].split(': "')[0]
+        reason = re.sub(r'"[^"]{2,}"', '"…"', reason)  # a quoted fragment may be part of a password
+        raise ConfigError("DATABASE_URL", f"is not a valid connection string ({reason})",
+                          "a libpq URI (postgresql://user@host:5432/db) or key=value string") from None
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError("DATABASE_URL", f"port {port!r} is not a port number", "1..65535")
 
 
 def kafka_env_name(prop: str) -> str:
@@ -173,6 +204,7 @@ class Settings:
             return value
 
         database_url = required("DATABASE_URL")
+        check_database_url(database_url)
         bootstrap = required("KAFKA_BOOTSTRAP_SERVERS") if need_kafka else env.get("KAFKA_BOOTSTRAP_SERVERS", "")
 
         workers_text = str(raw("OUTBOX_WORKERS")).strip()
@@ -199,7 +231,7 @@ class Settings:
 
         producer = dict(PRODUCER_DEFAULTS)
         for name, value in env.items():
-            if name.startswith(KAFKA_PREFIX):
+            if name.startswith(KAFKA_PREFIX) and not is_service_link(name):
                 producer[_kafka_key(name)] = value
         producer["bootstrap.servers"] = bootstrap
 
@@ -292,6 +324,19 @@ class Settings:
     def log_warnings(self) -> None:
         for message in self.warnings:
             log.warning(message, extra={"event": "config fallback"})
+
+    def secret_values(self) -> list[str]:
+        """Every secret the tier was given, for the log redaction: the database password (from the
+        URL, PGPASSWORD), CRON_SECRET and librdkafka's passwords."""
+        import psycopg
+
+        found = [self.cron_secret or "", os.environ.get("PGPASSWORD", "")]
+        try:
+            found.append(psycopg.conninfo.conninfo_to_dict(self.database_url).get("password") or "")
+        except psycopg.ProgrammingError:
+            pass
+        found += [str(v) for k, v in self.producer_config.items() if k in SECRET_KAFKA_KEYS]
+        return [s for s in found if s]
 
     def redacted_producer_config(self) -> dict[str, str]:
         return {k: ("***" if k in SECRET_KAFKA_KEYS else v) for k, v in self.producer_config.items()}

@@ -9,10 +9,13 @@ from kaireon_pub.settings import Settings
 APPLICATION_NAME = "kaireon-pub"
 
 
-def session_options(settings: Settings, role: str, *, publisher: bool = False) -> dict[str, object]:
-    """`publisher=True` for a worker's own sessions, whose every write can be redone."""
+def session_options(settings: Settings, role: str, *, publisher: bool = False,
+                    statement_timeout_ms: int | None = None) -> dict[str, object]:
+    """`publisher=True` for a worker's own sessions, whose every write can be redone;
+    `statement_timeout_ms` overrides OUTBOX_STATEMENT_TIMEOUT_MS (the lease keeper's is short)."""
+    timeout = settings.statement_timeout_ms if statement_timeout_ms is None else statement_timeout_ms
     # A stopped worker in lock mode must not hold its row locks (its claim) for ever.
-    options = (f"-c statement_timeout={settings.statement_timeout_ms} "
+    options = (f"-c statement_timeout={timeout} "
                f"-c idle_in_transaction_session_timeout="
                f"{settings.message_timeout_ms + settings.shutdown_drain_timeout_ms + 5000}")
     if publisher:

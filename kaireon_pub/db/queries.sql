@@ -109,8 +109,9 @@ RETURNING c.id, c.topic, c.partition_key, c.payload, c.headers, c.event_type, c.
 -- (sessions named kaireon-pub:worker-*) are left out of that horizon: they update and delete
 -- outbox rows but never insert one, and counting them made every worker's claim and mark hold
 -- back the others' claims (twice the idle-load latency with two workers in the bench). The
--- lease rows are locked FOR SHARE, so a new owner cannot take a shard in the middle of a claim,
--- and an expired lease claims nothing. In lock mode the transaction stays open while the batch
+-- lease rows are locked FOR KEY SHARE, so a new owner (FOR UPDATE SKIP LOCKED) cannot take a
+-- shard in the middle of a claim, while the owner's lease keeper can still renew it (an update of
+-- a non-key column does not conflict with that lock); an expired lease claims nothing. In lock mode the transaction stays open while the batch
 -- is published and ends with mark_published_locked / delete_published_locked; a crash releases
 -- the locks at once.
 WITH horizon AS MATERIALIZED (
@@ -129,7 +130,7 @@ WITH horizon AS MATERIALIZED (
     JOIN outbox_shard_leases l ON l.shard = c.shard AND l.epoch = c.epoch
     WHERE l.owner = %(worker_id)s AND l.expires_at > (SELECT now FROM horizon)
     ORDER BY c.n
-    FOR SHARE OF l
+    FOR KEY SHARE OF l
 )
 SELECT e.id, e.topic, e.partition_key, e.payload::text AS payload, e.headers::text AS headers,
        e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,

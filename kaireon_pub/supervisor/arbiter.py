@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from kaireon_pub import logs
 from kaireon_pub.errors import ExitCode, new_error_id
 from kaireon_pub.settings import Settings
-from kaireon_pub.supervisor import liveness
+from kaireon_pub.supervisor import liveness, preflight
 
 log = logging.getLogger("kaireon_pub.supervisor")
 
@@ -75,6 +75,8 @@ class Arbiter:
 
     def _prepare_metrics_dir(self) -> None:
         # Must happen before prometheus_client is imported anywhere in this process tree.
+        # A directory of our own making is removed at exit; a configured one is the operator's.
+        self.owns_metrics_dir = not self.settings.prometheus_multiproc_dir
         path = self.settings.prometheus_multiproc_dir or tempfile.mkdtemp(prefix="kaireon-metrics-")
         if os.path.isdir(path):
             for name in os.listdir(path):
@@ -103,6 +105,13 @@ class Arbiter:
 
     def run(self) -> int:
         logs.set_role("supervisor")
+        problem = preflight.check_producer_config(self.settings)
+        if problem is not None:
+            # Before any child exists: a bad configuration never starts half a tier.
+            log.error(f"invalid configuration: {problem}", extra={
+                "event": "config invalid", "errorId": new_error_id(), "variable": problem.variable,
+                "problem": problem.problem, "accepted": problem.accepted})
+            return ExitCode.CONFIG
         self._prepare_metrics_dir()
         from kaireon_pub import metrics
 
@@ -131,6 +140,8 @@ class Arbiter:
             self.spawn_missing()
             self.update_liveness()
         log.info("supervisor stopped", extra={"event": "supervisor stopped", "exitCode": self.exit_code})
+        if self.owns_metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return self.exit_code
 
     def _sleep(self, timeout: float) -> None:

@@ -1,6 +1,13 @@
-"""One publisher worker: claim a batch of its shards, publish it, mark it; repeat.
+"""One publisher worker: claim a batch of its shards, publish it, settle it; repeat.
 
-The loop is `run_once()` (one tick) inside `run()` (leases, waking, stopping, the failure streak).
+The worker is a few tasks side by side on one event loop, none waiting on another's slow step:
+- the claim -> publish -> settle loop (`run()` around `run_once()`), with the failure streak;
+- the lease keeper (worker/leases.py): renews leases and the registration on its own clock and
+  connection, and rebalances;
+- the broker watch: notices a different cluster behind the bootstrap address;
+- worker 0's housekeeping (worker/housekeeping.py): backlog gauges and the retention purge;
+- the producer's delivery thread (worker/publisher.py), which serves librdkafka busy or idle.
+
 Ticks that fail are classified: transient failures back off and retry; non-transient ones feed
 a streak that ends the worker with exit code 3 after OUTBOX_MAX_CONSECUTIVE_FAILURES in a row.
 Every failed tick logs `outbox-publisher tick failed` with `isTransient` and an `errorId` that the
@@ -16,7 +23,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import psycopg
 import psycopg_pool
@@ -25,27 +31,21 @@ from kaireon_pub import metrics
 from kaireon_pub.db.connect import session_options
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, SystemicError, TransientError, new_error_id
-from kaireon_pub.ops.gauges import refresh_backlog_gauges
 from kaireon_pub.settings import Settings
-from kaireon_pub.worker.leases import Leases
+from kaireon_pub.worker import housekeeping
+from kaireon_pub.worker.leases import LeaseKeeper, Leases, RebalanceResult
 from kaireon_pub.worker.publisher import BatchOutcome, Publisher
+from kaireon_pub.worker.rows import Row, TickResult
+from kaireon_pub.worker.wake import Listener
 
 log = logging.getLogger("kaireon_pub.worker")
 
-PENDING_EXACT_CAP = 100_000
-GAUGES_DUTY = 0.02  # share of one core the backlog gauges may take
-GAUGES_MAX_INTERVAL = 30.0  # seconds; staler than this helps no one
 ZERO_CURSOR = (0, 0)
+BROKER_WATCH_INTERVAL_S = 5.0
+BROKER_WATCH_TIMEOUT_S = 3.0
+MIGRATE_HINT = "the schema is missing or older than this version: run `kaireon-pub migrate`"
 
-
-@dataclass
-class TickResult:
-    claimed: int = 0
-    published: int = 0
-    failed: int = 0
-    retried: int = 0
-    released: int = 0
-    lease_lost: int = 0
+__all__ = ["TickResult", "Worker", "classify_db_error"]
 
 
 def classify_db_error(exc: BaseException) -> bool:
@@ -59,7 +59,8 @@ def classify_db_error(exc: BaseException) -> bool:
         return False
     if isinstance(exc, psycopg.OperationalError):
         text = str(exc)
-        return not ("password authentication failed" in text or "does not exist" in text)
+        return not ("password authentication failed" in text or "does not exist" in text
+                    or "no pg_hba.conf entry" in text)
     if isinstance(exc, (psycopg.InterfaceError, psycopg.errors.QueryCanceled,
                         psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
                         psycopg.errors.LockNotAvailable)):
@@ -76,22 +77,27 @@ class Worker:
         self.heartbeat = heartbeat
         self.dead_worker_ids = dead_worker_ids
         self.leases = Leases(worker_id, slot, settings.lease_ttl_seconds)
+        # The keeper's statements must end well inside a renewal interval.
+        keeper_timeout_ms = max(500, min(settings.statement_timeout_ms, settings.lease_ttl_seconds * 1000 // 3))
+        self.keeper = LeaseKeeper(self.leases, self._connector("leases", keeper_timeout_ms), self._on_leases_changed)
+        self.listener = Listener(self._connector("listen"), self._on_rescan_notice)
         self.cursors: dict[int, tuple[int, int]] = {}
         self.rescan_at: dict[int, float] = {}
         self.next_full_rescan = time.monotonic() + settings.rescan_interval_ms / 1000
         self.rotation = 0
         self.stop_requested = False
         self.drain_deadline = float("inf")
-        self.wake = asyncio.Event()
+        self.shards_changed = False
         self.streak = 0
         self.streak_transient = 0
         self.kafka_stalls = 0
         self.last_error_id: str | None = None
-        self.unsettled: tuple[uuid.UUID, list[tuple], BatchOutcome] | None = None
+        self.probe_database_first = False
+        self.unsettled: tuple[uuid.UUID, list[Row], BatchOutcome] | None = None
         self.pool: psycopg_pool.AsyncConnectionPool | None = None
-        self.listen_conn: psycopg.AsyncConnection | None = None
         self.publisher: Publisher | None = None
-        self.background: list[asyncio.Task] = []
+        self.cluster_id: str | None = None
+        self.tasks: list[asyncio.Task] = []
         self.last_claim_full = False
         self.parent_pid = os.getppid()
         self.strict = settings.ordering == "strict"
@@ -107,12 +113,24 @@ class Worker:
             # Leave a margin inside the supervisor's budget for marking and releasing.
             budget = self.settings.shutdown_drain_timeout_ms / 1000
             self.drain_deadline = time.monotonic() + max(0.5, budget - 2.0)
-        self.wake.set()
 
-    def stop_deadline(self) -> float:
-        return self.drain_deadline
+    def cut_off(self) -> float:
+        """When the batch in flight must give up: the drain deadline, or shortly before the leases
+        may have expired (a batch never outlives its lease)."""
+        margin = min(1.0, self.settings.lease_ttl_seconds / 4)
+        return min(self.drain_deadline, self.leases.valid_until - margin)
 
     # ---- lifecycle -----------------------------------------------------------------------------
+
+    def _connector(self, role: str, statement_timeout_ms: int | None = None):
+        settings = self.settings
+
+        async def connect() -> psycopg.AsyncConnection:
+            return await psycopg.AsyncConnection.connect(
+                settings.database_url, autocommit=True,
+                **session_options(settings, f"worker-{self.slot}-{role}", publisher=True,
+                                  statement_timeout_ms=statement_timeout_ms))
+        return connect
 
     async def boot(self) -> None:
         s = self.settings
@@ -126,12 +144,17 @@ class Worker:
         await self.pool.open(wait=False)
         if self.dead_worker_ids:
             await self._recover_dead_workers()
+        self.tasks.append(asyncio.create_task(self.keeper.run(), name="lease-keeper"))
+        self.tasks.append(asyncio.create_task(self._broker_watch(), name="broker-watch"))
         if self.slot == 0:
-            # Replica-wide housekeeping runs beside the claim loop, on its own connections,
-            # so its queries never delay a batch.
-            self.background.append(asyncio.create_task(self._gauges_loop()))
+            stopping = lambda: self.stop_requested  # noqa: E731
+            self.tasks.append(asyncio.create_task(housekeeping.gauges_loop(s, self.pool, stopping), name="gauges"))
             if s.retention_seconds > 0:
-                self.background.append(asyncio.create_task(self._purge_loop()))
+                self.tasks.append(asyncio.create_task(
+                    housekeeping.purge_loop(s, self.pool, stopping, lambda: self.last_claim_full), name="purge"))
+        # The first lease round usually takes milliseconds; do not idle a poll interval before it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.keeper.first_round.wait(), 5)
 
     async def _recover_dead_workers(self) -> None:
         """Rows a crashed predecessor in this slot had claimed go back to pending at once."""
@@ -146,25 +169,25 @@ class Worker:
         self.dead_worker_ids = []
 
     async def shutdown(self) -> None:
-        for task in self.background:
+        await self.keeper.stop()
+        for task in self.tasks:
             task.cancel()
-        if self.pool is None:
-            return  # boot failed before anything was opened
-        try:
-            if self.unsettled:
-                await self._settle_again()
-            async with self.pool.connection(timeout=2) as conn:
-                released = await self.leases.release_all(conn)
-            log.info("drain finished; shards released", extra={"event": "drain done", "shards": released})
-        except Exception as exc:  # noqa: BLE001 - the drain must finish; the error is logged with an id
-            log.error(f"drain could not release shards: {type(exc).__name__}: {exc}",
-                      extra={"event": "drain failed", "errorId": new_error_id(), "isTransient": True})
-        if self.publisher:
-            self.publisher.producer.flush(0)
-        if self.listen_conn:
-            await self.listen_conn.close()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.keeper.close()
+        await self.listener.close()
         if self.pool is not None:
+            try:
+                if self.unsettled:
+                    await self._settle_again()
+                async with self.pool.connection(timeout=2) as conn:
+                    released = await self.leases.release_all(conn)
+                log.info("drain finished; shards released", extra={"event": "drain done", "shards": released})
+            except Exception as exc:  # noqa: BLE001 - the drain must finish; the error is logged with an id
+                log.error(f"drain could not release shards: {type(exc).__name__}: {exc}",
+                          extra={"event": "drain failed", "errorId": new_error_id(), "isTransient": True})
             await self.pool.close(timeout=2)
+        if self.publisher is not None:
+            await self.publisher.close()
         metrics.IN_FLIGHT.set(0)
 
     async def run(self) -> int:
@@ -179,7 +202,7 @@ class Worker:
                 try:
                     result = await self.tick()
                 except Exception as exc:  # noqa: BLE001 - every failure is classified and logged
-                    exit_code = self._tick_failed(exc)
+                    exit_code = await self._tick_failed(exc)
                     if exit_code is not None:
                         return exit_code
                     await self.wait_for_work(self._failure_backoff())
@@ -188,9 +211,7 @@ class Worker:
                     metrics.TICK_DURATION.observe(time.monotonic() - started)
                 self._tick_succeeded()
                 if result.claimed == 0:
-                    # Never sleep through a lease renewal, whatever the poll interval.
-                    until_renewal = max(0.0, self.leases.next_rebalance - time.monotonic())
-                    await self.wait_for_work(min(self.settings.poll_interval_ms / 1000, until_renewal))
+                    await self.wait_for_work(self.settings.poll_interval_ms / 1000)
             return ExitCode.OK
         finally:
             await self.shutdown()
@@ -198,45 +219,59 @@ class Worker:
     # ---- one tick --------------------------------------------------------------------------------
 
     async def tick(self) -> TickResult:
+        if self.publisher.broken:
+            await self._recreate_producer()
+        if self.probe_database_first:
+            # The last tick could not get a connection: ask the server directly, which fails at
+            # once with its reason (a missing role, a wrong password) instead of a pool timeout.
+            reason = await self._database_refusal()
+            if reason is not None:
+                raise reason
+            self.probe_database_first = False
         if self.unsettled:
             await self._settle_again()
-        if self.leases.due():
-            await self._rebalance()
+        if self.cut_off() <= time.monotonic():
+            # No lease that holds (the first round failed, or renewals keep failing): a round of
+            # our own, whose failure is this tick's, so the streak and the exit codes see it.
+            await self.keeper.attempt()
         return await self.run_once()
 
     async def run_once(self) -> TickResult:
         """Claim one batch of the owned shards, publish it, settle every event. O(batch)."""
-        self._apply_rescans()
-        shards = self._rotated_shards()
-        if not shards or self.stop_requested:  # a drain stops claiming at once
-            return TickResult()
-        s = self.settings
-        params = {
-            "shards": shards,
-            "epochs": [self.leases.owned[sh] for sh in shards],
-            "cursor_xids": [str(self.cursors.get(sh, ZERO_CURSOR)[0]) for sh in shards],
-            "cursor_ids": [self.cursors.get(sh, ZERO_CURSOR)[1] for sh in shards],
-            "worker_id": self.worker_id, "relaxed": not self.strict, "batch": s.batch_size,
-        }
-        if s.claim_mode == "lock":
-            return await self._run_once_locked(params)
-        token = uuid.uuid4()
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(Q.claim_batch, {**params, "token": token, "staleness": s.reaper_staleness_seconds})
-            rows = await cur.fetchall()
-        self.last_claim_full = len(rows) >= s.batch_size
-        if not rows:
-            return TickResult()
-        self._advance_cursors(rows)
-        outcome = await self._publish(rows)
-        return await self._settle(token, rows, outcome)
+        async with self.keeper.batch_lock:
+            self._apply_rescans()
+            shards = self._rotated_shards()
+            if not shards or self.stop_requested:  # a drain stops claiming at once
+                return TickResult()
+            if self.cut_off() <= time.monotonic():
+                return TickResult()  # the leases are about to lapse (renewals failing): claim nothing
+            s = self.settings
+            params = {
+                "shards": shards,
+                "epochs": [self.leases.owned[sh] for sh in shards],
+                "cursor_xids": [str(self.cursors.get(sh, ZERO_CURSOR)[0]) for sh in shards],
+                "cursor_ids": [self.cursors.get(sh, ZERO_CURSOR)[1] for sh in shards],
+                "worker_id": self.worker_id, "relaxed": not self.strict, "batch": s.batch_size,
+            }
+            if s.claim_mode == "lock":
+                return await self._run_once_locked(params)
+            token = uuid.uuid4()
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(Q.claim_batch, {**params, "token": token, "staleness": s.reaper_staleness_seconds})
+                rows = [Row(*r) for r in await cur.fetchall()]
+            self.last_claim_full = len(rows) >= s.batch_size
+            if not rows:
+                return TickResult()
+            self._advance_cursors(rows)
+            outcome = await self._publish(rows)
+            return await self._settle(token, rows, outcome)
 
     async def _run_once_locked(self, params: dict) -> TickResult:
         """Lock mode: one transaction per batch; its row locks are the claim, one write per event."""
         async with self.pool.connection() as conn:
             async with conn.transaction():
                 cur = await conn.execute(Q.claim_locked_batch, params)
-                rows = await cur.fetchall()
+                rows = [Row(*r) for r in await cur.fetchall()]
                 self.last_claim_full = len(rows) >= self.settings.batch_size
                 if not rows:
                     return TickResult()
@@ -246,31 +281,30 @@ class Worker:
         self._after_settle(rows, outcome, retry_rows, result)
         return result
 
-    def _advance_cursors(self, rows: list[tuple]) -> None:
+    def _advance_cursors(self, rows: list[Row]) -> None:
         # Per-key order is (xid, id) within a shard; keys never span shards.
-        rows.sort(key=lambda r: (r[8], r[0]))
+        rows.sort(key=Row.position.fget)
         for row in rows:
-            shard, position = row[7], (row[8], row[0])
-            if position > self.cursors.get(shard, ZERO_CURSOR):
-                self.cursors[shard] = position
+            if row.position > self.cursors.get(row.shard, ZERO_CURSOR):
+                self.cursors[row.shard] = row.position
 
-    async def _publish(self, rows: list[tuple]) -> BatchOutcome:
+    async def _publish(self, rows: list[Row]) -> BatchOutcome:
         metrics.IN_FLIGHT.inc(len(rows))
         try:
             deadline = time.monotonic() + self.settings.message_timeout_ms / 1000 + 1.0
             try:
-                outcome = await self.publisher.publish(rows, self.strict, deadline, self.stop_deadline)
+                return await self.publisher.publish(rows, self.strict, deadline, self.cut_off)
             except Exception as exc:  # noqa: BLE001 - never leave claimed rows behind
-                outcome = BatchOutcome(released=[r[0] for r in rows],
-                                       transient_error=f"{type(exc).__name__}: {exc}")
-            if self.publisher.fatal is not None and not outcome.fatal_error:
-                outcome.fatal_error = f"{self.publisher.fatal.name()}: {self.publisher.fatal.str()}"
-            return outcome
+                reason = f"publish raised {type(exc).__name__}: {exc}"
+                self.publisher._break(reason, "exception")
+                return BatchOutcome(released=[r.id for r in rows], producer_error=reason, unconfirmed=len(rows))
         finally:
             metrics.IN_FLIGHT.dec(len(rows))
 
+    # ---- settling a batch ------------------------------------------------------------------------
+
     async def _write_outcome(self, conn: psycopg.AsyncConnection, token: uuid.UUID | None,
-                             rows: list[tuple], outcome: BatchOutcome) -> tuple[TickResult, list[tuple]]:
+                             rows: list[Row], outcome: BatchOutcome) -> tuple[TickResult, list[tuple]]:
         """The marks of one batch. With a token (status mode) each lands only while the claim stands;
         without one (lock mode) the caller's open transaction holds the rows."""
         s = self.settings
@@ -299,7 +333,7 @@ class Worker:
             await conn.execute(Q.release_claimed, {"ids": outcome.released, "token": token})
         return result, retry_rows
 
-    async def _settle(self, token: uuid.UUID, rows: list[tuple], outcome: BatchOutcome) -> TickResult:
+    async def _settle(self, token: uuid.UUID, rows: list[Row], outcome: BatchOutcome) -> TickResult:
         try:
             async with self.pool.connection() as conn:
                 # A transaction only when there are several statements: all delivered is one mark.
@@ -321,9 +355,9 @@ class Worker:
                  extra={"event": "settle retry", "errorId": self.last_error_id, "events": len(rows)})
         await self._settle(token, rows, outcome)
 
-    def _after_settle(self, rows: list[tuple], outcome: BatchOutcome, retry_rows: list[tuple],
+    def _after_settle(self, rows: list[Row], outcome: BatchOutcome, retry_rows: list[tuple],
                       result: TickResult) -> None:
-        by_id = {r[0]: r for r in rows}
+        by_id = {r.id: r for r in rows}
         for _event_id, status, shard, _xid, due_in in retry_rows:
             if status == "failed":
                 result.failed += 1
@@ -339,11 +373,11 @@ class Worker:
         # back, sit behind the cursor: move the cursor back to them.
         for event_id in outcome.released:
             row = by_id[event_id]
-            self._rewind(row[7], (row[8], row[0] - 1))
+            self._rewind(row.shard, (row.xid, row.id - 1))
         for row in rows:
             # Settled after a retry, or rejected now: later events of its key may be waiting.
-            if row[6] > 0 or row[0] in outcome.rejected:
-                self._rewind(row[7], (row[8], row[0]))
+            if row.attempts > 0 or row.id in outcome.rejected:
+                self._rewind(row.shard, row.position)
         result.released = len(outcome.released)
         if outcome.ages:
             metrics.observe_many(metrics.EVENT_AGE, outcome.ages)
@@ -352,6 +386,8 @@ class Worker:
             metrics.PROCESSED.labels("failed").inc(result.failed)
         if result.retried:
             metrics.PROCESSED.labels("retried").inc(result.retried)
+        if outcome.unconfirmed:
+            metrics.UNCONFIRMED.inc(outcome.unconfirmed)
         if result.lease_lost:
             metrics.LEASE_LOST.inc(result.lease_lost)
             log.warning("mark found claims gone (reaped or handed over); those events may be duplicated",
@@ -361,24 +397,54 @@ class Worker:
         # A producer whose batches keep timing out while nothing is delivered may be wedged on
         # a broker that came back without its idempotence state: start afresh after two.
         self.kafka_stalls = self.kafka_stalls + 1 if outcome.transient_error and not outcome.delivered else 0
-        if self.kafka_stalls >= 2 and not outcome.fatal_error:
+        if self.kafka_stalls >= 2 and not outcome.producer_error:
             self.kafka_stalls = 0
-            metrics.PRODUCER_RECREATED.inc()
-            log.warning("recreating the producer after repeated undelivered batches",
-                        extra={"event": "producer recreated", "reason": outcome.transient_error})
-            self.publisher.recreate()
-        if outcome.fatal_error:
-            metrics.PRODUCER_RECREATED.inc()
-            log.warning(f"recreating the producer after a fatal error: {outcome.fatal_error}",
-                        extra={"event": "producer recreated", "released": len(outcome.released)})
-            self.publisher.recreate()
-            raise TransientError(f"fatal producer error: {outcome.fatal_error}")
+            self.publisher._break(f"two batches in a row undelivered: {outcome.transient_error}", "stalled")
+        if outcome.producer_error:
+            if not self.publisher.broken:
+                self.publisher._break(outcome.producer_error, "producer")
+            raise TransientError(f"producer must be recreated: {outcome.producer_error}")
         if outcome.systemic_error:
             raise SystemicError(outcome.systemic_error)
         if outcome.transient_error:
             raise TransientError(outcome.transient_error)
 
-    # ---- cursors ---------------------------------------------------------------------------------
+    async def _recreate_producer(self) -> None:
+        reason, cause = self.publisher.broken, self.publisher.broken_cause or "producer"
+        metrics.PRODUCER_RECREATED.labels(cause).inc()
+        log.warning(f"producer recreated: {reason}", extra={
+            "event": "producer recreated", "reason": reason, "cause": cause,
+            "errorId": self.last_error_id or new_error_id()})
+        self.kafka_stalls = 0
+        await self.publisher.recreate()
+
+    # ---- the broker watch -------------------------------------------------------------------------
+
+    async def _broker_watch(self) -> None:
+        """The cluster id behind the bootstrap address, every few seconds: a different cluster (a
+        broker replaced, a disaster-recovery switch) gets a new producer, and whatever was in
+        flight is treated as unconfirmed and published again."""
+        while not self.stop_requested:
+            try:
+                cluster_id = await asyncio.to_thread(self.publisher.fetch_cluster_id, BROKER_WATCH_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - an unreachable broker is reported by librdkafka's lines
+                cluster_id = None
+                if self.slot == 0:
+                    metrics.BROKER_UP.set(0)
+            else:
+                if self.slot == 0:
+                    metrics.BROKER_UP.set(1)
+            if cluster_id:
+                if self.cluster_id is not None and cluster_id != self.cluster_id:
+                    log.warning("the broker's cluster id changed; recreating the producer", extra={
+                        "event": "cluster changed", "previousClusterId": self.cluster_id,
+                        "clusterId": cluster_id, "errorId": new_error_id()})
+                    self.publisher._break(f"cluster id changed from {self.cluster_id} to {cluster_id}",
+                                          "cluster_changed")
+                self.cluster_id = cluster_id
+            await asyncio.sleep(BROKER_WATCH_INTERVAL_S)
+
+    # ---- cursors and shards ----------------------------------------------------------------------
 
     def _rewind(self, shard: int, position: tuple[int, int]) -> None:
         if shard in self.cursors and position < self.cursors[shard]:
@@ -402,140 +468,51 @@ class Worker:
         self.rotation = (self.rotation + 1) % len(shards)
         return shards[self.rotation:] + shards[:self.rotation]
 
-    # ---- leases and housekeeping ----------------------------------------------------------------
-
-    async def _rebalance(self) -> None:
-        try:
-            async with self.pool.connection() as conn:
-                result = await self.leases.rebalance(conn)
-        except Exception:
-            metrics.LEASE_RENEWAL_FAILURES.inc()
-            raise
+    def _on_leases_changed(self, result: RebalanceResult) -> None:
         for shard in result.acquired:
             self.cursors.pop(shard, None)
         for shard in result.released + result.lost:
             self.cursors.pop(shard, None)
             self.rescan_at.pop(shard, None)
-        if result.lost:
-            metrics.LEASE_RENEWAL_FAILURES.inc()
-            log.warning("leases expired before renewal", extra={"event": "lease expired", "shards": result.lost})
         if result.acquired:
-            metrics.HANDOVERS.labels("acquired").inc(len(result.acquired))
-        if result.released:
-            metrics.HANDOVERS.labels("released").inc(len(result.released))
-        if result.acquired or result.released or result.lost:
-            log.info("shard ownership changed", extra={
-                "event": "rebalance", "liveWorkers": result.live_workers, "owned": len(self.leases.owned),
-                "acquired": len(result.acquired), "released": len(result.released),
-                "lost": len(result.lost), "resetRows": result.reset_rows})
-        metrics.SHARDS_OWNED.labels(str(self.slot)).set(len(self.leases.owned))
+            self.shards_changed = True
 
-    async def _gauges_loop(self) -> None:
-        """The pending count and the backlog gauges, for the whole replica: every poll interval,
-        or less often when they get expensive.
-
-        Their statements are bounded, but on a large backlog that is draining they walk the index
-        entries the claims just left dead (each shard's head, the capped counts): measured at
-        0.2–0.9 s of database time per refresh during a 1,000,000-event drain. A duty cycle keeps
-        them under GAUGES_DUTY of one core, so the gauges never slow the drain they report on.
-        """
-        while not self.stop_requested:
-            started = time.monotonic()
-            try:
-                await self.refresh_pending_count()
-            except Exception as exc:  # noqa: BLE001 - a gauge failure must not stop the publisher
-                log.warning(f"pending count refresh failed: {type(exc).__name__}: {exc}",
-                            extra={"event": "gauges failed", "errorId": new_error_id(), "isTransient": True})
-            took = time.monotonic() - started
-            await asyncio.sleep(max(self.settings.poll_interval_ms / 1000, min(GAUGES_MAX_INTERVAL, took / GAUGES_DUTY)))
-
-    async def refresh_pending_count(self) -> None:
-        """Bounded cost: an exact count up to a cap, the planner's estimate above it."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(Q.pending_count, {"cap": PENDING_EXACT_CAP})
-            count = (await cur.fetchone())[0]
-            estimated = count >= PENDING_EXACT_CAP
-            if estimated:
-                cur = await conn.execute(Q.pending_estimate)
-                count = max(count, int((await cur.fetchone())[0] or 0))
-            await refresh_backlog_gauges(conn)
-        metrics.PENDING.set(count)
-        metrics.PENDING_ESTIMATED.set(1 if estimated else 0)
-
-    async def _purge_loop(self) -> None:
-        """Retention: delete published rows older than OUTBOX_RETENTION_SECONDS, in bounded batches.
-
-        Its own connection and short statements, with a pause between batches, so the claim
-        (a different index, different rows) is not slowed while it runs."""
-        s = self.settings
-        while not self.stop_requested:
-            delay = s.purge_interval_seconds
-            if self.last_claim_full:
-                # A backlog is draining: the claim has the database's full attention.
-                await asyncio.sleep(1.0)
-                continue
-            started = time.monotonic()
-            try:
-                async with self.pool.connection() as conn:
-                    cur = await conn.execute(Q.purge_published, {"retention": s.retention_seconds,
-                                                                 "batch": s.purge_batch_size})
-                    purged = (await cur.fetchone())[0]
-                took = time.monotonic() - started
-                metrics.PURGE_DURATION.observe(took)
-                metrics.PURGED.inc(purged)
-                if purged >= s.purge_batch_size:
-                    # More to do: keep going on a 10 % duty cycle.
-                    delay = max(0.1, 9 * took)
-            except Exception as exc:  # noqa: BLE001 - the purge must never stop the publisher
-                log.error(f"retention purge failed: {type(exc).__name__}: {exc}",
-                          extra={"event": "purge failed", "errorId": new_error_id(), "isTransient": True})
-            await asyncio.sleep(delay)
+    def _on_rescan_notice(self) -> None:
+        self.cursors.clear()
 
     # ---- waiting ---------------------------------------------------------------------------------
 
     async def wait_for_work(self, timeout: float) -> None:
-        """Sleep until NOTIFY (enqueue commits), a stop, or `timeout`; heartbeat at least every second."""
+        """Sleep until NOTIFY (enqueue commits), new shards, a stop, or `timeout`; heartbeat at
+        least every second."""
         deadline = time.monotonic() + timeout
         while not self.stop_requested:
+            if self.shards_changed:
+                self.shards_changed = False
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             self.heartbeat()
-            if await self._wait_notify(min(1.0, remaining)):
+            if await self.listener.wait(min(1.0, remaining)):
                 return
-
-    async def _wait_notify(self, timeout: float) -> bool:
-        try:
-            if self.listen_conn is None or self.listen_conn.closed:
-                self.listen_conn = await psycopg.AsyncConnection.connect(
-                    self.settings.database_url, autocommit=True,
-                    **session_options(self.settings, f"worker-{self.slot}-listen", publisher=True))
-                await self.listen_conn.execute("LISTEN kaireon_outbox")
-                await self.listen_conn.execute("LISTEN kaireon_outbox_rescan")
-            woke = False
-            async for note in self.listen_conn.notifies(timeout=timeout, stop_after=1):
-                woke = True
-                self._on_notify(note.channel)
-            if woke:
-                # Drain what else is buffered, so a burst of commits wakes us once.
-                async for note in self.listen_conn.notifies(timeout=0.001):
-                    self._on_notify(note.channel)
-            return woke
-        except psycopg.Error:
-            # The database is away: fall back to polling; the tick reports the failure.
-            if self.listen_conn is not None:
-                await self.listen_conn.close()
-            self.listen_conn = None
-            await asyncio.sleep(timeout)
-            return False
-
-    def _on_notify(self, channel: str) -> None:
-        if channel == "kaireon_outbox_rescan":
-            self.cursors.clear()
 
     # ---- failure accounting ------------------------------------------------------------------------
 
-    def _tick_failed(self, exc: BaseException) -> int | None:
+    async def _database_refusal(self) -> BaseException | None:
+        """The server's own reason for refusing a connection, or None when it accepts one."""
+        try:
+            conn = await self._connector("probe")()
+        except psycopg.Error as exc:
+            return exc
+        await conn.close()
+        return None
+
+    async def _tick_failed(self, exc: BaseException) -> int | None:
+        if isinstance(exc, psycopg_pool.PoolTimeout):
+            # The pool only says it got no connection in time; the server says why.
+            self.probe_database_first = True
+            exc = await self._database_refusal() or exc
         if isinstance(exc, TransientError):
             transient = True
         elif isinstance(exc, SystemicError):
@@ -551,16 +528,22 @@ class Worker:
             self.streak_transient += 1
         else:
             self.streak += 1
+        extra = {"event": "tick failed", "errorId": error_id, "isTransient": transient,
+                 "error": f"{type(exc).__name__}: {str(exc).strip()}", "consecutiveFailures": self.streak}
+        if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn
+                      | psycopg.errors.UndefinedFunction):
+            extra["hint"] = MIGRATE_HINT
         log.error(
             "outbox-publisher tick failed",
-            exc_info=exc if not isinstance(exc, TransientError | SystemicError | psycopg.Error) else None,
-            extra={"event": "tick failed", "errorId": error_id, "isTransient": transient,
-                   "error": f"{type(exc).__name__}: {exc}", "consecutiveFailures": self.streak},
+            exc_info=exc if not isinstance(exc, TransientError | SystemicError | psycopg.Error
+                                           | psycopg_pool.PoolTimeout) else None,
+            extra=extra,
         )
         if self.streak >= self.settings.max_consecutive_failures:
             log.critical(
                 f"{self.streak} consecutive non-transient failures; exiting with code 3",
-                extra={"event": "giving up", "errorId": error_id, "isTransient": False},
+                extra={"event": "giving up", "errorId": error_id, "isTransient": False,
+                       **({"hint": extra["hint"]} if "hint" in extra else {})},
             )
             return ExitCode.NON_TRANSIENT
         return None

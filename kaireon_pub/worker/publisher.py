@@ -2,17 +2,30 @@
 
 Each event ends the batch in exactly one bucket:
 - delivered: the broker acknowledged it (mark published);
-- rejected: a per-event permanent error, e.g. too large for the broker (mark failed now);
+- rejected: the event's own permanent fault, e.g. too large for the broker, headers that are not
+  a JSON object, an invalid topic name (mark failed now);
 - retry: a per-event error of unknown kind (attempts + 1, exponential back-off);
-- released: not the event's fault (broker down, timeout, fatal producer error, drain deadline,
-  or held back behind a rejected event of the same key): back to pending, attempts untouched.
-The batch also reports the worst systemic condition seen, which decides the tick's fate.
+- released: not the event's fault (broker down, timeout, a producer that must be recreated, the
+  drain or lease deadline, or held back behind a rejected event of the same key): back to
+  pending, attempts untouched.
+
+A delivery thread serves librdkafka (`poll`) all the time, busy or idle. Delivery reports resolve
+the batch on the event loop, so the worker's other tasks (the lease keeper, the broker watch)
+run while a batch waits for the broker, and librdkafka's log and error callbacks are delivered
+within a fraction of a second even when no batch is in flight.
+
+Producer-level failures are not the events' fault: a fenced producer, an out-of-order sequence or
+unknown producer id (a broker that lost its idempotence state), any fatal error, an unexpected
+exception from the client. The batch is released and `Publisher.broken` tells the worker to
+recreate the producer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +36,9 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from kaireon_pub import metrics
-from kaireon_pub.errors import ConfigError
-from kaireon_pub.logs import librdkafka_logger
-from kaireon_pub.settings import Settings, kafka_env_name
+from kaireon_pub.settings import Settings
+from kaireon_pub.worker.producer import make_producer
+from kaireon_pub.worker.rows import Row
 
 log = logging.getLogger("kaireon_pub.worker.publisher")
 
@@ -51,6 +64,22 @@ SYSTEMIC = {
     KafkaError.UNKNOWN_TOPIC_OR_PART,
     KafkaError._SSL,
 }
+# The producer's own state is wrong (its epoch, its sequence numbers, its id): only a new producer
+# gets out of it. Seen when in-flight messages outlive message.timeout.ms (the broker then fences
+# the producer on every partition) and when a broker comes back without its idempotence state.
+PRODUCER_LEVEL = {
+    KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    KafkaError.INVALID_TXN_STATE,
+    KafkaError._FENCED,
+    KafkaError._FATAL,
+    KafkaError._GAPLESS_GUARANTEE,
+    KafkaError._INCONSISTENT,
+    KafkaError._STATE,
+}
 # Errors that only say the broker was not there or not fast enough.
 TRANSIENT = {
     KafkaError._MSG_TIMED_OUT,
@@ -67,9 +96,12 @@ TRANSIENT = {
     KafkaError._QUEUE_FULL,
 }
 
+POLL_SLICE_S = 0.1  # the delivery thread's poll timeout: how late a stop of the thread may be
+WAIT_SLICE_S = 0.5  # how often a waiting batch looks again at its deadline
 
-class ProducerFatal(Exception):
-    """librdkafka raised a fatal error (e.g. UNKNOWN_PRODUCER_ID after a broker restart)."""
+
+class PoisonRow(Exception):
+    """The row itself cannot become a Kafka record (its headers, its key, its payload)."""
 
 
 @dataclass
@@ -79,9 +111,12 @@ class BatchOutcome:
     rejected: dict[int, str] = field(default_factory=dict)
     retry: dict[int, str] = field(default_factory=dict)
     released: list[int] = field(default_factory=list)
+    # Released rows that had been handed to librdkafka: the broker may have them already, so a
+    # later publish of these may be a duplicate (counted in kaireon_outbox_unconfirmed_total).
+    unconfirmed: int = 0
     transient_error: str | None = None
     systemic_error: str | None = None
-    fatal_error: str | None = None
+    producer_error: str | None = None
 
 
 def describe(err: KafkaError) -> str:
@@ -89,10 +124,10 @@ def describe(err: KafkaError) -> str:
 
 
 def classify(err: KafkaError) -> str:
-    """'fatal', 'permanent', 'systemic', 'transient' or 'retry' for a per-message error."""
-    if err.fatal():
-        return "fatal"
+    """'producer', 'permanent', 'systemic', 'transient' or 'retry' for a per-message error."""
     code = err.code()
+    if err.fatal() or code in PRODUCER_LEVEL:
+        return "producer"
     if code in PER_EVENT_PERMANENT:
         return "permanent"
     if code in SYSTEMIC:
@@ -102,172 +137,288 @@ def classify(err: KafkaError) -> str:
     return "retry"
 
 
-class Publisher:
-    """Owns one librdkafka producer; recreated after a fatal error."""
+def _load_json(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)  # integers beyond 64 bits, which orjson refuses
 
-    def __init__(self, settings: Settings, client_id: str):
-        self.settings = settings
-        self.client_id = client_id
-        self.fatal: KafkaError | None = None
-        self.producer = self._make()
 
-    def _make(self) -> Producer:
-        config: dict[str, Any] = dict(self.settings.producer_config)
-        config.setdefault("client.id", self.client_id)
-        config["error_cb"] = self._on_error
-        config["logger"] = librdkafka_logger()
-        self.fatal = None
-        try:
-            return Producer(config)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-            match = re.search(r'property: "([a-z0-9._]+)"', str(exc)) or re.search(r'"([a-z0-9._]+)"', str(exc))
-            if err is not None and err.code() == KafkaError._INVALID_ARG and match:
-                prop = match.group(1)
-                raise ConfigError(kafka_env_name(prop), err.str(),
-                                  "a librdkafka producer property and value") from None
-            raise
+def _json_text(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
-    def _on_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            self.fatal = err
-        # librdkafka's own log line already reports each connection failure; only the fatal and
-        # the all-brokers-down conditions deserve a line of ours above DEBUG.
-        if err.fatal():
-            level = logging.ERROR
-        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
-            level = logging.WARNING
-        else:
-            level = logging.DEBUG
-        log.log(level, f"librdkafka error: {describe(err)}",
-                extra={"event": "kafka error", "kafkaError": err.name(), "fatal": err.fatal()})
 
-    def recreate(self) -> None:
-        old = self.producer
-        try:
-            old.purge()
-            old.flush(0)
-        except KafkaException:
-            pass
-        self.producer = self._make()
+def record_headers(row: Row) -> list[tuple[str, bytes]]:
+    """The record's headers: event-id, event-type, created-at, then the row's own.
 
-    async def publish(self, rows: list[tuple], strict: bool, deadline: float,
-                      stop_deadline: Callable[[], float]) -> BatchOutcome:
-        """Produce rows (already in per-key order), wait for every delivery report.
+    A string value is sent as its UTF-8 bytes; any other JSON value as its compact JSON text.
+    Raises PoisonRow when the row's headers are not a JSON object (plain SQL can write that).
+    """
+    headers = [("event-id", str(row.id).encode())]
+    if row.event_type:
+        headers.append(("event-type", row.event_type.encode()))
+    headers.append(("created-at", row.created_iso.encode()))
+    if row.headers == "{}":
+        return headers
+    try:
+        extra = _load_json(row.headers)
+    except ValueError as exc:
+        raise PoisonRow(f"headers are not valid JSON: {exc}") from None
+    if not isinstance(extra, dict):
+        raise PoisonRow(f"headers must be a JSON object, found a JSON {type(extra).__name__}")
+    for name, value in extra.items():
+        headers.append((name, value.encode() if isinstance(value, str) else _json_text(value)))
+    return headers
 
-        `deadline` (monotonic) bounds the wait; `stop_deadline()` returns the drain deadline once
-        a stop was requested, so a drain shortens the wait. Undelivered events are purged and
-        released, never left unaccounted.
-        """
-        out = BatchOutcome()
-        producer = self.producer
-        pending: dict[int, tuple] = {}
-        held_keys: set[str] = set()
 
-        def on_delivery(err: KafkaError | None, msg: Any, event_id: int, created: float) -> None:
-            pending.pop(event_id, None)
+class _Batch:
+    """One batch's delivery reports, filled by the delivery thread, read by the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.lock = threading.Lock()
+        self.pending: set[int] = set()
+        self.handed: set[int] = set()
+        self.out = BatchOutcome()
+        self.produced_all = False
+        self.closed = False
+
+    def report(self, err: KafkaError | None, _msg: Any, event_id: int, created: float) -> None:
+        """librdkafka's delivery callback; runs on the delivery thread."""
+        with self.lock:
+            if self.closed or event_id not in self.pending:
+                return  # a purged message of a batch that was already given up
+            self.pending.discard(event_id)
+            out = self.out
             if err is None:
                 out.delivered.append(event_id)
                 out.ages.append(time.time() - created)
-                return
-            kind = classify(err)
-            text = describe(err)
-            if kind == "permanent":
-                out.rejected[event_id] = text
-            elif kind == "retry":
-                out.retry[event_id] = text
             else:
-                out.released.append(event_id)
-                if kind == "fatal":
-                    out.fatal_error = text
+                kind = classify(err)
+                text = describe(err)
+                if kind == "permanent":
+                    out.rejected[event_id] = text
+                elif kind == "retry":
+                    out.retry[event_id] = text
+                elif kind == "producer":
+                    out.producer_error = out.producer_error or text
                 elif kind == "systemic":
                     out.systemic_error = text
                 else:
                     out.transient_error = out.transient_error or text
+            finished = (self.produced_all and not self.pending) or out.producer_error is not None
+        if finished:
+            self.wake()
 
+    def wake(self) -> None:
+        """Thread-safe: end the batch's wait now."""
+        self.loop.call_soon_threadsafe(self._finish)
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Publisher:
+    """Owns one librdkafka producer and the thread that serves it; recreated when broken."""
+
+    def __init__(self, settings: Settings, client_id: str):
+        self.settings = settings
+        self.client_id = client_id
+        self.broken: str | None = None  # why the producer must be recreated, once it must
+        self.broken_cause: str | None = None
+        self._open: set[_Batch] = set()
+        # Event ids whose produce() raised something unexpected once: a second time, the row is
+        # taken to be the cause (it retries alone) instead of recreating the producer for ever.
+        self._suspects: set[int] = set()
+        self._start()
+
+    # ---- the producer and its delivery thread ------------------------------------------------
+
+    def _start(self) -> None:
+        self.broken = None
+        self.broken_cause = None
+        self.producer = make_producer(self.settings, self.client_id, self._on_error)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(self.producer, self._stop),
+                                        name=f"{self.client_id}-delivery", daemon=True)
+        self._thread.start()
+
+    def _serve(self, producer: Producer, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                producer.poll(POLL_SLICE_S)
+            except Exception as exc:  # noqa: BLE001 - a client that raises here is recreated
+                self._break(f"poll raised {type(exc).__name__}: {exc}", "exception")
+                return
+
+    def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback (delivery thread)."""
+        if err.fatal():
+            level = logging.ERROR
+            self._break(describe(err), "fatal")
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            level = logging.WARNING
+        else:
+            # librdkafka's own log line (kaireon_pub.librdkafka) already reports each connection
+            # failure; ours would say it twice.
+            level = logging.DEBUG
+        log.log(level, f"librdkafka error: {describe(err)}",
+                extra={"event": "kafka error", "kafkaError": err.name(), "fatal": err.fatal()})
+
+    def _break(self, reason: str, cause: str) -> None:
+        """Thread-safe: the producer must be recreated; every waiting batch gives up now."""
+        if self.broken is None:
+            self.broken = reason
+            self.broken_cause = cause
+        for batch in list(self._open):
+            batch.wake()
+
+    async def recreate(self) -> None:
+        """A new producer and delivery thread; the old ones are disposed of off the event loop."""
+        old, stop, thread = self.producer, self._stop, self._thread
+        stop.set()
+        self._suspects.clear()
+        self._start()
+        await asyncio.to_thread(_dispose, old, thread)
+
+    async def close(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(_dispose, self.producer, self._thread)
+
+    def queue_depth(self) -> int:
+        return len(self.producer)
+
+    def fetch_cluster_id(self, timeout: float) -> str | None:
+        """The cluster id the broker reports in a metadata response (blocking: call in a thread)."""
+        return self.producer.list_topics(timeout=timeout).cluster_id
+
+    # ---- one batch ---------------------------------------------------------------------------
+
+    async def publish(self, rows: list[Row], strict: bool, deadline: float,
+                      cut_off: Callable[[], float]) -> BatchOutcome:
+        """Produce rows (already in per-key order) and await every delivery report.
+
+        The wait ends at `deadline` (monotonic) or at `cut_off()` (the drain deadline and the
+        lease's remaining life, re-read while waiting), whichever comes first. Whatever is not
+        confirmed then is purged from librdkafka and released: nothing of an abandoned batch
+        stays queued in the client.
+        """
+        batch = _Batch(asyncio.get_running_loop())
+        out = batch.out
+        producer = self.producer
+        held_keys: set[str] = set()
+        self._open.add(batch)
         try:
             for row in rows:
-                event_id, topic, key, payload, headers_text, event_type, _attempts, _shard, _xid, created, created_iso = row
-                if key is not None and key in held_keys:
-                    # Strict order: an earlier event of this key was rejected in this batch.
-                    out.released.append(event_id)
-                    continue
-                headers = [("event-id", str(event_id).encode())]
-                if event_type:
-                    headers.append(("event-type", event_type.encode()))
-                headers.append(("created-at", created_iso.encode()))
-                if headers_text != "{}":
-                    for name, value in orjson.loads(headers_text).items():
-                        headers.append((name, str(value).encode()))
-                pending[event_id] = row
-                while True:
-                    try:
-                        producer.produce(
-                            topic,
-                            value=payload.encode(),
-                            key=key.encode() if key is not None else None,
-                            headers=headers,
-                            on_delivery=partial(on_delivery, event_id=event_id, created=created),
-                        )
-                        break
-                    except BufferError:
-                        # Local queue full: let deliveries drain, then try again.
-                        producer.poll(0.05)
-                    except KafkaException as exc:
-                        err = exc.args[0]
-                        pending.pop(event_id, None)
-                        kind = classify(err)
-                        if kind == "permanent":
-                            out.rejected[event_id] = describe(err)
-                            if strict and key is not None:
-                                held_keys.add(key)
-                        elif kind == "fatal":
-                            out.fatal_error = describe(err)
-                            out.released.append(event_id)
-                        elif kind == "systemic":
-                            out.systemic_error = describe(err)
-                            out.released.append(event_id)
-                        else:
-                            out.transient_error = describe(err)
-                            out.released.append(event_id)
-                        break
-                if out.fatal_error:
+                if self.broken or out.producer_error:
                     break
-            producer.poll(0)
-
-            # Wait for the reports in slices of at most a second, so a stop is handled promptly.
-            while pending and not out.fatal_error and self.fatal is None:
-                now = time.monotonic()
-                limit = min(deadline, stop_deadline())
-                if now >= limit:
+                if row.key is not None and row.key in held_keys:
+                    continue  # strict order: an earlier event of this key failed in this batch
+                if not await self._produce(producer, batch, row, min(deadline, cut_off())):
+                    if strict and row.key is not None and (row.id in out.rejected or row.id in out.retry):
+                        held_keys.add(row.key)
+                    if out.producer_error or out.systemic_error or out.transient_error:
+                        break
+            with batch.lock:
+                batch.produced_all = True
+                finished = not batch.pending
+            if finished:
+                batch._finish()
+            while not batch.done.done() and not self.broken:
+                remaining = min(deadline, cut_off()) - time.monotonic()
+                if remaining <= 0:
                     break
-                # Inline, not in a thread: nothing else in this loop needs to run meanwhile, and
-                # a slice of at most a second keeps the stop signal prompt.
-                producer.flush(min(1.0, limit - now))
-        except KafkaException as exc:
-            # poll()/flush() raise once the producer is in a fatal state.
-            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-            if err is not None and err.fatal():
-                out.fatal_error = describe(err)
-            else:
-                out.transient_error = str(exc)
-        if self.fatal is not None and not out.fatal_error:
-            out.fatal_error = describe(self.fatal)
-        if pending:
-            # Drain deadline or fatal error: purge what is left; its reports arrive now.
+                await asyncio.wait((batch.done,), timeout=min(remaining, WAIT_SLICE_S))
+        finally:
+            self._open.discard(batch)
+            with batch.lock:
+                batch.closed = True
+                unconfirmed = set(batch.pending)
+                batch.pending.clear()
+        if unconfirmed:
+            # The deadline, the drain, the lease or a broken producer: purge, so that nothing of
+            # this batch can still be delivered behind the rows we release now.
             try:
-                producer.purge()
-                producer.poll(0)
-            except KafkaException:
-                pass
-            for event_id in list(pending):
-                out.released.append(event_id)
-            pending.clear()
-            if not out.fatal_error and not out.transient_error:
+                producer.purge(in_queue=True, in_flight=True, blocking=False)
+            except Exception as exc:  # noqa: BLE001 - a client that cannot purge is recreated
+                self._break(f"purge raised {type(exc).__name__}: {exc}", "exception")
+            if not (out.producer_error or out.transient_error or self.broken):
                 out.transient_error = "delivery not confirmed before the deadline"
-        # Rows not produced at all because the loop stopped at a fatal error.
-        if out.fatal_error:
-            settled = set(out.delivered) | set(out.rejected) | set(out.retry) | set(out.released)
-            out.released.extend(r[0] for r in rows if r[0] not in settled)
+        if self.broken and not out.producer_error:
+            out.producer_error = self.broken
+        settled = set(out.delivered) | set(out.rejected) | set(out.retry)
+        out.released = [r.id for r in rows if r.id not in settled]
+        out.unconfirmed = len(batch.handed.intersection(out.released))
         metrics.PRODUCER_QUEUE_DEPTH.set(len(producer))
         return out
+
+    async def _produce(self, producer: Producer, batch: _Batch, row: Row, limit: float) -> bool:
+        """Hand one row to librdkafka; False when it was not (its fate is then in `batch.out`)."""
+        out = batch.out
+        try:
+            headers = record_headers(row)
+            value = row.payload.encode()
+            key = row.key.encode() if row.key is not None else None
+        except PoisonRow as exc:
+            out.rejected[row.id] = str(exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - whatever the row makes go wrong stays on the row
+            out.rejected[row.id] = f"cannot build the record: {type(exc).__name__}: {exc}"
+            return False
+        with batch.lock:
+            batch.pending.add(row.id)
+        while True:
+            try:
+                producer.produce(row.topic, value=value, key=key, headers=headers,
+                                 on_delivery=partial(batch.report, event_id=row.id, created=row.created_epoch))
+                batch.handed.add(row.id)
+                return True
+            except BufferError:
+                # The local queue is full: the delivery thread empties it; give it a moment.
+                if time.monotonic() >= limit:
+                    out.transient_error = out.transient_error or "librdkafka's local queue stayed full"
+                    break
+                await asyncio.sleep(0.005)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                kind = classify(err) if err is not None else "producer"
+                text = describe(err) if err is not None else str(exc)
+                if kind == "permanent":
+                    out.rejected[row.id] = text
+                elif kind == "retry":
+                    out.retry[row.id] = text
+                elif kind == "producer":
+                    out.producer_error = text
+                    self._break(text, "fatal" if err is not None and err.fatal() else "producer")
+                elif kind == "systemic":
+                    out.systemic_error = text
+                else:
+                    out.transient_error = text
+                break
+            except Exception as exc:  # noqa: BLE001 - the client misbehaved, or the row is the cause
+                text = f"produce raised {type(exc).__name__}: {exc}"
+                if row.id in self._suspects:
+                    out.retry[row.id] = text
+                else:
+                    self._suspects.add(row.id)
+                    out.producer_error = text
+                    self._break(text, "exception")
+                break
+        with batch.lock:
+            batch.pending.discard(row.id)
+        return False
+
+
+def _dispose(producer: Producer, thread: threading.Thread) -> None:
+    """Stop serving an old producer and let it go (runs in a worker thread: it may block)."""
+    thread.join(POLL_SLICE_S * 20)
+    try:
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.flush(0)
+    except Exception:  # noqa: BLE001, S110 - a broken client is dropped whatever it says
+        pass

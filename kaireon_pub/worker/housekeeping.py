@@ -1,0 +1,92 @@
+"""Worker 0's replica-wide chores, each a task of its own beside the claim loop.
+
+- The backlog gauges (the pending count and the operator gauges of kaireon_pub.ops.gauges), and
+  whether the database answered them (kaireon_outbox_database_up).
+- The retention purge of published rows.
+
+Both use the worker's pool, short statements and their own pace, so a slow refresh or purge never
+delays a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import psycopg_pool
+
+from kaireon_pub import metrics
+from kaireon_pub.db.queries import Q
+from kaireon_pub.errors import new_error_id
+from kaireon_pub.ops.gauges import refresh_backlog_gauges
+from kaireon_pub.settings import Settings
+
+log = logging.getLogger("kaireon_pub.worker.housekeeping")
+
+PENDING_EXACT_CAP = 100_000
+GAUGES_DUTY = 0.02  # share of one core the backlog gauges may take
+GAUGES_MAX_INTERVAL = 30.0  # seconds; staler than this helps no one
+
+
+async def refresh_pending_count(pool: psycopg_pool.AsyncConnectionPool) -> None:
+    """Bounded cost: an exact count up to a cap, the planner's estimate above it."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(Q.pending_count, {"cap": PENDING_EXACT_CAP})
+        count = (await cur.fetchone())[0]
+        estimated = count >= PENDING_EXACT_CAP
+        if estimated:
+            cur = await conn.execute(Q.pending_estimate)
+            count = max(count, int((await cur.fetchone())[0] or 0))
+        await refresh_backlog_gauges(conn)
+    metrics.PENDING.set(count)
+    metrics.PENDING_ESTIMATED.set(1 if estimated else 0)
+
+
+async def gauges_loop(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
+                      stopping: Callable[[], bool]) -> None:
+    """Every poll interval, or less often when the refresh gets expensive.
+
+    The statements are bounded, but on a large backlog that is draining they walk the index
+    entries the claims just left dead: measured at 0.2–0.9 s of database time per refresh during
+    a 1,000,000-event drain. A duty cycle keeps them under GAUGES_DUTY of one core, so the gauges
+    never slow the drain they report on.
+    """
+    while not stopping():
+        started = time.monotonic()
+        try:
+            await refresh_pending_count(pool)
+            metrics.DATABASE_UP.set(1)
+        except Exception as exc:  # noqa: BLE001 - a gauge failure must not stop the publisher
+            metrics.DATABASE_UP.set(0)
+            log.warning(f"pending count refresh failed: {type(exc).__name__}: {exc}",
+                        extra={"event": "gauges failed", "errorId": new_error_id(), "isTransient": True})
+        took = time.monotonic() - started
+        await asyncio.sleep(max(settings.poll_interval_ms / 1000, min(GAUGES_MAX_INTERVAL, took / GAUGES_DUTY)))
+
+
+async def purge_loop(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
+                     stopping: Callable[[], bool], draining_backlog: Callable[[], bool]) -> None:
+    """Retention: delete published rows older than OUTBOX_RETENTION_SECONDS, in bounded batches,
+    with a pause between them; none while a backlog drains (the claim has the database)."""
+    while not stopping():
+        delay = settings.purge_interval_seconds
+        if draining_backlog():
+            await asyncio.sleep(1.0)
+            continue
+        started = time.monotonic()
+        try:
+            async with pool.connection() as conn:
+                cur = await conn.execute(Q.purge_published, {"retention": settings.retention_seconds,
+                                                             "batch": settings.purge_batch_size})
+                purged = (await cur.fetchone())[0]
+            took = time.monotonic() - started
+            metrics.PURGE_DURATION.observe(took)
+            metrics.PURGED.inc(purged)
+            if purged >= settings.purge_batch_size:
+                delay = max(0.1, 9 * took)  # more to do: keep going on a 10 % duty cycle
+        except Exception as exc:  # noqa: BLE001 - the purge must never stop the publisher
+            log.error(f"retention purge failed: {type(exc).__name__}: {exc}",
+                      extra={"event": "purge failed", "errorId": new_error_id(), "isTransient": True})
+        await asyncio.sleep(delay)

@@ -62,7 +62,7 @@ def test_check_fails_on_a_missing_schema(pg, tier_env):
         code, checks, _ = check({**tier_env, "DATABASE_URL": url})
     finally:
         pg.drop_database(name)
-    assert code == 1
+    assert code == 5  # the schema is missing: exit 5 (README, exit codes)
     assert checks["database"]["status"] == "ok"
     assert checks["schema"]["status"] == "fail"
     assert "no schema: run `kaireon-pub migrate`" in checks["schema"]["detail"]

@@ -166,6 +166,9 @@ FAIL = {
     "extra-config-set-by-chart": ({"kafka": {"extraConfig": {"KAFKA_BOOTSTRAP_SERVERS": "b:9092"}}},
                                   "kafka.extraConfig.KAFKA_BOOTSTRAP_SERVERS: KAFKA_BOOTSTRAP_SERVERS is already set by the chart"),
     "cron-deadline-too-short": ({"cron": {"activeDeadlineSeconds": 60}}, "cron.activeDeadlineSeconds (60) must exceed"),
+    # 4 attempts x 20 s fit in 85 s, but not with call-reaper's 2 + 4 + 8 s between them.
+    "cron-deadline-without-backoff": ({"cron": {"activeDeadlineSeconds": 85}},
+                                      "cron.activeDeadlineSeconds (85) must exceed (cron.retries + 1) x cron.timeoutSeconds + the back-off between attempts (94 s)"),
 }
 
 

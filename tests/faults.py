@@ -1,10 +1,17 @@
 """Fault injection for the outside-in tests: a small TCP proxy and a broker that can be frozen.
 
-`Proxy` forwards loopback TCP connections to a target port, in one of three modes:
+`Proxy` forwards loopback TCP connections to a target port (or a unix socket: a PostgreSQL
+server that listens on one only), in one of four modes:
 - `pass`: bytes flow both ways;
 - `blackhole`: nothing is forwarded in either direction, but every socket stays open (bytes
   already sent wait, as behind a network partition, and flow again when the mode is `pass`);
-- `reset`: every connection, open or new, is closed with an RST (SO_LINGER 0, then close).
+- `reset`: every connection, open or new, is closed with an RST (SO_LINGER 0, then close);
+- `drop-replies`: requests are forwarded, replies are read and thrown away (the server does the
+  work and answers; the client never hears of it, as when a connection breaks after a commit).
+
+`database_proxy(url)` puts a `Proxy` in front of the server of a libpq URL and returns the URL
+that goes through it. `StoppablePostgres` is an embedded PostgreSQL of a test's own that can be
+stopped and started again on the same data and URL (a database outage).
 
 `FaultBroker` is the dev broker (Tansu) that can advertise a proxy's address, so that every
 client connection (bootstrap and the broker connections from metadata) goes through the proxy;
@@ -21,11 +28,14 @@ import socket
 import struct
 import subprocess
 import threading
+import uuid
 from pathlib import Path
 
-from kaireon_pub.devenv import Broker, free_port, wait_for_port
+import psycopg
 
-MODES = ("pass", "blackhole", "reset")
+from kaireon_pub.devenv import Broker, Postgres, free_port, wait_for_port
+
+MODES = ("pass", "blackhole", "reset", "drop-replies")
 
 
 def _rst(sock: socket.socket) -> None:
@@ -43,6 +53,7 @@ class _Connection:
         self.upstream = upstream
         self.closed = threading.Event()
         self.bytes = {"up": 0, "down": 0}
+        self.dropped = 0
         for src, dst, direction in ((client, upstream, "up"), (upstream, client, "down")):
             threading.Thread(target=self._pump, args=(src, dst, direction), daemon=True,
                              name=f"proxy-{proxy.port}-{direction}").start()
@@ -50,6 +61,10 @@ class _Connection:
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
         try:
             while not self.closed.is_set():
+                if self.proxy.mode == "drop-replies":
+                    if not self._drop_reply(src, direction):
+                        break
+                    continue
                 if self.proxy.mode != "pass":
                     # Blackhole: leave the bytes unread (the kernel buffers hold them, the peer's
                     # writes eventually block), as a partition would. Reset is handled by the proxy.
@@ -67,6 +82,23 @@ class _Connection:
             pass
         self.close()
 
+    def _drop_reply(self, src: socket.socket, direction: str) -> bool:
+        """drop-replies: requests go on to the server, its replies are read and dropped;
+        False when the peer closed."""
+        readable, _, _ = select.select([src], [], [], 0.1)
+        if not readable or self.proxy.mode != "drop-replies":
+            return True
+        data = src.recv(65536)
+        if not data:
+            return False
+        if direction == "up":
+            self.upstream.sendall(data)
+            self.bytes["up"] += len(data)
+        else:
+            self.dropped += len(data)
+            self.proxy.dropped += len(data)
+        return True
+
     def close(self, reset: bool = False) -> None:
         if self.closed.is_set():
             return
@@ -83,10 +115,13 @@ class _Connection:
 
 
 class Proxy:
-    """A threaded TCP proxy on 127.0.0.1:`port` to 127.0.0.1:`target_port`."""
+    """A threaded TCP proxy on 127.0.0.1:`port` to 127.0.0.1:`target_port`, or to the unix
+    socket `target_unix` (then `target_port` is ignored)."""
 
-    def __init__(self, target_port: int, port: int | None = None):
+    def __init__(self, target_port: int, port: int | None = None, *, target_unix: str | None = None):
         self.target_port = target_port
+        self.target_unix = target_unix
+        self.dropped = 0  # reply bytes thrown away in drop-replies mode
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.mode = "pass"
@@ -134,17 +169,31 @@ class Proxy:
                 _rst(client)
                 continue
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-                upstream.settimeout(None)
+                upstream = self._connect_upstream()
             except OSError:
                 # Nothing behind the proxy (the broker is down): refuse as the broker would.
                 _rst(client)
                 continue
             for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if sock.family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Connection(self, client, upstream)
             with self._lock:
                 self._connections.add(conn)
+
+    def _connect_upstream(self) -> socket.socket:
+        if self.target_unix is None:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+        else:
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.settimeout(5)
+            try:
+                upstream.connect(self.target_unix)
+            except OSError:
+                upstream.close()
+                raise
+        upstream.settimeout(None)
+        return upstream
 
     def close(self) -> None:
         self._stopped.set()
@@ -153,6 +202,51 @@ class Proxy:
             self._listener.close()
         for conn in self.connections():
             conn.close()
+
+
+def database_proxy(url: str) -> tuple[Proxy, str]:
+    """A `Proxy` in front of the PostgreSQL server of `url` (a unix socket or a loopback TCP
+    port), and the same URL through the proxy (127.0.0.1:<proxy port>)."""
+    params = psycopg.conninfo.conninfo_to_dict(url)
+    host = str(params.get("host") or "/tmp")
+    port = int(str(params.get("port") or 5432))
+    if host.startswith("/"):
+        proxy = Proxy(0, target_unix=f"{host}/.s.PGSQL.{port}")
+    else:
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("database_proxy: loopback servers only")
+        proxy = Proxy(port)
+    return proxy, psycopg.conninfo.make_conninfo(url, host="127.0.0.1", port=str(proxy.port))
+
+
+class StoppablePostgres(Postgres):
+    """An embedded PostgreSQL of the test's own (whatever KAIREON_TEST_DATABASE_URL says), that
+    `stop_server()` stops and `start_server()` starts again on the same data and the same URL."""
+
+    def __init__(self):  # noqa: D107 - the embedded server only, never an external one
+        self.datadir = Path(f"/tmp/kaireon-pg-{uuid.uuid4().hex[:8]}")
+        self.datadir.mkdir(parents=True)
+        self._server = None
+        self._cleanup_mode = "delete"
+        self._start_embedded()
+        self.running = True
+
+    def stop_server(self) -> None:
+        """The outage: the server stops (fast shutdown: sessions end); its data is kept."""
+        self._stop_embedded()
+        self.running = False
+
+    def start_server(self) -> None:
+        url = self.admin_url
+        self._start_embedded()
+        self.running = True
+        if self.admin_url != url:
+            raise AssertionError(f"the restarted server has another URL: {self.admin_url} (was {url})")
+
+    def close(self) -> None:
+        if not self.running:
+            self._start_embedded()  # stop() with cleanup mode "delete" removes the data directory
+        self.stop()
 
 
 class FaultBroker(Broker):

@@ -5,16 +5,17 @@ caller's transaction commits, and a failed insert aborts that transaction (the s
 hot path). Events are checked before anything is sent to the database: a bad one raises
 PayloadError naming its topic, and the caller's transaction stays usable.
 
-What is accepted:
-- topic: a non-empty str; key: a str, an int (stored, and sent to Kafka, as its decimal text, so
-  `key=42` and `key="42"` are the same key) or None; event_type: a str or None; headers: str to
-  str. None of these may hold a NUL character (PostgreSQL text cannot).
-- payload: any orjson-serialisable value, or JSON text (str/bytes) stored as given. jsonb
-  cannot hold the NUL character, so a string holding one (JSON `\\u0000`) is refused; the six
-  characters backslash-u-0-0-0-0 inside a string (JSON `\\\\u0000`) are ordinary text and stored.
-- size: at most `max_payload_bytes`, else OUTBOX_MAX_PAYLOAD_BYTES from the environment (the
-  same range the tier accepts, 1..104857600; an invalid value raises ConfigError naming the
-  variable), else 1,000,000 bytes of JSON.
+What the record carries is byte for byte what was given:
+- payload: bytes (bytearray, memoryview) as they are: Avro, Protobuf, JSON text, anything; a str
+  as its UTF-8; None as a tombstone (the record's value is null); any other value as its
+  `orjson.dumps` bytes (a dict keeps its key order). JSON null is the payload "null" or b"null".
+- key: a str (not holding NUL), bytes, an int (as its decimal text, so `key=42`, `key="42"` and
+  `key=b"42"` are one key) or None. Bytes that are UTF-8 text without NUL are that text's key.
+- headers: name (str, no NUL) to a str value (no NUL: jsonb cannot hold one) or a bytes value
+  (anything); event_type and topic: str without NUL.
+- size: the payload's bytes, at most `max_payload_bytes`, else OUTBOX_MAX_PAYLOAD_BYTES from the
+  environment (the range the tier accepts, 1..104857600; an invalid value raises ConfigError
+  naming the variable), else 1,000,000.
 
 With a psycopg AsyncConnection, `enqueue` and `enqueue_many` return an awaitable and nothing is
 written until it is awaited (`await enqueue(aconn, ...)`); the checks above still raise at the
@@ -24,8 +25,8 @@ written.
 
 from __future__ import annotations
 
+import base64
 import os
-import re
 import warnings
 from collections.abc import Awaitable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
@@ -42,20 +43,35 @@ MAX_PAYLOAD_VARIABLE = "OUTBOX_MAX_PAYLOAD_BYTES"
 # The range the tier's settings accept for OUTBOX_MAX_PAYLOAD_BYTES.
 MAX_PAYLOAD_RANGE = (1, 104_857_600)
 
-# A \u0000 escape in JSON text: an odd number of backslashes before "u0000" (an even number is
-# escaped backslashes followed by plain text). JSON allows backslashes only inside strings.
-_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
-
 T = TypeVar("T")
+
+
+Key = str | bytes | int | None
+HeaderValue = str | bytes
+
+_BYTES = (bytes, bytearray, memoryview)
 
 
 @dataclass(frozen=True)
 class Event:
     topic: str
-    key: str | int | None
+    key: Key
     payload: Any
-    headers: Mapping[str, str] | None = None
+    headers: Mapping[str, HeaderValue] | None = None
     event_type: str | None = None
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One event as the enqueue queries take it."""
+
+    topic: str
+    key: str | None  # partition_key: the key's text, or '\\x' + hex for bytes that are not text
+    key_bytes: bytes | None  # partition_key_bytes: the exact key when it is not text
+    payload: bytes | None  # payload_bytes; None: a tombstone
+    headers: str  # JSON object of the str values
+    binary_headers: str  # JSON object of the bytes values, base64
+    event_type: str | None
 
 
 def max_payload_bytes_from_env(environ: Mapping[str, str] | None = None) -> int:
@@ -82,53 +98,88 @@ def _limit(max_payload_bytes: int | None) -> int:
     return max_payload_bytes
 
 
-def _text_field(topic: str, name: str, value: object, *, allow_int: bool = False) -> str | None:
+def _text_field(topic: str, name: str, value: object) -> str | None:
     if value is None:
         return None
-    if allow_int and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
     if not isinstance(value, str):
-        kinds = "a str, an int or None" if allow_int else "a str or None"
-        raise PayloadError(f"{name} for topic {topic!r} must be {kinds}, not {type(value).__name__}")
+        raise PayloadError(f"{name} for topic {topic!r} must be a str or None, not {type(value).__name__}")
     if "\x00" in value:
         raise PayloadError(f"{name} for topic {topic!r} contains a NUL character, which PostgreSQL text cannot store")
     return value
 
 
-def _encode(event: Event, limit: int) -> tuple[str, str | None, str, str, str | None]:
+def _key(topic: str, key: object) -> tuple[str | None, bytes | None]:
+    """(partition_key, partition_key_bytes): text keys as text; other bytes exactly, beside a
+    text form ('\\x' + hex) that gives them their shard and their place in the key order."""
+    if key is None:
+        return None, None
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key), None
+    if isinstance(key, str):
+        if "\x00" in key:
+            raise PayloadError(f"key for topic {topic!r} contains a NUL character, which PostgreSQL text "
+                               "cannot store (give the key as bytes)")
+        return key, None
+    if isinstance(key, _BYTES):
+        raw = bytes(key)
+        if b"\x00" not in raw:
+            try:
+                return raw.decode("utf-8"), None  # the same key as that str
+            except UnicodeDecodeError:
+                pass
+        return "\\x" + raw.hex(), raw
+    raise PayloadError(f"key for topic {topic!r} must be a str, bytes, an int or None, not {type(key).__name__}")
+
+
+def _payload(topic: str, payload: object) -> bytes | None:
+    if payload is None:
+        return None
+    if isinstance(payload, _BYTES):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    try:
+        return orjson.dumps(payload)
+    except TypeError as exc:
+        raise PayloadError(f"payload for topic {topic!r} is not bytes, a str or a JSON-serialisable value: {exc}") from None
+
+
+def _headers(topic: str, headers: Mapping[str, HeaderValue] | None) -> tuple[str, str]:
+    text: dict[str, str] = {}
+    binary: dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        if not isinstance(name, str):
+            raise PayloadError(f"header names for topic {topic!r} must be str, not {type(name).__name__}")
+        if "\x00" in name:
+            raise PayloadError(f"header {name!r} for topic {topic!r} contains a NUL character, which jsonb cannot store")
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise PayloadError(f"header {name!r} for topic {topic!r} contains a NUL character, which jsonb "
+                                   "cannot store (give the value as bytes)")
+            text[name] = value
+        elif isinstance(value, _BYTES):
+            binary[name] = base64.b64encode(bytes(value)).decode("ascii")
+        else:
+            raise PayloadError(f"header {name!r} for topic {topic!r} must be str or bytes, not {type(value).__name__}")
+    return orjson.dumps(text).decode(), orjson.dumps(binary).decode()
+
+
+def _encode(event: Event, limit: int) -> _Encoded:
     topic = event.topic
     if not isinstance(topic, str) or not topic.strip():
         raise PayloadError(f"topic must be a non-empty string, not {topic!r}")
     if "\x00" in topic:
         raise PayloadError(f"topic {topic!r} contains a NUL character, which PostgreSQL text cannot store")
-    key = _text_field(topic, "key", event.key, allow_int=True)
+    key, key_bytes = _key(topic, event.key)
     event_type = _text_field(topic, "event_type", event.event_type)
-    if isinstance(event.payload, (bytes, bytearray, memoryview, str)):
-        # Already JSON text: check it parses, but store it as given (no re-dump).
-        raw = bytes(event.payload) if not isinstance(event.payload, str) else event.payload.encode()
-        try:
-            orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise PayloadError(f"payload for topic {topic!r} is not valid JSON text: {exc}") from None
-    else:
-        try:
-            raw = orjson.dumps(event.payload)
-        except TypeError as exc:
-            raise PayloadError(f"payload for topic {topic!r} is not JSON-serialisable: {exc}") from None
-    if len(raw) > limit:
+    payload = _payload(topic, event.payload)
+    if payload is not None and len(payload) > limit:
         raise PayloadError(
-            f"payload for topic {topic!r} is {len(raw)} bytes, above the maximum of {limit} "
+            f"payload for topic {topic!r} is {len(payload)} bytes, above the maximum of {limit} "
             f"({MAX_PAYLOAD_VARIABLE})"
         )
-    if b"\\u0000" in raw and _NUL_ESCAPE.search(raw):  # the substring test is the fast path
-        raise PayloadError(f"payload for topic {topic!r} holds a NUL character (\\u0000), which jsonb cannot store")
-    headers = dict(event.headers or {})
-    for name, value in headers.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise PayloadError(f"headers for topic {topic!r} must map str to str; got {name!r}: {type(value).__name__}")
-        if "\x00" in name or "\x00" in value:
-            raise PayloadError(f"header {name!r} for topic {topic!r} contains a NUL character, which jsonb cannot store")
-    return (topic, key, raw.decode(), orjson.dumps(headers).decode(), event_type)
+    headers, binary_headers = _headers(topic, event.headers)
+    return _Encoded(topic, key, key_bytes, payload, headers, binary_headers, event_type)
 
 
 class PendingWrite(Awaitable[T], Generic[T]):
@@ -170,9 +221,9 @@ def enqueue(
     conn: psycopg.Connection | psycopg.AsyncConnection,
     *,
     topic: str,
-    key: str | int | None,
+    key: Key,
     payload: Any,
-    headers: Mapping[str, str] | None = None,
+    headers: Mapping[str, HeaderValue] | None = None,
     event_type: str | None = None,
     max_payload_bytes: int | None = None,
 ) -> int | PendingWrite[int]:
@@ -182,10 +233,9 @@ def enqueue(
     Raises PayloadError, before anything is written, for an event that cannot be stored.
     """
     is_async = _check_connection(conn, "enqueue")
-    topic, key, payload_text, headers_text, event_type = _encode(
-        Event(topic, key, payload, headers, event_type), _limit(max_payload_bytes))
-    params = {"topic": topic, "key": key, "payload": payload_text, "headers": headers_text,
-              "event_type": event_type}
+    row = _encode(Event(topic, key, payload, headers, event_type), _limit(max_payload_bytes))
+    params = {"topic": row.topic, "key": row.key, "key_bytes": row.key_bytes, "payload": row.payload,
+              "headers": row.headers, "binary_headers": row.binary_headers, "event_type": row.event_type}
     if is_async:
         return PendingWrite(_enqueue_async(conn, params), f"enqueue(topic={topic!r})")  # type: ignore[arg-type]
     return conn.execute(Q.enqueue_one, params).fetchone()[0]  # type: ignore[union-attr]
@@ -211,11 +261,13 @@ def enqueue_many(
     cap = _limit(max_payload_bytes)
     rows = [_encode(e, cap) for e in events]
     params = {
-        "topics": [r[0] for r in rows],
-        "keys": [r[1] for r in rows],
-        "payloads": [r[2] for r in rows],
-        "headers": [r[3] for r in rows],
-        "event_types": [r[4] for r in rows],
+        "topics": [r.topic for r in rows],
+        "keys": [r.key for r in rows],
+        "key_bytes": [r.key_bytes for r in rows],
+        "payloads": [r.payload for r in rows],
+        "headers": [r.headers for r in rows],
+        "binary_headers": [r.binary_headers for r in rows],
+        "event_types": [r.event_type for r in rows],
     }
     if is_async:
         return PendingWrite(_enqueue_many_async(conn, params), f"enqueue_many({len(rows)} events)")  # type: ignore[arg-type]

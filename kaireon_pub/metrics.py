@@ -65,6 +65,24 @@ UNCONFIRMED = Counter(
     "Events released after librdkafka had them but before a delivery report confirmed them "
     "(timeout, drain, lease end, producer recreated): their next publish may be a duplicate.",
 )
+HORIZON_AGE = Gauge(
+    f"{NS}_horizon_age_seconds",
+    "How long the oldest open transaction the claim waits for has been open (0: it waits for none).",
+    multiprocess_mode="livemax",
+)
+HORIZON_BYPASSED = Counter(
+    f"{NS}_horizon_bypassed_total",
+    "Transactions the claim stopped waiting for after OUTBOX_HORIZON_MAX_WAIT_MS (their rows are "
+    "rescanned when they end), counted by each worker that passed them.",
+)
+FOREIGN_RESTAMPED = Counter(
+    f"{NS}_foreign_rows_restamped_total",
+    "Pending rows whose xid came from another cluster (a restore, COPY, replication), re-stamped to publish.",
+)
+FROZEN_OWNERS_TERMINATED = Counter(
+    f"{NS}_frozen_owner_sessions_terminated_total",
+    "Sessions of expired lease owners that still held lease locks (a worker frozen mid-claim), ended.",
+)
 ORDER_VIOLATIONS = Counter(
     f"{NS}_order_violations_total",
     "Relaxed ordering only: events that went into a retry while later events of their key flowed on.",

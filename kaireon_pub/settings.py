@@ -70,11 +70,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OUTBOX_BACKOFF_BASE_MS", "1000", "First retry delay; doubles per attempt. 1..3600000."),
     Setting("OUTBOX_BACKOFF_MAX_MS", "300000", "Retry delay cap. >= OUTBOX_BACKOFF_BASE_MS."),
     Setting("OUTBOX_MAX_PAYLOAD_BYTES", "1000000", "enqueue() refuses larger payloads. 1..104857600."),
+    Setting("OUTBOX_CLOUDEVENTS", "false", "Add the CloudEvents attributes to every record (binary content mode of the Kafka binding: ce_specversion, ce_id, ce_source, ce_type, ce_time, content-type)."),
+    Setting("OUTBOX_CLOUDEVENTS_SOURCE", "", "The CloudEvents source of every record (a URI-reference, e.g. /orders-service); required when OUTBOX_CLOUDEVENTS is true."),
     Setting("OUTBOX_MAX_CONSECUTIVE_FAILURES", "30", "Non-transient tick failures in a row before exit 3. 1..10000."),
     Setting("OUTBOX_ORDERING", "strict", "strict: a key waits while its earlier event is retrying; relaxed: later events flow, violations counted."),
     Setting("OUTBOX_CLAIM_MODE", "status", "status: pending->processing->published; lock: row lock of a short transaction is the claim (one write per event)."),
     Setting("OUTBOX_DELETE_ON_PUBLISH", "false", "Delete rows once delivered instead of marking them published."),
     Setting("OUTBOX_LEASE_TTL_SECONDS", "10", "Shard lease lifetime; renewed every TTL/3. 2..600."),
+    Setting("OUTBOX_HORIZON_MAX_WAIT_MS", "5000", "How long the claim waits for a transaction of the outbox's database that is still open (it might yet insert an outbox row); past that, publishing goes on and the transaction's rows are found when it ends. 100..3600000."),
     Setting("OUTBOX_RESCAN_INTERVAL_MS", "30000", "Periodic full rescan of owned shards (rows released behind the cursor). 1000..3600000."),
     Setting("OUTBOX_RETENTION_SECONDS", "604800", "Published rows older than this are purged; 0 disables the purge."),
     Setting("OUTBOX_PURGE_BATCH_SIZE", "5000", "Rows deleted per purge statement. 1..100000."),
@@ -140,12 +143,15 @@ class Settings:
     backoff_base_ms: int = 1000
     backoff_max_ms: int = 300000
     max_payload_bytes: int = 1_000_000
+    cloudevents: bool = False
+    cloudevents_source: str = ""
     max_consecutive_failures: int = 30
     ordering: str = "strict"
     claim_mode: str = "status"
     delete_on_publish: bool = False
     lease_ttl_seconds: int = 10
     rescan_interval_ms: int = 30000
+    horizon_max_wait_ms: int = 5000
     retention_seconds: int = 604800
     purge_batch_size: int = 5000
     purge_interval_seconds: int = 60
@@ -255,12 +261,15 @@ class Settings:
             backoff_base_ms=integer("OUTBOX_BACKOFF_BASE_MS", 1, 3_600_000),
             backoff_max_ms=integer("OUTBOX_BACKOFF_MAX_MS", 1, 86_400_000),
             max_payload_bytes=integer("OUTBOX_MAX_PAYLOAD_BYTES", 1, 104_857_600),
+            cloudevents=boolean("OUTBOX_CLOUDEVENTS"),
+            cloudevents_source=str(raw("OUTBOX_CLOUDEVENTS_SOURCE")).strip(),
             max_consecutive_failures=integer("OUTBOX_MAX_CONSECUTIVE_FAILURES", 1, 10_000),
             ordering=choice("OUTBOX_ORDERING", ("strict", "relaxed")),
             claim_mode=choice("OUTBOX_CLAIM_MODE", ("status", "lock")),
             delete_on_publish=boolean("OUTBOX_DELETE_ON_PUBLISH"),
             lease_ttl_seconds=integer("OUTBOX_LEASE_TTL_SECONDS", 2, 600),
             rescan_interval_ms=integer("OUTBOX_RESCAN_INTERVAL_MS", 1000, 3_600_000),
+            horizon_max_wait_ms=integer("OUTBOX_HORIZON_MAX_WAIT_MS", 100, 3_600_000),
             retention_seconds=integer("OUTBOX_RETENTION_SECONDS", 0, 10 * 365 * 86400),
             purge_batch_size=integer("OUTBOX_PURGE_BATCH_SIZE", 1, 100_000),
             purge_interval_seconds=integer("OUTBOX_PURGE_INTERVAL_SECONDS", 1, 86400),
@@ -295,6 +304,13 @@ class Settings:
             raise ConfigError("KAFKA_MESSAGE_TIMEOUT_MS", f"{self.producer_config.get('message.timeout.ms')!r} is not an integer", "1000..300000") from None
         if not 1000 <= timeout <= 300_000:
             raise ConfigError("KAFKA_MESSAGE_TIMEOUT_MS", f"{timeout} is out of range", "1000..300000")
+        if self.cloudevents and not self.cloudevents_source:
+            raise ConfigError("OUTBOX_CLOUDEVENTS_SOURCE", "is not set while OUTBOX_CLOUDEVENTS is true",
+                              "a URI-reference, e.g. /orders-service")
+        if self.cloudevents_source and (any(c.isspace() or not c.isprintable() for c in self.cloudevents_source)
+                                        or not self.cloudevents_source.isascii()):
+            raise ConfigError("OUTBOX_CLOUDEVENTS_SOURCE", f"{self.cloudevents_source!r} is not a URI-reference",
+                              "printable ASCII without spaces, e.g. /orders-service or urn:example:orders")
         if self.backoff_max_ms < self.backoff_base_ms:
             raise ConfigError(
                 "OUTBOX_BACKOFF_MAX_MS",

@@ -3,18 +3,22 @@
 
 -- enqueue_one: write one event in the caller's transaction and wake the workers on commit
 WITH ins AS (
-    INSERT INTO outbox_events (topic, partition_key, payload, headers, event_type)
-    VALUES (%(topic)s, %(key)s, %(payload)s::jsonb, %(headers)s::jsonb, %(event_type)s)
+    INSERT INTO outbox_events (topic, partition_key, partition_key_bytes, payload_bytes, headers,
+                               binary_headers, event_type)
+    VALUES (%(topic)s, %(key)s, %(key_bytes)s::bytea, %(payload)s::bytea, %(headers)s::jsonb,
+            %(binary_headers)s::jsonb, %(event_type)s)
     RETURNING id
 )
 SELECT id, pg_notify('kaireon_outbox', '') IS NULL AS notified FROM ins;
 
 -- enqueue_many: write many events in one round trip, in the order given
 WITH ins AS (
-    INSERT INTO outbox_events (topic, partition_key, payload, headers, event_type)
-    SELECT t.topic, t.key, t.payload::jsonb, t.headers::jsonb, t.event_type
-    FROM unnest(%(topics)s::text[], %(keys)s::text[], %(payloads)s::text[], %(headers)s::text[],
-                %(event_types)s::text[]) WITH ORDINALITY AS t(topic, key, payload, headers, event_type, n)
+    INSERT INTO outbox_events (topic, partition_key, partition_key_bytes, payload_bytes, headers,
+                               binary_headers, event_type)
+    SELECT t.topic, t.key, t.key_bytes, t.payload, t.headers::jsonb, t.binary_headers::jsonb, t.event_type
+    FROM unnest(%(topics)s::text[], %(keys)s::text[], %(key_bytes)s::bytea[], %(payloads)s::bytea[],
+                %(headers)s::text[], %(binary_headers)s::text[], %(event_types)s::text[])
+         WITH ORDINALITY AS t(topic, key, key_bytes, payload, headers, binary_headers, event_type, n)
     ORDER BY t.n
     RETURNING id
 )
@@ -88,71 +92,210 @@ WITH reset AS (
 )
 SELECT (SELECT count(*) FROM reset) AS reset_count, (SELECT count(*) FROM leases) AS released;
 
+-- reset_own_claims: this worker's rows in processing go back to pending (a claim's reply was lost)
+-- Called only between batches, after a claim failed with a connection error: the claim may have
+-- committed with a token the worker never learnt, and nothing else of this worker is in flight.
+WITH reset AS (
+    UPDATE outbox_events
+    SET status = 'pending', claim_token = NULL, claimed_by = NULL, claimed_until = NULL,
+        updated_at = clock_timestamp()
+    WHERE status = 'processing' AND claimed_by = %(worker_id)s
+    RETURNING 1
+)
+SELECT count(*) AS reset_count FROM reset;
+
+-- terminate_frozen_owners: end the sessions of expired owners that still hold lease locks
+-- A worker frozen in the middle of a claim (SIGSTOP, a frozen pod, a partition while the server is
+-- still sending it a large result) keeps the claim's FOR KEY SHARE locks on its lease rows: the
+-- backend waits in ClientWrite, where no timeout acts, and FOR UPDATE SKIP LOCKED never takes
+-- those shards. Only sessions of owners whose lease on some shard has expired are ended (their
+-- application_name carries the first 8 hex digits of the worker id) and whose registration has
+-- expired too (a live worker renews it), never this worker's own.
+SELECT a.pid, a.application_name, pg_terminate_backend(a.pid) AS terminated
+FROM pg_stat_activity a
+WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND a.pid <> pg_backend_pid()
+  AND a.pid IN (SELECT l.pid FROM pg_locks l
+                WHERE l.locktype = 'relation' AND l.relation = 'outbox_shard_leases'::regclass AND l.granted)
+  AND EXISTS (SELECT 1 FROM outbox_shard_leases s
+              WHERE s.owner IS NOT NULL AND s.owner <> %(worker_id)s
+                AND s.expires_at < clock_timestamp()
+                AND NOT EXISTS (SELECT 1 FROM outbox_workers w  -- a live worker renews its registration
+                                WHERE w.worker_id = s.owner AND w.expires_at > clock_timestamp())
+                AND a.application_name LIKE 'kaireon-pub:worker-%%.' || left(replace(s.owner::text, '-', ''), 8) || '%%');
+
+-- restamp_foreign_rows: pending rows whose xid is above this cluster's transaction counter
+-- A row restored from another cluster (pg_dump/pg_restore, COPY, logical replication into a
+-- cluster whose counter is lower) keeps its xid; above the counter it would never pass the
+-- horizon. Such rows get small xids (3, 4, …: below every real transaction id) in the order of
+-- their original ones, so they sort before every event written since and keep their order among
+-- themselves (rows of one original transaction keep one xid, their ids order them). No visible
+-- row of this cluster can have an xid at or above the snapshot's xmax.
+-- One index range per shard (the claim index), so the look costs nothing without such rows.
+WITH counter AS MATERIALIZED (
+    SELECT pg_snapshot_xmax(pg_current_snapshot()) AS xmax
+), foreign_rows AS (
+    SELECT e.id, dense_rank() OVER (ORDER BY e.xid) AS n
+    FROM generate_series(0, 255) AS g(shard)
+    CROSS JOIN LATERAL (
+        SELECT e.id, e.xid FROM outbox_events e
+        WHERE e.status = 'pending' AND e.shard = g.shard::smallint AND e.xid >= (SELECT xmax FROM counter)
+    ) e
+), restamped AS (
+    UPDATE outbox_events e SET xid = (2 + f.n)::text::xid8, updated_at = clock_timestamp()
+    FROM foreign_rows f WHERE e.id = f.id
+    RETURNING 1
+)
+SELECT count(*) AS restamped FROM restamped;
+
+-- foreign_rows_count: pending rows carrying an xid from another cluster (for check)
+WITH counter AS MATERIALIZED (
+    SELECT pg_snapshot_xmax(pg_current_snapshot()) AS xmax
+)
+SELECT count(*) AS n
+FROM generate_series(0, 255) AS g(shard)
+CROSS JOIN LATERAL (
+    SELECT 1 FROM outbox_events e
+    WHERE e.status = 'pending' AND e.shard = g.shard::smallint AND e.xid >= (SELECT xmax FROM counter)
+) e;
+
+-- claim_horizon: the xid below which every transaction that can still write the outbox has ended
+-- A row is claimed only once every older transaction that might still commit an outbox row has
+-- ended, so a row that commits late with a lower id is never passed over (the gap-safe horizon).
+-- Not every running transaction can: one of another database of the cluster cannot, nor can the
+-- publisher workers' own sessions (kaireon-pub:worker-*: they update and delete outbox rows but
+-- never insert one), nor a prepared transaction that holds no lock on outbox_events (prepared, it
+-- can write nothing more). Any other transaction of this database may still insert an outbox row
+-- however long it has been open, so it is waited for, but at most %(max_wait_ms)s: past that the
+-- horizon moves on without it and it is returned in `bypassed`, for the worker to remember and to
+-- rescan from its xid once it has ended (`ended` lists the remembered ones that have). A running
+-- xid found neither in pg_stat_activity nor in pg_prepared_xacts (it ended a moment ago) is
+-- waited for: the next claim sees it gone. Parallel workers share their leader's xid.
+WITH {{horizon_transactions}}
+SELECT coalesce((SELECT min(xid) FROM holders WHERE NOT bypassed), pg_snapshot_xmax(snap.s))::text::bigint AS horizon,
+       extract(epoch FROM snap.now - (SELECT min(since) FROM holders WHERE NOT bypassed))::float8 AS held_for,
+       ARRAY(SELECT xid::text::bigint FROM holders WHERE bypassed) AS bypassed,
+       ARRAY(SELECT m.xid FROM unnest(%(remembered)s::bigint[]) AS m(xid)
+             WHERE NOT EXISTS (SELECT 1 FROM running r WHERE r.x = m.xid::text::xid8)) AS ended
+FROM snap;
+
+-- horizon_transactions: the running transactions the horizon waits for (a fragment of WITH)
+snap AS MATERIALIZED (
+    SELECT pg_current_snapshot() AS s, clock_timestamp() AS now,
+           (SELECT oid FROM pg_database WHERE datname = current_database()) AS db
+), running AS MATERIALIZED (
+    SELECT DISTINCT x FROM snap, pg_snapshot_xip(snap.s) AS x
+), judged AS MATERIALIZED (
+    SELECT r.x AS xid, a.pid, p.gid, coalesce(a.datname::text, p.database::text) AS database,
+           a.application_name AS application, coalesce(a.xact_start, p.prepared) AS since,
+           CASE
+               WHEN a.pid IS NOT NULL THEN
+                   a.datid = (SELECT db FROM snap) AND a.application_name NOT LIKE 'kaireon-pub:worker-%%'
+               WHEN p.gid IS NOT NULL THEN
+                   p.database = current_database() AND EXISTS (
+                       SELECT 1 FROM pg_locks t
+                       JOIN pg_locks l ON l.virtualtransaction = t.virtualtransaction
+                       WHERE t.locktype = 'transactionid' AND t.transactionid = p.transaction
+                         AND t.pid IS NULL AND l.locktype = 'relation'
+                         AND l.database = (SELECT db FROM snap) AND l.relation = 'outbox_events'::regclass)
+               ELSE true
+           END AS can_write
+    FROM running r
+    LEFT JOIN LATERAL (
+        SELECT a.pid, a.datid, a.datname, a.application_name, a.xact_start
+        FROM pg_stat_activity a WHERE a.backend_xid = r.x::xid
+        ORDER BY a.leader_pid IS NOT NULL, a.pid LIMIT 1
+    ) a ON true
+    LEFT JOIN pg_prepared_xacts p ON p.transaction = r.x::xid
+), holders AS MATERIALIZED (
+    SELECT j.*, (j.since IS NOT NULL AND j.since <= snap.now - make_interval(secs => %(max_wait_ms)s / 1000.0)) AS bypassed
+    FROM judged j, snap WHERE j.can_write
+)
+
+-- horizon_holders: what holds the claim horizon back (or was passed over), for status and check
+WITH {{horizon_transactions}}
+SELECT h.pid, h.gid, h.database, h.application, h.bypassed,
+       extract(epoch FROM snap.now - h.since)::float8 AS age_seconds
+FROM holders h, snap
+ORDER BY h.since NULLS FIRST
+LIMIT 20;
+
 -- claim_batch: pending -> processing in the owned shards, each from its cursor, in (xid, id) order
 -- The selection is claim_locked_batch's (included below); this statement turns its row locks
 -- into a durable claim with a fresh token, so the batch can be published outside a transaction.
+-- Rows the selection held back (strict order) come back as they are, to move the cursor.
 WITH candidates AS (
 {{claim_locked_batch}}
+), claimed AS (
+    UPDATE outbox_events e
+    SET status = 'processing', claim_token = %(token)s, claimed_by = %(worker_id)s,
+        claimed_until = clock_timestamp() + make_interval(secs => %(staleness)s),
+        updated_at = clock_timestamp()
+    FROM candidates c
+    WHERE e.id = c.id AND c.topic IS NOT NULL
+    RETURNING c.*
 )
-UPDATE outbox_events e
-SET status = 'processing', claim_token = %(token)s, claimed_by = %(worker_id)s,
-    claimed_until = clock_timestamp() + make_interval(secs => %(staleness)s),
-    updated_at = clock_timestamp()
-FROM candidates c
-WHERE e.id = c.id
-RETURNING c.id, c.topic, c.partition_key, c.payload, c.headers, c.event_type, c.attempts, c.shard,
-          c.xid, c.created_epoch, c.created_iso;
+SELECT * FROM claimed
+UNION ALL
+SELECT * FROM candidates WHERE topic IS NULL;
 
 -- claim_locked_batch: lock mode; the row locks of this open transaction are the claim (no write)
--- Only rows whose writing transaction is older than every running one are taken, so a row that
--- commits late with a lower id is never passed over. The publisher workers' own transactions
--- (sessions named kaireon-pub:worker-*) are left out of that horizon: they update and delete
--- outbox rows but never insert one, and counting them made every worker's claim and mark hold
--- back the others' claims (twice the idle-load latency with two workers in the bench). The
--- lease rows are locked FOR KEY SHARE, so a new owner (FOR UPDATE SKIP LOCKED) cannot take a
--- shard in the middle of a claim, while the owner's lease keeper can still renew it (an update of
--- a non-key column does not conflict with that lock); an expired lease claims nothing. In lock mode the transaction stays open while the batch
--- is published and ends with mark_published_locked / delete_published_locked; a crash releases
--- the locks at once.
-WITH horizon AS MATERIALIZED (
-    SELECT coalesce(
-               (SELECT min(x) FROM pg_snapshot_xip(s.snap) AS x
-                WHERE x::xid NOT IN (SELECT a.backend_xid FROM pg_stat_activity a
-                                     WHERE a.backend_xid IS NOT NULL
-                                       AND a.application_name LIKE 'kaireon-pub:worker-%%')),
-               pg_snapshot_xmax(s.snap)) AS xmin,
-           clock_timestamp() AS now
-    FROM (SELECT pg_current_snapshot() AS snap) s
-), cursors AS MATERIALIZED (
+-- Only rows below the horizon (claim_horizon, computed just before: any transaction it waited
+-- for has ended by now, so their rows are visible) are taken, per shard from its cursor in
+-- (xid, id) order. The lease rows are locked FOR KEY SHARE, so a new owner (FOR UPDATE SKIP
+-- LOCKED) cannot take a shard in the middle of a claim, while the owner's lease keeper can still
+-- renew it (an update of a non-key column does not conflict with that lock); an expired lease
+-- claims nothing. Strict order: a row is held while an earlier row of its key is waiting for a
+-- retry or is in processing (claimed, its outcome unknown). The scan looks at no more than
+-- %(batch)s rows, held or not, so a held key with a long backlog costs a claim no more than a
+-- batch; the held rows are returned with a NULL topic, to move the cursor past them (the cursor
+-- goes back when the event they wait for settles). In lock mode the transaction stays open while
+-- the batch is published and ends with mark_published_locked / delete_published_locked; a crash
+-- releases the locks at once.
+WITH cursors AS MATERIALIZED (
     SELECT c.shard, c.cxid, c.cid, c.n
     FROM unnest(%(shards)s::smallint[], %(epochs)s::bigint[], %(cursor_xids)s::text[]::xid8[],
                 %(cursor_ids)s::bigint[]) WITH ORDINALITY AS c(shard, epoch, cxid, cid, n)
     JOIN outbox_shard_leases l ON l.shard = c.shard AND l.epoch = c.epoch
-    WHERE l.owner = %(worker_id)s AND l.expires_at > (SELECT now FROM horizon)
+    WHERE l.owner = %(worker_id)s AND l.expires_at > clock_timestamp()
     ORDER BY c.n
     FOR KEY SHARE OF l
-)
-SELECT e.id, e.topic, e.partition_key, e.payload::text AS payload, e.headers::text AS headers,
-       e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
-       extract(epoch FROM e.created_at)::float8 AS created_epoch,
-       to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_iso
-FROM cursors c
-CROSS JOIN LATERAL (
-    SELECT e.*
-    FROM outbox_events e
-    WHERE e.status = 'pending' AND e.shard = c.shard
-      AND (e.xid, e.id) > (c.cxid, c.cid)
-      AND e.xid < (SELECT xmin FROM horizon)
-      AND e.next_attempt_at <= (SELECT now FROM horizon)
-      AND (%(relaxed)s OR e.partition_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM outbox_events r
-            WHERE r.status = 'pending' AND r.attempts > 0 AND r.shard = e.shard
-              AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id)))
-    ORDER BY e.xid, e.id
+), scanned AS MATERIALIZED (
+    SELECT s.id, s.shard, s.xid, s.held
+    FROM cursors c
+    CROSS JOIN LATERAL (
+        SELECT e.id, e.shard, e.xid,
+               (NOT %(relaxed)s AND e.partition_key IS NOT NULL AND (
+                   EXISTS (SELECT 1 FROM outbox_events r
+                           WHERE r.status = 'pending' AND r.attempts > 0 AND r.shard = e.shard
+                             AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id))
+                   OR EXISTS (SELECT 1 FROM outbox_events r
+                              WHERE r.status = 'processing' AND r.shard = e.shard
+                                AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id))
+               )) AS held
+        FROM outbox_events e
+        WHERE e.status = 'pending' AND e.shard = c.shard
+          AND (e.xid, e.id) > (c.cxid, c.cid)
+          AND e.xid < %(horizon)s::text::xid8
+          AND e.next_attempt_at <= clock_timestamp()
+        ORDER BY e.xid, e.id
+        LIMIT %(batch)s
+    ) s
     LIMIT %(batch)s
+), locked AS MATERIALIZED (
+    SELECT e.id, e.topic, e.partition_key, coalesce(e.payload_bytes, convert_to(e.payload::text, 'UTF8')) AS payload, e.headers::text AS headers,
+           e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
+           extract(epoch FROM e.created_at)::float8 AS created_epoch,
+           to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_iso,
+           e.binary_headers::text AS binary_headers, e.partition_key_bytes AS key_bytes
+    FROM outbox_events e
+    WHERE e.id IN (SELECT id FROM scanned WHERE NOT held) AND e.status = 'pending'
     FOR UPDATE OF e SKIP LOCKED
-) e
-LIMIT %(batch)s;
+)
+SELECT * FROM locked
+UNION ALL
+SELECT s.id, NULL, NULL, NULL, NULL, NULL, NULL, s.shard, s.xid::text::bigint, NULL, NULL, NULL, NULL
+FROM scanned s WHERE s.held
 
 -- mark_published_locked: lock mode; delivered rows, inside the claiming transaction
 UPDATE outbox_events

@@ -143,6 +143,7 @@ def run_checks(env: Mapping[str, str] | None = None, *, topics: tuple[str, ...] 
             if _check_schema(report, conn):
                 pending_topics = [r[0] for r in conn.execute(OPS.pending_topics_sample,
                                                              {"limit": PENDING_TOPIC_SAMPLE}).fetchall()]
+                _check_horizon(report, conn, settings.horizon_max_wait_ms if settings else 5000)
     _check_broker_and_topics(report, kafka, secrets, topics, pending_topics, auto_create)
     for r in report.results:
         if r.status == "fail":
@@ -248,6 +249,28 @@ def _check_schema(report: Report, conn: psycopg.Connection) -> bool:
     newer = f" (the database is newer: {current})" if current > expected else ""
     report.add("schema", "ok", f"version {expected}{newer}; {len(tables)} tables and {len(indexes)} indexes present")
     return True
+
+
+def _check_horizon(report: Report, conn: psycopg.Connection, max_wait_ms: int) -> None:
+    """What holds the claim back: an open transaction of this database (within its bound) or a
+    prepared transaction that wrote the outbox; rows restored from another cluster."""
+    from kaireon_pub.db.queries import Q
+    from kaireon_pub.ops.status import horizon_holders
+
+    horizon = horizon_holders(conn, max_wait_ms)
+    foreign = conn.execute(Q.foreign_rows_count).fetchone()[0]
+    notes = []
+    for h in horizon["heldBy"]:
+        who = f"pid {h['pid']}" if "pid" in h else f"prepared transaction {h['gid']!r}"
+        age = "?" if h["ageSeconds"] is None else f"{h['ageSeconds']:g} s"
+        verb = "was passed over" if h["bypassed"] else "holds the claim"
+        notes.append(f"{who} (database {h['database']}, application {h['application'] or '-'}, open {age}) {verb}")
+    if foreign:
+        notes.append(f"{foreign} pending rows carry transaction ids from another cluster (re-stamped by worker 0)")
+    if not notes:
+        report.add("horizon", "ok", "no open transaction holds the claim back")
+    else:
+        report.add("horizon", "warn", "; ".join(notes))
 
 
 def _check_broker_and_topics(report: Report, kafka: Mapping[str, str], secrets: list[str],

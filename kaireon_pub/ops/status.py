@@ -24,6 +24,7 @@ import psycopg
 
 from kaireon_pub.db import migrate
 from kaireon_pub.db.connect import connect
+from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, new_error_id
 from kaireon_pub.ops.sql import OPS
 from kaireon_pub.reaper import redact
@@ -68,7 +69,7 @@ def run(settings: Settings, *, as_json: bool, echo: Callable[[str], None]) -> in
     try:
         with connect(settings, "status") as conn:
             migrate.require_current(conn)
-            doc = collect(conn)
+            doc = collect(conn, settings.horizon_max_wait_ms)
     except migrate.SchemaNotReady as exc:
         return migrate.report_not_ready(exc, "status")
     except psycopg.Error as exc:
@@ -81,7 +82,19 @@ def run(settings: Settings, *, as_json: bool, echo: Callable[[str], None]) -> in
     return ExitCode.OK
 
 
-def collect(conn: psycopg.Connection) -> dict[str, Any]:
+def horizon_holders(conn: psycopg.Connection, max_wait_ms: int) -> dict[str, Any]:
+    """What the claim horizon waits for now (or has passed over): the `horizon` of status --json."""
+    held_by = []
+    for pid, gid, database, application, bypassed, age in conn.execute(
+            Q.horizon_holders, {"max_wait_ms": max_wait_ms}).fetchall():
+        who: dict[str, Any] = {"pid": pid} if pid is not None else ({"gid": gid} if gid else {"pid": None})
+        held_by.append({**who, "database": database, "application": application,
+                        "ageSeconds": None if age is None else round(max(0.0, age), 1), "bypassed": bypassed})
+    waiting = [h["ageSeconds"] for h in held_by if not h["bypassed"] and h["ageSeconds"] is not None]
+    return {"ageSeconds": max(waiting) if waiting else None, "maxWaitMs": max_wait_ms, "heldBy": held_by}
+
+
+def collect(conn: psycopg.Connection, horizon_max_wait_ms: int = 5000) -> dict[str, Any]:
     """Every figure of `status`, as the JSON document `status --json` prints."""
     started = time.monotonic()
     counts = conn.execute(OPS.status_counts_capped, {"cap": STATUS_CAP}).fetchone()
@@ -99,6 +112,8 @@ def collect(conn: psycopg.Connection) -> dict[str, Any]:
     live_workers = conn.execute(OPS.live_workers).fetchone()[0]
     runs = conn.execute(OPS.recent_reaper_runs, {"limit": REAPER_RUNS}).fetchall()
     runs_hour, reset_hour = conn.execute(OPS.reaper_last_hour).fetchone()
+    horizon = horizon_holders(conn, horizon_max_wait_ms)
+    foreign = conn.execute(Q.foreign_rows_count).fetchone()[0]
 
     return {
         "backlog": {name: figure.as_json() for name, figure in backlog.items()},
@@ -106,6 +121,8 @@ def collect(conn: psycopg.Connection) -> dict[str, Any]:
             "ageSeconds": round(max(0.0, oldest[2]), 3), "eventId": oldest[1], "shard": oldest[0]},
         "publishedLastMinute": capped(published_minute, PUBLISHED_MINUTE_CAP).as_json(),
         "laggingShards": lagging,
+        "horizon": horizon,
+        "foreignRows": foreign,
         "failed": {
             **backlog["failed"].as_json(),
             "sampledNewest": ERROR_SAMPLE,
@@ -196,6 +213,21 @@ def render(doc: dict[str, Any]) -> str:
     lines.append(f"  oldest pending: {_age(oldest['ageSeconds'])} (event {oldest['eventId']}, shard {oldest['shard']})"
                  if oldest else "  oldest pending: none")
     lines.append(f"  published in the last minute: {_figure(doc['publishedLastMinute'])}")
+
+    horizon = doc["horizon"]
+    lines += ["", "What the claim waits for (transactions that may still write the outbox)"]
+    if not horizon["heldBy"]:
+        lines.append("  nothing: every open transaction of this database is past or cannot write the outbox")
+    for h in horizon["heldBy"]:
+        who = f"pid {h['pid']}" if "pid" in h else f"prepared transaction {h['gid']!r}"
+        state = (f"passed over after {horizon['maxWaitMs']} ms; its rows are published when it ends"
+                 if h["bypassed"] else "HOLDS publishing of every newer event")
+        age = _age(h["ageSeconds"]) if h["ageSeconds"] is not None else "?"
+        lines.append(f"  {who}  database {h['database']}  application {h['application'] or '-'}  "
+                     f"open {age}: {state}")
+    if doc["foreignRows"]:
+        lines.append(f"  {doc['foreignRows']:,} pending rows carry transaction ids from another cluster "
+                     "(a restore): worker 0 re-stamps them")
 
     lines += ["", "Most lagging shards (oldest pending first)"]
     if not doc["laggingShards"]:

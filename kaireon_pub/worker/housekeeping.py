@@ -90,3 +90,25 @@ async def purge_loop(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
             log.error(f"retention purge failed: {type(exc).__name__}: {exc}",
                       extra={"event": "purge failed", "errorId": new_error_id(), "isTransient": True})
         await asyncio.sleep(delay)
+
+
+async def foreign_rows_loop(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
+                            stopping: Callable[[], bool]) -> None:
+    """Rows restored from another cluster (their xid above this cluster's counter) are re-stamped
+    so that they publish: at start, then every OUTBOX_RESCAN_INTERVAL_MS."""
+    while not stopping():
+        try:
+            async with pool.connection() as conn:
+                cur = await conn.execute(Q.restamp_foreign_rows)
+                restamped = (await cur.fetchone())[0]
+                if restamped:
+                    await conn.execute(Q.notify_rescan)  # they now sort before the cursors
+            if restamped:
+                metrics.FOREIGN_RESTAMPED.inc(restamped)
+                log.warning("pending rows carried transaction ids from another cluster (a restore, COPY "
+                            "or replication); re-stamped to publish before the events written since",
+                            extra={"event": "foreign rows restamped", "count": restamped})
+        except Exception as exc:  # noqa: BLE001 - retried on the next pass
+            log.warning(f"re-stamping foreign rows failed: {type(exc).__name__}: {exc}",
+                        extra={"event": "foreign rows failed", "errorId": new_error_id(), "isTransient": True})
+        await asyncio.sleep(settings.rescan_interval_ms / 1000)

@@ -179,9 +179,24 @@ class LeaseKeeper:
                 finally:
                     self.batch_lock.release()
         elif len(leases.owned) < fair:
-            result.acquired, result.reset_rows = await leases.acquire(self.conn, fair - len(leases.owned))
+            wanted = fair - len(leases.owned)
+            result.acquired, result.reset_rows = await leases.acquire(self.conn, wanted)
+            if len(result.acquired) < wanted:
+                await self._end_frozen_owners()
         self._report(result)
         return len(leases.owned) < SHARDS // max(1, result.live_workers)
+
+    async def _end_frozen_owners(self) -> None:
+        """Shards this worker wants may be pinned by a frozen owner's lease locks: end those
+        sessions (the next round takes the shards)."""
+        cur = await self.conn.execute(Q.terminate_frozen_owners, {"worker_id": self.leases.worker_id})
+        ended = [(pid, name) for pid, name, terminated in await cur.fetchall() if terminated]
+        if ended:
+            metrics.FROZEN_OWNERS_TERMINATED.inc(len(ended))
+            log.warning("ended the sessions of an expired owner that still held lease locks (frozen mid-claim)",
+                        extra={"event": "frozen owner terminated", "pids": [p for p, _ in ended],
+                               "sessions": [n for _, n in ended]})
+            self.poke()
 
     def _report(self, result: RebalanceResult) -> None:
         if result.acquired:

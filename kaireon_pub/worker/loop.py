@@ -41,6 +41,7 @@ from kaireon_pub.worker.wake import Listener
 log = logging.getLogger("kaireon_pub.worker")
 
 ZERO_CURSOR = (0, 0)
+MAX_PASSED_OVER = 10_000  # passed-over transactions remembered one by one
 BROKER_WATCH_INTERVAL_S = 5.0
 BROKER_WATCH_TIMEOUT_S = 3.0
 MIGRATE_HINT = "the schema is missing or older than this version: run `kaireon-pub migrate`"
@@ -93,6 +94,9 @@ class Worker:
         self.kafka_stalls = 0
         self.last_error_id: str | None = None
         self.probe_database_first = False
+        self.claims_orphaned = False  # a claim failed on the connection: its outcome is unknown
+        self.passed_over: dict[int, float] = {}  # xids the horizon stopped waiting for -> when
+        self.session_tag = f"worker-{slot}.{worker_id.hex[:8]}"
         self.unsettled: tuple[uuid.UUID, list[Row], BatchOutcome] | None = None
         self.pool: psycopg_pool.AsyncConnectionPool | None = None
         self.publisher: Publisher | None = None
@@ -128,7 +132,7 @@ class Worker:
         async def connect() -> psycopg.AsyncConnection:
             return await psycopg.AsyncConnection.connect(
                 settings.database_url, autocommit=True,
-                **session_options(settings, f"worker-{self.slot}-{role}", publisher=True,
+                **session_options(settings, f"{self.session_tag}-{role}", publisher=True,
                                   statement_timeout_ms=statement_timeout_ms))
         return connect
 
@@ -138,12 +142,12 @@ class Worker:
         self.publisher = Publisher(s, client_id=f"kaireon-pub-{self.slot}")
         self.pool = psycopg_pool.AsyncConnectionPool(
             s.database_url, min_size=1, max_size=4, open=False, name=f"worker-{self.slot}",
-            kwargs={"autocommit": True, **session_options(s, f"worker-{self.slot}", publisher=True)},
+            # The session name carries the worker id, so a peer can tell this worker's sessions
+            # (kaireon-pub:worker-<slot>.<id>) and end them if it freezes holding lease locks.
+            kwargs={"autocommit": True, **session_options(s, self.session_tag, publisher=True)},
             timeout=5,
         )
         await self.pool.open(wait=False)
-        if self.dead_worker_ids:
-            await self._recover_dead_workers()
         self.tasks.append(asyncio.create_task(self.keeper.run(), name="lease-keeper"))
         self.tasks.append(asyncio.create_task(self._broker_watch(), name="broker-watch"))
         if self.slot == 0:
@@ -152,12 +156,17 @@ class Worker:
             if s.retention_seconds > 0:
                 self.tasks.append(asyncio.create_task(
                     housekeeping.purge_loop(s, self.pool, stopping, lambda: self.last_claim_full), name="purge"))
+            self.tasks.append(asyncio.create_task(housekeeping.foreign_rows_loop(s, self.pool, stopping),
+                                                  name="foreign-rows"))
         # The first lease round usually takes milliseconds; do not idle a poll interval before it.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.keeper.first_round.wait(), 5)
 
     async def _recover_dead_workers(self) -> None:
-        """Rows a crashed predecessor in this slot had claimed go back to pending at once."""
+        """Rows a crashed predecessor in this slot had claimed go back to pending at once.
+
+        Part of the tick, not of the boot: during a database outage it fails and is retried with
+        the tick's back-off, instead of counting as a boot failure (exit 4 after five)."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(Q.reset_worker_claims, {"worker_ids": self.dead_worker_ids})
             reset, released = await cur.fetchone()
@@ -230,6 +239,10 @@ class Worker:
             self.probe_database_first = False
         if self.unsettled:
             await self._settle_again()
+        if self.dead_worker_ids:
+            await self._recover_dead_workers()
+        if self.claims_orphaned:
+            await self._reset_orphaned_claims()
         if self.cut_off() <= time.monotonic():
             # No lease that holds (the first round failed, or renewals keep failing): a round of
             # our own, whose failure is this tick's, so the streak and the exit codes see it.
@@ -257,36 +270,95 @@ class Worker:
                 return await self._run_once_locked(params)
             token = uuid.uuid4()
             async with self.pool.connection() as conn:
-                cur = await conn.execute(Q.claim_batch, {**params, "token": token, "staleness": s.reaper_staleness_seconds})
-                rows = [Row(*r) for r in await cur.fetchall()]
-            self.last_claim_full = len(rows) >= s.batch_size
+                params["horizon"] = await self._horizon(conn)
+                try:
+                    cur = await conn.execute(Q.claim_batch, {**params, "token": token,
+                                                             "staleness": s.reaper_staleness_seconds})
+                    raw = await cur.fetchall()
+                except (psycopg.OperationalError, psycopg.InterfaceError):
+                    # The claim may have committed without its reply reaching us: its rows would sit
+                    # in processing under a token we never learnt. Reset them before the next claim.
+                    self.claims_orphaned = True
+                    raise
+            rows = self._take_claimed(raw)
             if not rows:
                 return TickResult()
-            self._advance_cursors(rows)
             outcome = await self._publish(rows)
             return await self._settle(token, rows, outcome)
 
     async def _run_once_locked(self, params: dict) -> TickResult:
         """Lock mode: one transaction per batch; its row locks are the claim, one write per event."""
         async with self.pool.connection() as conn:
+            params["horizon"] = await self._horizon(conn)
             async with conn.transaction():
                 cur = await conn.execute(Q.claim_locked_batch, params)
-                rows = [Row(*r) for r in await cur.fetchall()]
-                self.last_claim_full = len(rows) >= self.settings.batch_size
+                rows = self._take_claimed(await cur.fetchall())
                 if not rows:
                     return TickResult()
-                self._advance_cursors(rows)
                 outcome = await self._publish(rows)
                 result, retry_rows = await self._write_outcome(conn, None, rows, outcome)
         self._after_settle(rows, outcome, retry_rows, result)
         return result
 
-    def _advance_cursors(self, rows: list[Row]) -> None:
+    def _take_claimed(self, raw: list[tuple]) -> list[Row]:
+        """The claimed rows of a claim's result, in per-key order; the cursors move past every row
+        the claim looked at, also those it held back (a NULL topic): the cursor comes back to them
+        when the event they wait for settles."""
+        rows = [Row(*r) for r in raw if r[1] is not None]
         # Per-key order is (xid, id) within a shard; keys never span shards.
         rows.sort(key=Row.position.fget)
-        for row in rows:
-            if row.position > self.cursors.get(row.shard, ZERO_CURSOR):
-                self.cursors[row.shard] = row.position
+        scanned = len(raw)
+        self.last_claim_full = scanned >= self.settings.batch_size
+        for r in raw:
+            shard, position = r[7], (r[8], r[0])
+            if position > self.cursors.get(shard, ZERO_CURSOR):
+                self.cursors[shard] = position
+        return rows
+
+    async def _horizon(self, conn: psycopg.AsyncConnection) -> str:
+        """The claim horizon now; remembers the transactions it stopped waiting for, and rescans
+        from the xid of each of those that has ended since."""
+        cur = await conn.execute(Q.claim_horizon, {"max_wait_ms": self.settings.horizon_max_wait_ms,
+                                                   "remembered": list(self.passed_over)})
+        horizon, held_for, bypassed, ended = await cur.fetchone()
+        metrics.HORIZON_AGE.set(max(0.0, held_for or 0.0))
+        for xid in ended:
+            # Its rows (if it committed any) sit behind the cursors: look again from its xid.
+            self.passed_over.pop(xid, None)
+            for shard in list(self.cursors):
+                self._rewind(shard, (xid, 0))
+        fresh = [xid for xid in bypassed if xid not in self.passed_over]
+        if fresh:
+            await self._passed_over_now(conn, fresh)
+        return str(horizon)
+
+    async def _passed_over_now(self, conn: psycopg.AsyncConnection, xids: list[int]) -> None:
+        if len(self.passed_over) + len(xids) > MAX_PASSED_OVER:
+            # Too many to track one by one: a full rescan of every shard finds their rows.
+            self.passed_over.clear()
+            self.next_full_rescan = time.monotonic()
+        now = time.monotonic()
+        for xid in xids:
+            self.passed_over[xid] = now
+        metrics.HORIZON_BYPASSED.inc(len(xids))
+        cur = await conn.execute(Q.horizon_holders, {"max_wait_ms": self.settings.horizon_max_wait_ms})
+        holders = [h for h in await cur.fetchall() if h[4]]
+        for pid, gid, database, application, _bypassed, age in holders[:5]:
+            log.warning("the claim stopped waiting for a transaction open longer than OUTBOX_HORIZON_MAX_WAIT_MS; "
+                        "its rows are published when it ends", extra={
+                            "event": "horizon bypass", "xids": xids, "pid": pid, "gid": gid,
+                            "database": database, "application": application,
+                            "ageSeconds": round(age or 0.0, 1)})
+
+    async def _reset_orphaned_claims(self) -> None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(Q.reset_own_claims, {"worker_id": self.worker_id})
+            reset = (await cur.fetchone())[0]
+        self.claims_orphaned = False
+        if reset:
+            self.cursors.clear()  # they are back in pending, behind the cursors
+            log.warning("reset this worker's rows left in processing by a claim whose reply was lost",
+                        extra={"event": "orphaned claims reset", "count": reset, "errorId": self.last_error_id})
 
     async def _publish(self, rows: list[Row]) -> BatchOutcome:
         metrics.IN_FLIGHT.inc(len(rows))

@@ -23,6 +23,7 @@ recreate the producer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import threading
@@ -137,7 +138,7 @@ def classify(err: KafkaError) -> str:
     return "retry"
 
 
-def _load_json(text: str) -> Any:
+def _load_json(text: str | bytes) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -151,27 +152,81 @@ def _json_text(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def record_headers(row: Row) -> list[tuple[str, bytes]]:
-    """The record's headers: event-id, event-type, created-at, then the row's own.
+def _is_json(value: bytes) -> bool:
+    try:
+        _load_json(value)
+    except ValueError:  # orjson's and json's decode errors, and bytes that are not UTF-8
+        return False
+    return True
 
-    A string value is sent as its UTF-8 bytes; any other JSON value as its compact JSON text.
-    Raises PoisonRow when the row's headers are not a JSON object (plain SQL can write that).
+
+def _own_headers(row: Row) -> list[tuple[str, bytes]]:
+    """The event's own headers: str values as UTF-8, bytes values exactly.
+
+    A non-string JSON value (written by plain SQL, or before str-only headers were enforced) is
+    sent as its compact JSON text. Raises PoisonRow when either header column is not a JSON object.
+    """
+    headers: list[tuple[str, bytes]] = []
+    if row.headers != "{}":
+        try:
+            extra = _load_json(row.headers)
+        except ValueError as exc:
+            raise PoisonRow(f"headers are not valid JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise PoisonRow(f"headers must be a JSON object, found a JSON {type(extra).__name__}")
+        for name, value in extra.items():
+            headers.append((name, value.encode() if isinstance(value, str) else _json_text(value)))
+    if row.binary_headers != "{}":
+        try:
+            binary = _load_json(row.binary_headers)
+        except ValueError as exc:
+            raise PoisonRow(f"binary_headers are not valid JSON: {exc}") from None
+        if not isinstance(binary, dict):
+            raise PoisonRow(f"binary_headers must be a JSON object, found a JSON {type(binary).__name__}")
+        for name, value in binary.items():
+            try:
+                headers.append((name, base64.b64decode(value, validate=True)))
+            except (TypeError, ValueError):
+                raise PoisonRow(f"binary header {name!r} is not base64 text") from None
+    return headers
+
+
+def record_headers(row: Row, cloudevents_source: str | None = None) -> list[tuple[str, bytes]]:
+    """The record's headers: event-id, event-type, created-at, the CloudEvents attributes when
+    `cloudevents_source` is given, then the event's own headers.
+
+    CloudEvents binary content mode (the Kafka protocol binding): ce_specversion 1.0, ce_id (the
+    event id), ce_source, ce_type (the event type, else the topic), ce_time (created-at) and, when
+    the record has a value, content-type (application/json when the value is JSON, else
+    application/octet-stream). An attribute the event carries itself as a header (any case) is
+    left to it: that is how an application sets its content-type, say application/avro.
     """
     headers = [("event-id", str(row.id).encode())]
     if row.event_type:
         headers.append(("event-type", row.event_type.encode()))
     headers.append(("created-at", row.created_iso.encode()))
-    if row.headers == "{}":
-        return headers
-    try:
-        extra = _load_json(row.headers)
-    except ValueError as exc:
-        raise PoisonRow(f"headers are not valid JSON: {exc}") from None
-    if not isinstance(extra, dict):
-        raise PoisonRow(f"headers must be a JSON object, found a JSON {type(extra).__name__}")
-    for name, value in extra.items():
-        headers.append((name, value.encode() if isinstance(value, str) else _json_text(value)))
-    return headers
+    own = _own_headers(row)
+    if cloudevents_source is not None:
+        given = {name.lower() for name, _ in own}
+        attributes = [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", str(row.id).encode()),
+            ("ce_source", cloudevents_source.encode()),
+            ("ce_type", (row.event_type or row.topic).encode()),
+            ("ce_time", row.created_iso.encode()),
+        ]
+        if row.payload is not None:
+            kind = "application/json" if _is_json(row.payload) else "application/octet-stream"
+            attributes.append(("content-type", kind.encode()))
+        headers += [(name, value) for name, value in attributes if name not in given]
+    return headers + own
+
+
+def record_key(row: Row) -> bytes | None:
+    """The record's key: the exact bytes the application gave, or the key's UTF-8."""
+    if row.key_bytes is not None:
+        return bytes(row.key_bytes)
+    return row.key.encode() if row.key is not None else None
 
 
 class _Batch:
@@ -361,9 +416,9 @@ class Publisher:
         """Hand one row to librdkafka; False when it was not (its fate is then in `batch.out`)."""
         out = batch.out
         try:
-            headers = record_headers(row)
-            value = row.payload.encode()
-            key = row.key.encode() if row.key is not None else None
+            headers = record_headers(row, self.settings.cloudevents_source if self.settings.cloudevents else None)
+            value = row.payload  # bytes, or None: a tombstone
+            key = record_key(row)
         except PoisonRow as exc:
             out.rejected[row.id] = str(exc)
             return False

@@ -11,19 +11,23 @@ from typing import NamedTuple
 
 
 class Row(NamedTuple):
-    """One claimed outbox row, in the column order of the claim queries' RETURNING lists."""
+    """One claimed outbox row, in the column order of claim_locked_batch's SELECT list (which
+    claim_batch returns as it is). The worker loop reads shard and xid by position (7, 8): new
+    columns go at the end."""
 
     id: int
     topic: str
-    key: str | None
-    payload: str  # the jsonb value rendered as text
-    headers: str  # the jsonb headers rendered as text
+    key: str | None  # partition_key: the key's text ('\\x' + hex when key_bytes is set)
+    payload: bytes | None  # the record's value; None: a tombstone
+    headers: str  # the str-valued headers, a JSON object as text (older rows: any JSON value)
     event_type: str | None
     attempts: int
     shard: int
     xid: int
     created_epoch: float
     created_iso: str
+    binary_headers: str = "{}"  # the bytes-valued headers: a JSON object of base64 text
+    key_bytes: bytes | None = None  # the record's exact key when it is not text
 
     @property
     def position(self) -> tuple[int, int]:

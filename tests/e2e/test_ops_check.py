@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -35,13 +36,13 @@ def test_check_passes_on_a_good_setup(tier_env, broker, topic, db):
     db.execute("INSERT INTO outbox_events (topic, payload) VALUES (%s, '{}')", (topic,))
     code, checks, _ = check(tier_env, "--topic", topic, "--no-auto-create")
     assert code == 0, checks
-    assert [c["status"] for c in checks.values()] == ["ok"] * 7
-    assert list(checks) == ["settings", "producer", "timeouts", "database", "schema", "broker", "topics"]
+    assert [c["status"] for c in checks.values()] == ["ok"] * 8
+    assert list(checks) == ["settings", "producer", "timeouts", "database", "schema", "horizon", "broker", "topics"]
     assert topic in checks["topics"]["detail"]
 
     done = helpers.run_cli("check", "--topic", topic, "--no-auto-create", env=tier_env)
     assert done.returncode == 0
-    assert done.stdout.splitlines()[-1] == "check passed: 7 checks"
+    assert done.stdout.splitlines()[-1] == "check passed: 8 checks"
 
 
 def test_check_fails_on_an_unreachable_database(tier_env):
@@ -123,3 +124,17 @@ def test_check_fails_on_an_unreachable_broker(tier_env):
     assert code == 1
     assert checks["broker"]["status"] == "fail" and "unreachable at 127.0.0.1:1" in checks["broker"]["detail"]
     assert checks["topics"]["status"] == "skip"
+
+
+def test_check_names_the_open_transaction_that_holds_the_claim(tier_env, db_url, db):
+    with psycopg.connect(db_url, application_name="billing-batch") as holder:
+        holder.execute("SELECT pg_current_xact_id()")  # an open writing transaction
+        pid = holder.info.backend_pid
+        # A newer event commits: it is what the open transaction holds back.
+        db.execute("INSERT INTO outbox_events (topic, payload) VALUES ('t', '{}')")
+        code, checks, _ = check(tier_env)
+        holder.rollback()
+    assert checks["horizon"]["status"] == "warn"
+    assert f"pid {pid}" in checks["horizon"]["detail"]
+    assert "application billing-batch" in checks["horizon"]["detail"]
+    assert "holds the claim" in checks["horizon"]["detail"]

@@ -14,7 +14,12 @@ def lease_all(conn) -> dict[int, int]:
     return {s: e for s, e in conn.execute(Q.acquire_leases, {"worker_id": WORKER, "n": 256, "ttl": 60}).fetchall()}
 
 
-def claim(conn, leases, *, relaxed=False, cursors=None, batch=100, worker=WORKER):
+def horizon(conn, max_wait_ms=60_000) -> str:
+    return str(conn.execute(Q.claim_horizon, {"max_wait_ms": max_wait_ms, "remembered": []}).fetchone()[0])
+
+
+def claim(conn, leases, *, relaxed=False, cursors=None, batch=100, worker=WORKER, held=False):
+    """The ids claimed (or, held=True, the ids the claim held back for strict order)."""
     shards = sorted(leases)
     cursors = cursors or {}
     rows = conn.execute(Q.claim_batch, {
@@ -22,8 +27,9 @@ def claim(conn, leases, *, relaxed=False, cursors=None, batch=100, worker=WORKER
         "cursor_xids": [str(cursors.get(s, (0, 0))[0]) for s in shards],
         "cursor_ids": [cursors.get(s, (0, 0))[1] for s in shards],
         "worker_id": worker, "relaxed": relaxed, "batch": batch, "token": uuid.uuid4(), "staleness": 300,
+        "horizon": horizon(conn),
     }).fetchall()
-    return sorted(r[0] for r in rows)
+    return sorted(r[0] for r in rows if (r[1] is None) == held)
 
 
 def insert(conn, key, **cols) -> int:
@@ -51,6 +57,7 @@ def test_strict_order_holds_a_key_behind_its_retrying_event(db):
     later_same_key = insert(db, "poison")
     other_key = insert(db, "healthy")
     assert claim(db, leases) == [other_key]
+    assert claim(db, leases, held=True) == [later_same_key]  # returned to move the cursor past it
     assert retrying and later_same_key
     # Relaxed ordering lets the later event of the key through.
     assert claim(db, leases, relaxed=True) == [later_same_key]
@@ -84,6 +91,65 @@ def test_mark_lands_only_with_the_claim_token(db):
     db.execute(Q.claim_batch, {
         "shards": shards, "epochs": [leases[s] for s in shards], "cursor_xids": ["0"] * len(shards),
         "cursor_ids": [0] * len(shards), "worker_id": WORKER, "relaxed": False, "batch": 10,
-        "token": token, "staleness": 300})
+        "token": token, "staleness": 300, "horizon": horizon(db)})
     assert db.execute(Q.mark_published, {"ids": [event], "token": uuid.uuid4()}).rowcount == 0
     assert db.execute(Q.mark_published, {"ids": [event], "token": token}).rowcount == 1
+
+
+def test_strict_order_holds_a_key_behind_its_row_in_processing(db):
+    # A claim whose reply was lost, or a previous owner's batch: the row is in processing and its
+    # outcome unknown, so the later rows of its key wait.
+    leases = lease_all(db)
+    insert(db, "k", status="processing", claimed_by=uuid.uuid4())
+    later = insert(db, "k")
+    other = insert(db, "other")
+    assert claim(db, leases) == [other]
+    assert claim(db, leases, held=True) == [later]
+
+
+def test_a_transaction_of_another_database_does_not_hold_the_horizon(pg, db_url, db):
+    leases = lease_all(db)
+    name = f"kaireon_other_{uuid.uuid4().hex[:8]}"
+    other_url = pg.create_database(name)
+    try:
+        with psycopg.connect(other_url) as other:
+            other.execute("SELECT pg_current_xact_id()")  # a writing transaction, left open
+            event = insert(db, "k")
+            assert claim(db, leases) == [event]
+            other.rollback()
+    finally:
+        pg.drop_database(name)
+
+
+def test_a_same_database_transaction_holds_the_horizon_only_up_to_the_bound(db_url, db):
+    leases = lease_all(db)
+    with psycopg.connect(db_url) as idle:
+        idle.execute("SELECT pg_current_xact_id()")  # has an xid, never writes the outbox
+        event = insert(db, "k")
+        assert claim(db, leases) == []  # waited for: it might still insert an outbox row
+        held_for, bypassed = db.execute(Q.claim_horizon, {"max_wait_ms": 100_000, "remembered": []}).fetchone()[1:3]
+        assert held_for >= 0 and bypassed == []
+        db.execute("SELECT pg_sleep(0.3)")
+        row = db.execute(Q.claim_horizon, {"max_wait_ms": 200, "remembered": []}).fetchone()
+        assert len(row[2]) == 1  # passed over, to be remembered
+        xid = row[2][0]
+        shards = sorted(leases)
+        claimed = db.execute(Q.claim_batch, {
+            "shards": shards, "epochs": [leases[s] for s in shards], "cursor_xids": ["0"] * len(shards),
+            "cursor_ids": [0] * len(shards), "worker_id": WORKER, "relaxed": False, "batch": 10,
+            "token": uuid.uuid4(), "staleness": 300, "horizon": str(row[0])}).fetchall()
+        assert [r[0] for r in claimed] == [event]
+        assert db.execute(Q.claim_horizon, {"max_wait_ms": 200, "remembered": [xid]}).fetchone()[3] == []
+        idle.rollback()
+    assert db.execute(Q.claim_horizon, {"max_wait_ms": 200, "remembered": [xid]}).fetchone()[3] == [xid]
+
+
+def test_rows_from_another_cluster_are_restamped_before_the_newer_events(db):
+    high = [insert(db, f"k{i % 3}", xid="9000000000") for i in range(3)]
+    higher = insert(db, "k0", xid="9000000005")
+    newer = insert(db, "k0")
+    assert db.execute(Q.foreign_rows_count).fetchone()[0] == 4
+    assert db.execute(Q.restamp_foreign_rows).fetchone()[0] == 4
+    order = [r[0] for r in db.execute("SELECT id FROM outbox_events WHERE partition_key = 'k0' ORDER BY xid, id")]
+    assert order == [high[0], higher, newer]
+    assert db.execute(Q.foreign_rows_count).fetchone()[0] == 0

@@ -14,15 +14,21 @@ def count(db) -> int:
     return db.execute("SELECT count(*) FROM outbox_events").fetchone()[0]
 
 
+def stored(db, event_id: int) -> tuple:
+    """(payload jsonb, payload_bytes, partition_key, partition_key_bytes, headers, binary_headers)."""
+    return db.execute("SELECT payload, payload_bytes, partition_key, partition_key_bytes, headers, binary_headers "
+                      "FROM outbox_events WHERE id = %s", (event_id,)).fetchone()
+
+
 def test_enqueue_writes_in_the_callers_transaction(db_url, db):
     with psycopg.connect(db_url) as conn:
         event_id = enqueue(conn, topic="orders", key="o-1", payload={"total": 12},
                            headers={"traceparent": "00-abc-def-01"}, event_type="order.created")
         assert count(db) == 0  # not visible before the caller commits
         conn.commit()
-    row = db.execute("SELECT topic, partition_key, payload, headers, event_type, status FROM outbox_events WHERE id = %s",
-                     (event_id,)).fetchone()
-    assert row == ("orders", "o-1", {"total": 12}, {"traceparent": "00-abc-def-01"}, "order.created", "pending")
+    row = db.execute("SELECT topic, partition_key, payload_bytes, headers, event_type, status FROM outbox_events "
+                     "WHERE id = %s", (event_id,)).fetchone()
+    assert row == ("orders", "o-1", b'{"total":12}', {"traceparent": "00-abc-def-01"}, "order.created", "pending")
 
 
 def test_rollback_leaves_nothing(db_url, db):
@@ -32,22 +38,72 @@ def test_rollback_leaves_nothing(db_url, db):
     assert count(db) == 0
 
 
-def test_json_text_is_stored_as_given(db_url, db):
+# ---- payloads: the bytes given, kept ---------------------------------------------------------
+
+ALL_BYTES = bytes(range(256))
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    ({"b": 1, "a": [2, 1]}, b'{"b":1,"a":[2,1]}'),  # orjson.dumps: the dict's own key order
+    ('{"b": 1,  "a":\t[2 , 1] }\n', b'{"b": 1,  "a":\t[2 , 1] }\n'),  # a str: its UTF-8, whitespace and all
+    ('{"a": 1, "a": 2}', b'{"a": 1, "a": 2}'),  # jsonb would keep one of the two
+    ("plain text, not JSON: \u00e9", "plain text, not JSON: \u00e9".encode()),
+    (ALL_BYTES, ALL_BYTES),
+    (bytearray(b"\x00\x01"), b"\x00\x01"),
+    (memoryview(b"\x00\x02"), b"\x00\x02"),
+    ({"s": "a\x00b"}, b'{"s":"a\\u0000b"}'),  # a NUL in a string: bytea holds its escape
+    (42, b"42"),
+    ("null", b"null"),  # JSON null is spelt out; None is a tombstone
+    (b"", b""),
+])
+def test_the_payload_is_stored_as_the_bytes_given(db_url, db, payload, expected):
     with psycopg.connect(db_url, autocommit=True) as conn:
-        event_id = enqueue(conn, topic="t", key=None, payload='{"raw": [1, 2]}')
-    assert db.execute("SELECT payload FROM outbox_events WHERE id = %s", (event_id,)).fetchone()[0] == {"raw": [1, 2]}
+        one = enqueue(conn, topic="t", key="k", payload=payload)
+        [many] = enqueue_many(conn, [Event("t", "k", payload)])
+    for event_id in (one, many):
+        legacy, value, *_ = stored(db, event_id)
+        assert legacy is None
+        assert value == expected
 
 
-@pytest.mark.parametrize(
-    ("payload", "message"),
-    [({"when": object()}, "not JSON-serialisable"), ("{not json", "not valid JSON"), ({"x": "a" * 2000}, "above the maximum")],
-)
+def test_none_is_a_tombstone_not_json_null(db_url, db):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        one = enqueue(conn, topic="t", key="k", payload=None)
+        [many] = enqueue_many(conn, [Event("t", "k", None)])
+    for event_id in (one, many):
+        assert stored(db, event_id)[:2] == (None, None)
+
+
+def test_operators_read_json_payloads_through_the_view(db_url, db):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        as_dict = enqueue(conn, topic="t", key="k", payload={"order": {"id": 7}})
+        avro = enqueue(conn, topic="t", key="k", payload=b"\x00\x00\x00\x00\x01\x0eorder-7")
+        latin1 = enqueue(conn, topic="t", key="k", payload=b"\xe9t\xe9")
+        tombstone = enqueue(conn, topic="t", key=b"\xff", payload=None)
+    # and a row written the old way, by plain SQL: jsonb
+    legacy = db.execute("INSERT INTO outbox_events (topic, partition_key, payload) "
+                        "VALUES ('t', 'k', '{\"b\": 1, \"a\": 2}') RETURNING id").fetchone()[0]
+    rows = dict((r[0], r[1:]) for r in db.execute(
+        "SELECT id, payload_json->'order'->>'id', payload_json, value, key FROM outbox_events_json"))
+    assert rows[as_dict][0] == "7"
+    assert rows[avro][1] is None and rows[avro][2] == b"\x00\x00\x00\x00\x01\x0eorder-7"
+    assert rows[latin1][1] is None
+    assert rows[tombstone][1:] == (None, None, b"\xff")
+    assert rows[legacy][1:] == ({"a": 2, "b": 1}, b'{"a": 2, "b": 1}', b"k")  # what it publishes: payload::text
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ({"when": object()}, "not bytes, a str or a JSON-serialisable value"),
+    ({"x": "a" * 2000}, r"2008 bytes, above the maximum of 1000"),
+    (b"\x00" * 1001, r"1001 bytes, above the maximum of 1000"),
+    ("\u00e9" * 501, r"1002 bytes, above the maximum of 1000"),  # the limit counts the UTF-8 bytes
+])
 def test_bad_payload_raises_before_anything_is_written(db_url, db, payload, message):
     with psycopg.connect(db_url) as conn:
         with pytest.raises(PayloadError, match=message):
             enqueue(conn, topic="t", key="k", payload=payload, max_payload_bytes=1000)
         # The caller's transaction is still usable: nothing was sent.
-        enqueue(conn, topic="t", key="k", payload={"ok": True})
+        enqueue(conn, topic="t", key="k", payload=b"\x00" * 1000, max_payload_bytes=1000)
         conn.commit()
     assert count(db) == 1
 
@@ -59,20 +115,22 @@ def test_enqueue_many_is_all_or_nothing_and_ordered(db_url, db):
         ids = enqueue_many(conn, [Event("t", "k", {"i": i}) for i in range(50)])
         conn.commit()
     assert ids == sorted(ids) and len(ids) == 50
-    payloads = [r[0]["i"] for r in db.execute("SELECT payload FROM outbox_events ORDER BY id")]
+    payloads = [orjson.loads(r[0])["i"] for r in db.execute("SELECT payload_bytes FROM outbox_events ORDER BY id")]
     assert payloads == list(range(50))
 
 
 def test_async_connections(db_url, db):
     async def main():
         async with await psycopg.AsyncConnection.connect(db_url) as conn:
-            one = await enqueue(conn, topic="t", key="a", payload={"n": 1})
-            many = await enqueue_many(conn, [Event("t", "a", {"n": 2}), Event("t", "a", {"n": 3})])
+            one = await enqueue(conn, topic="t", key=b"\xfe", payload=b"\x01", headers={"sig": b"\x00\xff"})
+            many = await enqueue_many(conn, [Event("t", b"\xfe", None), Event("t", b"\xfe", {"n": 3})])
             await conn.commit()
             return [one, *many]
 
     ids = asyncio.run(main())
-    assert len(ids) == 3 and count(db) == 3
+    assert [stored(db, i)[1:4] for i in ids] == [(b"\x01", "\\xfe", b"\xfe"), (None, "\\xfe", b"\xfe"),
+                                                 (b'{"n":3}', "\\xfe", b"\xfe")]
+    assert stored(db, ids[0])[5] == {"sig": "AP8="}
 
 
 def test_same_key_same_shard(db_url, db):
@@ -94,10 +152,23 @@ def test_an_int_key_is_stored_as_its_decimal_text_and_is_the_same_key_as_that_te
     assert len(shards) == 1
 
 
-@pytest.mark.parametrize("key", [True, 4.2, b"k", ("a",)])
+def test_bytes_keys_that_are_text_are_that_text_and_others_are_kept_exactly(db_url, db):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        as_text = enqueue(conn, topic="t", key=b"customer-\xc3\xa9", payload={})
+        as_str = enqueue(conn, topic="t", key="customer-\u00e9", payload={})
+        binary = enqueue(conn, topic="t", key=b"\x00\xffid", payload={})
+        [binary_too] = enqueue_many(conn, [Event("t", bytearray(b"\x00\xffid"), {})])
+    assert stored(db, as_text)[2:4] == ("customer-\u00e9", None)
+    assert stored(db, binary)[2:4] == ("\\x00ff6964", b"\x00\xffid")
+    assert stored(db, binary_too)[2:4] == ("\\x00ff6964", b"\x00\xffid")
+    shard = dict(db.execute("SELECT id, shard FROM outbox_events").fetchall())
+    assert shard[as_text] == shard[as_str] and shard[binary] == shard[binary_too]
+
+
+@pytest.mark.parametrize("key", [True, 4.2, ("a",), ["a"]])
 def test_a_key_of_another_type_is_refused_naming_the_topic(db_url, db, key):
     with psycopg.connect(db_url) as conn:
-        with pytest.raises(PayloadError, match=r"key for topic 'orders\.v1' must be a str, an int or None"):
+        with pytest.raises(PayloadError, match=r"key for topic 'orders\.v1' must be a str, bytes, an int or None"):
             enqueue(conn, topic="orders.v1", key=key, payload={})
         with pytest.raises(PayloadError, match="orders.v1"):
             enqueue_many(conn, [Event("orders.v1", key, {})])
@@ -123,42 +194,35 @@ def test_a_nul_in_a_text_field_is_a_payload_error_and_the_transaction_stays_usab
     assert count(db) == 1
 
 
-# ---- \u0000: the NUL character versus the text backslash-u0000 -------------------------------
+# ---- headers: str values in headers, bytes values in binary_headers -----------------------------
 
-LITERAL = "C:\\u0000\\dir"  # a backslash, then u0000: ordinary text
-
-
-@pytest.mark.parametrize("payload", [
-    {"path": LITERAL},
-    {LITERAL: 1},
-    [LITERAL, "\\\\u0000"],  # also two backslashes before u0000
-    '{"path": "C:\\\\u0000\\\\dir"}',  # the same as JSON text
-])
-def test_the_text_backslash_u0000_is_stored(db_url, db, payload):
+def test_str_header_values_go_to_headers_and_bytes_values_to_binary_headers(db_url, db):
     with psycopg.connect(db_url, autocommit=True) as conn:
-        event_id = enqueue(conn, topic="t", key="k", payload=payload)
-    stored = db.execute("SELECT payload FROM outbox_events WHERE id = %s", (event_id,)).fetchone()[0]
-    expected = orjson.loads(payload) if isinstance(payload, str) else payload
-    assert stored == expected
+        event_id = enqueue(conn, topic="t", key="k", payload={},
+                           headers={"traceparent": "00-ab-cd-01", "sig": b"\x00\x01\xfe\xff", "nul": b"x\x00y",
+                                    "empty": b""})
+    *_, headers, binary = stored(db, event_id)
+    assert headers == {"traceparent": "00-ab-cd-01"}
+    assert binary == {"sig": "AAH+/w==", "nul": "eAB5", "empty": ""}
 
 
-@pytest.mark.parametrize("payload", [
-    {"s": "a\x00b"},
-    {"a\x00": 1},
-    '{"s": "a\\u0000b"}',  # JSON text with the \u0000 escape
-    '{"s": "a\\\\\\u0000b"}',  # an escaped backslash, then the \u0000 escape
-])
-def test_the_nul_character_is_refused_before_the_database_sees_it(db_url, db, payload):
+@pytest.mark.parametrize("headers", [{"n": 1}, {"ok": True}, {"nested": {"a": "b"}}, {1: "x"}])
+def test_a_header_value_that_is_not_str_or_bytes_is_refused(db_url, db, headers):
     with psycopg.connect(db_url) as conn:
-        with pytest.raises(PayloadError, match=r"topic 't' holds a NUL character"):
-            enqueue(conn, topic="t", key="k", payload=payload)
-        enqueue(conn, topic="t", key="k", payload={"ok": True})
-        conn.commit()
-    assert count(db) == 1
+        with pytest.raises(PayloadError, match="topic 't'"):
+            enqueue(conn, topic="t", key="k", payload={}, headers=headers)
+    assert count(db) == 0
 
 
-def test_postgresql_jsonb_refuses_the_nul_escape_and_stores_the_escaped_backslash(db):
-    # What the checks above mirror.
+def test_plain_sql_cannot_write_binary_headers_that_are_not_an_object(db):
+    with pytest.raises(psycopg.errors.CheckViolation, match="outbox_events_binary_headers_is_object"):
+        db.execute("INSERT INTO outbox_events (topic, payload_bytes, binary_headers) VALUES ('t', '', '[1]')")
+    with pytest.raises(psycopg.errors.CheckViolation, match="outbox_events_one_payload"):
+        db.execute("INSERT INTO outbox_events (topic, payload, payload_bytes) VALUES ('t', '{}', 'x')")
+
+
+def test_postgresql_jsonb_refuses_the_nul_escape(db):
+    # Why a str header value may not hold NUL (give it as bytes): headers are jsonb.
     assert db.execute("SELECT %s::jsonb", ('"\\\\u0000"',)).fetchone()[0] == "\\u0000"
     with pytest.raises(psycopg.errors.UntranslatableCharacter):
         db.execute("SELECT %s::jsonb", ('"\\u0000"',))

@@ -1,0 +1,646 @@
+"""The claim at the edges (issue 13): no stall without an end, rows from anywhere, no frozen peer
+that pins a shard, no claim left behind by a lost reply, no exit during a database outage.
+
+Faults are made from outside, as an operator would meet them: transactions left open (in another
+database of the cluster, in the outbox's own), prepared transactions left dangling, rows with an
+xid from another cluster written by plain SQL, a worker process frozen (SIGSTOP) while the server
+sends it a large claim, the tier's database connections through a proxy that drops replies and
+resets, the tier's own database server stopped while workers are killed. The proof is what a user
+sees: events on the topic (event-id header), rows in the table, `status --json`, `check --json`,
+log lines and metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from kaireon_pub import Event, enqueue, enqueue_many
+from kaireon_pub.db.migrate import migrate
+from tests.conftest import TEMPLATE
+from tests.faults import StoppablePostgres, database_proxy
+from tests.helpers import (
+    Load,
+    TopicReader,
+    assert_per_key_order,
+    event_ids,
+    metric_value,
+    status_counts,
+    tier_env,
+    wait_for,
+)
+
+# A committed event reaches the topic within this when nothing holds the claim back (poll 200 ms).
+TAIL = 5.0
+HORIZON_MAX_WAIT_MS = 4000
+BOUND = HORIZON_MAX_WAIT_MS / 1000
+
+
+# ---- fixtures --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def other_db(pg):
+    """Another database of the same cluster, with an outbox of its own (another application)."""
+    name = f"kaireon_other_{uuid.uuid4().hex[:8]}"
+    url = pg.create_database(name, template=TEMPLATE)
+    yield name, url
+    pg.drop_database(name)
+
+
+@pytest.fixture
+def two_phase(pg):
+    with psycopg.connect(pg.admin_url) as conn:
+        allowed = int(conn.execute("SHOW max_prepared_transactions").fetchone()[0])
+    if allowed == 0:
+        pytest.skip("the test server has max_prepared_transactions = 0: prepared transactions are off "
+                    "(the embedded server gets 8; set it on KAIREON_TEST_DATABASE_URL's server)")
+
+
+@pytest.fixture
+def prepared(two_phase, db_url, other_db):
+    """prepared(url) -> a fresh gid; every one still prepared at teardown is rolled back (before
+    the databases are dropped: a prepared transaction keeps its database from being dropped)."""
+    made: list[tuple[str, str]] = []
+
+    def new(url: str) -> str:
+        gid = f"kaireon-test-{uuid.uuid4().hex[:10]}"
+        made.append((url, gid))
+        return gid
+
+    yield new
+    for url, gid in made:
+        with psycopg.connect(url, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,)).fetchone():
+                conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+
+
+@pytest.fixture
+def private_pg():
+    """A PostgreSQL server of the test's own, with a migrated database, that the test may stop."""
+    server = StoppablePostgres()
+    url = server.create_database("outbox")
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate(conn)
+    server.outbox_url = url
+    yield server
+    server.close()
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def commit(db_url: str, topic: str, n: int, *, keys: int, phase: str, key_prefix: str = "k") -> list[int]:
+    with psycopg.connect(db_url) as conn:
+        ids = enqueue_many(conn, [Event(topic, f"{key_prefix}{i % keys}", {"phase": phase, "i": i}) for i in range(n)])
+        conn.commit()
+    return ids
+
+
+def row_summary(db_url: str) -> dict[str, object]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        retried = conn.execute("SELECT count(*) FROM outbox_events WHERE attempts > 0").fetchone()[0]
+    return {"status": status_counts(db_url), "withAttempts": retried}
+
+
+def wait_published(db_url: str, ids: list[int], timeout: float, what: str) -> None:
+    def done() -> bool:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM outbox_events WHERE id = ANY(%s) AND status = 'published'",
+                                (ids,)).fetchone()[0] == len(ids)
+    try:
+        wait_for(done, timeout, what, interval=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; rows: {row_summary(db_url)}") from None
+
+
+def wait_all_published(db_url: str, n: int, timeout: float, what: str) -> None:
+    try:
+        wait_for(lambda: status_counts(db_url) == {"published": n}, timeout, what, interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; rows: {row_summary(db_url)}") from None
+
+
+def read_ids(bootstrap: str, topic: str, ids: list[int], timeout: float) -> list:
+    reader = TopicReader(bootstrap, topic)
+    try:
+        wanted = set(ids)
+        try:
+            return list(reader.read_until(lambda msgs: wanted <= set(event_ids(msgs)), timeout))
+        except AssertionError as exc:
+            missing = sorted(wanted - set(event_ids(reader.messages)))
+            raise AssertionError(f"{exc}; {len(missing)} of {len(wanted)} events missing, e.g. {missing[:10]}") from None
+    finally:
+        reader.close()
+
+
+def cli_json(env: dict[str, str], *commands: tuple[str, ...], timeout: float = 30) -> list[dict]:
+    """Run CLI commands (e.g. ("status", "--json")) side by side; their JSON documents, in order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "kaireon_pub", *args], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    docs = []
+    for args, proc in zip(commands, procs, strict=True):
+        out, err = proc.communicate(timeout=timeout)
+        assert "Traceback" not in err, f"{' '.join(args)}: {err}"
+        try:
+            docs.append(json.loads(out))
+        except ValueError:
+            raise AssertionError(f"{' '.join(args)} exited {proc.returncode} without JSON: {out!r} {err[-2000:]}") from None
+    return docs
+
+
+def ops_env(db_url: str, bootstrap: str, tmp_path) -> dict[str, str]:
+    return tier_env(db_url, bootstrap, tmp_path, OUTBOX_HORIZON_MAX_WAIT_MS=str(HORIZON_MAX_WAIT_MS))
+
+
+def holders(status_doc: dict) -> list[dict]:
+    assert "horizon" in status_doc, f"status --json has no horizon: {sorted(status_doc)}"
+    return status_doc["horizon"]["heldBy"]
+
+
+def database_of(url: str) -> str:
+    return psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+
+
+def ts(line: dict) -> float:
+    return datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).timestamp()
+
+
+def started_tier(run_tier, env: dict[str, str], db_url: str, topic: str) -> object:
+    """A tier that has published a first event (it claims, its producer is connected)."""
+    tier = run_tier(env)
+    warm = commit(db_url, topic, 1, keys=1, phase="warm-up", key_prefix="warm-")
+    try:
+        wait_published(db_url, warm, 30, "the warm-up event published")
+    except AssertionError:
+        errors = [line for line in tier.logs() if line.get("level") in ("ERROR", "CRITICAL")][:3]
+        raise AssertionError(f"the tier did not start publishing (exit {tier.proc.poll()}): {errors}") from None
+    return tier
+
+
+# ---- transactions that cannot write the outbox never hold it -----------------------------------------
+
+
+def test_a_writing_transaction_open_in_another_database_for_30s_does_not_delay_publishing(
+        db_url, other_db, broker, topic, tmp_path, run_tier):
+    other_name, other_url = other_db
+    env = ops_env(db_url, broker.bootstrap, tmp_path)
+    tier = started_tier(run_tier, env, db_url, topic)
+    published: list[int] = []
+    with psycopg.connect(other_url, application_name="other-app") as other:
+        # Another application's outbox write in another database of the cluster: it has an xid
+        # older than every event below, and stays open for 30 s.
+        enqueue(other, topic="other-topic", key="x", payload={"other": True})
+        other_pid = other.execute("SELECT pg_backend_pid()").fetchone()[0]
+        opened = time.monotonic()
+        round_no = 0
+        while time.monotonic() - opened < 30:
+            ids = commit(db_url, topic, 10, keys=5, phase=f"round-{round_no}")
+            wait_published(db_url, ids, TAIL, f"events committed {time.monotonic() - opened:.0f} s into a "
+                                              f"transaction of database {other_name} published within {TAIL} s")
+            published += ids
+            if round_no == 0:
+                (doc,) = cli_json(env, ("status", "--json"))
+                named = [h for h in holders(doc) if h.get("pid") == other_pid or h.get("database") == other_name]
+                assert named == [], f"status names another database's transaction as holding the claim: {named}"
+            round_no += 1
+            # The fault itself: the other transaction stays open 30 s; a round every 5 s meanwhile.
+            threading.Event().wait(max(0.0, min(5.0 * round_no, 30.0) - (time.monotonic() - opened)))
+        other.rollback()
+    assert round_no >= 6
+    messages = read_ids(broker.bootstrap, topic, published, 30)
+    assert_per_key_order(messages)
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
+def test_a_dangling_prepared_transaction_in_another_database_does_not_delay_publishing(
+        db_url, other_db, prepared, broker, topic, tmp_path, run_tier):
+    other_name, other_url = other_db
+    env = ops_env(db_url, broker.bootstrap, tmp_path)
+    tier = started_tier(run_tier, env, db_url, topic)
+    gid = prepared(other_url)
+    with contextlib.closing(psycopg.connect(other_url)) as other:  # closed, not committed: it stays prepared
+        # Prepared, holding a lock on that database's outbox_events; nobody will finish it.
+        other.tpc_begin(gid)
+        enqueue(other, topic="other-topic", key="x", payload={"other": True})
+        other.tpc_prepare()
+    opened = time.monotonic()
+    published: list[int] = []
+    for round_no in range(4):
+        ids = commit(db_url, topic, 10, keys=5, phase=f"round-{round_no}")
+        wait_published(db_url, ids, TAIL, f"events committed {time.monotonic() - opened:.0f} s after a prepared "
+                                          f"transaction was left in database {other_name}, published within {TAIL} s")
+        published += ids
+        if round_no == 0:
+            (doc,) = cli_json(env, ("status", "--json"))
+            named = [h for h in holders(doc) if h.get("gid") == gid]
+            assert named == [], f"status names another database's prepared transaction as holding the claim: {named}"
+        # The fault itself: the prepared transaction stays; a round every 4 s past the bound.
+        threading.Event().wait(max(0.0, 4.0 * (round_no + 1) - (time.monotonic() - opened)))
+    messages = read_ids(broker.bootstrap, topic, published, 30)
+    assert_per_key_order(messages)
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
+# ---- a transaction of the outbox's own database holds the claim, but not for ever ---------------------
+
+
+def test_a_same_database_transaction_that_never_writes_holds_publishing_at_most_the_bound(
+        db_url, broker, topic, tmp_path, run_tier):
+    env = ops_env(db_url, broker.bootstrap, tmp_path)
+    tier = started_tier(run_tier, env, db_url, topic)
+    port = tier.http_port()
+    with psycopg.connect(db_url, application_name="report-job") as holder:
+        # A transaction that takes an xid (it writes something else) and then does nothing.
+        holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+        holder_xid = int(holder.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+        opened = time.monotonic()
+        behind = commit(db_url, topic, 10, keys=5, phase="behind")
+        status_doc, check_doc = cli_json(env, ("status", "--json"), ("check", "--json"))
+        asked_after = time.monotonic() - opened
+        still_pending = status_counts(db_url).get("pending", 0)
+        age_gauge = metric_value(port, "kaireon_outbox_horizon_age_seconds")
+
+        # It holds publishing at most for the bound: the events behind it reach the topic then.
+        wait_published(db_url, behind, BOUND + TAIL - (time.monotonic() - opened),
+                       f"events committed behind an open same-database transaction published within "
+                       f"{BOUND:g} s (OUTBOX_HORIZON_MAX_WAIT_MS) + {TAIL:g} s")
+        assert asked_after < BOUND, f"status and check took {asked_after:.1f} s: not inside the bound"
+
+        # While it held (within the bound), status and check named it, and nothing behind it was published.
+        assert still_pending == 10, f"published before the bound: {status_counts(db_url)}"
+        named = [h for h in holders(status_doc) if h.get("pid") == holder_pid]
+        assert len(named) == 1, f"status --json does not name the holder (pid {holder_pid}): {status_doc['horizon']}"
+        (entry,) = named
+        assert entry["database"] == database_of(db_url)
+        assert entry["application"] == "report-job"
+        assert entry["bypassed"] is False
+        assert 0 < entry["ageSeconds"] < BOUND + 2
+        assert isinstance(status_doc["horizon"]["ageSeconds"], float) and status_doc["horizon"]["ageSeconds"] > 0
+        checks = {c["name"]: c for c in check_doc["checks"]}
+        assert "horizon" in checks, f"check --json has no horizon check: {list(checks)}"
+        assert str(holder_pid) in checks["horizon"]["detail"] and "report-job" in checks["horizon"]["detail"], \
+            checks["horizon"]
+        assert age_gauge is not None and age_gauge > 0, f"kaireon_outbox_horizon_age_seconds = {age_gauge} while held"
+
+        # Passed over: logged with what it is, counted, and the claim waits for nothing any more.
+        line = tier.wait_log(lambda e: e.get("event") == "horizon bypass" and e.get("pid") == holder_pid, 5,
+                             "the horizon bypass logged")
+        assert int(line["xid"]) == holder_xid
+        assert line["database"] == database_of(db_url) and line["application"] == "report-job"
+        assert line["ageSeconds"] >= BOUND - 0.5
+        assert (metric_value(port, "kaireon_outbox_horizon_bypassed_total") or 0) >= 1
+        wait_for(lambda: metric_value(port, "kaireon_outbox_horizon_age_seconds") == 0, 10,
+                 "kaireon_outbox_horizon_age_seconds back to 0 once the transaction is passed over")
+        later = commit(db_url, topic, 10, keys=5, phase="later")
+        wait_published(db_url, later, TAIL, "events committed after the bypass published within the tail")
+        (status_doc,) = cli_json(env, ("status", "--json"))
+        assert [h["bypassed"] for h in holders(status_doc) if h.get("pid") == holder_pid] == [True], status_doc["horizon"]
+        holder.rollback()
+    messages = read_ids(broker.bootstrap, topic, behind + later, 30)
+    assert_per_key_order(messages)
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
+def test_a_same_database_transaction_that_writes_after_the_bound_has_its_row_published_when_it_commits(
+        db_url, broker, topic, tmp_path, run_tier):
+    # The periodic rescan is far away: the row must be found because its transaction was remembered.
+    env = {**ops_env(db_url, broker.bootstrap, tmp_path), "OUTBOX_RESCAN_INTERVAL_MS": "600000"}
+    tier = started_tier(run_tier, env, db_url, topic)
+    with psycopg.connect(db_url, application_name="slow-writer") as writer:
+        writer.execute("SELECT pg_current_xact_id()")  # it takes its xid long before its outbox row
+        opened = time.monotonic()
+        during = commit(db_url, topic, 10, keys=5, phase="during")
+        wait_published(db_url, during, BOUND + TAIL, f"events committed behind the open writer published within "
+                                                     f"{BOUND:g} s (OUTBOX_HORIZON_MAX_WAIT_MS) + {TAIL:g} s")
+        # The fault itself: the writer stays open past the bound before it writes its row.
+        threading.Event().wait(max(0.0, BOUND + 1 - (time.monotonic() - opened)))
+        late = enqueue(writer, topic=topic, key="late-writer", payload={"late": True})
+        writer.commit()
+    wait_published(db_url, [late], TAIL, "the late writer's row published within the tail after it committed")
+    after = commit(db_url, topic, 5, keys=5, phase="after")
+    wait_published(db_url, after, TAIL, "events after it published")
+    messages = read_ids(broker.bootstrap, topic, [*during, late, *after], 30)
+    assert_per_key_order(messages)
+    assert status_counts(db_url) == {"published": 17}
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
+def test_a_same_database_prepared_transaction_that_wrote_the_outbox_holds_up_to_the_bound_and_is_named(
+        db_url, prepared, broker, topic, tmp_path, run_tier):
+    env = {**ops_env(db_url, broker.bootstrap, tmp_path), "OUTBOX_RESCAN_INTERVAL_MS": "600000"}
+    tier = started_tier(run_tier, env, db_url, topic)
+    gid = prepared(db_url)
+    with contextlib.closing(psycopg.connect(db_url, application_name="xa-app")) as app:
+        app.tpc_begin(gid)
+        in_doubt = enqueue(app, topic=topic, key="two-phase", payload={"prepared": True})
+        app.tpc_prepare()
+    prepared_at = time.monotonic()
+    behind = commit(db_url, topic, 10, keys=5, phase="behind")
+    status_doc, check_doc = cli_json(env, ("status", "--json"), ("check", "--json"))
+    asked_after = time.monotonic() - prepared_at
+    still_pending = status_counts(db_url).get("pending", 0)
+
+    wait_published(db_url, behind, BOUND + TAIL - (time.monotonic() - prepared_at),
+                   f"events committed behind a prepared transaction of the outbox's database published within "
+                   f"{BOUND:g} s (OUTBOX_HORIZON_MAX_WAIT_MS) + {TAIL:g} s")
+    assert asked_after < BOUND, f"status and check took {asked_after:.1f} s: not inside the bound"
+    # It can still commit an outbox row: within the bound it holds, and is named by its gid.
+    assert still_pending == 10, f"published before the bound: {status_counts(db_url)}"
+    named = [h for h in holders(status_doc) if h.get("gid") == gid]
+    assert len(named) == 1, f"status --json does not name the prepared transaction {gid}: {status_doc['horizon']}"
+    (entry,) = named
+    assert entry["database"] == database_of(db_url)
+    assert entry["bypassed"] is False and 0 < entry["ageSeconds"] < BOUND + 2
+    checks = {c["name"]: c for c in check_doc["checks"]}
+    assert "horizon" in checks, f"check --json has no horizon check: {list(checks)}"
+    assert gid in checks["horizon"]["detail"], checks["horizon"]
+    line = tier.wait_log(lambda e: e.get("event") == "horizon bypass" and e.get("gid") == gid, 5,
+                         "the bypass of the prepared transaction logged")
+    assert line["database"] == database_of(db_url)
+
+    # Committed at last (COMMIT PREPARED): its row is found and published.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("COMMIT PREPARED {}").format(sql.Literal(gid)))
+    wait_published(db_url, [in_doubt], TAIL, "the prepared transaction's row published within the tail of its commit")
+    read_ids(broker.bootstrap, topic, [*behind, in_doubt], 30)
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
+# ---- rows from another cluster ---------------------------------------------------------------------------
+
+
+def insert_foreign(db_url: str, topic: str, n: int, *, keys: int, key_prefix: str, base_xid: int) -> list[int]:
+    """Rows as a restore from a cluster with a higher transaction counter writes them: an explicit
+    xid far above this cluster's, in (xid, id) order."""
+    with psycopg.connect(db_url) as conn:
+        ids = [conn.execute(
+            "INSERT INTO outbox_events (topic, partition_key, payload, xid) VALUES (%s, %s, %s, %s::text::xid8) "
+            "RETURNING id", (topic, f"{key_prefix}{i % keys}", json.dumps({"restored": i}), str(base_xid + i)),
+        ).fetchone()[0] for i in range(n)]
+        conn.commit()
+    return ids
+
+
+def above_counter(db_url: str) -> int:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM outbox_events "
+                            "WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())").fetchone()[0]
+
+
+def test_rows_with_an_xid_above_the_counter_are_published_per_key_before_newer_events(
+        db_url, broker, topic, tmp_path, run_tier):
+    restored = insert_foreign(db_url, topic, 50, keys=10, key_prefix="acct-", base_xid=9_000_000_000)
+    newer = commit(db_url, topic, 50, keys=10, phase="after-restore", key_prefix="acct-")
+    assert above_counter(db_url) == 50
+    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_RESCAN_INTERVAL_MS="3000")
+    tier = run_tier(env)
+    wait_published(db_url, restored + newer, 30, "the 50 restored rows and the 50 newer events published")
+    messages = read_ids(broker.bootstrap, topic, restored + newer, 30)
+    # Per key, the restored rows (committed first, lower ids) are published before the newer ones.
+    assert_per_key_order(messages)
+    first = {}
+    for msg in messages:
+        first.setdefault(int(dict(msg.headers())["event-id"]), len(first))
+    for key in range(10):
+        last_restored = max(first[i] for i in restored[key::10])
+        first_newer = min(first[i] for i in newer[key::10])
+        assert last_restored < first_newer, f"key acct-{key}: a newer event overtook the restored rows"
+    line = tier.wait_log(lambda e: e.get("event") == "foreign rows restamped", 5, "the restamp logged")
+    assert line["count"] == 50
+    assert above_counter(db_url) == 0
+
+    # Found again by the periodic rescan while the tier runs.
+    lines_before = len(tier.logs())
+    again = insert_foreign(db_url, topic, 20, keys=4, key_prefix="late-restore-", base_xid=9_500_000_000)
+    wait_published(db_url, again, 3 + TAIL + 2, "rows restored while the tier runs published after a rescan")
+    line = tier.wait_log(lambda e: e.get("event") == "foreign rows restamped" and e.get("count") == 20, 5,
+                         "the second restamp logged")
+    assert tier.logs().index(line) >= lines_before
+    assert above_counter(db_url) == 0
+    read_ids(broker.bootstrap, topic, again, 30)
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
+# ---- a frozen peer does not pin its shards ----------------------------------------------------------------
+
+
+def test_a_worker_frozen_mid_claim_loses_its_shards_within_twice_the_ttl(db_url, broker, topic, tmp_path, run_tier):
+    ttl = 4
+    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2", OUTBOX_LEASE_TTL_SECONDS=str(ttl),
+                   OUTBOX_BATCH_SIZE="10000", OUTBOX_WORKER_TIMEOUT_SECONDS="120")
+    tier = run_tier(env)
+    with psycopg.connect(db_url, autocommit=True) as db:
+        def owners() -> dict[str, int]:
+            return dict(db.execute("SELECT owner::text, count(*) FROM outbox_shard_leases "
+                                   "WHERE owner IS NOT NULL AND expires_at > clock_timestamp() GROUP BY owner").fetchall())
+        wait_for(lambda: sorted(owners().values()) == [128, 128], 30, "256 shards split between 2 workers", interval=0.2)
+        frozen_id, frozen_pid = db.execute(
+            "SELECT worker_id::text, pid FROM outbox_workers WHERE slot = 1 AND expires_at > clock_timestamp()").fetchone()
+        assert tier.worker_pids()[1] == frozen_pid
+        shards = [r[0] for r in db.execute("SELECT shard FROM outbox_shard_leases WHERE owner = %s ORDER BY shard",
+                                           (frozen_id,))]
+
+        # A gate: one of worker 1's lease rows locked, so its next claim waits on the server...
+        gate = psycopg.connect(db_url, application_name="test-gate")
+        gate.execute("SELECT 1 FROM outbox_shard_leases WHERE shard = %s FOR UPDATE", (shards[0],))
+        # ...for 4,000 events of 2.5 kB in its shards (a 10 MB claim result), in one transaction.
+        db.execute("""
+            WITH keys AS (
+                SELECT 'big-' || g AS k FROM generate_series(1, 100000) AS g
+                WHERE (hashtextextended('big-' || g, 0) & 255) = ANY(%(shards)s::int[]) LIMIT 400
+            )
+            INSERT INTO outbox_events (topic, partition_key, payload)
+            SELECT %(topic)s, k, jsonb_build_object('n', n, 'pad', repeat('x', 2500))
+            FROM keys, generate_series(1, 10) AS n""", {"shards": shards, "topic": topic})
+        db.execute("SELECT pg_notify('kaireon_outbox', '')")
+        total = db.execute("SELECT count(*) FROM outbox_events WHERE topic = %s", (topic,)).fetchone()[0]
+        assert total == 4000
+
+        def worker1_claim(wait_event_type: str | None = None, wait_event: str | None = None):
+            return db.execute("""
+                SELECT pid FROM pg_stat_activity
+                WHERE application_name ~ '^kaireon-pub:worker-1(\\.[0-9a-f]{8})?$' AND state = 'active'
+                  AND query LIKE '%%outbox_events%%'
+                  AND (%(type)s::text IS NULL OR wait_event_type = %(type)s)
+                  AND (%(event)s::text IS NULL OR wait_event = %(event)s)""",
+                              {"type": wait_event_type, "event": wait_event}).fetchone()
+
+        (backend,) = wait_for(lambda: worker1_claim("Lock"), 10, "worker 1's claim waiting on the gate")
+        os.kill(frozen_pid, signal.SIGSTOP)  # frozen: it will read nothing of the claim's result
+        try:
+            gate.commit()
+            gate.close()
+            wait_for(lambda: worker1_claim("Client", "ClientWrite"), 10,
+                     "the frozen worker's claim blocked sending its result (ClientWrite)")
+            holding = db.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND granted "
+                                 "AND locktype = 'relation' AND relation = 'outbox_shard_leases'::regclass",
+                                 (backend,)).fetchone()[0]
+            assert holding > 0, "the frozen claim holds no lock on outbox_shard_leases"
+            expires_in = db.execute("SELECT extract(epoch FROM max(expires_at) - clock_timestamp())::float8 "
+                                    "FROM outbox_shard_leases WHERE owner = %s", (frozen_id,)).fetchone()[0]
+            expired_at = time.monotonic() + max(0.0, expires_in)
+
+            def taken() -> bool:
+                live = owners()
+                return len(live) == 1 and next(iter(live.values())) == 256 and frozen_id not in live
+            try:
+                wait_for(taken, max(0.0, expires_in) + 2 * ttl, "every shard owned by the live worker", interval=0.2)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {2 * ttl} s after the frozen worker's leases expired, leases are "
+                                     f"{owners()} (frozen worker {frozen_id[:8]})") from None
+            took = time.monotonic() - expired_at
+            line = tier.wait_log(lambda e: e.get("event") == "frozen owner terminated", 5, "the termination logged")
+            assert line["pid"] == backend, line
+            wait_all_published(db_url, 4001, 60, "the 4,000 events of the frozen worker's shards published")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen_pid, signal.SIGCONT)
+    assert took <= 2 * ttl
+    with psycopg.connect(db_url, autocommit=True) as db:
+        ids = [r[0] for r in db.execute("SELECT id FROM outbox_events WHERE topic = %s", (topic,))]
+    read_ids(broker.bootstrap, topic, ids, 60)
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
+# ---- a claim whose reply is lost ----------------------------------------------------------------------------
+
+
+def orphan_a_claim(db: psycopg.Connection, proxy, cycle: int) -> datetime:
+    """Drop the server's replies until a claim has committed behind them, then reset every
+    connection: the worker never learns that claim's outcome. Returns when (database clock)."""
+    for _attempt in range(20):
+        since = db.execute("SELECT clock_timestamp()").fetchone()[0]
+        proxy.set_mode("drop-replies")
+        try:
+            # A claim committed after the drop began: its reply is lost. (If the worker was waiting
+            # for another reply, a mark's, there is no claim: reset, and try again.)
+            wait_for(lambda s=since: db.execute(
+                "SELECT count(*) FROM outbox_events WHERE status = 'processing' AND updated_at > %s",
+                (s,)).fetchone()[0], 2, "a claim committed behind dropped replies")
+        except AssertionError:
+            continue
+        finally:
+            proxy.set_mode("reset")
+            reset_at = db.execute("SELECT clock_timestamp()").fetchone()[0]
+            proxy.set_mode("pass")
+        return reset_at
+    raise AssertionError(f"no claim committed behind dropped replies in 20 attempts (cycle {cycle})")
+
+
+def test_a_lost_claim_reply_leaves_no_row_in_processing(db_url, broker, topic, tmp_path, run_tier):
+    proxy, proxied_url = database_proxy(db_url)
+    try:
+        # Far from the reaper: only the worker itself can return what it claimed.
+        env = tier_env(proxied_url, broker.bootstrap, tmp_path, OUTBOX_BATCH_SIZE="20",
+                       OUTBOX_REAPER_STALENESS_SECONDS="600", OUTBOX_RESCAN_INTERVAL_MS="600000")
+        tier = started_tier(run_tier, env, db_url, topic)
+        with psycopg.connect(db_url, autocommit=True) as db, Load(db_url, topic, per_tx=10, pause=0.02, keys=20) as load:
+            def published() -> int:
+                return status_counts(db_url).get("published", 0)
+
+            for cycle in range(3):
+                wait_for(lambda: len(load.committed) > 0 and status_counts(db_url).get("pending", 0) > 0, 10,
+                         "events waiting to be claimed")
+                reset_at = orphan_a_claim(db, proxy, cycle)
+                orphaned = db.execute("SELECT count(*) FROM outbox_events WHERE status = 'processing' "
+                                      "AND updated_at <= %s", (reset_at,)).fetchone()[0]
+                try:
+                    wait_for(lambda r=reset_at: db.execute(
+                        "SELECT count(*) FROM outbox_events WHERE status = 'processing' AND updated_at <= %s",
+                        (r,)).fetchone()[0] == 0, 10, "rows claimed before the reset back out of processing")
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc} ({orphaned} were; rows: {row_summary(db_url)})") from None
+                # Plain resets while batches flow.
+                for _ in range(3):
+                    before = published()
+                    wait_for(lambda b=before: published() > b, 20, "batches flowing again")
+                    proxy.set_mode("reset")
+                    proxy.set_mode("pass")
+            committed = load.stop()
+        wait_all_published(db_url, len(committed) + 1, 60, "every committed event published after the resets")
+        line = tier.wait_log(lambda e: e.get("event") == "orphaned claims reset", 5, "the orphaned claims reset logged")
+        assert line["count"] >= 1
+        messages = read_ids(broker.bootstrap, topic, committed, 60)
+        assert_per_key_order(messages)
+        assert tier.proc.poll() is None, "the tier stopped"
+        assert tier.stop() == 0
+    finally:
+        proxy.close()
+
+
+# ---- worker deaths during a database outage ---------------------------------------------------------------
+
+
+def test_six_worker_deaths_during_a_40s_database_outage_leave_the_tier_running(
+        private_pg, broker, topic, tmp_path, run_tier):
+    db_url = private_pg.outbox_url
+    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2")
+    liveness = env["OUTBOX_LIVENESS_FILE"]
+    tier = started_tier(run_tier, env, db_url, topic)
+    before = commit(db_url, topic, 50, keys=10, phase="before")
+    wait_published(db_url, before, 30, "the first 50 published")
+    just_before = commit(db_url, topic, 20, keys=10, phase="just-before")
+
+    def spawned(slot: int, pid: int) -> dict:
+        return next(line for line in tier.logs()
+                    if line.get("event") == "worker spawned" and line["slot"] == slot and line["workerPid"] == pid)
+
+    def alive_and_beating(slot: int, pid: int) -> bool:
+        """The worker heart-beats (the supervisor touched the liveness file after spawning it)."""
+        with contextlib.suppress(FileNotFoundError):
+            return os.stat(liveness).st_mtime > ts(spawned(slot, pid))
+        return False
+
+    def exited() -> str | None:
+        if tier.proc.poll() is None:
+            return None
+        fatal = [line.get("msg") for line in tier.logs() if line.get("level") in ("ERROR", "CRITICAL")][-3:]
+        return f"the tier exited with code {tier.proc.returncode}: {fatal}"
+
+    private_pg.stop_server()
+    outage_started = time.monotonic()
+    for kill in range(6):
+        slot = kill % 2
+        pid = tier.worker_pids()[slot]
+        wait_for(lambda s=slot, p=pid: exited() or alive_and_beating(s, p), 35,
+                 f"worker {slot} (pid {pid}) heart-beating before kill {kill + 1}")
+        assert exited() is None, f"{exited()} (during the outage, after {kill} kills)"
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda s=slot, p=pid: exited() or tier.worker_pids().get(s) not in (None, p), 20,
+                 f"worker {slot} respawned after kill {kill + 1}")
+        assert exited() is None, f"{exited()} (during the outage, after {kill + 1} kills)"
+    # The fault itself: the database stays down 40 s in all.
+    threading.Event().wait(max(0.0, 40 - (time.monotonic() - outage_started)))
+    for slot, pid in tier.worker_pids().items():
+        wait_for(lambda s=slot, p=pid: exited() or alive_and_beating(s, p), 35, f"worker {slot} heart-beating")
+    assert exited() is None, f"{exited()} (at the end of the outage)"
+    private_pg.start_server()
+
+    after = commit(db_url, topic, 30, keys=10, phase="after")
+    wait_all_published(db_url, 1 + 50 + 20 + 30, 45, "every event committed before and after the outage published")
+    messages = read_ids(broker.bootstrap, topic, before + just_before + after, 30)
+    assert_per_key_order(messages)
+    kills = [line for line in tier.logs() if line.get("event") == "worker exited" and line.get("exitCode") == -9]
+    assert len(kills) == 6, kills
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0

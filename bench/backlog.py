@@ -1,5 +1,9 @@
 """Backlogs written in bulk (INSERT … SELECT generate_series), ~300 B payloads over 1,000 keys.
 
+The rows are written as enqueue() writes them since migration 0003 (payload_bytes), with the
+bytes a jsonb payload of the same content rendered to before (so a before/after comparison sends
+the same values to the broker).
+
 The payload carries hex digests so that lz4 cannot shrink it to nothing, as it would a padding
 of one repeated character: the broker side then pays for real bytes.
 """
@@ -13,11 +17,11 @@ import psycopg
 KEYS = 1000
 
 _INSERT = """
-INSERT INTO outbox_events (topic, partition_key, payload, event_type {extra_cols})
+INSERT INTO outbox_events (topic, partition_key, payload_bytes, event_type {extra_cols})
 SELECT %(topic)s, 'agg-' || (g %% %(keys)s),
-       jsonb_build_object('n', g, 'aggregate', 'agg-' || (g %% %(keys)s), 'data',
+       convert_to(jsonb_build_object('n', g, 'aggregate', 'agg-' || (g %% %(keys)s), 'data',
            md5(g::text) || md5((g + 1)::text) || md5((g + 2)::text) || md5((g + 3)::text) ||
-           md5((g + 4)::text) || md5((g + 5)::text) || md5((g + 6)::text) || md5((g + 7)::text)),
+           md5((g + 4)::text) || md5((g + 5)::text) || md5((g + 6)::text) || md5((g + 7)::text))::text, 'UTF8'),
        'bench.event' {extra_vals}
 FROM generate_series(%(start)s::bigint, %(end)s::bigint) g
 """

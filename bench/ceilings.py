@@ -42,8 +42,9 @@ WITH horizon AS MATERIALIZED (  -- the tier's horizon (see claim_locked_batch), 
          WITH ORDINALITY AS c(shard, cxid, cid, n)
     ORDER BY c.n
 )
-SELECT e.id, e.topic, e.partition_key, e.payload::text, e.headers::text, e.event_type, e.attempts,
-       e.shard, e.xid::text::bigint, extract(epoch FROM e.created_at)::float8
+SELECT e.id, e.topic, e.partition_key, coalesce(e.payload_bytes, convert_to(e.payload::text, 'UTF8')),
+       e.headers::text, e.event_type, e.attempts, e.shard, e.xid::text::bigint,
+       extract(epoch FROM e.created_at)::float8, e.binary_headers::text, e.partition_key_bytes
 FROM cursors c
 CROSS JOIN LATERAL (
     SELECT * FROM outbox_events e

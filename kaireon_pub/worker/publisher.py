@@ -2,8 +2,9 @@
 
 Each event ends the batch in exactly one bucket:
 - delivered: the broker acknowledged it (mark published);
-- rejected: the event's own permanent fault, e.g. too large for the broker, headers that are not
-  a JSON object, an invalid topic name (mark failed now);
+- rejected: the event's own permanent fault, e.g. too large for the broker, headers (or
+  binary_headers) that are not a JSON object, a binary header value that is not base64, an
+  invalid topic name (mark failed now);
 - retry: a per-event error of unknown kind (attempts + 1, exponential back-off);
 - released: not the event's fault (broker down, timeout, a producer that must be recreated, the
   drain or lease deadline, or held back behind a rejected event of the same key): back to

@@ -84,6 +84,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OUTBOX_PURGE_INTERVAL_SECONDS", "60", "Pause between purge passes. 1..86400."),
     Setting("OUTBOX_STATEMENT_TIMEOUT_MS", "30000", "statement_timeout of the tier's database sessions. 100..600000."),
     Setting("OUTBOX_SYNCHRONOUS_COMMIT", "off", "synchronous_commit of the workers' sessions (claims, marks, leases). off: a database crash may undo the last moments of marks, and those events are published again; on: every batch waits for two WAL flushes. off | local | remote_write | on | remote_apply."),
+    Setting("OUTBOX_POOL_MODE", "session", "session: DATABASE_URL reaches PostgreSQL or a session pooler (session settings, LISTEN, prepared statements); transaction: DATABASE_URL is a transaction pooler such as PgBouncer pool_mode=transaction (no prepared statements, session settings re-applied in every transaction, LISTEN only on OUTBOX_LISTEN_DATABASE_URL). session | transaction."),
+    Setting("OUTBOX_LISTEN_DATABASE_URL", "", "Connection string of a session to the server itself, for LISTEN (and `migrate`) when DATABASE_URL is a transaction pooler; empty: LISTEN on DATABASE_URL in session mode, polling every OUTBOX_POLL_INTERVAL_MS in transaction mode."),
     Setting("OUTBOX_HTTP_HOST", "0.0.0.0", "Address of /metrics, /healthz, /readyz and the cron route."),
     Setting("OUTBOX_HTTP_PORT", "9464", "Port of the HTTP server; 0 picks a free port (logged as `http listening`). 0..65535."),
     Setting("OUTBOX_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
@@ -92,6 +94,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SYNCHRONOUS_COMMIT_LEVELS = ("off", "local", "remote_write", "on", "remote_apply")
+POOL_MODES = ("session", "transaction")
 SETTING_NAMES = frozenset(s.env for s in SETTINGS)
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 
@@ -105,7 +108,7 @@ def is_service_link(env_name: str) -> bool:
     return bool(SERVICE_LINK.match(env_name))
 
 
-def check_database_url(url: str) -> None:
+def check_database_url(url: str, name: str = "DATABASE_URL") -> None:
     """A connection string libpq can parse, with numeric ports; the error never repeats it."""
     import psycopg
 
@@ -116,11 +119,11 @@ def check_database_url(url: str) -> None:
         reason = str(exc).strip().splitlines()[0]
         reason = re.split(r' in (?:URI|connection info string)[: ]', reason)[0].split(': "')[0]
         reason = re.sub(r'"[^"]{2,}"', '"…"', reason)  # a quoted fragment may be part of a password
-        raise ConfigError("DATABASE_URL", f"is not a valid connection string ({reason})",
+        raise ConfigError(name, f"is not a valid connection string ({reason})",
                           "a libpq URI (postgresql://user@host:5432/db) or key=value string") from None
     for port in str(params.get("port") or "").split(","):
         if port and not (port.isdigit() and 0 < int(port) < 65536):
-            raise ConfigError("DATABASE_URL", f"port {port!r} is not a port number", "1..65535")
+            raise ConfigError(name, f"port {port!r} is not a port number", "1..65535")
 
 
 def kafka_env_name(prop: str) -> str:
@@ -157,6 +160,8 @@ class Settings:
     purge_interval_seconds: int = 60
     statement_timeout_ms: int = 30000
     synchronous_commit: str = "off"
+    pool_mode: str = "session"
+    listen_database_url: str = field(default="", repr=False)
     http_host: str = "0.0.0.0"
     http_port: int = 9464
     log_level: str = "INFO"
@@ -211,6 +216,9 @@ class Settings:
 
         database_url = required("DATABASE_URL")
         check_database_url(database_url)
+        listen_database_url = env.get("OUTBOX_LISTEN_DATABASE_URL", "").strip()
+        if listen_database_url:
+            check_database_url(listen_database_url, "OUTBOX_LISTEN_DATABASE_URL")
         bootstrap = required("KAFKA_BOOTSTRAP_SERVERS") if need_kafka else env.get("KAFKA_BOOTSTRAP_SERVERS", "")
 
         workers_text = str(raw("OUTBOX_WORKERS")).strip()
@@ -275,6 +283,8 @@ class Settings:
             purge_interval_seconds=integer("OUTBOX_PURGE_INTERVAL_SECONDS", 1, 86400),
             statement_timeout_ms=integer("OUTBOX_STATEMENT_TIMEOUT_MS", 100, 600_000),
             synchronous_commit=choice("OUTBOX_SYNCHRONOUS_COMMIT", SYNCHRONOUS_COMMIT_LEVELS),
+            pool_mode=choice("OUTBOX_POOL_MODE", POOL_MODES),
+            listen_database_url=listen_database_url,
             http_host=str(raw("OUTBOX_HTTP_HOST")).strip(),
             http_port=integer("OUTBOX_HTTP_PORT", 0, 65535),
             log_level=log_level,
@@ -311,6 +321,11 @@ class Settings:
                                         or not self.cloudevents_source.isascii()):
             raise ConfigError("OUTBOX_CLOUDEVENTS_SOURCE", f"{self.cloudevents_source!r} is not a URI-reference",
                               "printable ASCII without spaces, e.g. /orders-service or urn:example:orders")
+        if self.pool_mode == "transaction" and self.listen_database_url == self.database_url:
+            # LISTEN through a transaction pooler registers on whichever server connection ran it.
+            raise ConfigError("OUTBOX_LISTEN_DATABASE_URL", "is DATABASE_URL, the transaction pooler: a LISTEN "
+                              "through it is lost when the pooler hands the server connection on",
+                              "a connection string of the server itself, or empty (polling)")
         if self.backoff_max_ms < self.backoff_base_ms:
             raise ConfigError(
                 "OUTBOX_BACKOFF_MAX_MS",
@@ -348,7 +363,9 @@ class Settings:
 
         found = [self.cron_secret or "", os.environ.get("PGPASSWORD", "")]
         try:
-            found.append(psycopg.conninfo.conninfo_to_dict(self.database_url).get("password") or "")
+            for url in (self.database_url, self.listen_database_url):
+                if url:
+                    found.append(psycopg.conninfo.conninfo_to_dict(url).get("password") or "")
         except psycopg.ProgrammingError:
             pass
         found += [str(v) for k, v in self.producer_config.items() if k in SECRET_KAFKA_KEYS]

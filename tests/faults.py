@@ -8,6 +8,8 @@ server that listens on one only), in one of four modes:
 - `reset`: every connection, open or new, is closed with an RST (SO_LINGER 0, then close);
 - `drop-replies`: requests are forwarded, replies are read and thrown away (the server does the
   work and answers; the client never hears of it, as when a connection breaks after a commit).
+For PostgreSQL (`postgres=True`), `drop_replies_after(pattern)` drops the replies of one
+connection from the next statement whose text contains `pattern` on, whichever the timing.
 
 `database_proxy(url)` puts a `Proxy` in front of the server of a libpq URL and returns the URL
 that goes through it. `StoppablePostgres` is an embedded PostgreSQL of a test's own that can be
@@ -46,6 +48,49 @@ def _rst(sock: socket.socket) -> None:
         sock.close()
 
 
+class _FrontendMessages:
+    """Frames what a PostgreSQL client sends on one connection (the frontend protocol), to tell
+    which statement each Bind (or simple Query) runs, prepared statements included."""
+
+    SSL_OR_GSS_REQUEST = (80877103, 80877104)  # the startup message follows them
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.started = False
+        self.statements: dict[bytes, bytes] = {}  # prepared name ('' unnamed) -> query text
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The query texts of the statements run by the complete messages in `data` so far."""
+        self.buf += data
+        run: list[bytes] = []
+        while True:
+            if not self.started:
+                if len(self.buf) < 8:
+                    break
+                length, code = struct.unpack("!ii", self.buf[:8])
+                if len(self.buf) < length:
+                    break
+                del self.buf[:length]
+                self.started = code not in self.SSL_OR_GSS_REQUEST
+                continue
+            if len(self.buf) < 5:
+                break
+            kind, length = self.buf[0], struct.unpack("!i", self.buf[1:5])[0]
+            if len(self.buf) < 1 + length:
+                break
+            body = bytes(self.buf[5:1 + length])
+            del self.buf[:1 + length]
+            if kind == ord("P"):
+                name, _, rest = body.partition(b"\0")
+                self.statements[name] = rest.split(b"\0", 1)[0]
+            elif kind == ord("B"):
+                _portal, _, rest = body.partition(b"\0")
+                run.append(self.statements.get(rest.split(b"\0", 1)[0], b""))
+            elif kind == ord("Q"):
+                run.append(body.split(b"\0", 1)[0])
+        return run
+
+
 class _Connection:
     def __init__(self, proxy: Proxy, client: socket.socket, upstream: socket.socket):
         self.proxy = proxy
@@ -54,6 +99,9 @@ class _Connection:
         self.closed = threading.Event()
         self.bytes = {"up": 0, "down": 0}
         self.dropped = 0
+        # drop_replies_after(): from the statement that matched on, this connection's replies are dropped.
+        self.dropping = False
+        self.frontend = _FrontendMessages() if proxy.postgres else None
         for src, dst, direction in ((client, upstream, "up"), (upstream, client, "down")):
             threading.Thread(target=self._pump, args=(src, dst, direction), daemon=True,
                              name=f"proxy-{proxy.port}-{direction}").start()
@@ -61,43 +109,32 @@ class _Connection:
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
         try:
             while not self.closed.is_set():
-                if self.proxy.mode == "drop-replies":
-                    if not self._drop_reply(src, direction):
-                        break
-                    continue
-                if self.proxy.mode != "pass":
+                mode = self.proxy.mode
+                if mode not in ("pass", "drop-replies"):
                     # Blackhole: leave the bytes unread (the kernel buffers hold them, the peer's
                     # writes eventually block), as a partition would. Reset is handled by the proxy.
                     self.proxy.mode_changed.wait(0.1)
                     continue
                 readable, _, _ = select.select([src], [], [], 0.1)
-                if not readable or self.proxy.mode != "pass":
+                if not readable or self.proxy.mode != mode:
                     continue
                 data = src.recv(65536)
                 if not data:
                     break
+                if direction == "up" and self.frontend is not None:
+                    for query in self.frontend.feed(data):
+                        if self.proxy._trigger_hit(query):
+                            self.dropping = True
+                if direction == "down" and (mode == "drop-replies" or self.dropping):
+                    # The server did the work and answered; the client never hears of it.
+                    self.dropped += len(data)
+                    self.proxy.dropped += len(data)
+                    continue
                 dst.sendall(data)
                 self.bytes[direction] += len(data)
         except OSError:
             pass
         self.close()
-
-    def _drop_reply(self, src: socket.socket, direction: str) -> bool:
-        """drop-replies: requests go on to the server, its replies are read and dropped;
-        False when the peer closed."""
-        readable, _, _ = select.select([src], [], [], 0.1)
-        if not readable or self.proxy.mode != "drop-replies":
-            return True
-        data = src.recv(65536)
-        if not data:
-            return False
-        if direction == "up":
-            self.upstream.sendall(data)
-            self.bytes["up"] += len(data)
-        else:
-            self.dropped += len(data)
-            self.proxy.dropped += len(data)
-        return True
 
     def close(self, reset: bool = False) -> None:
         if self.closed.is_set():
@@ -118,10 +155,14 @@ class Proxy:
     """A threaded TCP proxy on 127.0.0.1:`port` to 127.0.0.1:`target_port`, or to the unix
     socket `target_unix` (then `target_port` is ignored)."""
 
-    def __init__(self, target_port: int, port: int | None = None, *, target_unix: str | None = None):
+    def __init__(self, target_port: int, port: int | None = None, *, target_unix: str | None = None,
+                 postgres: bool = False):
         self.target_port = target_port
         self.target_unix = target_unix
-        self.dropped = 0  # reply bytes thrown away in drop-replies mode
+        self.postgres = postgres  # the PostgreSQL protocol: drop_replies_after() can see statements
+        self.dropped = 0  # reply bytes thrown away (drop-replies mode, drop_replies_after)
+        self.triggered = threading.Event()
+        self._trigger: bytes | None = None
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.mode = "pass"
@@ -146,6 +187,24 @@ class Proxy:
         if mode == "reset":
             for conn in self.connections():
                 conn.close(reset=True)
+
+    def drop_replies_after(self, pattern: bytes) -> None:
+        """PostgreSQL only: the next statement whose text contains `pattern` goes on to the server,
+        and from then on its connection's replies are dropped (`triggered` is set); one shot.
+        Deterministic where a timed drop-replies is not: the reply lost is that statement's."""
+        if not self.postgres:
+            raise ValueError("drop_replies_after needs Proxy(postgres=True)")
+        with self._lock:
+            self.triggered.clear()
+            self._trigger = pattern
+
+    def _trigger_hit(self, query: bytes) -> bool:
+        with self._lock:
+            if self._trigger is None or self._trigger not in query:
+                return False
+            self._trigger = None
+        self.triggered.set()
+        return True
 
     def connections(self) -> list[_Connection]:
         with self._lock:
@@ -211,11 +270,11 @@ def database_proxy(url: str) -> tuple[Proxy, str]:
     host = str(params.get("host") or "/tmp")
     port = int(str(params.get("port") or 5432))
     if host.startswith("/"):
-        proxy = Proxy(0, target_unix=f"{host}/.s.PGSQL.{port}")
+        proxy = Proxy(0, target_unix=f"{host}/.s.PGSQL.{port}", postgres=True)
     else:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("database_proxy: loopback servers only")
-        proxy = Proxy(port)
+        proxy = Proxy(port, postgres=True)
     return proxy, psycopg.conninfo.make_conninfo(url, host="127.0.0.1", port=str(proxy.port))
 
 

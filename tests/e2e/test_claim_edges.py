@@ -622,7 +622,9 @@ def test_six_worker_deaths_during_a_40s_database_outage_leave_the_tier_running(
         crashed = [line for line in tier.logs()[lines_before:]
                    if line.get("event") in ("worker exited", "worker crashed", "boot failed")
                    and line.get("exitCode") != -9]
-        return f"{len(crashed)} worker exits or crashes since the outage began, the last: {crashed[-2:]}"
+        last = [{k: line.get(k) for k in ("event", "msg", "slot", "exitCode")}
+                | {"error": (line.get("exception") or "").strip().splitlines()[-1:]} for line in crashed[-2:]]
+        return f"{len(crashed)} worker exits or crashes since the outage began, the last: {last}"
 
     lines_before = len(tier.logs())
     private_pg.stop_server()

@@ -1,30 +1,216 @@
-"""Connections of the tier's own sessions (the application's connections are its own)."""
+"""Connections of the tier's own sessions (the application's connections are its own).
+
+Two pool modes (OUTBOX_POOL_MODE):
+
+- `session` (the default): DATABASE_URL reaches PostgreSQL, or a pooler that gives each client a
+  server session of its own. The session settings travel as libpq startup parameters
+  (`options=-c …`, `application_name`) and hold for the life of the connection.
+- `transaction`: DATABASE_URL is a transaction pooler (PgBouncer `pool_mode=transaction`). A
+  client holds a server connection only for one transaction, and the next transaction may run on
+  a server connection another client used last. So: no `options` startup parameter (PgBouncer
+  refuses it: "unsupported startup parameter"), no server-side prepared statements
+  (`prepare_threshold=None`: PgBouncer 1.18 cannot route them), and the settings the tier relies
+  on — statement_timeout, idle_in_transaction_session_timeout, synchronous_commit and the session
+  name the claim horizon knows the workers by — are set with `set_config(…, is_local => true)`
+  inside every transaction of the tier, where they end with the transaction and can never be left
+  on a server connection the pooler hands to an application client next. An autocommit statement
+  gets them in the same implicit transaction, sent in one pipeline with the statement (one round
+  trip); an explicit transaction right after its BEGIN. The startup application_name is
+  `kaireon-pub:pooled`, which the horizon does not exclude: PgBouncer 1.18 gives a client that
+  sends no application_name the name the server connection was opened with, so a worker's name
+  must never be a server connection's session-level name (see the README, "Through PgBouncer").
+
+LISTEN needs a session of its own: in transaction mode it goes to OUTBOX_LISTEN_DATABASE_URL (the
+server itself), or the workers poll. `migrate` holds a session-level advisory lock, so in
+transaction mode it runs on OUTBOX_LISTEN_DATABASE_URL too, and refuses to run without it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
 import psycopg
+from psycopg import pq, sql
 
 from kaireon_pub.settings import Settings
 
 APPLICATION_NAME = "kaireon-pub"
+# The startup name of every connection to a transaction pooler: it must not match the horizon's
+# `kaireon-pub:worker-%`, since PgBouncer may pass a server connection's startup name on to an
+# application client that sends none.
+POOLED_SESSION_NAME = f"{APPLICATION_NAME}:pooled"
+CONNECT_TIMEOUT_S = 5
+# Roles whose sessions need session-level state the pooler cannot keep (advisory locks).
+SESSION_ROLES = frozenset({"migrate"})
 
 
-def session_options(settings: Settings, role: str, *, publisher: bool = False,
-                    statement_timeout_ms: int | None = None) -> dict[str, object]:
-    """`publisher=True` for a worker's own sessions, whose every write can be redone;
-    `statement_timeout_ms` overrides OUTBOX_STATEMENT_TIMEOUT_MS (the lease keeper's is short)."""
+def transaction_pooling(settings: Settings) -> bool:
+    return settings.pool_mode == "transaction"
+
+
+def session_settings(settings: Settings, role: str, *, publisher: bool = False,
+                     statement_timeout_ms: int | None = None) -> dict[str, str]:
+    """The server settings of one of the tier's sessions, application_name included."""
     timeout = settings.statement_timeout_ms if statement_timeout_ms is None else statement_timeout_ms
-    # A stopped worker in lock mode must not hold its row locks (its claim) for ever.
-    options = (f"-c statement_timeout={timeout} "
-               f"-c idle_in_transaction_session_timeout="
-               f"{settings.message_timeout_ms + settings.shutdown_drain_timeout_ms + 5000}")
+    values = {
+        "statement_timeout": str(timeout),
+        # A stopped worker in lock mode must not hold its row locks (its claim) for ever.
+        "idle_in_transaction_session_timeout": str(settings.message_timeout_ms + settings.shutdown_drain_timeout_ms + 5000),
+    }
     if publisher:
         # A claim, mark or lease write lost in a database crash puts a row back one step, which
         # costs at most a duplicate publish (at-least-once); not waiting for the WAL flush takes
         # two fsyncs off every batch. Operator commands (requeue, reap) keep the server default.
-        options += f" -c synchronous_commit={settings.synchronous_commit}"
-    return {"application_name": f"{APPLICATION_NAME}:{role}", "options": options, "connect_timeout": 5}
+        values["synchronous_commit"] = settings.synchronous_commit
+    values["application_name"] = f"{APPLICATION_NAME}:{role}"
+    return values
+
+
+def session_options(settings: Settings, role: str, *, publisher: bool = False,
+                    statement_timeout_ms: int | None = None) -> dict[str, object]:
+    """libpq/psycopg keyword arguments of a connection to DATABASE_URL for `role`.
+
+    `publisher=True` for a worker's own sessions, whose every write can be redone;
+    `statement_timeout_ms` overrides OUTBOX_STATEMENT_TIMEOUT_MS (the lease keeper's is short).
+    In transaction mode the settings are not startup parameters: the connection class made by
+    `connection_class()` applies them in every transaction."""
+    values = session_settings(settings, role, publisher=publisher, statement_timeout_ms=statement_timeout_ms)
+    if transaction_pooling(settings):
+        return {"application_name": POOLED_SESSION_NAME, "connect_timeout": CONNECT_TIMEOUT_S,
+                "prepare_threshold": None}
+    name = values.pop("application_name")
+    options = " ".join(f"-c {key}={value}" for key, value in values.items())
+    return {"application_name": name, "options": options, "connect_timeout": CONNECT_TIMEOUT_S}
+
+
+def _local_settings_statement(values: dict[str, str]) -> sql.Composed:
+    return sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+        sql.SQL("set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v)) for k, v in values.items()))
+
+
+class PooledConnection(psycopg.Connection):
+    """A connection through a transaction pooler: the session settings in every transaction."""
+
+    local_settings: sql.Composed = _local_settings_statement({})
+
+    def execute(self, query: Any, params: Any = None, *, prepare: bool | None = None,
+                binary: bool = False) -> psycopg.Cursor:
+        if self.info.transaction_status != pq.TransactionStatus.IDLE or self._pipeline is not None:
+            return super().execute(query, params, prepare=prepare, binary=binary)
+        if not self.autocommit:
+            super().execute(self.local_settings)  # psycopg sends BEGIN first
+            return super().execute(query, params, prepare=prepare, binary=binary)
+        with self.pipeline():  # one implicit transaction, one round trip
+            super().execute(self.local_settings)
+            cur = super().execute(query, params, prepare=prepare, binary=binary)
+        return cur
+
+    @contextmanager
+    def transaction(self, savepoint_name: str | None = None,
+                    force_rollback: bool = False) -> Iterator[psycopg.Transaction]:
+        outermost = self.info.transaction_status == pq.TransactionStatus.IDLE
+        with super().transaction(savepoint_name, force_rollback) as tx:
+            if outermost:
+                super().execute(self.local_settings)
+            yield tx
+
+
+class PooledAsyncConnection(psycopg.AsyncConnection):
+    """The asyncio twin of PooledConnection (the workers' pool, lease keeper and probes)."""
+
+    local_settings: sql.Composed = _local_settings_statement({})
+
+    async def execute(self, query: Any, params: Any = None, *, prepare: bool | None = None,
+                      binary: bool = False) -> psycopg.AsyncCursor:
+        if self.info.transaction_status != pq.TransactionStatus.IDLE or self._pipeline is not None:
+            return await super().execute(query, params, prepare=prepare, binary=binary)
+        if not self.autocommit:
+            await super().execute(self.local_settings)
+            return await super().execute(query, params, prepare=prepare, binary=binary)
+        async with self.pipeline():
+            await super().execute(self.local_settings)
+            cur = await super().execute(query, params, prepare=prepare, binary=binary)
+        return cur
+
+    @asynccontextmanager
+    async def transaction(self, savepoint_name: str | None = None,
+                          force_rollback: bool = False) -> Any:
+        outermost = self.info.transaction_status == pq.TransactionStatus.IDLE
+        async with super().transaction(savepoint_name, force_rollback) as tx:
+            if outermost:
+                await super().execute(self.local_settings)
+            yield tx
+
+
+def connection_class(settings: Settings, role: str, *, publisher: bool = False,
+                     statement_timeout_ms: int | None = None, asynchronous: bool = True) -> type:
+    """psycopg's connection class in session mode; in transaction mode one that re-applies this
+    role's settings in every transaction."""
+    if not transaction_pooling(settings):
+        return psycopg.AsyncConnection if asynchronous else psycopg.Connection
+    base = PooledAsyncConnection if asynchronous else PooledConnection
+    values = session_settings(settings, role, publisher=publisher, statement_timeout_ms=statement_timeout_ms)
+    return type(base.__name__, (base,), {"local_settings": _local_settings_statement(values)})
+
+
+def async_connector(settings: Settings, role: str, *, publisher: bool = False,
+                    statement_timeout_ms: int | None = None,
+                    ) -> Callable[[], Awaitable[psycopg.AsyncConnection]]:
+    """A function that opens one of `role`'s connections to DATABASE_URL."""
+    cls = connection_class(settings, role, publisher=publisher, statement_timeout_ms=statement_timeout_ms)
+    kwargs = session_options(settings, role, publisher=publisher, statement_timeout_ms=statement_timeout_ms)
+
+    async def connect() -> psycopg.AsyncConnection:
+        return await cls.connect(settings.database_url, autocommit=True, **kwargs)
+    return connect
+
+
+def listen_url(settings: Settings) -> str | None:
+    """Where LISTEN goes: OUTBOX_LISTEN_DATABASE_URL, else DATABASE_URL in session mode; None in
+    transaction mode without one (the workers poll)."""
+    if settings.listen_database_url:
+        return settings.listen_database_url
+    return None if transaction_pooling(settings) else settings.database_url
+
+
+def listen_connector(settings: Settings, role: str) -> Callable[[], Awaitable[psycopg.AsyncConnection]] | None:
+    """The LISTEN connection: a plain session to the server (never through a transaction pooler),
+    or None for polling."""
+    url = listen_url(settings)
+    if url is None:
+        return None
+    values = session_settings(settings, role)
+    name = values.pop("application_name")
+    options = " ".join(f"-c {key}={value}" for key, value in values.items())
+
+    async def connect() -> psycopg.AsyncConnection:
+        return await psycopg.AsyncConnection.connect(url, autocommit=True, application_name=name,
+                                                     options=options, connect_timeout=CONNECT_TIMEOUT_S)
+    return connect
 
 
 def connect(settings: Settings, role: str, *, autocommit: bool = True) -> psycopg.Connection:
-    return psycopg.connect(settings.database_url, autocommit=autocommit, **session_options(settings, role))
+    if transaction_pooling(settings) and role in SESSION_ROLES:
+        if not settings.listen_database_url:
+            # A psycopg error, so that the command reports it as it reports a refused connection.
+            raise psycopg.OperationalError(
+                f"OUTBOX_LISTEN_DATABASE_URL is not set while OUTBOX_POOL_MODE=transaction: `{role}` holds a "
+                "session-level advisory lock, which a transaction pooler cannot keep; set it to a connection "
+                "string of the server itself (not the pooler)")
+        values = session_settings(settings, role)
+        name = values.pop("application_name")
+        options = " ".join(f"-c {key}={value}" for key, value in values.items())
+        return psycopg.connect(settings.listen_database_url, autocommit=autocommit, application_name=name,
+                               options=options, connect_timeout=CONNECT_TIMEOUT_S)
+    cls = connection_class(settings, role, asynchronous=False)
+    return cls.connect(settings.database_url, autocommit=autocommit, **session_options(settings, role))
+
+
+def probe_options(settings: Settings, role: str, timeout_s: int) -> dict[str, object]:
+    """Keyword arguments of a one-statement probe (readiness, check) to DATABASE_URL."""
+    if transaction_pooling(settings):
+        return {"application_name": POOLED_SESSION_NAME, "connect_timeout": timeout_s, "prepare_threshold": None}
+    return {"application_name": f"{APPLICATION_NAME}:{role}", "connect_timeout": timeout_s,
+            "options": f"-c statement_timeout={timeout_s * 1000}"}

@@ -354,10 +354,11 @@ class DefaultReadiness:
 
     def database(self) -> bool:
         try:
+            # No startup options through a transaction pooler.
+            from kaireon_pub.db.connect import probe_options
+
             with psycopg.connect(self.settings.database_url, autocommit=True,
-                                 application_name="kaireon-pub:readyz",
-                                 connect_timeout=READINESS_TIMEOUT_SECONDS,
-                                 options=f"-c statement_timeout={READINESS_TIMEOUT_SECONDS * 1000}") as conn:
+                                 **probe_options(self.settings, "readyz", READINESS_TIMEOUT_SECONDS)) as conn:
                 conn.execute("SELECT 1").fetchone()
             return True
         except Exception as exc:

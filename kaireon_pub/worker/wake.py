@@ -1,4 +1,10 @@
-"""Waking the worker: LISTEN/NOTIFY on its own connection, with polling as the fallback."""
+"""Waking the worker: LISTEN/NOTIFY on its own connection, with polling as the fallback.
+
+The connection is a session of the server's own: DATABASE_URL in session mode, or
+OUTBOX_LISTEN_DATABASE_URL. Behind a transaction pooler without one there is no connector: a
+LISTEN through the pooler registers on whichever server connection ran it, and notifications
+would reach other clients or nobody, so the worker polls every OUTBOX_POLL_INTERVAL_MS instead.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +21,21 @@ CHANNEL_RESCAN = "kaireon_outbox_rescan"  # rows went back to pending behind the
 
 
 class Listener:
-    def __init__(self, connect: Callable[[], Awaitable[psycopg.AsyncConnection]],
+    def __init__(self, connect: Callable[[], Awaitable[psycopg.AsyncConnection]] | None,
                  on_rescan: Callable[[], None]):
         self.connect = connect
         self.on_rescan = on_rescan
         self.conn: psycopg.AsyncConnection | None = None
+        if connect is None:
+            log.info("no LISTEN connection (transaction pooling without OUTBOX_LISTEN_DATABASE_URL): polling",
+                     extra={"event": "polling"})
 
     async def wait(self, timeout: float) -> bool:
         """True when a notification arrived within `timeout` seconds."""
+        if self.connect is None:
+            # Polling: the caller claims again after the poll interval (in slices of a second).
+            await asyncio.sleep(timeout)
+            return False
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = await self.connect()

@@ -1,0 +1,223 @@
+"""The publish path through a real PgBouncer (Debian's 1.18) in pool_mode=transaction.
+
+The tier's DATABASE_URL points at PgBouncer and OUTBOX_POOL_MODE=transaction; the application
+writes directly unless a test says otherwise. Some of the direct-path tests of test_publish and
+test_faults run here again, unchanged, with the tier behind the pooler. Skipped, with the reason,
+when pgbouncer is not installed (.ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+
+from kaireon_pub import enqueue
+from tests import helpers
+from tests.e2e.test_faults import (
+    test_poison_events_fail_alone_while_the_others_publish as _poison_case,
+)
+from tests.e2e.test_publish import (
+    test_committed_events_reach_the_topic_with_key_value_headers as _headers_case,
+)
+from tests.e2e.test_publish import (
+    test_late_commit_with_lower_id_is_neither_skipped_nor_reordered as _late_commit_case,
+)
+from tests.e2e.test_publish import (
+    test_the_horizon_waits_for_application_writers_not_for_publisher_workers as _horizon_case,
+)
+from tests.helpers import (
+    Load,
+    TopicReader,
+    assert_per_key_order,
+    event_ids,
+    preload,
+    run_cli,
+    status_counts,
+    wait_for,
+)
+from tests.pgbouncer import SKIP_REASON, PgBouncer, binary
+
+
+@pytest.fixture(scope="session")
+def bouncer(pg):
+    if binary() is None:
+        pytest.skip(SKIP_REASON)
+    b = PgBouncer(pg.admin_url, pool_mode="transaction")
+    yield b
+    b.stop()
+
+
+@pytest.fixture(params=["poll", "listen"])
+def pooled_env(request, bouncer, db_url, broker, tmp_path) -> dict[str, str]:
+    """The tier behind PgBouncer: polling, or LISTEN on a direct OUTBOX_LISTEN_DATABASE_URL."""
+    extra = {"OUTBOX_LISTEN_DATABASE_URL": db_url} if request.param == "listen" else {}
+    return helpers.tier_env(bouncer.url_for(db_url), broker.bootstrap, tmp_path,
+                            OUTBOX_POOL_MODE="transaction", **extra)
+
+
+@pytest.fixture
+def polling_env(bouncer, db_url, broker, tmp_path) -> dict[str, str]:
+    return helpers.tier_env(bouncer.url_for(db_url), broker.bootstrap, tmp_path, OUTBOX_POOL_MODE="transaction")
+
+
+def transactions_through(bouncer: PgBouncer, db_url: str) -> int:
+    database = str(psycopg.conninfo.conninfo_to_dict(db_url)["dbname"])
+    rows = bouncer.admin("SHOW STATS")
+    return sum(int(r[1]) for r in rows if r[0] == database)
+
+
+def no_failed_ticks(tier: helpers.Tier) -> list[dict]:
+    return [line for line in tier.logs() if line.get("event") == "tick failed"]
+
+
+@pytest.mark.parametrize("claim_mode", ["status", "lock"])
+def test_a_5000_event_backlog_drains_through_pgbouncer_in_per_key_order(
+        bouncer, db_url, broker, topic, pooled_env, run_tier, claim_mode):
+    env = {**pooled_env, "OUTBOX_WORKERS": "2", "OUTBOX_CLAIM_MODE": claim_mode}
+    tier = run_tier(env)
+    wait_for(lambda: len({line["pid"] for line in tier.logs()
+                          if line.get("event") == "rebalance" and line.get("owned", 0) > 0}) == 2,
+             30, "two workers holding shards")
+    preload(db_url, topic, 5000, keys=200)
+    wait_for(lambda: status_counts(db_url) == {"published": 5000}, 120, "5,000 rows published")
+    reader = TopicReader(broker.bootstrap, topic)
+    messages = reader.read_until(lambda msgs: len(set(event_ids(msgs))) >= 5000, timeout=60)
+    assert len(set(event_ids(messages))) == 5000
+    assert_per_key_order(messages)
+    assert no_failed_ticks(tier) == []
+    # The tier really went through the pooler: PgBouncer counted its transactions.
+    assert transactions_through(bouncer, db_url) > 20
+    assert tier.stop() == 0
+    reader.close()
+
+
+def test_committed_events_reach_the_topic_through_pgbouncer(db_url, broker, topic, pooled_env, run_tier):
+    _headers_case(db_url, broker, topic, pooled_env, run_tier)
+
+
+def test_a_late_commit_with_a_lower_id_is_not_skipped_through_pgbouncer(db_url, broker, topic, polling_env, run_tier):
+    _late_commit_case(db_url, broker, topic, polling_env, run_tier)
+
+
+def test_the_horizon_waits_for_application_writers_through_pgbouncer(db_url, polling_env, run_tier):
+    _horizon_case(db_url, polling_env, run_tier)
+
+
+def test_poison_events_fail_alone_through_pgbouncer(db_url, broker, topic, polling_env, run_tier):
+    _poison_case(db_url, broker, topic, polling_env, run_tier)
+
+
+def test_an_application_client_of_the_same_pgbouncer_holds_the_horizon(bouncer, db_url, polling_env, run_tier):
+    """PgBouncer 1.18 gives a client that sends no application_name the name the server
+    connection was opened with. The tier's connections are opened as `kaireon-pub:pooled` and
+    name a worker only inside its own transactions, so an application transaction on a server
+    connection the tier used is never taken for a worker's: it still holds the claim back."""
+    pooled_url = bouncer.url_for(db_url)
+    tier = run_tier(polling_env)
+    first = enqueue_one(db_url, "warm-up")
+    wait_for(lambda: status_of(db_url, first) == "published", 30, "the tier publishing (its server connections open)")
+    with psycopg.connect(pooled_url, prepare_threshold=None) as app:  # no application_name of its own
+        name = app.execute("SELECT current_setting('application_name'), pg_current_xact_id()").fetchone()[0]
+        assert not name.startswith("kaireon-pub:worker-"), name
+        held = enqueue_one(db_url, "after-a-pooled-application-transaction")
+        threading.Event().wait(1.5)  # several claims (200 ms polls)
+        assert status_of(db_url, held) == "pending"
+        app.rollback()
+    wait_for(lambda: status_of(db_url, held) == "published", 30, "published once the application transaction ended")
+    assert tier.stop() == 0
+
+
+def test_sigterm_drains_through_pgbouncer(bouncer, db_url, broker, topic, polling_env, run_tier):
+    tier = run_tier({**polling_env, "OUTBOX_WORKERS": "2"})
+    with Load(db_url, topic) as load:
+        wait_for(lambda: status_counts(db_url).get("published", 0) > 2000, 60, "publishing under load")
+        committed_before = list(load.committed)
+        started = time.monotonic()
+        tier.proc.send_signal(signal.SIGTERM)
+        code = tier.wait_exit(30)
+        elapsed = time.monotonic() - started
+    assert code == 0
+    assert elapsed < 15, f"drain took {elapsed:.1f} s"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = dict(conn.execute("SELECT id, status FROM outbox_events WHERE id = ANY(%s)",
+                                 (committed_before,)).fetchall())
+        workers = conn.execute("SELECT count(*) FROM outbox_workers").fetchone()[0]
+        owned = conn.execute("SELECT count(*) FROM outbox_shard_leases WHERE owner IS NOT NULL").fetchone()[0]
+    assert len(rows) == len(committed_before)
+    assert set(rows.values()) <= {"published", "pending"}
+    assert "processing" not in status_counts(db_url)
+    assert (workers, owned) == (0, 0)  # every shard handed back, every worker gone
+    assert sum(line.get("event") == "drain done" for line in tier.logs()) == 2
+    assert no_failed_ticks(tier) == []
+
+
+# ---- check and migrate -------------------------------------------------------------------------
+
+def check(env: dict[str, str]) -> tuple[int, dict[str, dict]]:
+    import json
+
+    result = run_cli("check", "--json", env=env, timeout=90)
+    report = json.loads(result.stdout)
+    return result.returncode, {c["name"]: c for c in report["checks"]}
+
+
+def test_check_tells_a_session_mode_tier_that_it_points_at_pgbouncer(bouncer, db_url, broker, tmp_path):
+    env = helpers.tier_env(bouncer.url_for(db_url), broker.bootstrap, tmp_path)
+    code, checks = check(env)
+    assert code == 1
+    assert checks["database"]["status"] == "ok"
+    assert checks["pooler"]["status"] == "fail"
+    assert "PgBouncer 1.18" in checks["pooler"]["detail"]
+    assert "OUTBOX_POOL_MODE=transaction" in checks["pooler"]["detail"]
+
+
+def test_check_names_the_features_off_behind_pgbouncer(bouncer, db_url, broker, tmp_path, polling_env):
+    code, checks = check(polling_env)
+    pooler = checks["pooler"]
+    assert pooler["status"] == "warn", pooler
+    assert "PgBouncer 1.18" in pooler["detail"]
+    assert "prepared statements off" in pooler["detail"]
+    assert "poll every 200 ms" in pooler["detail"]
+    assert checks["schema"]["status"] == "ok"
+    assert code == 0
+
+    code, checks = check({**polling_env, "OUTBOX_LISTEN_DATABASE_URL": db_url})
+    assert checks["pooler"]["status"] == "ok", checks["pooler"]
+    assert "LISTEN and `migrate` on OUTBOX_LISTEN_DATABASE_URL" in checks["pooler"]["detail"]
+    assert code == 0
+
+    # A LISTEN URL through the pooler too would lose notifications.
+    code, checks = check({**polling_env, "OUTBOX_LISTEN_DATABASE_URL": bouncer.url_for(db_url) + "?application_name=x"})
+    assert checks["pooler"]["status"] == "fail"
+    assert "points at a pooler or proxy too" in checks["pooler"]["detail"]
+
+
+def test_check_finds_no_pooler_on_a_direct_url(tier_env):
+    _, checks = check(tier_env)
+    assert checks["pooler"]["status"] == "ok"
+    assert "reaches PostgreSQL itself" in checks["pooler"]["detail"]
+
+
+def test_migrate_through_pgbouncer_needs_the_direct_url(bouncer, db_url, polling_env):
+    result = run_cli("migrate", env=polling_env, timeout=60)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "OUTBOX_LISTEN_DATABASE_URL is not set" in result.stderr
+    result = run_cli("migrate", env={**polling_env, "OUTBOX_LISTEN_DATABASE_URL": db_url}, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def enqueue_one(db_url: str, key: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        event_id = enqueue(conn, topic="pgbouncer-horizon", key=key, payload={"k": key})
+        conn.commit()
+    return event_id
+
+
+def status_of(db_url: str, event_id: int) -> str:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        return conn.execute("SELECT status FROM outbox_events WHERE id = %s", (event_id,)).fetchone()[0]

@@ -28,7 +28,13 @@ import psycopg
 import psycopg_pool
 
 from kaireon_pub import metrics
-from kaireon_pub.db.connect import session_options
+from kaireon_pub.db.connect import (
+    async_connector,
+    connection_class,
+    listen_connector,
+    listen_url,
+    session_options,
+)
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, SystemicError, TransientError, new_error_id
 from kaireon_pub.settings import Settings
@@ -128,12 +134,14 @@ class Worker:
 
     def _connector(self, role: str, statement_timeout_ms: int | None = None):
         settings = self.settings
+        if role == "listen" and listen_url(settings) is None:
+            return None  # behind a transaction pooler with no session of the server's own: polling
 
         async def connect() -> psycopg.AsyncConnection:
-            return await psycopg.AsyncConnection.connect(
-                settings.database_url, autocommit=True,
-                **session_options(settings, f"{self.session_tag}-{role}", publisher=True,
-                                  statement_timeout_ms=statement_timeout_ms))
+            name = f"{self.session_tag}-{role}"
+            if role == "listen":
+                return await listen_connector(settings, name)()
+            return await async_connector(settings, name, publisher=True, statement_timeout_ms=statement_timeout_ms)()
         return connect
 
     async def boot(self) -> None:
@@ -145,6 +153,8 @@ class Worker:
             # The session name carries the worker id, so a peer can tell this worker's sessions
             # (kaireon-pub:worker-<slot>.<id>) and end them if it freezes holding lease locks.
             kwargs={"autocommit": True, **session_options(s, self.session_tag, publisher=True)},
+            # Behind a transaction pooler: a class that sets the session's settings in every transaction.
+            connection_class=connection_class(s, self.session_tag, publisher=True),
             timeout=5,
         )
         await self.pool.open(wait=False)

@@ -28,7 +28,7 @@ from bench.report import Figure, Report
 from bench.tier import Tier, drain, row_writes
 from kaireon_pub.settings import DEFAULTS, SYNCHRONOUS_COMMIT_LEVELS
 
-SCENARIOS = ("ceilings", "drain", "lock", "scale", "purge", "latency")
+SCENARIOS = ("ceilings", "drain", "lock", "scale", "purge", "latency", "pgbouncer")
 MB = 1024 * 1024
 
 
@@ -295,6 +295,11 @@ class Bench:
         r.add("purge_on", "drain, purge on", on.rate, "ev/s", f"{on.purged:,.0f} rows purged during the drain" + spread(on))
         r.add("purge_ratio", "  purge on / off", ratio, "x", "target ≥ 0.90 (within noise)")
         r.target("purge does not slow the claim", ratio >= 0.9, f"{ratio:.2f} ({on.purged:,.0f} rows purged meanwhile)")
+
+    def pgbouncer(self) -> None:
+        from bench import pgbouncer
+
+        pgbouncer.run(self)
 
     def latency(self) -> None:
         r, p = self.r, self.plan

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from kaireon_pub.devenv import free_port, wait_for_port
 
@@ -109,3 +110,13 @@ class PgBouncer:
             self.proc.wait(5)
         self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def bouncer_fixture(pg):
+    """PgBouncer in pool_mode=transaction in front of the session's PostgreSQL; a test module
+    makes it its fixture: `_bouncer = pytest.fixture(scope="session", name="bouncer")(bouncer_fixture)`."""
+    if binary() is None:
+        pytest.skip(SKIP_REASON)
+    b = PgBouncer(pg.admin_url, pool_mode="transaction")
+    yield b
+    b.stop()

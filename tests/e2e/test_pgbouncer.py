@@ -39,16 +39,9 @@ from tests.helpers import (
     status_counts,
     wait_for,
 )
-from tests.pgbouncer import SKIP_REASON, PgBouncer, binary
+from tests.pgbouncer import PgBouncer, bouncer_fixture
 
-
-@pytest.fixture(scope="session")
-def bouncer(pg):
-    if binary() is None:
-        pytest.skip(SKIP_REASON)
-    b = PgBouncer(pg.admin_url, pool_mode="transaction")
-    yield b
-    b.stop()
+_bouncer = pytest.fixture(scope="session", name="bouncer")(bouncer_fixture)
 
 
 @pytest.fixture(params=["poll", "listen"])

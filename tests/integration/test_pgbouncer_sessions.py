@@ -1,0 +1,134 @@
+"""The tier's connections through a real PgBouncer in pool_mode=transaction (no broker).
+
+One server connection per database (default_pool_size=1), so that every client of a test shares
+it: what one client leaves on it, the next one sees. Skipped, with the reason, without pgbouncer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+import pytest
+
+from kaireon_pub.db.connect import POOLED_SESSION_NAME, async_connector, connect
+from kaireon_pub.db.queries import Q
+from kaireon_pub.settings import Settings
+from tests.pgbouncer import SKIP_REASON, PgBouncer, binary
+
+PROBE = ("SELECT (SELECT setting FROM pg_settings WHERE name = 'statement_timeout'), current_setting('synchronous_commit'), "
+         "(SELECT setting FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'), "
+         "current_setting('application_name'), "
+         "(SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()), pg_backend_pid()")
+
+
+@pytest.fixture(scope="module")
+def single(pg):
+    if binary() is None:
+        pytest.skip(SKIP_REASON)
+    b = PgBouncer(pg.admin_url, pool_mode="transaction", pool_size=1)
+    yield b
+    b.stop()
+
+
+def pooled_settings(url: str, **extra: str) -> Settings:
+    env = {"DATABASE_URL": url, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "OUTBOX_POOL_MODE": "transaction",
+           "OUTBOX_STATEMENT_TIMEOUT_MS": "1500", **extra}
+    return Settings.from_env(env)
+
+
+def bare(url: str) -> psycopg.Connection:
+    """An application client with no application_name of its own."""
+    return psycopg.connect(url, autocommit=True, prepare_threshold=None)
+
+
+def test_settings_hold_in_each_statement_and_transaction_and_never_stay_on_the_server(single, db_url):
+    url = single.url_for(db_url)
+    settings = pooled_settings(url)
+    name = "worker-0.0123abcd"
+
+    async def worker_side() -> tuple[tuple, tuple, tuple]:
+        conn = await async_connector(settings, name, publisher=True)()
+        try:
+            assert conn.prepare_threshold is None  # PgBouncer 1.18 cannot route prepared statements
+            statement = await (await conn.execute(PROBE)).fetchone()
+            async with conn.transaction():
+                in_tx = await (await conn.execute(PROBE)).fetchone()
+            for _ in range(10):  # past psycopg's default prepare threshold (5)
+                await conn.execute("SELECT %s::int", (1,))
+            return statement, in_tx, (conn.info.parameter_status("application_name"),)
+        finally:
+            await conn.close()
+
+    statement, in_tx, _ = asyncio.run(worker_side())
+    expected = ("1500", "off", f"{settings.message_timeout_ms + settings.shutdown_drain_timeout_ms + 5000}",
+                f"kaireon-pub:{name}", f"kaireon-pub:{name}")
+    assert statement[:5] == expected
+    assert in_tx[:5] == expected
+    with bare(url) as app:
+        after = app.execute(PROBE).fetchone()
+    assert after[5] == statement[5]  # the same server connection
+    # Nothing of the worker's stayed on it: the server's defaults and a name the horizon does not exclude.
+    assert after[0] == "0" and after[1] == "on"
+    assert after[3] == after[4] == POOLED_SESSION_NAME
+
+
+def test_the_statement_timeout_acts_through_the_pooler(single, db_url):
+    settings = pooled_settings(single.url_for(db_url), OUTBOX_STATEMENT_TIMEOUT_MS="200")
+    with connect(settings, "requeue") as conn:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(2)")
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # and the connection goes on
+        with pytest.raises(psycopg.errors.QueryCanceled), conn.transaction():
+            conn.execute("SELECT pg_sleep(2)")
+
+
+def test_a_frozen_owner_behind_the_pooler_is_found_by_its_name_and_ended(single, db_url, pg):
+    """A worker frozen in the middle of a claim holds lease locks in an open transaction; its
+    server connection carries the worker's name for that transaction only. The query a peer runs
+    finds it and ends that server connection; PgBouncer goes on serving its other clients."""
+    url = single.url_for(db_url)
+    frozen_id, peer_id = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("UPDATE outbox_shard_leases SET owner = %s, expires_at = now() - interval '1 minute' "
+                      "WHERE shard < 4", (frozen_id,))
+        admin.execute("INSERT INTO outbox_workers (worker_id, hostname, pid, slot, expires_at) "
+                      "VALUES (%s, 'h', 1, 0, now() - interval '1 minute')", (frozen_id,))
+    frozen = connect(pooled_settings(url), f"worker-0.{frozen_id.hex[:8]}")
+    with frozen.transaction():
+        frozen.execute("SELECT shard FROM outbox_shard_leases WHERE shard < 4 FOR KEY SHARE").fetchall()
+        # A second pooler, so the peer is not queued behind the frozen client's server connection.
+        peer_bouncer = PgBouncer(pg.admin_url, pool_mode="transaction", pool_size=2)
+        try:
+            with connect(pooled_settings(peer_bouncer.url_for(db_url)), f"worker-1.{peer_id.hex[:8]}") as peer:
+                ended = peer.execute(Q.terminate_frozen_owners, {"worker_id": peer_id}).fetchall()
+        finally:
+            peer_bouncer.stop()
+        assert [(name, terminated) for _, name, terminated in ended] == [
+            (f"kaireon-pub:worker-0.{frozen_id.hex[:8]}", True)]
+        with pytest.raises(psycopg.OperationalError):
+            frozen.execute("SELECT 1")
+    frozen.close()
+    with bare(url) as app:  # the pooler opens a new server connection for the next client
+        assert app.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_pooled_session_that_is_not_in_a_transaction_is_never_taken_for_a_worker(single, db_url):
+    """Between the worker's transactions its server connection carries the pooled name, so the
+    terminate query, which wants a worker's name and its lease locks, cannot end an application
+    client's transaction that runs on that connection next."""
+    url = single.url_for(db_url)
+    owner = uuid.uuid4()
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("UPDATE outbox_shard_leases SET owner = %s, expires_at = now() - interval '1 minute' "
+                      "WHERE shard < 4", (owner,))
+    with connect(pooled_settings(url), f"worker-0.{owner.hex[:8]}") as worker:
+        worker.execute("SELECT 1")
+    with bare(url) as app, app.transaction():
+        app.execute("SELECT shard FROM outbox_shard_leases WHERE shard < 4 FOR KEY SHARE").fetchall()
+        name = app.execute("SELECT current_setting('application_name')").fetchone()[0]
+        with psycopg.connect(db_url, autocommit=True) as peer:
+            ended = peer.execute(Q.terminate_frozen_owners, {"worker_id": uuid.uuid4()}).fetchall()
+        assert name == POOLED_SESSION_NAME
+        assert ended == []

@@ -12,7 +12,8 @@ virtualenv at .venv-helm/); standard library otherwise.
 helm-sdkpy exposes Lint but no `helm template`: rendering is a real `helm install` against a
 stand-in Kubernetes API server in this process, which answers discovery, stores nothing and
 accepts every object. The server advertises the built-in kinds the chart uses; a custom
-resource's group/version (the Prometheus Operator's `monitoring.coreos.com/v1`) only when asked,
+resource's group/version (the Prometheus Operator's `monitoring.coreos.com/v1`, KEDA's
+`keda.sh/v1alpha1`) only when asked,
 as `helm template --api-versions` would, so `.Capabilities.APIVersions` answers as on a cluster
 with or without those CRDs. Helm validates the values against values.schema.json, renders the
 templates, builds every object against the discovered kinds and returns the release, whose
@@ -45,11 +46,14 @@ KINDS = [
     ("batch/v1", "jobs", "Job", True),
     ("batch/v1", "cronjobs", "CronJob", True),
     ("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget", True),
+    ("autoscaling/v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", True),
     ("monitoring.coreos.com/v1", "servicemonitors", "ServiceMonitor", True),
     ("monitoring.coreos.com/v1", "prometheusrules", "PrometheusRule", True),
+    ("keda.sh/v1alpha1", "scaledobjects", "ScaledObject", True),
+    ("keda.sh/v1alpha1", "triggerauthentications", "TriggerAuthentication", True),
 ]
 # Group/versions that exist only where their CRDs are installed.
-OPTIONAL_GROUP_VERSIONS = {"monitoring.coreos.com/v1"}
+OPTIONAL_GROUP_VERSIONS = {"monitoring.coreos.com/v1", "keda.sh/v1alpha1"}
 # Helm's lint severities (pkg/chart/v2/lint/support): 1 info, 2 warning, 3 error.
 SEVERITY = {0: "unknown", 1: "info", 2: "warning", 3: "error"}
 

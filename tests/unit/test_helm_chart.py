@@ -7,7 +7,8 @@ lint and render jobs go to it in one batch per session.
 Every object of every rendered variant is validated against the Kubernetes OpenAPI schemas
 (`kubernetes-validate`, strict); the Prometheus Operator's custom resources, which it has no
 schema for, are checked field by field here, and every PromQL expression is parsed by
-`promql-parser`.
+`promql-parser`. KEDA's ScaledObject and TriggerAuthentication are validated against the
+openAPIV3Schema of KEDA's published CRDs (vendored under tests/unit/schemas/keda/), as strictly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import threading
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import promql_parser
 import pytest
@@ -39,6 +41,8 @@ HELM_REQUIREMENT = "helm-sdkpy==0.1.32"
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 RELEASE, NAMESPACE = "kaireon", "outbox"
 MONITORING_API = "monitoring.coreos.com/v1"
+KEDA_API = "keda.sh/v1alpha1"
+KEDA_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "keda"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the validator ships.
 K8S_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 # Metrics an alert may read before every image in use exports them (the rule is off by default).
@@ -103,6 +107,9 @@ MONITORING = {
     "dashboards": {"enabled": True},
 }
 REAPER_OFF = {"cron": {"schedules": {"outboxReaper": {"enabled": False}}}}
+PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
+KEDA = {"autoscaling": {"keda": {"enabled": True, "prometheus": {"serverAddress": PROMETHEUS_URL, "oldestPendingAgeSeconds": 120},
+                                 "postgresql": {"enabled": True}}}}
 RENDER = {
     "default": {},
     "full": FULL,
@@ -127,11 +134,24 @@ RENDER = {
     "digest": {"image": {"digest": "sha256:" + "ab" * 32}},
     "migrate-lock-timeout": {"outboxPublisher": {"migrate": {"lockTimeoutSeconds": 600}}},
     "cron-secret-without-reaper": {**REAPER_OFF, "cronSecret": {"existingSecret": "external-cron"}},
+    # Autoscaling: an HPA on the adapter's external metrics, or a KEDA ScaledObject.
+    "hpa": {"autoscaling": {"hpa": {"enabled": True}}},
+    "hpa-age-min-1": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4,
+                                      "hpa": {"enabled": True, "pendingPerReplica": None, "oldestPendingAgeSeconds": 60,
+                                              "metricSelector": {"service": "outbox"}}}},
+    "keda": KEDA,
+    "keda-postgresql-only": {"autoscaling": {"minReplicas": 3, "maxReplicas": 8, "behavior": None,
+                                             "keda": {"enabled": True, "prometheus": {"enabled": False},
+                                                      "postgresql": {"enabled": True, "pendingPerReplica": 5000,
+                                                                     "existingSecret": "pg-direct", "key": "DIRECT_URL"}}}},
+    "keda-without-crds": KEDA,
     **{f"schedule:{macro}": {"cron": {"schedules": {"outboxReaper": {"schedule": macro}}}}
        for macro in ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly", "0 */6 * * 1-5")},
 }
 # Variants rendered as on a cluster with the Prometheus Operator's CRDs (helm --api-versions).
 WITH_MONITORING_API = {"full", "monitoring", "monitoring-other-release"}
+# Variants rendered as on a cluster with KEDA's CRDs.
+WITH_KEDA_API = {"keda", "keda-postgresql-only"}
 RELEASE_OF = {"monitoring-other-release": "payments"}
 # Each must be refused by values.schema.json, at install time, naming the offending value.
 BAD = {
@@ -152,6 +172,11 @@ BAD = {
     "schedule-words": ({"cron": {"schedules": {"outboxReaper": {"schedule": "every two minutes"}}}}, "/cron/schedules/outboxReaper/schedule"),
     "schedule-every": ({"cron": {"schedules": {"outboxReaper": {"schedule": "@every 2m"}}}}, "/cron/schedules/outboxReaper/schedule"),
     "digest-not-sha256": ({"image": {"digest": "latest"}}, "/image/digest"),
+    # Zero replicas publish nothing and export no backlog metric to scale back up on.
+    "autoscaling-min-zero": ({"autoscaling": {"minReplicas": 0, "hpa": {"enabled": True}}}, "/autoscaling/minReplicas"),
+    "keda-server-not-a-url": ({"autoscaling": {"keda": {"enabled": True, "prometheus": {"serverAddress": "prometheus:9090"}}}},
+                              "/autoscaling/keda/prometheus/serverAddress"),
+    "hpa-typo": ({"autoscaling": {"hpa": {"enabled": True, "pendingPerPod": 10}}}, "pendingPerPod"),
 }
 # Each must fail the render in a template (`fail`), naming the problem: what the schema cannot see.
 FAIL = {
@@ -169,7 +194,21 @@ FAIL = {
     # 4 attempts x 20 s fit in 85 s, but not with call-reaper's 2 + 4 + 8 s between them.
     "cron-deadline-without-backoff": ({"cron": {"activeDeadlineSeconds": 85}},
                                       "cron.activeDeadlineSeconds (85) must exceed (cron.retries + 1) x cron.timeoutSeconds + the back-off between attempts (94 s)"),
+    "autoscalers-both": ({"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True, "prometheus": {"serverAddress": PROMETHEUS_URL}}}},
+                         "autoscaling.hpa.enabled and autoscaling.keda.enabled are both true"),
+    "autoscaling-min-above-max": ({"autoscaling": {"minReplicas": 5, "maxReplicas": 3, "hpa": {"enabled": True}}},
+                                  "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (3)"),
+    "autoscaling-more-workers-than-shards": ({"autoscaling": {"maxReplicas": 129, "hpa": {"enabled": True}}},
+                                             "autoscaling.maxReplicas (129) x outboxPublisher.workers (2) is above the 256 shards"),
+    "hpa-without-a-metric": ({"autoscaling": {"hpa": {"enabled": True, "pendingPerReplica": None}}},
+                             "pendingPerReplica and oldestPendingAgeSeconds are both null"),
+    "keda-without-server-address": ({"autoscaling": {"keda": {"enabled": True}}},
+                                    "autoscaling.keda.prometheus.serverAddress is required"),
+    "keda-without-a-trigger": ({"autoscaling": {"keda": {"enabled": True, "prometheus": {"enabled": False}}}},
+                               "neither the prometheus nor the postgresql trigger is enabled"),
 }
+# FAIL cases rendered as on a cluster with these CRDs.
+FAIL_API_VERSIONS = {"keda-without-server-address": [KEDA_API], "keda-without-a-trigger": [KEDA_API]}
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -241,9 +280,10 @@ def helm(tmp_path_factory) -> dict[str, dict]:
     for name, values in RENDER.items():
         jobs[f"render:{name}"] = {"op": "render", "chart": str(CHART), "values": values,
                                   "release": RELEASE_OF.get(name, RELEASE), "namespace": NAMESPACE,
-                                  "api_versions": [MONITORING_API] if name in WITH_MONITORING_API else []}
+                                  "api_versions": [MONITORING_API] * (name in WITH_MONITORING_API) + [KEDA_API] * (name in WITH_KEDA_API)}
     for name, (values, _) in (BAD | FAIL).items():
-        jobs[f"bad:{name}"] = {"op": "render", "chart": str(CHART), "values": values}
+        jobs[f"bad:{name}"] = {"op": "render", "chart": str(CHART), "values": values,
+                               "api_versions": FAIL_API_VERSIONS.get(name, [])}
     done = subprocess.run([python, str(ROOT / "scripts" / "helm_lint.py"), "batch"],
                           input=json.dumps(list(jobs.values())), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"scripts/helm_lint.py failed:\n{done.stderr}"
@@ -390,7 +430,8 @@ def test_every_env_var_the_chart_sets_is_read_by_the_tier(helm, variant):
 
 def test_every_value_is_in_the_docs_table():
     doc = (ROOT / "docs" / "deploying.md").read_text()
-    free_form = {"outboxPublisher.resources", "cron.resources"}  # Kubernetes objects, documented as a whole
+    # Kubernetes objects, documented as a whole.
+    free_form = {"outboxPublisher.resources", "cron.resources", "autoscaling.behavior"}
 
     def leaves(node, prefix=""):
         for key, value in node.items():
@@ -475,6 +516,10 @@ def test_pdb_and_service_select_the_publisher_pods(helm):
     ("pdb-50%-of-2", "50%"),    # 1 required
     ("pdb-100%-of-3", None),
     ("minimal", None),          # pdb.enabled false
+    ("hpa", 1),                 # autoscaled: minReplicas 2 counts, not replicas 1
+    ("hpa-age-min-1", None),    # minReplicas 1: the fewest pods could not be evicted
+    ("keda", 1),
+    ("keda-without-crds", None),  # no ScaledObject: replicas 1 counts
 ])
 def test_pdb_only_where_it_can_allow_a_disruption(helm, variant, min_available):
     """A PodDisruptionBudget that allows 0 disruptions stalls `kubectl drain` and autoscaler
@@ -483,7 +528,7 @@ def test_pdb_only_where_it_can_allow_a_disruption(helm, variant, min_available):
     assert (pdb and pdb["spec"]["minAvailable"]) == min_available
     assert values_yaml()["outboxPublisher"]["pdb"] == {"enabled": True, "minAvailable": 1}
     if pdb:
-        replicas = rendered(helm, variant)["Deployment"]["spec"]["replicas"]
+        replicas = fewest_replicas(rendered(helm, variant))
         required = -(-replicas * int(min_available[:-1]) // 100) if isinstance(min_available, str) else min_available
         assert replicas - required >= 1
 
@@ -499,9 +544,11 @@ def test_every_pod_spec_turns_service_links_off(helm, variant):
         assert spec["enableServiceLinks"] is False
 
 
-def test_replicas_spread_over_nodes_and_zones_without_blocking_a_schedule(helm):
+@pytest.mark.parametrize("variant", ["replicas-3", "hpa", "hpa-age-min-1"])
+def test_replicas_spread_over_nodes_and_zones_without_blocking_a_schedule(helm, variant):
+    """Spread wherever there can be more than one pod: autoscaled, from minReplicas 1 too."""
     assert "topologySpreadConstraints" not in rendered(helm, "default")["Deployment"]["spec"]["template"]["spec"]
-    template = rendered(helm, "replicas-3")["Deployment"]["spec"]["template"]
+    template = rendered(helm, variant)["Deployment"]["spec"]["template"]
     constraints = template["spec"]["topologySpreadConstraints"]
     assert {c["topologyKey"] for c in constraints} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
     for constraint in constraints:
@@ -915,8 +962,45 @@ def check_prometheus_rule(obj: dict) -> None:
                 assert all(LABEL_NAME.fullmatch(k) and isinstance(v, str) for k, v in rule.get(mapping, {}).items())
 
 
+def strict(schema):
+    """A CRD's structural schema made strict like kubernetes-validate's strict mode: an unknown
+    field is an error (the API server would prune it silently) except where the schema keeps
+    unknown fields."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+def keda_validator(kind: str) -> jsonschema.protocols.Validator:
+    schema = json.loads((KEDA_SCHEMAS / f"keda.sh_{kind.lower()}s.v1alpha1.json").read_text())
+    # Draft 4 is what OpenAPI v3's schema objects follow (format int32 is not checked by it).
+    return jsonschema.Draft4Validator(strict(schema))
+
+
+def check_keda(obj: dict) -> None:
+    check_metadata(obj)
+    errors = sorted(keda_validator(obj["kind"]).iter_errors(obj), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+    if obj["kind"] == "ScaledObject":
+        spec = obj["spec"]
+        # The CRD's x-kubernetes-validations rule, which jsonschema cannot run (CEL).
+        assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100)
+        for trigger in spec["triggers"]:
+            if trigger["type"] == "prometheus":
+                promql_parser.parse(trigger["metadata"]["query"])
+                float(trigger["metadata"]["threshold"])
+            assert trigger.get("metricType", "AverageValue") in {"Value", "AverageValue"}
+
+
 CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"): check_service_monitor,
-                    ("monitoring.coreos.com/v1", "PrometheusRule"): check_prometheus_rule}
+                    ("monitoring.coreos.com/v1", "PrometheusRule"): check_prometheus_rule,
+                    (KEDA_API, "ScaledObject"): check_keda,
+                    (KEDA_API, "TriggerAuthentication"): check_keda}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -938,11 +1022,15 @@ def test_every_rendered_object_is_valid_for_kubernetes(helm, variant, version):
 
 def test_validation_covers_the_variants_the_issue_names(helm):
     assert yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"] == f">={K8S_VERSIONS[0]}-0"
-    kinds = {variant: set(rendered(helm, variant)) for variant in ("default", "replicas-3", "reaper-off", "monitoring")}
+    kinds = {variant: set(rendered(helm, variant))
+             for variant in ("default", "replicas-3", "reaper-off", "monitoring", "hpa", "keda", "keda-without-crds")}
     assert kinds["default"] == {"Deployment", "Service", "CronJob"}
     assert kinds["replicas-3"] == {"Deployment", "Service", "CronJob", "PodDisruptionBudget"}
     assert kinds["reaper-off"] == {"Deployment", "Service"}
     assert {"ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds["monitoring"]
+    assert kinds["hpa"] == kinds["replicas-3"] | {"HorizontalPodAutoscaler"}
+    assert kinds["keda"] == kinds["replicas-3"] | {"ScaledObject", "TriggerAuthentication"}
+    assert kinds["keda-without-crds"] == kinds["default"]
 
 
 def test_validator_catches_what_it_is_for():
@@ -951,3 +1039,189 @@ def test_validator_catches_what_it_is_for():
                 {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"enableServiceLinks": False}}):
         with pytest.raises(kubernetes_validate.ValidationError):
             kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
+
+
+def test_keda_validator_catches_what_it_is_for(helm):
+    """A control for the vendored KEDA schemas: an unknown field, a number where KEDA takes only
+    strings (trigger metadata), a missing trigger type and a TriggerAuthentication's reference
+    without a key are refused; the rendered objects pass."""
+    objects = rendered(helm, "keda")
+    check_keda(objects["ScaledObject"])
+    check_keda(objects["TriggerAuthentication"])
+    broken = []
+    for path, value in [(("spec", "minReplicas"), 2), (("spec", "triggers", 0, "metadata", "threshold"), 20000),
+                        (("spec", "triggers", 0, "type"), None), (("spec", "scaleTargetRef", "replicas"), 1)]:
+        obj = copy.deepcopy(objects["ScaledObject"])
+        node = obj
+        for key in path[:-1]:
+            node = node[key]
+        if value is None:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        broken.append(obj)
+    auth = copy.deepcopy(objects["TriggerAuthentication"])
+    del auth["spec"]["secretTargetRef"][0]["key"]
+    broken.append(auth)
+    for obj in broken:
+        assert list(keda_validator(obj["kind"]).iter_errors(obj)), obj
+    source = json.loads((KEDA_SCHEMAS / "keda.sh_scaledobjects.v1alpha1.json").read_text())["$comment"]
+    assert "kedacore/keda v2." in source and "config/crd/bases/keda.sh_scaledobjects.yaml" in source
+
+
+# ---- autoscaling ----------------------------------------------------------------------------
+
+
+def fewest_replicas(objects: dict[str, dict]) -> int:
+    if "HorizontalPodAutoscaler" in objects:
+        return objects["HorizontalPodAutoscaler"]["spec"]["minReplicas"]
+    if "ScaledObject" in objects:
+        return objects["ScaledObject"]["spec"]["minReplicaCount"]
+    return objects["Deployment"]["spec"]["replicas"]
+
+
+def exported_metrics() -> set[str]:
+    from kaireon_pub import metrics
+
+    families = [f for m in vars(metrics).values() if isinstance(m, MetricWrapperBase) for f in m.describe()]
+    return {f.name + ("_total" if f.type == "counter" else "") for f in families}
+
+
+@pytest.mark.parametrize("variant,owner", [("hpa", "HorizontalPodAutoscaler"), ("hpa-age-min-1", "HorizontalPodAutoscaler"),
+                                           ("keda", "ScaledObject"), ("keda-postgresql-only", "ScaledObject"),
+                                           ("keda-without-crds", None), ("default", None)])
+def test_deployment_leaves_replicas_to_the_autoscaler(helm, variant, owner):
+    """With an autoscaler the Deployment sets no replicas, so `helm upgrade` never resets what the
+    autoscaler chose; without one (KEDA's CRDs missing too) outboxPublisher.replicas counts."""
+    objects = rendered(helm, variant)
+    deployment = objects["Deployment"]
+    assert ("replicas" in deployment["spec"]) == (owner is None)
+    if owner:
+        target = objects[owner]["spec"]["scaleTargetRef"]
+        assert target == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert not {"HorizontalPodAutoscaler", "ScaledObject"} - {owner} & set(objects)
+
+
+def test_autoscaling_is_off_by_default_and_one_at_a_time():
+    autoscaling = values_yaml()["autoscaling"]
+    assert autoscaling["hpa"]["enabled"] is False and autoscaling["keda"]["enabled"] is False
+    assert 1 <= autoscaling["minReplicas"] <= autoscaling["maxReplicas"]
+    assert autoscaling["maxReplicas"] * values_yaml()["outboxPublisher"]["workers"] <= 256
+
+
+def test_hpa_scales_on_the_backlog_through_external_metrics(helm):
+    objects = rendered(helm, "hpa")
+    spec = objects["HorizontalPodAutoscaler"]["spec"]
+    values = values_yaml()["autoscaling"]
+    assert (spec["minReplicas"], spec["maxReplicas"], spec["behavior"]) == (values["minReplicas"], values["maxReplicas"], values["behavior"])
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"] == {"name": "kaireon_outbox_pending_count",
+                                            "selector": {"matchLabels": {"job": objects["Service"]["metadata"]["name"]}}}
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": str(values["hpa"]["pendingPerReplica"])}
+    (age,) = rendered(helm, "hpa-age-min-1")["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert age["external"]["metric"] == {"name": "kaireon_outbox_oldest_pending_age_seconds",
+                                         "selector": {"matchLabels": {"service": "outbox"}}}
+    assert age["external"]["target"] == {"type": "Value", "value": "60"}
+    for variant in ("hpa", "hpa-age-min-1"):
+        names = {m["external"]["metric"]["name"] for m in rendered(helm, variant)["HorizontalPodAutoscaler"]["spec"]["metrics"]}
+        assert names <= exported_metrics()
+
+
+def adapter_rules() -> list[dict]:
+    """The prometheus-adapter externalRules entries of docs/deploying.md."""
+    doc = (ROOT / "docs" / "deploying.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", doc, re.S) if "externalRules" in b]
+    assert len(blocks) == 1, "docs/deploying.md needs one ```yaml block with the adapter's externalRules"
+    return blocks[0]["rules"]["external"] if "rules" in blocks[0] else blocks[0]["externalRules"]
+
+
+def test_the_documented_adapter_rule_serves_the_hpa_metrics(helm):
+    """The adapter rule an operator copies: its series query and metrics query parse as PromQL
+    once the adapter's template is filled in as it would for this HPA (namespace and the
+    selector's labels), name the HPA's metrics, keep them per namespace and take the max, not the
+    sum, of the replicas' copies of one table-wide figure."""
+    objects = rendered(helm, "hpa")
+    job = objects["Service"]["metadata"]["name"]
+    wanted = {"kaireon_outbox_pending_count", "kaireon_outbox_oldest_pending_age_seconds"}
+    served = set()
+    for rule in adapter_rules():
+        assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}
+        series = promql_parser.parse(rule["seriesQuery"])
+        assert isinstance(series, promql_parser.VectorSelector)
+        for name in wanted:
+            if not re.fullmatch(rule["name"]["matches"], name):
+                continue
+            exposed = re.sub(rule["name"]["matches"], rule["name"].get("as", "$0").replace("$0", r"\g<0>"), name)
+            served.add(exposed)
+            query = (rule["metricsQuery"].replace("<<.Series>>", name)
+                     .replace("<<.LabelMatchers>>", f'namespace="{NAMESPACE}",job="{job}"')
+                     .replace("<<.GroupBy>>", "namespace"))
+            expr = promql_parser.parse(query)
+            assert isinstance(expr, promql_parser.AggregateExpr) and "max" in str(expr.op).lower(), query
+            (selector, _), = selectors(expr)
+            assert selector.name == name
+            matchers = {(m.name, m.value) for m in selector.matchers.matchers}
+            assert {("namespace", NAMESPACE), ("job", job)} <= matchers, query
+    assert served == wanted == {m["external"]["metric"]["name"] for m in
+                                rendered(helm, "hpa")["HorizontalPodAutoscaler"]["spec"]["metrics"]
+                                + rendered(helm, "hpa-age-min-1")["HorizontalPodAutoscaler"]["spec"]["metrics"]}
+    assert wanted <= exported_metrics()
+
+
+def test_keda_prometheus_triggers_read_this_release_as_one_sample(helm):
+    objects = rendered(helm, "keda")
+    spec = objects["ScaledObject"]["spec"]
+    values = values_yaml()["autoscaling"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (values["minReplicas"], values["maxReplicas"])
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == values["behavior"]
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert set(triggers) == {"pending", "oldest-pending-age", "pending-rows"}
+    expected = {"pending": ("kaireon_outbox_pending_count", "AverageValue", str(values["keda"]["prometheus"]["pendingPerReplica"])),
+                "oldest-pending-age": ("kaireon_outbox_oldest_pending_age_seconds", "Value", "120")}
+    job = objects["Service"]["metadata"]["name"]
+    for name, (metric, metric_type, threshold) in expected.items():
+        trigger = triggers[name]
+        assert trigger["type"] == "prometheus" and trigger["metricType"] == metric_type
+        assert trigger["metadata"]["serverAddress"] == PROMETHEUS_URL and trigger["metadata"]["threshold"] == threshold
+        expr = promql_parser.parse(trigger["metadata"]["query"])
+        # KEDA refuses a query answering more than one sample: max without by().
+        assert isinstance(expr, promql_parser.AggregateExpr) and "max" in str(expr.op).lower() and not expr.modifier
+        (selector, _), = selectors(expr)
+        assert selector.name == metric and metric in exported_metrics()
+        assert {("namespace", NAMESPACE), ("job", job)} <= {(m.name, m.value) for m in selector.matchers.matchers}
+
+
+@pytest.mark.parametrize("variant,secret,key,cap", [
+    ("keda", f"{RELEASE}-kaireon-pub-database", "DATABASE_URL", 6 * 20000),
+    ("keda-postgresql-only", "pg-direct", "DIRECT_URL", 8 * 5000),
+])
+def test_keda_postgresql_trigger_is_bounded_and_reads_the_dsn_from_the_secret(helm, variant, secret, key, cap):
+    objects = rendered(helm, variant)
+    (trigger,) = [t for t in objects["ScaledObject"]["spec"]["triggers"] if t["type"] == "postgresql"]
+    auth = objects["TriggerAuthentication"]
+    assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    assert auth["spec"] == {"secretTargetRef": [{"parameter": "connection", "name": secret, "key": key}]}
+    # Never a credential in the manifests: no password, host or DSN, only the Secret's name.
+    assert set(trigger["metadata"]) == {"query", "targetQueryValue"}
+    for obj in (objects["ScaledObject"], auth):
+        text = json.dumps(obj)
+        assert "postgresql://" not in text and "password" not in text.lower()
+    # Bounded by maxReplicas x pendingPerReplica (the most the autoscaler can use), on the rows
+    # the claim index covers (its predicate is status = 'pending').
+    query = trigger["metadata"]["query"]
+    assert re.fullmatch(r"SELECT count\(\*\) FROM \(SELECT 1 FROM outbox_events WHERE status = 'pending' LIMIT (\d+)\) AS pending",
+                        query), query
+    assert int(query.rsplit("LIMIT ", 1)[1].split(")")[0]) == cap == objects["ScaledObject"]["spec"]["maxReplicaCount"] * int(trigger["metadata"]["targetQueryValue"])
+    migration = (ROOT / "kaireon_pub" / "db" / "migrations").glob("0001_*.sql")
+    assert "ON outbox_events (shard, xid, id) WHERE status = 'pending'" in next(migration).read_text()
+    if variant == "keda-postgresql-only":
+        assert "advanced" not in objects["ScaledObject"]["spec"]  # behavior: null leaves the default
+
+
+def test_install_notes_name_the_autoscaler_or_why_there_is_none(helm):
+    assert "2 to 6 replicas, scaled by a HorizontalPodAutoscaler" in helm["render:hpa"]["notes"]
+    assert "scaled by a KEDA ScaledObject" in helm["render:keda"]["notes"]
+    notes = helm["render:keda-without-crds"]["notes"]
+    assert "WARNING: keda.sh/v1alpha1" in notes and "(1 replica(s))" in notes
+    assert "No PodDisruptionBudget: with 1 replica(s) at the fewest" in helm["render:hpa-age-min-1"]["notes"]

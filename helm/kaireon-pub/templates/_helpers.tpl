@@ -68,13 +68,64 @@ fail-closed (401) and the pods need no cron Secret at all.
 {{- end }}
 
 {{/*
+The autoscaler that owns the replica count: "hpa", "keda" or "" (none; the Deployment's
+`replicas` then counts). The ScaledObject needs KEDA's CRDs (keda.sh/v1alpha1): without them it
+is not rendered, the Deployment keeps `replicas`, and the install notes say so. Fails on what the
+schema cannot see: both on, minReplicas above maxReplicas, more workers than shards.
+*/}}
+{{- define "kaireon-pub.autoscaler" -}}
+{{- $a := .Values.autoscaling }}
+{{- if .Values.outboxPublisher.enabled }}
+{{- if and $a.hpa.enabled $a.keda.enabled }}
+{{- fail "autoscaling.hpa.enabled and autoscaling.keda.enabled are both true: KEDA makes its own HorizontalPodAutoscaler, and two autoscalers would fight over the replicas; enable one" }}
+{{- end }}
+{{- if or $a.hpa.enabled $a.keda.enabled }}
+{{- if gt ($a.minReplicas | int) ($a.maxReplicas | int) }}
+{{- fail (printf "autoscaling.minReplicas (%d) is above autoscaling.maxReplicas (%d)" ($a.minReplicas | int) ($a.maxReplicas | int)) }}
+{{- end }}
+{{- $workers := .Values.outboxPublisher.workers }}
+{{- if and (not (kindIs "invalid" $workers)) (gt (mul ($a.maxReplicas | int) ($workers | int)) 256) }}
+{{- fail (printf "autoscaling.maxReplicas (%d) x outboxPublisher.workers (%d) is above the 256 shards: the workers beyond them would hold none" ($a.maxReplicas | int) ($workers | int)) }}
+{{- end }}
+{{- end }}
+{{- if $a.hpa.enabled }}
+{{- if and (kindIs "invalid" $a.hpa.pendingPerReplica) (kindIs "invalid" $a.hpa.oldestPendingAgeSeconds) }}
+{{- fail "autoscaling.hpa: pendingPerReplica and oldestPendingAgeSeconds are both null; set at least one" }}
+{{- end }}
+{{- print "hpa" }}
+{{- else if and $a.keda.enabled (.Capabilities.APIVersions.Has "keda.sh/v1alpha1/ScaledObject") }}
+{{- if not (or $a.keda.prometheus.enabled $a.keda.postgresql.enabled) }}
+{{- fail "autoscaling.keda: neither the prometheus nor the postgresql trigger is enabled" }}
+{{- end }}
+{{- if and $a.keda.prometheus.enabled (kindIs "invalid" $a.keda.prometheus.pendingPerReplica) (kindIs "invalid" $a.keda.prometheus.oldestPendingAgeSeconds) }}
+{{- fail "autoscaling.keda.prometheus: pendingPerReplica and oldestPendingAgeSeconds are both null; set one or disable the trigger" }}
+{{- end }}
+{{- print "keda" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The fewest and the most publisher pods there can be: outboxPublisher.replicas, or the
+autoscaler's minReplicas and maxReplicas.
+*/}}
+{{- define "kaireon-pub.replicasFloor" -}}
+{{- if include "kaireon-pub.autoscaler" . }}{{ .Values.autoscaling.minReplicas | int }}{{ else }}{{ .Values.outboxPublisher.replicas | int }}{{ end }}
+{{- end }}
+
+{{- define "kaireon-pub.replicasCeiling" -}}
+{{- if include "kaireon-pub.autoscaler" . }}{{ .Values.autoscaling.maxReplicas | int }}{{ else }}{{ .Values.outboxPublisher.replicas | int }}{{ end }}
+{{- end }}
+
+{{/*
 "true" when the PodDisruptionBudget is rendered: enabled, and it can allow a disruption (more
 replicas than minAvailable requires; Kubernetes rounds a percentage up). With minAvailable 1 and
-one replica it would stall every node drain and cluster-autoscaler scale-down.
+one replica it would stall every node drain and cluster-autoscaler scale-down. With an
+autoscaler the count is its minReplicas: the budget must allow a disruption at the fewest pods.
 */}}
 {{- define "kaireon-pub.pdbRendered" -}}
 {{- $p := .Values.outboxPublisher }}
-{{- $replicas := $p.replicas | int }}
+{{- $replicas := include "kaireon-pub.replicasFloor" . | int }}
 {{- $min := $p.pdb.minAvailable }}
 {{- $required := 0 }}
 {{- if kindIs "string" $min }}
@@ -83,6 +134,15 @@ one replica it would stall every node drain and cluster-autoscaler scale-down.
 {{- $required = $min | int }}
 {{- end }}
 {{- if and $p.enabled $p.pdb.enabled (gt $replicas $required) }}true{{ end }}
+{{- end }}
+
+{{/*
+PromQL label matchers (without braces) that pick this release's series: the value given, or
+namespace and job as the ServiceMonitor's scrape labels them (job is the Service's name).
+*/}}
+{{- define "kaireon-pub.seriesSelector" -}}
+{{- $ctx := index . 0 }}
+{{- default (printf "namespace=%q,job=%q" $ctx.Release.Namespace (include "kaireon-pub.publisher" $ctx)) (index . 1) }}
 {{- end }}
 
 {{/* Where the Kafka TLS Secret is mounted. */}}

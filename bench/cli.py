@@ -1,4 +1,4 @@
-"""`python -m bench [drain|latency|ceilings|scale|purge|lock|all ...] [options]`: runs the
+"""`python -m bench [drain|cold|latency|ceilings|scale|purge|lock|all ...] [options]`: runs the
 scenarios in order against one PostgreSQL and one broker, prints every figure as it is measured,
 the targets of issues 5 and 6, and one SUMMARY line, also when interrupted with Ctrl-C."""
 
@@ -22,13 +22,14 @@ import psycopg
 
 from bench import backlog
 from bench.ceilings import produce_ceiling, sql_ceiling
+from bench.cold import DistinctReader, Run, boot_steps
 from bench.env import PARTITIONS, Services
 from bench.latency import TopicLatency, histogram_percentiles
 from bench.report import Figure, Report
 from bench.tier import Tier, drain, row_writes
 from kaireon_pub.settings import DEFAULTS, SYNCHRONOUS_COMMIT_LEVELS
 
-SCENARIOS = ("ceilings", "drain", "lock", "scale", "purge", "latency", "pgbouncer")
+SCENARIOS = ("ceilings", "drain", "cold", "lock", "scale", "purge", "latency", "pgbouncer")
 MB = 1024 * 1024
 
 
@@ -45,11 +46,13 @@ class Plan:
     tier_env: dict[str, str]
     repeat: int  # runs per backlog drain figure (the median is reported)
     balanced: bool  # wait for the fair share before timing (the smoke run only waits for ownership)
+    cold_big: bool  # the cold start also at the big backlog (not in --quick)
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
     quick = args.quick
-    env = {"OUTBOX_BATCH_SIZE": str(args.batch), "OUTBOX_SYNCHRONOUS_COMMIT": args.synchronous_commit}
+    env = {"OUTBOX_BATCH_SIZE": str(args.batch), "OUTBOX_SYNCHRONOUS_COMMIT": args.synchronous_commit,
+           **dict(kv.split("=", 1) for kv in args.tier_env)}
     return Plan(
         backlog=args.backlog or (3_000 if quick else 100_000),
         big_backlog=args.big_backlog or (6_000 if quick else 1_000_000),
@@ -62,6 +65,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         tier_env=env,
         repeat=args.repeat or (1 if quick else 3),
         balanced=not quick,
+        cold_big=not quick,
     )
 
 
@@ -76,10 +80,12 @@ class Bench:
 
     # ---- helpers -----------------------------------------------------------------------------
 
-    def tier(self, url: str, *, supervisors: int = 1, workers: int = 2, **env: str) -> Tier:
+    def tier(self, url: str, *, supervisors: int = 1, workers: int = 2, ready: bool = True, **env: str) -> Tier:
         self.n_tiers += 1
         tier = Tier(url, self.s.bootstrap, self.run_dir / f"tier{self.n_tiers}", supervisors=supervisors,
                     workers=workers, **{**self.plan.tier_env, **env})
+        if not ready:
+            return tier
         try:
             tier.wait_ready(balanced=self.plan.balanced)
         except BaseException:
@@ -221,6 +227,73 @@ class Bench:
         r.target("drain(1M) ≥ 0.9 × drain(100k)", ratio >= 0.9 if ratio else None,
                  f"{second.rate:,.0f} / {base:,.0f} = {ratio:.2f} (fresh-table 1M: {first.rate:,.0f}/s)")
 
+    def cold(self) -> None:
+        r, p = self.r, self.plan
+        sizes = [p.backlog, *([p.big_backlog] if p.cold_big else [])]
+        for n in sizes:
+            small = n == p.backlog
+            repeat = p.repeat if small else 1
+            r.say(f"\n== cold start: 1 supervisor × 2 workers spawned against {n:,} events already committed,"
+                  f" beside a warm drain of the same backlog; both timed to the last distinct event id on the topic"
+                  f" (a reader counting them){f', {repeat} of each, alternating' if repeat > 1 else ''}")
+            warm_runs, cold_runs = [], []
+            for _ in range(repeat):
+                warm_runs.append(self.cold_once(n, cold=False))
+                cold_runs.append(self.cold_once(n, cold=True))
+            warm, cold = _median(warm_runs), _median(cold_runs)
+            sfx = "" if small else "_big"
+            r.add(f"cold{sfx}", f"cold start {n:,}: spawn → last event", cold.rate, "ev/s",
+                  f"{cold.seconds:.2f} s; first event {cold.first_event * 1000:.0f} ms after the spawn" + _spread(cold_runs))
+            r.add(f"warm{sfx}", f"warm drain {n:,}: commit → last event (same reader)", warm.rate, "ev/s",
+                  f"{warm.seconds:.2f} s" + _spread(warm_runs))
+            ratio = cold.rate / warm.rate if warm.rate else None
+            r.add(f"cold_ratio{sfx}", "  cold / warm", ratio, "x", "target ≥ 0.90" if small else "")
+            if not small:
+                continue
+            r.target(f"cold start ≥ 0.9 × warm drain at {n:,}", ratio >= 0.9 if ratio else None,
+                     f"{cold.rate:,.0f} / {warm.rate:,.0f} = {ratio:.2f} (medians of {repeat})")
+            firsts = sorted(x.first_event for x in cold_runs if x.first_event is not None)
+            first = firsts[len(firsts) // 2] if firsts else None
+            r.add("first_publish", "  spawn → first event on the topic", None if first is None else first * 1000, "ms",
+                  "target ≤ 400 ms; an upper bound: it includes the broker's fetch path; "
+                  + ", ".join(f"{x * 1000:.0f}" for x in firsts) + " ms")
+            for label in cold.boot:
+                steps = sorted(x.boot[label] for x in cold_runs if label in x.boot)
+                r.say(f"    boot: {label:<72} {steps[len(steps) // 2] * 1000:6.0f} ms after the spawn (median)")
+            if first is not None:
+                r.target("first publish ≤ 0.4 s after `kaireon-pub run`", first <= 0.4,
+                         f"{first * 1000:.0f} ms to the first event on the topic (median of {len(firsts)})")
+
+    def cold_once(self, n: int, *, cold: bool) -> Run:
+        """A fresh database and topic; cold: the backlog committed, then the tier spawned; warm:
+        the tier started and balanced, then the backlog committed. Timed by a reader of the topic."""
+        name = "cold" if cold else "warm"
+        url, topic = self.s.fresh_database(name), self.s.fresh_topic(name)
+        try:
+            if cold:
+                backlog.load(url, topic, n, notify=False)
+            reader = DistinctReader(self.s.bootstrap, topic, PARTITIONS, n)
+            reader.start()
+            try:
+                reader.wait_ready()
+                spawn_wall = time.time()
+                started = time.monotonic()
+                tier = self.tier(url, ready=not cold)
+                try:
+                    if not cold:
+                        started = backlog.load(url, topic, n)
+                    last = reader.wait_done(max(120.0, n / 1000))
+                    boot = boot_steps([sup.log_path for sup in tier.sups], spawn_wall) if cold else {}
+                finally:
+                    tier.stop()
+            finally:
+                reader.stop()
+            first = None if reader.first is None else reader.first - started
+            return Run(name, n, last - started, first, boot)
+        finally:
+            self.s.drop_topic(topic)
+            self.s.drop_database(url)
+
     def lock(self) -> None:
         r = self.r
         r.say("\n== claim modes: lock (one write per event) and delete-on-publish, same backlog")
@@ -357,6 +430,16 @@ class Bench:
                      f"{cpct.get(0.99, float('nan')) * 1000:.0f} ms; offered {done['rate']:,.0f}/s")
 
 
+def _spread(runs: list[Run]) -> str:
+    if len(runs) < 2:
+        return ""
+    return f"; median of {len(runs)}: {min(x.rate for x in runs):,.0f}–{max(x.rate for x in runs):,.0f}/s"
+
+
+def _median(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda x: x.rate)[len(runs) // 2]
+
+
 def machine() -> str:
     mem = psutil.virtual_memory().total / 1024 ** 3
     load = os.getloadavg()
@@ -383,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synchronous-commit", default=DEFAULTS["OUTBOX_SYNCHRONOUS_COMMIT"],
                     choices=SYNCHRONOUS_COMMIT_LEVELS,
                     help="OUTBOX_SYNCHRONOUS_COMMIT of the tier, also the SQL ceiling loops' (default: the tier's)")
+    ap.add_argument("--tier-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for every tier of the run (OUTBOX_*, KAFKA_*), e.g."
+                         " OUTBOX_WORKERS=4 (then every tier runs that many workers) or KAFKA_LINGER_MS=1; repeatable")
     ap.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                     help="a server setting for the run on the embedded server (ALTER SYSTEM, then a reload or a"
                          " restart), e.g. shared_buffers=1GB; repeatable; printed with the results")
@@ -400,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         services = Services(args.database_url, args.bootstrap, dict(kv.split("=", 1) for kv in args.pg_setting))
         report.say(f"services: {services.describe()}; tier logs under {run_dir}")
+        if args.tier_env:
+            report.say("tier environment (every tier): " + " ".join(args.tier_env))
         bench = Bench(services, plan, report, run_dir)
         for name in scenarios:
             started = time.monotonic()

@@ -111,6 +111,7 @@ class Tier:
     def __init__(self, db_url: str, bootstrap: str, run_dir: Path, *, supervisors: int = 1,
                  workers: int = 2, **overrides: str):
         self.db_url = db_url
+        workers = int(overrides.pop("OUTBOX_WORKERS", workers))  # --tier-env OUTBOX_WORKERS=N
         self.workers_total = supervisors * workers
         self.sups = []
         for i in range(supervisors):

@@ -44,11 +44,23 @@ SET expires_at = clock_timestamp() + make_interval(secs => %(ttl)s)
 WHERE owner = %(worker_id)s AND expires_at > clock_timestamp()
 RETURNING shard, epoch;
 
--- release_leases: hand shards back at once (rebalance, drain)
-UPDATE outbox_shard_leases
-SET owner = NULL, expires_at = '-infinity'
-WHERE owner = %(worker_id)s AND shard = ANY(%(shards)s::smallint[])
-RETURNING shard;
+-- release_leases: hand shards back at once (rebalance, drain); the other keepers hear of it on commit
+WITH released AS (
+    UPDATE outbox_shard_leases
+    SET owner = NULL, expires_at = '-infinity'
+    WHERE owner = %(worker_id)s AND shard = ANY(%(shards)s::smallint[])
+    RETURNING shard
+)
+SELECT shard, pg_notify('kaireon_outbox_leases', '') IS NULL AS notified FROM released;
+
+-- notify_leases: tell the other keepers the tier changed (a worker joined or left) on commit
+SELECT pg_notify('kaireon_outbox_leases', '');
+
+-- lease_census: live workers and free shards (read-only), polled by a keeper that cannot LISTEN
+SELECT (SELECT count(*) FROM outbox_workers WHERE expires_at > clock_timestamp()) AS live_workers,
+       (SELECT count(*) FROM outbox_shard_leases
+        WHERE owner IS NULL OR expires_at <= clock_timestamp()) AS free_shards;
+
 
 -- acquire_leases: take up to n free or expired shards, bumping their fencing epoch
 WITH free AS (

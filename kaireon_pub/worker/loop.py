@@ -83,10 +83,13 @@ class Worker:
         self.worker_id = worker_id
         self.heartbeat = heartbeat
         self.dead_worker_ids = dead_worker_ids
-        self.leases = Leases(worker_id, slot, settings.lease_ttl_seconds)
+        # The supervisor runs settings.workers of us: each takes its share from its first round.
+        self.leases = Leases(worker_id, slot, settings.lease_ttl_seconds, siblings=settings.workers)
         # The keeper's statements must end well inside a renewal interval.
         keeper_timeout_ms = max(500, min(settings.statement_timeout_ms, settings.lease_ttl_seconds * 1000 // 3))
-        self.keeper = LeaseKeeper(self.leases, self._connector("leases", keeper_timeout_ms), self._on_leases_changed)
+        # Behind a transaction pooler the keeper cannot LISTEN on its connection: it polls instead.
+        self.keeper = LeaseKeeper(self.leases, self._connector("leases", keeper_timeout_ms), self._on_leases_changed,
+                                  listen=settings.pool_mode == "session")
         self.listener = Listener(self._connector("listen"), self._on_rescan_notice)
         self.cursors: dict[int, tuple[int, int]] = {}
         self.rescan_at: dict[int, float] = {}

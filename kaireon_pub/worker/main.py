@@ -1,7 +1,8 @@
 """The worker process's entry point, run in the child right after fork().
 
 Everything that owns threads or sockets (the uvloop event loop, the connection pool, the
-librdkafka producer) is created here, never in the supervisor.
+librdkafka producer) is created here, never in the supervisor. The modules are imported by the
+supervisor before it forks (an import creates neither), so a new worker does not import them again.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import os
 import signal
 import uuid
 
+import uvloop
+
 from kaireon_pub import logs
 from kaireon_pub.errors import ConfigError, ExitCode, new_error_id
 from kaireon_pub.settings import Settings
+from kaireon_pub.worker.loop import Worker
 
 log = logging.getLogger("kaireon_pub.worker")
 
@@ -26,10 +30,6 @@ def worker_main(settings: Settings, slot: int, worker_id: uuid.UUID, heartbeat_f
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards TERM
-
-    import uvloop
-
-    from kaireon_pub.worker.loop import Worker
 
     state = {"mode": 0}
 

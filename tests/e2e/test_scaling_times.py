@@ -1,7 +1,7 @@
 """Scale-out and scale-in of real tiers, timed: what docs/operations.md ("Scaling out and in") quotes.
 
-Two supervisors of two workers each (the chart's default), the default lease TTL (10 s), a
-steady load. Tier A runs throughout; tier B joins and leaves ROUNDS times by SIGTERM (a
+Two supervisors of two workers each (the chart's default), the default lease TTL (10 s) and
+poll interval (2 s), a steady load. Tier A runs throughout; tier B joins and leaves ROUNDS times by SIGTERM (a
 Kubernetes scale-in or rollout), then once more and is SIGKILLed (a node lost). Times are from
 the database's view, sampled every 20 ms:
 
@@ -28,6 +28,7 @@ from tests.helpers import Load, status_counts, tier_env, wait_for
 
 ROUNDS = 3
 TTL = 10  # the tier's default OUTBOX_LEASE_TTL_SECONDS
+POLL_MS = 2000  # the tier's and the chart's default OUTBOX_POLL_INTERVAL_MS (the other tests use 200)
 SAMPLE_S = 0.02
 
 
@@ -65,7 +66,7 @@ def test_scale_out_and_in_times(db_url, broker, topic, tmp_path, run_tier):
     def start(name: str):
         (tmp_path / name).mkdir()
         return run_tier(tier_env(db_url, broker.bootstrap, tmp_path / name, OUTBOX_WORKERS="2",
-                                 OUTBOX_LEASE_TTL_SECONDS=str(TTL)), name=name)
+                                 OUTBOX_LEASE_TTL_SECONDS=str(TTL), OUTBOX_POLL_INTERVAL_MS=str(POLL_MS)), name=name)
 
     times: dict[str, list[float]] = {"start_to_registered": [], "registered_to_share": [], "sigterm_to_released": [],
                                      "sigterm_to_taken": [], "sigterm_to_exit": [], "sigkill_to_taken": []}
@@ -104,7 +105,7 @@ def test_scale_out_and_in_times(db_url, broker, topic, tmp_path, run_tier):
 
     summary = {name: {"median": round(statistics.median(v), 2), "max": round(max(v), 2), "n": len(v)}
                for name, v in times.items()}
-    print("\nscaling times at", commit(), "(2 workers per tier, TTL", TTL, "s):", json.dumps(summary))
+    print("\nscaling times at", commit(), f"(2 workers per tier, TTL {TTL} s, poll {POLL_MS} ms):", json.dumps(summary))
     assert summary["registered_to_share"]["max"] < 2 * TTL + 5
     assert summary["sigterm_to_taken"]["max"] < 5
     assert summary["sigkill_to_taken"]["max"] <= 2 * TTL + 2

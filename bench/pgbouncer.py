@@ -38,6 +38,7 @@ def run(bench) -> None:
                 runs[variant].append(_drain(bench, bouncer, variant))
     finally:
         bouncer.stop()
+    runs_in_order = {variant: list(done) for variant, done in runs.items()}
     medians = {}
     for variant, done in runs.items():
         done.sort(key=lambda d: d.rate)
@@ -47,16 +48,26 @@ def run(bench) -> None:
         bench._peak_rss(max(d.peak_rss for d in done))
     direct = medians["direct"]
     r.add("pgb_direct", "drain, direct (baseline of this comparison)", direct.rate, "ev/s",
-          f"tier CPU {direct.cpu_per_1k:.3f} s/1k" + (f"; {direct.spread}" if direct.spread else ""))
+          f"tier CPU {direct.cpu_per_1k:.3f} s/1k{_db_cpu(runs['direct'])}" + (f"; {direct.spread}" if direct.spread else ""))
     for variant, label in (("listen", "through PgBouncer, LISTEN on the direct URL"),
                            ("poll", "through PgBouncer, polling (2 s)")):
         d = medians[variant]
+        # Each round's pooled run against the direct run just before it: the background load of
+        # a shared machine drifts more slowly than one round.
+        paired = sorted(p.rate / q.rate for p, q in zip(runs_in_order[variant], runs_in_order["direct"], strict=True))
         r.add(f"pgb_{variant}", f"drain, {label}", d.rate, "ev/s",
-              f"{d.rate / direct.rate:.2f} × direct; tier CPU {d.cpu_per_1k:.3f} s/1k; "
+              f"{d.rate / direct.rate:.2f} × direct (paired by round: median {paired[len(paired) // 2]:.2f}, "
+              f"{paired[0]:.2f}–{paired[-1]:.2f}); tier CPU {d.cpu_per_1k:.3f} s/1k{_db_cpu(runs[variant])}; "
               f"{version} CPU {d.bouncer_cpu_per_1k:.3f} s/1k" + (f"; {d.spread}" if d.spread else ""))
     ratio = medians["listen"].rate / direct.rate if direct.rate else None
     r.add("pgb_ratio", "  drain through PgBouncer / direct", ratio, "x",
           "LISTEN on OUTBOX_LISTEN_DATABASE_URL; the polling run starts up to one poll interval late")
+
+
+def _db_cpu(done: list) -> str:
+    """The PostgreSQL backends' CPU per 1,000 events (median), when the server runs on this machine."""
+    values = sorted(d.db_cpu_per_1k for d in done if d.db_cpu_per_1k is not None)
+    return f"; PostgreSQL backends {values[len(values) // 2]:.3f} s/1k" if values else ""
 
 
 def _drain(bench, bouncer, variant: str):

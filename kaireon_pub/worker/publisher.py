@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -41,6 +41,9 @@ from kaireon_pub import metrics
 from kaireon_pub.settings import Settings
 from kaireon_pub.worker.producer import make_producer
 from kaireon_pub.worker.rows import Row
+
+if TYPE_CHECKING:
+    from kaireon_pub.worker.tracing import BatchTrace, Tracing
 
 log = logging.getLogger("kaireon_pub.worker.publisher")
 
@@ -242,8 +245,9 @@ class _Batch:
         self.out = BatchOutcome()
         self.produced_all = False
         self.closed = False
+        self.trace: BatchTrace | None = None  # the batch's spans, when tracing is on
 
-    def report(self, err: KafkaError | None, _msg: Any, event_id: int, created: float) -> None:
+    def report(self, err: KafkaError | None, msg: Any, event_id: int, created: float) -> None:
         """librdkafka's delivery callback; runs on the delivery thread."""
         with self.lock:
             if self.closed or event_id not in self.pending:
@@ -266,6 +270,8 @@ class _Batch:
                     out.systemic_error = text
                 else:
                     out.transient_error = out.transient_error or text
+            if self.trace is not None:
+                self.trace.reported(event_id, err, msg)
             finished = (self.produced_all and not self.pending) or out.producer_error is not None
         if finished:
             self.wake()
@@ -282,9 +288,10 @@ class _Batch:
 class Publisher:
     """Owns one librdkafka producer and the thread that serves it; recreated when broken."""
 
-    def __init__(self, settings: Settings, client_id: str):
+    def __init__(self, settings: Settings, client_id: str, tracing: Tracing | None = None):
         self.settings = settings
         self.client_id = client_id
+        self.tracing = tracing  # worker/tracing.py: spans per batch and per event; None when off
         self.broken: str | None = None  # why the producer must be recreated, once it must
         self.broken_cause: str | None = None
         self._open: set[_Batch] = set()
@@ -365,6 +372,8 @@ class Publisher:
         stays queued in the client.
         """
         batch = _Batch(asyncio.get_running_loop())
+        if self.tracing is not None:
+            batch.trace = self.tracing.batch(rows, self.client_id)
         out = batch.out
         producer = self.producer
         held_keys: set[str] = set()
@@ -411,6 +420,8 @@ class Publisher:
         out.released = [r.id for r in rows if r.id not in settled]
         out.unconfirmed = len(batch.handed.intersection(out.released))
         metrics.PRODUCER_QUEUE_DEPTH.set(len(producer))
+        if batch.trace is not None:
+            batch.trace.end(out)
         return out
 
     async def _produce(self, producer: Producer, batch: _Batch, row: Row, limit: float) -> bool:
@@ -426,6 +437,8 @@ class Publisher:
         except Exception as exc:  # noqa: BLE001 - whatever the row makes go wrong stays on the row
             out.rejected[row.id] = f"cannot build the record: {type(exc).__name__}: {exc}"
             return False
+        if batch.trace is not None:
+            headers = batch.trace.event(row, headers)  # the event's span; its traceparent on the record
         with batch.lock:
             batch.pending.add(row.id)
         while True:

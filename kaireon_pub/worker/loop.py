@@ -38,7 +38,7 @@ from kaireon_pub.db.connect import (
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, SystemicError, TransientError, new_error_id
 from kaireon_pub.settings import Settings
-from kaireon_pub.worker import housekeeping
+from kaireon_pub.worker import housekeeping, tracing
 from kaireon_pub.worker.leases import LeaseKeeper, Leases, RebalanceResult
 from kaireon_pub.worker.publisher import BatchOutcome, Publisher
 from kaireon_pub.worker.rows import Row, TickResult
@@ -109,6 +109,7 @@ class Worker:
         self.unsettled: tuple[uuid.UUID, list[Row], BatchOutcome] | None = None
         self.pool: psycopg_pool.AsyncConnectionPool | None = None
         self.publisher: Publisher | None = None
+        self.tracing: tracing.Tracing | None = None  # None unless OTEL_TRACES_EXPORTER and the otel extra
         self.cluster_id: str | None = None
         self.tasks: list[asyncio.Task] = []
         self.last_claim_full = False
@@ -150,7 +151,9 @@ class Worker:
     async def boot(self) -> None:
         s = self.settings
         # The producer first: a bad librdkafka setting fails before any connection is opened.
-        self.publisher = Publisher(s, client_id=f"kaireon-pub-{self.slot}")
+        # The tracer provider is made here, after fork (its export threads do not survive one).
+        self.tracing = tracing.setup(os.environ, slot=self.slot)
+        self.publisher = Publisher(s, client_id=f"kaireon-pub-{self.slot}", tracing=self.tracing)
         self.pool = psycopg_pool.AsyncConnectionPool(
             s.database_url, min_size=1, max_size=4, open=False, name=f"worker-{self.slot}",
             # The session name carries the worker id, so a peer can tell this worker's sessions
@@ -210,6 +213,9 @@ class Worker:
             await self.pool.close(timeout=2)
         if self.publisher is not None:
             await self.publisher.close()
+        if self.tracing is not None:
+            # The spans of the last batches are exported within the drain budget (5 s at most).
+            await self.tracing.close(min(5.0, max(0.5, self.drain_deadline - time.monotonic())))
         metrics.IN_FLIGHT.set(0)
 
     async def run(self) -> int:

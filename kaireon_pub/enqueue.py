@@ -226,16 +226,21 @@ def enqueue(
     headers: Mapping[str, HeaderValue] | None = None,
     event_type: str | None = None,
     max_payload_bytes: int | None = None,
+    notify: bool = True,
 ) -> int | PendingWrite[int]:
     """Insert one event in the caller's transaction; returns its id.
 
     On an AsyncConnection, returns an awaitable: `event_id = await enqueue(aconn, ...)`.
     Raises PayloadError, before anything is written, for an event that cannot be stored.
+    `notify=False` leaves out the NOTIFY that wakes the workers at commit (they find the event
+    at their next poll): PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY, so a transaction
+    that ends in two-phase commit needs it.
     """
     is_async = _check_connection(conn, "enqueue")
     row = _encode(Event(topic, key, payload, headers, event_type), _limit(max_payload_bytes))
     params = {"topic": row.topic, "key": row.key, "key_bytes": row.key_bytes, "payload": row.payload,
-              "headers": row.headers, "binary_headers": row.binary_headers, "event_type": row.event_type}
+              "headers": row.headers, "binary_headers": row.binary_headers, "event_type": row.event_type,
+              "notify": notify}
     if is_async:
         return PendingWrite(_enqueue_async(conn, params), f"enqueue(topic={topic!r})")  # type: ignore[arg-type]
     return conn.execute(Q.enqueue_one, params).fetchone()[0]  # type: ignore[union-attr]
@@ -251,10 +256,12 @@ def enqueue_many(
     events: Iterable[Event],
     *,
     max_payload_bytes: int | None = None,
+    notify: bool = True,
 ) -> list[int] | PendingWrite[list[int]]:
     """Insert many events in one round trip, in the caller's transaction; returns their ids.
 
     All events are checked first: one bad event raises PayloadError and nothing is written.
+    `notify=False` as for enqueue() (two-phase commit).
     On an AsyncConnection, returns an awaitable: `ids = await enqueue_many(aconn, events)`.
     """
     is_async = _check_connection(conn, "enqueue_many")
@@ -268,6 +275,7 @@ def enqueue_many(
         "headers": [r.headers for r in rows],
         "binary_headers": [r.binary_headers for r in rows],
         "event_types": [r.event_type for r in rows],
+        "notify": notify,
     }
     if is_async:
         return PendingWrite(_enqueue_many_async(conn, params), f"enqueue_many({len(rows)} events)")  # type: ignore[arg-type]

@@ -9,7 +9,8 @@ WITH ins AS (
             %(binary_headers)s::jsonb, %(event_type)s)
     RETURNING id
 )
-SELECT id, pg_notify('kaireon_outbox', '') IS NULL AS notified FROM ins;
+-- The NOTIFY is left out on request: PREPARE TRANSACTION refuses a transaction that notified.
+SELECT id, CASE WHEN %(notify)s THEN pg_notify('kaireon_outbox', '') IS NULL END AS notified FROM ins;
 
 -- enqueue_many: write many events in one round trip, in the order given
 WITH ins AS (
@@ -22,7 +23,7 @@ WITH ins AS (
     ORDER BY t.n
     RETURNING id
 )
-SELECT id, pg_notify('kaireon_outbox', '') IS NULL AS notified FROM ins ORDER BY id;
+SELECT id, CASE WHEN %(notify)s THEN pg_notify('kaireon_outbox', '') IS NULL END AS notified FROM ins ORDER BY id;
 
 -- register_worker: announce (or refresh) this worker as live; the fair share counts these rows
 INSERT INTO outbox_workers (worker_id, hostname, pid, slot, expires_at)
@@ -60,7 +61,6 @@ SELECT pg_notify('kaireon_outbox_leases', '');
 SELECT (SELECT count(*) FROM outbox_workers WHERE expires_at > clock_timestamp()) AS live_workers,
        (SELECT count(*) FROM outbox_shard_leases
         WHERE owner IS NULL OR expires_at <= clock_timestamp()) AS free_shards;
-
 
 -- acquire_leases: take up to n free or expired shards, bumping their fencing epoch
 WITH free AS (
@@ -181,12 +181,15 @@ CROSS JOIN LATERAL (
 -- however long it has been open, so it is waited for, but at most %(max_wait_ms)s: past that the
 -- horizon moves on without it and it is returned in `bypassed`, for the worker to remember and to
 -- rescan from its xid once it has ended (`ended` lists the remembered ones that have). A running
--- xid found neither in pg_stat_activity nor in pg_prepared_xacts (it ended a moment ago) is
--- waited for: the next claim sees it gone. Parallel workers share their leader's xid.
+-- xid found neither in pg_stat_activity nor in pg_prepared_xacts (it ended a moment ago, or the
+-- tier's role may not see another role's backend_xid) is waited for, and returned in `unknown`:
+-- the worker times those itself and passes back the ones it has waited for long enough in
+-- %(pass_over)s. Parallel workers share their leader's xid.
 WITH {{horizon_transactions}}
 SELECT coalesce((SELECT min(xid) FROM holders WHERE NOT bypassed), pg_snapshot_xmax(snap.s))::text::bigint AS horizon,
        extract(epoch FROM snap.now - (SELECT min(since) FROM holders WHERE NOT bypassed))::float8 AS held_for,
        ARRAY(SELECT xid::text::bigint FROM holders WHERE bypassed) AS bypassed,
+       ARRAY(SELECT xid::text::bigint FROM holders WHERE since IS NULL AND NOT bypassed) AS unknown,
        ARRAY(SELECT m.xid FROM unnest(%(remembered)s::bigint[]) AS m(xid)
              WHERE NOT EXISTS (SELECT 1 FROM running r WHERE r.x = m.xid::text::xid8)) AS ended
 FROM snap;
@@ -220,7 +223,8 @@ snap AS MATERIALIZED (
     ) a ON true
     LEFT JOIN pg_prepared_xacts p ON p.transaction = r.x::xid
 ), holders AS MATERIALIZED (
-    SELECT j.*, (j.since IS NOT NULL AND j.since <= snap.now - make_interval(secs => %(max_wait_ms)s / 1000.0)) AS bypassed
+    SELECT j.*, ((j.since IS NOT NULL AND j.since <= snap.now - make_interval(secs => %(max_wait_ms)s / 1000.0))
+                 OR j.xid::text::bigint = ANY(%(pass_over)s::bigint[])) AS bypassed
     FROM judged j, snap WHERE j.can_write
 )
 

@@ -86,7 +86,7 @@ def horizon_holders(conn: psycopg.Connection, max_wait_ms: int) -> dict[str, Any
     """What the claim horizon waits for now (or has passed over): the `horizon` of status --json."""
     held_by = []
     for pid, gid, database, application, bypassed, age in conn.execute(
-            Q.horizon_holders, {"max_wait_ms": max_wait_ms}).fetchall():
+            Q.horizon_holders, {"max_wait_ms": max_wait_ms, "pass_over": []}).fetchall():
         who: dict[str, Any] = {"pid": pid} if pid is not None else ({"gid": gid} if gid else {"pid": None})
         held_by.append({**who, "database": database, "application": application,
                         "ageSeconds": None if age is None else round(max(0.0, age), 1), "bypassed": bypassed})

@@ -294,3 +294,22 @@ def test_a_valid_max_payload_bytes_in_the_environment_is_the_limit(db_url, db, m
         with pytest.raises(ValueError, match="max_payload_bytes must be a positive int"):
             enqueue(conn, topic="t", key="k", payload={}, max_payload_bytes=0)
     assert count(db) == 2
+
+
+def test_enqueue_without_notify_can_end_in_two_phase_commit(db_url):
+    # PostgreSQL refuses PREPARE TRANSACTION after a NOTIFY: notify=False leaves it out.
+    import uuid as _uuid
+
+    from kaireon_pub import Event
+
+    with psycopg.connect(db_url) as conn:
+        if conn.execute("SHOW max_prepared_transactions").fetchone()[0] == "0":
+            pytest.skip("the server has max_prepared_transactions = 0")
+        gid = f"kaireon-{_uuid.uuid4().hex[:8]}"
+        first = enqueue(conn, topic="t", key="k", payload={"a": 1}, notify=False)
+        more = enqueue_many(conn, [Event("t", "k", {"b": 2})], notify=False)
+        conn.execute(f"PREPARE TRANSACTION '{gid}'")
+        conn.autocommit = True  # psycopg ends its own transaction block with the PREPARE
+        conn.execute(f"COMMIT PREPARED '{gid}'")
+        ids = [r[0] for r in conn.execute("SELECT id FROM outbox_events ORDER BY id").fetchall()]
+    assert ids == [first, *more]

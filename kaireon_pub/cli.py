@@ -104,6 +104,20 @@ def status(as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("action", type=click.Choice(["list", "create", "drop", "maintain"]), default="list")
+@click.option("--dry-run", is_flag=True, help="Say what would be created or dropped; change nothing.")
+@click.option("--ahead", type=click.IntRange(min=0, max=1000), default=None,
+              help="Partitions to make after the current one (default: 6 hourly, 2 daily).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+def partitions(action: str, dry_run: bool, ahead: int | None, as_json: bool) -> None:
+    """A partitioned outbox: list partitions, create them ahead, drop the ones that may go."""
+    settings = load_settings(need_kafka=False)
+    from kaireon_pub.ops import partitions as ops_partitions
+
+    sys.exit(ops_partitions.run(settings, action, dry_run=dry_run, ahead=ahead, as_json=as_json, echo=click.echo))
+
+
+@cli.command()
 @click.option("--id", "ids", multiple=True, type=click.IntRange(min=1), help="A failed event id (repeatable).")
 @click.option("--topic", default=None, help="Failed events of this topic.")
 @click.option("--error-contains", default=None, help="Failed events whose last error contains TEXT (any case).")

@@ -114,6 +114,16 @@ PURGE_DURATION = Histogram(
     f"{NS}_purge_duration_seconds", "Duration of one purge batch.",
     buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
 )
+# The partitioned outbox (OUTBOX_PARTITIONING): refreshed by worker 0's partition maintenance.
+PARTITIONS = Gauge(f"{NS}_partitions", "Partitions of a partitioned outbox_events (0 on a plain table).",
+                   multiprocess_mode="livemax")
+OLDEST_PARTITION_AGE = Gauge(
+    f"{NS}_oldest_partition_age_seconds",
+    "Age of the oldest partition's range start: grows while a partition is kept (a pending, processing "
+    "or recently failed row in it).",
+    multiprocess_mode="livemax",
+)
+PARTITIONS_DROPPED = Counter(f"{NS}_partitions_dropped_total", "Partitions dropped by partition retention.")
 
 # ---- operator gauges -----------------------------------------------------------------------
 # The backlog figures are refreshed by worker slot 0 through kaireon_pub.ops.gauges (one process

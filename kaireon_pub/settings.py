@@ -80,6 +80,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OUTBOX_HORIZON_MAX_WAIT_MS", "5000", "How long the claim waits for a transaction of the outbox's database that is still open (it might yet insert an outbox row); past that, publishing goes on and the transaction's rows are found when it ends. 100..3600000."),
     Setting("OUTBOX_RESCAN_INTERVAL_MS", "30000", "Periodic full rescan of owned shards (rows released behind the cursor). 1000..3600000."),
     Setting("OUTBOX_RETENTION_SECONDS", "604800", "Published rows older than this are purged; 0 disables the purge."),
+    Setting("OUTBOX_FAILED_RETENTION_SECONDS", "2592000", "Partitioned outbox: a partition holding failed rows is dropped only once the newest of them failed longer ago than this; 0 keeps such partitions. 0..315360000."),
+    Setting("OUTBOX_PARTITIONING", "none", "none: the plain outbox table. hourly | daily: `migrate` makes outbox_events range-partitioned on created_at on a fresh database, and retention drops whole partitions (see docs/operations.md). none | hourly | daily."),
     Setting("OUTBOX_PURGE_BATCH_SIZE", "5000", "Rows deleted per purge statement. 1..100000."),
     Setting("OUTBOX_PURGE_INTERVAL_SECONDS", "60", "Pause between purge passes. 1..86400."),
     Setting("OUTBOX_STATEMENT_TIMEOUT_MS", "30000", "statement_timeout of the tier's database sessions. 100..600000."),
@@ -95,6 +97,7 @@ SETTINGS: tuple[Setting, ...] = (
 
 SYNCHRONOUS_COMMIT_LEVELS = ("off", "local", "remote_write", "on", "remote_apply")
 POOL_MODES = ("session", "transaction")
+PARTITIONINGS = ("none", "hourly", "daily")
 SETTING_NAMES = frozenset(s.env for s in SETTINGS)
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 
@@ -156,6 +159,8 @@ class Settings:
     rescan_interval_ms: int = 30000
     horizon_max_wait_ms: int = 5000
     retention_seconds: int = 604800
+    failed_retention_seconds: int = 2592000
+    partitioning: str = "none"
     purge_batch_size: int = 5000
     purge_interval_seconds: int = 60
     statement_timeout_ms: int = 30000
@@ -279,6 +284,8 @@ class Settings:
             rescan_interval_ms=integer("OUTBOX_RESCAN_INTERVAL_MS", 1000, 3_600_000),
             horizon_max_wait_ms=integer("OUTBOX_HORIZON_MAX_WAIT_MS", 100, 3_600_000),
             retention_seconds=integer("OUTBOX_RETENTION_SECONDS", 0, 10 * 365 * 86400),
+            failed_retention_seconds=integer("OUTBOX_FAILED_RETENTION_SECONDS", 0, 10 * 365 * 86400),
+            partitioning=choice("OUTBOX_PARTITIONING", PARTITIONINGS),
             purge_batch_size=integer("OUTBOX_PURGE_BATCH_SIZE", 1, 100_000),
             purge_interval_seconds=integer("OUTBOX_PURGE_INTERVAL_SECONDS", 1, 86400),
             statement_timeout_ms=integer("OUTBOX_STATEMENT_TIMEOUT_MS", 100, 600_000),

@@ -13,6 +13,12 @@ How one `migrate` run goes:
   statement. Such a file must be safe to run again from the start (IF NOT EXISTS; for
   CONCURRENTLY, a DROP INDEX CONCURRENTLY IF EXISTS first, since a failed build leaves an
   invalid index behind).
+- The partitioned outbox (OUTBOX_PARTITIONING=hourly|daily, `partitioning=`): on a database without
+  the outbox, the files of migrations/partitioned/ replace their namesakes (0001: the table
+  partitioned on created_at; 0004: its index without CONCURRENTLY), then the partitions from the
+  current one ahead are made (kaireon_pub.db.partitions). Which flavour a database has is read from
+  the database afterwards (outbox_events a partitioned table or not), whatever the setting says:
+  an existing plain table stays plain (converting it is a documented procedure).
 """
 
 from __future__ import annotations
@@ -101,14 +107,30 @@ class Applied:
     seconds: float
 
 
-def available() -> list[Migration]:
+def available(flavour: str = "plain") -> list[Migration]:
+    """The migration files; `flavour="partitioned"` puts migrations/partitioned/'s in their place."""
+    def read(folder) -> dict[int, Migration]:
+        found = {}
+        for entry in folder.iterdir():
+            match = _FILE.match(entry.name)
+            if match:
+                found[int(match["version"])] = Migration(int(match["version"]), match["name"], entry.read_text())
+        return found
+
     folder = resources.files("kaireon_pub.db").joinpath("migrations")
-    found = []
-    for entry in folder.iterdir():
-        match = _FILE.match(entry.name)
-        if match:
-            found.append(Migration(int(match["version"]), match["name"], entry.read_text()))
-    return sorted(found, key=lambda m: m.version)
+    found = read(folder)
+    if flavour == "partitioned":
+        found.update(read(folder.joinpath("partitioned")))
+    return sorted(found.values(), key=lambda m: m.version)
+
+
+def flavour(conn: psycopg.Connection, partitioning: str = "none") -> str:
+    """`partitioned` when outbox_events is a partitioned table, `plain` when it is a plain one; on a
+    database without it, what OUTBOX_PARTITIONING asks for."""
+    kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass('outbox_events')").fetchone()
+    if kind is not None:
+        return "partitioned" if kind[0] == "p" else "plain"
+    return "plain" if partitioning in ("none", "", None) else "partitioned"
 
 
 def expected_version() -> int:
@@ -145,17 +167,22 @@ def pending(conn: psycopg.Connection) -> list[Migration]:
 
 def migrate(conn: psycopg.Connection, *, lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
             migrations: Iterable[Migration] | None = None,
-            on_applied: Callable[[Applied], None] | None = None) -> list[Migration]:
+            on_applied: Callable[[Applied], None] | None = None,
+            partitioning: str = "none",
+            on_partitions: Callable[[list[str]], None] | None = None) -> list[Migration]:
     """Apply what is missing; returns the migrations applied now (empty when up to date).
 
     `on_applied` is called after each file commits (a long run shows its progress).
+    `partitioning` (OUTBOX_PARTITIONING) chooses the flavour of a fresh database; on a partitioned
+    one the partitions ahead are made at the end (`on_partitions` gets the names made).
     """
     if not conn.autocommit:
         raise MigrationError("migrate needs a connection in autocommit mode (each file is its own transaction)")
-    todo = sorted(available() if migrations is None else migrations, key=lambda m: m.version)
     conn.execute("SET statement_timeout = 0")
     _lock(conn, lock_timeout_seconds)
     try:
+        kind = flavour(conn, partitioning)
+        todo = sorted(available(kind) if migrations is None else migrations, key=lambda m: m.version)
         conn.execute(BOOKKEEPING)
         done = dict(conn.execute("SELECT version, checksum FROM kaireon_schema_migrations").fetchall())
         applied_now = []
@@ -170,6 +197,13 @@ def migrate(conn: psycopg.Connection, *, lock_timeout_seconds: float = DEFAULT_L
             applied_now.append(migration)
             if on_applied is not None:
                 on_applied(Applied(migration, time.monotonic() - started))
+        if migrations is None and flavour(conn) == "partitioned":
+            from kaireon_pub.db import partitions
+
+            made = partitions.create_ahead(conn, partitions.infer_interval(partitions.list_partitions(conn),
+                                                                           partitioning))
+            if on_partitions is not None:
+                on_partitions(made)
         return applied_now
     finally:
         _unlock(conn)
@@ -300,7 +334,12 @@ def run_cli(settings: Settings, *, check_only: bool, lock_timeout_seconds: float
                     return report_not_ready(SchemaNotReady(current, expected_version()), "migrate --check")
                 echo(f"schema is up to date (version {current_version(conn)})")
                 return ExitCode.OK
-            done = migrate(conn, lock_timeout_seconds=lock_timeout_seconds, on_applied=applied)
+            done = migrate(conn, lock_timeout_seconds=lock_timeout_seconds, on_applied=applied,
+                           partitioning=settings.partitioning,
+                           on_partitions=lambda made: made and echo(f"created partitions {', '.join(made)}"))
+            if settings.partitioning != "none" and flavour(conn) == "plain":
+                echo(f"OUTBOX_PARTITIONING={settings.partitioning} is ignored: outbox_events is a plain table "
+                     "(it applies to a fresh database; docs/operations.md says how to convert one)")
             version = current_version(conn)
     except (MigrationError, psycopg.Error) as exc:
         error_id = new_error_id()

@@ -70,6 +70,7 @@ def run(settings: Settings, *, as_json: bool, echo: Callable[[str], None]) -> in
         with connect(settings, "status") as conn:
             migrate.require_current(conn)
             doc = collect(conn, settings.horizon_max_wait_ms)
+            doc["partitions"] = partition_summary(conn, settings)
     except migrate.SchemaNotReady as exc:
         return migrate.report_not_ready(exc, "status")
     except psycopg.Error as exc:
@@ -92,6 +93,26 @@ def horizon_holders(conn: psycopg.Connection, max_wait_ms: int) -> dict[str, Any
                         "ageSeconds": None if age is None else round(max(0.0, age), 1), "bypassed": bypassed})
     waiting = [h["ageSeconds"] for h in held_by if not h["bypassed"] and h["ageSeconds"] is not None]
     return {"ageSeconds": max(waiting) if waiting else None, "maxWaitMs": max_wait_ms, "heldBy": held_by}
+
+
+def partition_summary(conn: psycopg.Connection, settings: Settings) -> dict[str, Any] | None:
+    """A partitioned outbox's partitions (None on a plain table): count, oldest, and the ones kept."""
+    from kaireon_pub.db import partitions
+
+    if not partitions.is_partitioned(conn):
+        return None
+    found = partitions.list_partitions(conn)
+    kept = []
+    now = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    for p in found:
+        if p.upper is not None and p.upper <= now:
+            why = partitions.verdict(p, partitions.state(conn, p.name), retention_seconds=settings.retention_seconds,
+                                     failed_retention_seconds=settings.failed_retention_seconds)
+            kept.append({"name": p.name, "to": _iso(p.upper), "droppable": why is None, "keptBecause": why})
+    starts = [p.lower or p.upper for p in found if (p.lower or p.upper) is not None]
+    return {"count": len(found), "interval": partitions.infer_interval(found, settings.partitioning),
+            "oldestAgeSeconds": round((now - min(starts)).total_seconds(), 1) if starts else None,
+            "newestEnd": _iso(found[-1].upper) if found else None, "past": kept}
 
 
 def collect(conn: psycopg.Connection, horizon_max_wait_ms: int = 5000) -> dict[str, Any]:
@@ -256,6 +277,15 @@ def render(doc: dict[str, Any]) -> str:
     for o in shards["owners"]:
         where = f"{o['hostname']} pid {o['pid']} slot {o['slot']}" if o["hostname"] else "unregistered worker"
         lines.append(f"  {o['shards']:>3} shards  {where}  ({o['workerId']})")
+
+    parts = doc.get("partitions")
+    if parts:
+        lines += ["", f"Partitions ({parts['interval']}): {parts['count']}, the oldest from "
+                      f"{_age(parts['oldestAgeSeconds']) if parts['oldestAgeSeconds'] is not None else '?'} ago; "
+                      f"the newest ends {parts['newestEnd']}"]
+        for p in parts["past"]:
+            what = "dropped at the next round" if p["droppable"] else f"kept: {p['keptBecause']}"
+            lines.append(f"  {p['name']}  (to {p['to']})  {what}")
 
     reaper = doc["reaper"]
     lines += ["", f"Reaper: {reaper['runsLastHour']} runs and {reaper['resetLastHour']:,} rows reset in the last hour"]

@@ -1,0 +1,64 @@
+"""Worker 0's maintenance of a partitioned outbox (kaireon_pub.db.partitions): partitions made
+ahead and retention by dropping whole partitions, every OUTBOX_PURGE_INTERVAL_SECONDS.
+
+On a plain table it returns at once (the row purge of housekeeping.purge_loop is the retention
+there; on a partitioned table that purge does nothing). The round runs on a connection of its
+own, in a thread (the DDL waits for locks: bounded by a lock timeout and the statement timeout,
+never by the claim loop), under the worker's session name: the horizon never waits for it (it
+inserts no outbox row; DETACH CONCURRENTLY's wait must not hold the claim back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from kaireon_pub import metrics
+from kaireon_pub.db import partitions
+from kaireon_pub.db.connect import connect
+from kaireon_pub.errors import new_error_id
+from kaireon_pub.settings import Settings
+
+log = logging.getLogger("kaireon_pub.worker.partitions")
+
+
+def one_round(settings: Settings, role: str) -> partitions.Report | None:
+    """One maintenance round; None when outbox_events is not partitioned."""
+    with connect(settings, role) as conn:
+        if not partitions.is_partitioned(conn):
+            return None
+        interval = partitions.infer_interval(partitions.list_partitions(conn), settings.partitioning)
+        report = partitions.maintain(conn, interval=interval, retention_seconds=settings.retention_seconds,
+                                     failed_retention_seconds=settings.failed_retention_seconds,
+                                     on_drop=lambda _name: metrics.PARTITIONS_DROPPED.inc())
+        publish_gauges(partitions.list_partitions(conn), conn.execute("SELECT clock_timestamp()").fetchone()[0])
+    return report
+
+
+def publish_gauges(found: list[partitions.Partition], now) -> None:
+    metrics.PARTITIONS.set(len(found))
+    starts = [p.lower or p.upper for p in found if (p.lower or p.upper) is not None]
+    metrics.OLDEST_PARTITION_AGE.set(max(0.0, (now - min(starts)).total_seconds()) if starts else 0)
+
+
+async def partitions_loop(settings: Settings, role: str, stopping: Callable[[], bool]) -> None:
+    while not stopping():
+        started = time.monotonic()
+        try:
+            report = await asyncio.to_thread(one_round, settings, role)
+            if report is None:
+                return
+            for error in report.errors:
+                log.warning(f"partition maintenance: {error}", extra={
+                    "event": "partition maintenance failed", "errorId": new_error_id(), "isTransient": True})
+            if report.created or report.dropped:
+                log.info("partition maintenance", extra={
+                    "event": "partition maintenance", "created": report.created, "dropped": report.dropped,
+                    "kept": len(report.kept), "durationMs": round((time.monotonic() - started) * 1000)})
+        except Exception as exc:  # noqa: BLE001 - maintenance must never stop the publisher
+            log.error(f"partition maintenance failed: {type(exc).__name__}: {exc}",
+                      extra={"event": "partition maintenance failed", "errorId": new_error_id(),
+                             "isTransient": True})
+        await asyncio.sleep(settings.purge_interval_seconds)

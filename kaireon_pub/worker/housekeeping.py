@@ -18,6 +18,7 @@ from collections.abc import Callable
 import psycopg_pool
 
 from kaireon_pub import metrics
+from kaireon_pub.db.partitions import P
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import new_error_id
 from kaireon_pub.ops.gauges import refresh_backlog_gauges
@@ -78,6 +79,8 @@ async def purge_loop(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
         started = time.monotonic()
         try:
             async with pool.connection() as conn:
+                if (await (await conn.execute(P.is_partitioned)).fetchone())[0]:
+                    return  # partitioned: retention drops partitions (worker/partition_maintenance.py)
                 cur = await conn.execute(Q.purge_published, {"retention": settings.retention_seconds,
                                                              "batch": settings.purge_batch_size})
                 purged = (await cur.fetchone())[0]

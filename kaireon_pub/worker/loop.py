@@ -174,6 +174,10 @@ class Worker:
                     housekeeping.purge_loop(s, self.pool, stopping, lambda: self.last_claim_full), name="purge"))
             self.tasks.append(asyncio.create_task(housekeeping.foreign_rows_loop(s, self.pool, stopping),
                                                   name="foreign-rows"))
+            from kaireon_pub.worker.partition_maintenance import partitions_loop
+
+            # A partitioned outbox's partitions ahead and partition retention; returns at once on a plain table.
+            self.tasks.append(asyncio.create_task(partitions_loop(s, self.session_tag, stopping), name="partitions"))
         # The first lease round usually takes milliseconds; do not idle a poll interval before it.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.keeper.first_round.wait(), 5)

@@ -26,6 +26,10 @@ row's `traceparent` (and drops the row's `tracestate`, which belongs to that tra
 continues from the publish, and from there, through the link, reaches the application's trace.
 When the span is not sampled, or tracing is off, the row's headers pass exactly as they are.
 
+The batch is the unit of sampling (its span is a root): a batch the sampler drops costs one
+sampling decision and nothing per event; a recorded event span costs the Python SDK's span (tens
+of microseconds of CPU), hence a ratio sampler at high rates (README, Traces).
+
 The SDK reads the rest of its configuration itself: `OTEL_SERVICE_NAME` and
 `OTEL_RESOURCE_ATTRIBUTES` (the resource; `service.name` defaults to `kaireon-pub`), the sampler
 (`OTEL_TRACES_SAMPLER`, `_ARG`), the batch processor (`OTEL_BSP_*`), the OTLP exporter's endpoint,
@@ -37,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -56,6 +61,8 @@ OTLP_BY_PROTOCOL = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc
 DEFAULT_SERVICE_NAME = "kaireon-pub"
 LOG_EVERY_S = 30.0  # at most one line per this many seconds for a failure that repeats
 OUTCOME_BY_KIND = {"permanent": "rejected", "retry": "retry"}  # every other kind: released
+# W3C Trace Context's traceparent: version-trace_id-parent_id-flags (a later version may add fields).
+TRACEPARENT_FORMAT = re.compile(r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^ \t]*)?[ \t]*")
 
 
 def exporter_names(environ: Mapping[str, str]) -> list[str]:
@@ -122,12 +129,10 @@ class Tracing:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         from kaireon_pub import __version__
 
         self._trace = trace
-        self._propagator = TraceContextTextMapPropagator()
         self.export_failures = _Throttle("trace export failed")
         self.hook_failures = _Throttle("tracing failed")
         names = names or [type(e).__name__ for e in exporters]
@@ -145,9 +150,11 @@ class Tracing:
             "event": "traces on", "exporters": names, "serviceName": resource.attributes.get("service.name")})
 
     def batch(self, rows: list[Row], client_id: str) -> BatchTrace | None:
-        """The spans of one batch (event loop thread); None when that fails (logged)."""
+        """The spans of one batch (event loop thread); None when the sampler dropped the batch
+        (then none of its events costs more than a None check) or when that fails (logged)."""
         try:
-            return BatchTrace(self, rows, client_id)
+            spans = BatchTrace(self, rows, client_id)
+            return spans if spans.span.is_recording() else None
         except Exception as exc:  # noqa: BLE001 - tracing never breaks a publish
             self.hook_failures.log(logging.ERROR, f"tracing failed: {type(exc).__name__}: {exc}")
             return None
@@ -196,9 +203,9 @@ class BatchTrace:
         trace = tracing._trace
         self._t = tracing
         self._base = {"messaging.system": "kafka", "messaging.operation.name": "send",
-                      "messaging.operation.type": "send", "messaging.client.id": client_id}
+                      "messaging.operation.type": "send"}
         self.span = tracing.tracer.start_span("send", kind=trace.SpanKind.CLIENT, attributes={
-            **self._base, "messaging.batch.message_count": len(rows)})
+            **self._base, "messaging.client.id": client_id, "messaging.batch.message_count": len(rows)})
         self._parent = trace.set_span_in_context(self.span)
         self._events: dict[int, Any] = {}
 
@@ -207,16 +214,11 @@ class BatchTrace:
         t = self._t
         try:
             trace = t._trace
-            carried = {name.lower(): value.decode("latin-1") for name, value in headers
-                       if name.lower() in (TRACEPARENT, TRACESTATE)}
             links = None
-            if TRACEPARENT in carried:
-                written = trace.get_current_span(t._propagator.extract(carried)).get_span_context()
-                if written.is_valid:
-                    links = [trace.Link(written)]
-            attributes = {**self._base, "messaging.destination.name": row.topic,
-                          "messaging.message.id": str(row.id),
-                          "messaging.message.body.size": len(row.payload) if row.payload is not None else 0}
+            written = _written_context(trace, headers)
+            if written is not None:
+                links = [trace.Link(written)]
+            attributes = {**self._base, "messaging.destination.name": row.topic, "messaging.message.id": str(row.id)}
             if row.payload is None:
                 attributes["messaging.kafka.message.tombstone"] = True
             if row.attempts:
@@ -224,11 +226,13 @@ class BatchTrace:
             span = t.tracer.start_span(f"send {row.topic}", context=self._parent, kind=trace.SpanKind.PRODUCER,
                                        links=links, attributes=attributes)
             self._events[row.id] = span
-            if not span.get_span_context().trace_flags.sampled:
+            ctx = span.get_span_context()
+            if not ctx.trace_flags.sampled:
                 return headers  # not recorded: the application's context stays the record's
-            ours: dict[str, str] = {}
-            t._propagator.inject(ours, context=trace.set_span_in_context(span))
-            return _with_context(headers, [(name, value.encode()) for name, value in ours.items()])
+            ours = [(TRACEPARENT, _traceparent(ctx))]
+            if ctx.trace_state:
+                ours.append((TRACESTATE, ctx.trace_state.to_header().encode()))
+            return _with_context(headers, ours)
         except Exception as exc:  # noqa: BLE001 - tracing never breaks a publish
             t.hook_failures.log(logging.ERROR, f"tracing failed: {type(exc).__name__}: {exc}")
             return headers
@@ -281,6 +285,39 @@ class BatchTrace:
         span.set_attribute("kaireon.outbox.outcome", outcome)
         span.set_attribute("error.type", error_type)
         span.set_status(trace.Status(trace.StatusCode.ERROR, text))
+
+
+def _written_context(trace: Any, headers: list[tuple[str, bytes]]) -> Any:
+    """The SpanContext of the row's traceparent (and tracestate), or None when it has no valid one.
+
+    W3C Trace Context's rules: version ff is invalid, version 00 has exactly four fields, neither
+    id may be all zeros; header names are matched in any case."""
+    parent = state = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == TRACEPARENT:
+            parent = value
+        elif lowered == TRACESTATE:
+            state = value
+    if parent is None:
+        return None
+    match = TRACEPARENT_FORMAT.fullmatch(parent.decode("latin-1"))
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, more = match.groups()
+    if version == "ff" or (version == "00" and more):
+        return None
+    trace_id, span_id = int(trace_id, 16), int(span_id, 16)
+    if not trace_id or not span_id:
+        return None
+    trace_state = trace.TraceState.from_header([state.decode("latin-1")]) if state else None
+    return trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(int(flags, 16)),
+                             trace_state=trace_state)
+
+
+def _traceparent(ctx: Any) -> bytes:
+    """A span's context as a traceparent header value."""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}".encode()
 
 
 def _with_context(headers: list[tuple[str, bytes]], ours: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:

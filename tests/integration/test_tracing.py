@@ -114,6 +114,7 @@ def test_a_span_not_sampled_leaves_the_applications_headers_as_they_are(broker, 
     exporter = InMemorySpanExporter()
     t = tracing.Tracing([exporter], slot=0)
     rows = rows_for(topic, [{"traceparent": APP_TRACEPARENT, "tracestate": "app=1"}, {}])
+    assert t.batch(rows, "c") is None  # a batch the sampler dropped costs its events nothing more
     assert sorted(publish(broker, rows, t).delivered) == [1, 2]
     t.provider.force_flush()
     assert exporter.get_finished_spans() == ()
@@ -162,7 +163,7 @@ def test_an_exporter_that_fails_is_logged_and_publishing_goes_on(broker, topic, 
 def test_a_tracing_hook_that_fails_never_breaks_a_publish(broker, topic, memory, monkeypatch, caplog):
     def broken(*_args, **_kwargs):
         raise RuntimeError("injected")
-    monkeypatch.setattr(memory._propagator, "inject", broken)
+    monkeypatch.setattr(tracing, "_traceparent", broken)
     rows = rows_for(topic, [{"traceparent": APP_TRACEPARENT}, {}])
     with caplog.at_level(logging.ERROR):
         assert sorted(publish(broker, rows, memory).delivered) == [1, 2]
@@ -237,6 +238,28 @@ def test_the_service_name_defaults_to_kaireon_pub(monkeypatch):
     t = tracing.Tracing([InMemorySpanExporter()], slot=0)
     assert t.provider.resource.attributes["service.name"] == "kaireon-pub"
     t.provider.shutdown()
+
+
+@pytest.mark.parametrize(("value", "valid"), [
+    (APP_TRACEPARENT, True),
+    (f" {APP_TRACEPARENT}\t", True),
+    (f"00-{APP_TRACE}-{APP_SPAN}-00", True),  # not sampled by the application: still its trace
+    (f"01-{APP_TRACE}-{APP_SPAN}-01-later-fields", True),  # a later version may add fields
+    (f"00-{APP_TRACE}-{APP_SPAN}-01-more", False),
+    (f"ff-{APP_TRACE}-{APP_SPAN}-01", False),
+    (f"00-{'0' * 32}-{APP_SPAN}-01", False),
+    (f"00-{APP_TRACE}-{'0' * 16}-01", False),
+    (f"00-{APP_TRACE.upper()}-{APP_SPAN}-01", False),
+    ("00-ab-cd-01", False),
+    ("", False),
+])
+def test_the_written_traceparent_is_read_by_the_w3c_rules(value, valid):
+    from opentelemetry import trace
+    ctx = tracing._written_context(trace, [("Traceparent", value.encode()), ("tracestate", b"app=1,b=2")])
+    assert (ctx is not None) is valid
+    if valid:
+        assert (ctx.trace_id, ctx.span_id, ctx.is_remote) == (int(APP_TRACE, 16), int(APP_SPAN, 16), True)
+        assert ctx.trace_state.to_header() == "app=1,b=2"
 
 
 def test_the_context_headers_are_replaced_where_they_were():

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -134,3 +135,23 @@ def test_without_the_extra_the_tier_publishes_as_before(db_url, broker, topic, t
     assert tier.stdout_lines() == []
     off = [line for line in tier.logs() if line.get("event") == "traces off"]
     assert off and off[0]["level"] == "WARNING" and "kaireon-pub[otel]" in off[0]["msg"]
+
+
+@pytest.mark.timeout(120)
+def test_an_unreachable_collector_is_logged_and_the_drain_stays_within_its_budget(db_url, broker, topic, tier_env, run):
+    traced, plain = enqueue_two(db_url, topic)
+    tier = run(otel_env(tier_env, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
+                        OTEL_BSP_SCHEDULE_DELAY="100"))
+    records = read_records(broker.bootstrap, topic, 2)
+    wait_for(lambda: status_counts(db_url) == {"published": 2}, 30, "both published")
+    assert "traceparent" in records[plain]  # the spans exist; only their export fails
+    # The exporter retries for OTEL_EXPORTER_OTLP_TIMEOUT (10 s); the drain waits for it 5 s at most.
+    wait_for(lambda: any(line.get("level") == "WARNING" and "opentelemetry" in line.get("logger", "")
+                         for line in tier.logs()), 30, "the exporter's warning")
+    started = time.monotonic()
+    assert tier.stop() == 0
+    assert time.monotonic() - started < 10
+    logs = tier.logs()  # every line JSON, the exporter's own among them
+    warned = [line for line in logs if line.get("level") == "WARNING" and "opentelemetry" in line.get("logger", "")]
+    assert warned and all(line.get("errorId") for line in warned)
+    assert any(line.get("event") in ("traces flushed", "trace flush timeout") for line in logs)

@@ -182,7 +182,9 @@ def migrate(conn: psycopg.Connection, *, lock_timeout_seconds: float = DEFAULT_L
     _lock(conn, lock_timeout_seconds)
     try:
         kind = flavour(conn, partitioning)
-        todo = sorted(available(kind) if migrations is None else migrations, key=lambda m: m.version)
+        if migrations is None:
+            migrations = available() if kind == "plain" else available(kind)
+        todo = sorted(migrations, key=lambda m: m.version)
         conn.execute(BOOKKEEPING)
         done = dict(conn.execute("SELECT version, checksum FROM kaireon_schema_migrations").fetchall())
         applied_now = []
@@ -197,7 +199,7 @@ def migrate(conn: psycopg.Connection, *, lock_timeout_seconds: float = DEFAULT_L
             applied_now.append(migration)
             if on_applied is not None:
                 on_applied(Applied(migration, time.monotonic() - started))
-        if migrations is None and flavour(conn) == "partitioned":
+        if kind == "partitioned" and flavour(conn) == "partitioned":
             from kaireon_pub.db import partitions
 
             made = partitions.create_ahead(conn, partitions.infer_interval(partitions.list_partitions(conn),

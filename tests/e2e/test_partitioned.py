@@ -1,0 +1,92 @@
+"""The partitioned outbox end to end: `kaireon-pub run` on a partitioned outbox_events, real broker.
+
+A drain whose keys have events on both sides of a partition boundary keeps per-key order and
+loses nothing; worker 0 drops the partition that is fully published and keeps, however old, the
+one holding a pending row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from kaireon_pub import Event, enqueue_many
+from kaireon_pub.db import migrate as migrations
+from kaireon_pub.db import partitions as parts
+from tests.helpers import (
+    TopicReader,
+    assert_per_key_order,
+    event_ids,
+    metric_value,
+    tier_env,
+    wait_for,
+)
+
+
+@pytest.fixture
+def pdb_url(pg):
+    name = f"kaireon_pe_{uuid.uuid4().hex[:10]}"
+    url = pg.create_database(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrations.migrate(conn, partitioning="hourly")
+    yield url
+    pg.drop_database(name)
+
+
+def test_drain_across_a_partition_boundary_keeps_key_order_and_retention_drops_only_what_may_go(
+        pdb_url, broker, topic, tmp_path, run_tier):
+    with psycopg.connect(pdb_url, autocommit=True) as conn:
+        floor = parts.floor(conn.execute("SELECT clock_timestamp()").fetchone()[0], "hourly")
+        previous = floor - timedelta(hours=1)
+        prev_name = parts.partition_name(previous, "hourly")
+        conn.execute(parts._q(parts.P.create_partition, partition=prev_name))
+        conn.execute(parts._q(parts.P.attach_partition, partition=prev_name, lower=previous, upper=floor))
+        # An old partition with a single pending row that is never due: kept however old.
+        conn.execute(parts._q(parts.P.create_partition, partition="outbox_events_p2020010100"))
+        conn.execute("ALTER TABLE outbox_events ATTACH PARTITION outbox_events_p2020010100 "
+                     "FOR VALUES FROM ('2020-01-01 00:00+00') TO ('2020-01-01 01:00+00')")
+        stuck = conn.execute("INSERT INTO outbox_events (topic, partition_key, payload, created_at, next_attempt_at) "
+                             "VALUES (%s, 'stuck', '{}', '2020-01-01 00:10+00', 'infinity') RETURNING id",
+                             (topic,)).fetchone()[0]
+    # Transactions alternate between the two sides of the boundary; every key has events on both.
+    committed = []
+    with psycopg.connect(pdb_url) as conn:
+        for tx in range(40):
+            ids = enqueue_many(conn, [Event(topic, f"key-{i % 7}", {"tx": tx, "i": i}) for i in range(25)])
+            if tx % 2 == 0:  # written as if a moment before the hour (an insert that ran at 10:59:59.999)
+                conn.execute("UPDATE outbox_events SET created_at = %s WHERE id = ANY(%s)",
+                             (floor - timedelta(milliseconds=1), ids))
+            conn.commit()
+            committed += ids
+    with psycopg.connect(pdb_url, autocommit=True) as conn:
+        where = dict(conn.execute("SELECT tableoid::regclass::text, count(*) FROM outbox_events "
+                                  "WHERE id <> %s GROUP BY 1", (stuck,)).fetchall())
+    assert where == {prev_name: 500, parts.partition_name(floor, "hourly"): 500}
+
+    env = tier_env(pdb_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2", OUTBOX_RETENTION_SECONDS="1",
+                   OUTBOX_PURGE_INTERVAL_SECONDS="1")
+    tier = run_tier(env)
+    reader = TopicReader(broker.bootstrap, topic)
+    messages = reader.read_until(lambda ms: set(committed) <= set(event_ids(ms)), timeout=90)
+    assert set(event_ids(messages)) >= set(committed)  # no event lost
+    assert stuck not in event_ids(messages)
+    assert_per_key_order(messages)
+
+    def names() -> list[str]:
+        with psycopg.connect(pdb_url, autocommit=True) as conn:
+            return [p.name for p in parts.list_partitions(conn)]
+
+    wait_for(lambda: prev_name not in names(), 60, "the fully published partition dropped by worker 0")
+    port = tier.http_port()
+    wait_for(lambda: (metric_value(port, "kaireon_outbox_partitions_dropped_total") or 0) >= 1, 30,
+             "the drop counted")
+    assert "outbox_events_p2020010100" in names()  # one pending row: kept, whatever its age
+    assert metric_value(port, "kaireon_outbox_oldest_partition_age_seconds") > 86400 * 365
+    with psycopg.connect(pdb_url, autocommit=True) as conn:
+        left = dict(conn.execute("SELECT status, count(*) FROM outbox_events GROUP BY 1").fetchall())
+        assert left == {"published": 500, "pending": 1}  # the current partition's rows, and the stuck one
+    assert tier.stop() == 0
+    reader.close()

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import psycopg
 import psycopg_pool
 
 from kaireon_pub import metrics
@@ -98,20 +99,26 @@ async def purge_loop(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
 async def foreign_rows_loop(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
                             stopping: Callable[[], bool]) -> None:
     """Rows restored from another cluster (their xid above this cluster's counter) are re-stamped
-    so that they publish: at start, then every OUTBOX_RESCAN_INTERVAL_MS."""
+    so that they publish: by every worker before its first claim, then by worker 0 every
+    OUTBOX_RESCAN_INTERVAL_MS (rows restored into a running tier)."""
     while not stopping():
+        await asyncio.sleep(settings.rescan_interval_ms / 1000)  # every worker did it at start
         try:
             async with pool.connection() as conn:
-                cur = await conn.execute(Q.restamp_foreign_rows)
-                restamped = (await cur.fetchone())[0]
-                if restamped:
-                    await conn.execute(Q.notify_rescan)  # they now sort before the cursors
-            if restamped:
-                metrics.FOREIGN_RESTAMPED.inc(restamped)
-                log.warning("pending rows carried transaction ids from another cluster (a restore, COPY "
-                            "or replication); re-stamped to publish before the events written since",
-                            extra={"event": "foreign rows restamped", "count": restamped})
+                await restamp_foreign_rows(conn)
         except Exception as exc:  # noqa: BLE001 - retried on the next pass
             log.warning(f"re-stamping foreign rows failed: {type(exc).__name__}: {exc}",
                         extra={"event": "foreign rows failed", "errorId": new_error_id(), "isTransient": True})
-        await asyncio.sleep(settings.rescan_interval_ms / 1000)
+
+
+async def restamp_foreign_rows(conn: psycopg.AsyncConnection) -> int:
+    """One pass of the re-stamp (cheap when there is nothing: an index probe per shard)."""
+    cur = await conn.execute(Q.restamp_foreign_rows)
+    restamped = (await cur.fetchone())[0]
+    if restamped:
+        await conn.execute(Q.notify_rescan)  # they now sort before the cursors
+        metrics.FOREIGN_RESTAMPED.inc(restamped)
+        log.warning("pending rows carried transaction ids from another cluster (a restore, COPY "
+                    "or replication); re-stamped to publish before the events written since",
+                    extra={"event": "foreign rows restamped", "count": restamped})
+    return restamped

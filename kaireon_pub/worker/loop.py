@@ -66,8 +66,10 @@ def classify_db_error(exc: BaseException) -> bool:
         return False
     if isinstance(exc, psycopg.OperationalError):
         text = str(exc)
+        # A pooler that refuses the session's startup options (PgBouncer in transaction mode with
+        # OUTBOX_POOL_MODE=session) will refuse them on every retry: an operator must act.
         return not ("password authentication failed" in text or "does not exist" in text
-                    or "no pg_hba.conf entry" in text)
+                    or "no pg_hba.conf entry" in text or "unsupported startup parameter" in text)
     if isinstance(exc, (psycopg.InterfaceError, psycopg.errors.QueryCanceled,
                         psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
                         psycopg.errors.LockNotAvailable)):
@@ -104,7 +106,10 @@ class Worker:
         self.last_error_id: str | None = None
         self.probe_database_first = False
         self.claims_orphaned = False  # a claim failed on the connection: its outcome is unknown
+        self.foreign_rows_checked = False  # restored rows are re-stamped before this worker's first claim
         self.passed_over: dict[int, float] = {}  # xids the horizon stopped waiting for -> when
+        self.unknown_since: dict[int, float] = {}  # running xids with no visible session -> first seen
+        self.unknown_passed: list[int] = []
         self.session_tag = f"worker-{slot}.{worker_id.hex[:8]}"
         self.unsettled: tuple[uuid.UUID, list[Row], BatchOutcome] | None = None
         self.pool: psycopg_pool.AsyncConnectionPool | None = None
@@ -124,6 +129,7 @@ class Worker:
             self.drain_deadline = time.monotonic()
         else:
             self.stop_requested = True
+            self.keeper.draining = True  # renew until the release, acquire nothing more
             # Leave a margin inside the supervisor's budget for marking and releasing.
             budget = self.settings.shutdown_drain_timeout_ms / 1000
             self.drain_deadline = time.monotonic() + max(0.5, budget - 2.0)
@@ -208,8 +214,7 @@ class Worker:
             try:
                 if self.unsettled:
                     await self._settle_again()
-                async with self.pool.connection(timeout=2) as conn:
-                    released = await self.leases.release_all(conn)
+                released = await self._release_shards()
                 log.info("drain finished; shards released", extra={"event": "drain done", "shards": released})
             except Exception as exc:  # noqa: BLE001 - the drain must finish; the error is logged with an id
                 log.error(f"drain could not release shards: {type(exc).__name__}: {exc}",
@@ -221,6 +226,20 @@ class Worker:
             # The spans of the last batches are exported within the drain budget (5 s at most).
             await self.tracing.close(min(5.0, max(0.5, self.drain_deadline - time.monotonic())))
         metrics.IN_FLIGHT.set(0)
+
+    async def _release_shards(self) -> int:
+        """Hand every shard back now, so peers take them at once instead of after the TTL: on a
+        pooled connection, or on a connection of its own when the pool has none to give (its
+        connections may have gone with the tasks cancelled just before)."""
+        try:
+            async with self.pool.connection(timeout=2) as conn:
+                return await self.leases.release_all(conn)
+        except psycopg_pool.PoolTimeout:
+            conn = await self._connector("drain")()
+            try:
+                return await self.leases.release_all(conn)
+            finally:
+                await conn.close()
 
     async def run(self) -> int:
         try:
@@ -242,7 +261,9 @@ class Worker:
                 finally:
                     metrics.TICK_DURATION.observe(time.monotonic() - started)
                 self._tick_succeeded()
-                if result.claimed == 0:
+                # A claim that looked at a full batch of rows it had to hold back (strict order)
+                # moved its cursors past them: claim again now, the rows behind them are due.
+                if result.claimed == 0 and not self.last_claim_full:
                     await self.wait_for_work(self.settings.poll_interval_ms / 1000)
             return ExitCode.OK
         finally:
@@ -266,6 +287,12 @@ class Worker:
             await self._recover_dead_workers()
         if self.claims_orphaned:
             await self._reset_orphaned_claims()
+        if not self.foreign_rows_checked:
+            # Before the first claim, by every worker: rows restored from another cluster must sort
+            # before the newer events of their keys before any of those is claimed.
+            async with self.pool.connection() as conn:
+                await housekeeping.restamp_foreign_rows(conn)
+            self.foreign_rows_checked = True
         if self.cut_off() <= time.monotonic():
             # No lease that holds (the first round failed, or renewals keep failing): a round of
             # our own, whose failure is this tick's, so the streak and the exit codes see it.
@@ -274,6 +301,7 @@ class Worker:
 
     async def run_once(self) -> TickResult:
         """Claim one batch of the owned shards, publish it, settle every event. O(batch)."""
+        self.last_claim_full = False
         async with self.keeper.batch_lock:
             self._apply_rescans()
             shards = self._rotated_shards()
@@ -341,9 +369,14 @@ class Worker:
     async def _horizon(self, conn: psycopg.AsyncConnection) -> str:
         """The claim horizon now; remembers the transactions it stopped waiting for, and rescans
         from the xid of each of those that has ended since."""
+        now = time.monotonic()
+        wait_s = self.settings.horizon_max_wait_ms / 1000
+        pass_over = self.unknown_passed = [x for x, seen in self.unknown_since.items() if now - seen >= wait_s]
         cur = await conn.execute(Q.claim_horizon, {"max_wait_ms": self.settings.horizon_max_wait_ms,
-                                                   "remembered": list(self.passed_over)})
-        horizon, held_for, bypassed, ended = await cur.fetchone()
+                                                   "remembered": list(self.passed_over), "pass_over": pass_over})
+        horizon, held_for, bypassed, unknown, ended = await cur.fetchone()
+        # Xids whose session the tier cannot see are timed here, from when they were first seen.
+        self.unknown_since = {x: self.unknown_since.get(x, now) for x in unknown}
         metrics.HORIZON_AGE.set(max(0.0, held_for or 0.0))
         for xid in ended:
             # Its rows (if it committed any) sit behind the cursors: look again from its xid.
@@ -364,12 +397,13 @@ class Worker:
         for xid in xids:
             self.passed_over[xid] = now
         metrics.HORIZON_BYPASSED.inc(len(xids))
-        cur = await conn.execute(Q.horizon_holders, {"max_wait_ms": self.settings.horizon_max_wait_ms})
+        cur = await conn.execute(Q.horizon_holders, {"max_wait_ms": self.settings.horizon_max_wait_ms,
+                                                     "pass_over": self.unknown_passed})
         holders = [h for h in await cur.fetchall() if h[4]]
         for pid, gid, database, application, _bypassed, age in holders[:5]:
             log.warning("the claim stopped waiting for a transaction open longer than OUTBOX_HORIZON_MAX_WAIT_MS; "
                         "its rows are published when it ends", extra={
-                            "event": "horizon bypass", "xids": xids, "pid": pid, "gid": gid,
+                            "event": "horizon bypass", "xids": xids, "holderPid": pid, "holderGid": gid,
                             "database": database, "application": application,
                             "ageSeconds": round(age or 0.0, 1)})
 

@@ -386,7 +386,8 @@ def test_schema_env_names_are_the_settings_registry():
     """extraEnv may name a tier setting or a KAFKA_* pass-through, nothing else."""
     schema = json.loads((CHART / "values.schema.json").read_text())
     pattern = schema["properties"]["outboxPublisher"]["properties"]["extraEnv"]["items"]["properties"]["name"]["pattern"]
-    named = set(re.fullmatch(r"\^\((.*)\|KAFKA_\[A-Z0-9_\]\+\)\$", pattern).group(1).split("|"))
+    # The tier's settings, then the OpenTelemetry SDK's own OTEL_* variables and librdkafka's KAFKA_*.
+    named = set(re.fullmatch(r"\^\((.*)\|OTEL_\[A-Z0-9_\]\+\|KAFKA_\[A-Z0-9_\]\+\)\$", pattern).group(1).split("|"))
     assert named == SETTING_NAMES, f"update the extraEnv name pattern: missing {SETTING_NAMES - named}, unknown {named - SETTING_NAMES}"
 
 

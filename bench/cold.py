@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 # Boot steps, as the tier's own log lines name them: (label, event, role prefix, first or last).
 BOOT_STEPS = (
@@ -45,6 +45,7 @@ class DistinctReader(threading.Thread):
         self.target = target
         self.ids: set[bytes] = set()
         self.first: float | None = None
+        self.last: float | None = None
         self.done = threading.Event()
         self.polling = threading.Event()  # set once the reader has polled the broker
         self._halt = threading.Event()
@@ -74,28 +75,55 @@ class DistinctReader(threading.Thread):
             raise RuntimeError("the topic reader did not start")
         time.sleep(0.3)  # its fetch sessions to every partition leader are set up by now
 
-    def wait_done(self, timeout: float) -> float:
-        if not self.done.wait(timeout):
-            raise RuntimeError(f"the topic reader saw {len(self.ids):,} of {self.target:,} distinct events"
-                               f" after {timeout:.0f} s")
-        return self.last
-
     def stop(self) -> None:
         self._halt.set()
         self.join(10)
+
+
+def recount(bootstrap: str, topic: str, partitions: int, timeout: float = 60) -> int:
+    """Distinct event ids on the topic, read again from the start by a new consumer (untimed: when
+    the reader fell short, this tells a reader that missed records from records not on the topic)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-recount-{topic}",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    ids: set[bytes] = set()
+    at_end: set[int] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(at_end) < partitions and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, timeout=0.2):
+                if msg.error() is not None:
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        at_end.add(msg.partition())
+                    continue
+                at_end.discard(msg.partition())
+                for name, value in msg.headers() or ():
+                    if name == "event-id":
+                        ids.add(value)
+                        break
+    finally:
+        consumer.close()
+    return len(ids)
 
 
 @dataclass
 class Run:
     kind: str  # "cold" or "warm"
     events: int
-    seconds: float  # spawn (cold) or commit (warm) → last distinct event on the topic
+    seconds: float | None  # spawn (cold) or commit (warm) → last distinct event on the topic
+    counter_seconds: float | None  # same origin → the tier's published counter reaching the backlog
     first_event: float | None  # same origin → first event on the topic
     boot: dict[str, float]  # cold only: boot step → seconds after the spawn
+    seen: int = 0  # distinct event ids the reader saw by the end
+    recounted: int | None = None  # distinct ids a second reader found, when the first fell short
 
     @property
     def rate(self) -> float:
-        return self.events / self.seconds if self.seconds > 0 else 0.0
+        return self.events / self.seconds if self.seconds else 0.0
+
+    @property
+    def counter_rate(self) -> float:
+        return self.events / self.counter_seconds if self.counter_seconds else 0.0
 
 
 def boot_steps(log_paths: list[Path], spawn_wall: float) -> dict[str, float]:

@@ -156,6 +156,10 @@ class LeaseKeeper:
         self.conn: psycopg.AsyncConnection | None = None
         self.first_round = asyncio.Event()  # set after the first round, successful or not
         self.stopped = False
+        # The worker is draining: keep renewing what it holds until it releases it, take nothing
+        # more (a peer's drain releases shards and notifies; a draining worker would only have to
+        # hand them back again).
+        self.draining = False
         self._poke = asyncio.Event()
         self._round_lock = asyncio.Lock()
 
@@ -275,7 +279,7 @@ class LeaseKeeper:
                     result.released = await leases.release(self.conn, extra)
                 finally:
                     self.batch_lock.release()
-        elif len(leases.owned) < fair:
+        elif len(leases.owned) < fair and not self.draining:
             wanted = fair - len(leases.owned)
             result.acquired, result.reset_rows = await leases.acquire(self.conn, wanted)
             if len(result.acquired) < wanted:

@@ -51,6 +51,11 @@ def test_the_workers_of_a_supervisor_split_the_shards_in_their_first_round(db_ur
     assert sorted(line["acquired"] for line in rounds) == [128, 128]
     assert all(line["released"] == 0 and line["owned"] == 128 for line in rounds)
     assert tier.stop() == 0
+    # At the drain each worker releases its shards and notifies; the other, draining too, takes none.
+    lines = tier.logs()
+    drain_at = next(i for i, line in enumerate(lines) if line.get("event") == "drain started")
+    assert not [line for line in lines[drain_at:] if line.get("event") == "rebalance" and line.get("acquired")]
+    assert sorted(line["shards"] for line in lines if line.get("event") == "drain done") == [128, 128]
 
 
 @pytest.mark.parametrize("pool_mode", ["session", "transaction"])

@@ -27,6 +27,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -65,10 +66,18 @@ SYSTEMIC = {
     KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
     KafkaError.SASL_AUTHENTICATION_FAILED,
     KafkaError._AUTHENTICATION,
-    KafkaError._UNKNOWN_TOPIC,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
     KafkaError._SSL,
 }
+# A topic that does not exist (and that the broker does not create) is not for the whole tier to
+# stop on: other topics publish, the events of that topic retry with back-off, holding their keys
+# only, and become failed after OUTBOX_MAX_ATTEMPTS (requeue them once the topic exists).
+PER_EVENT_RETRY = {
+    KafkaError._UNKNOWN_TOPIC,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+}
+# Kafka's rule for topic names; librdkafka refuses others only after a metadata round trip, and
+# then with an error (_UNKNOWN_TOPIC) that does not say the name is the problem.
+LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 # The producer's own state is wrong (its epoch, its sequence numbers, its id): only a new producer
 # gets out of it. Seen when in-flight messages outlive message.timeout.ms (the broker then fences
 # the producer on every partition) and when a broker comes back without its idempotence state.
@@ -135,6 +144,8 @@ def classify(err: KafkaError) -> str:
         return "producer"
     if code in PER_EVENT_PERMANENT:
         return "permanent"
+    if code in PER_EVENT_RETRY:
+        return "retry"
     if code in SYSTEMIC:
         return "systemic"
     if code in TRANSIENT or err.retriable():
@@ -427,6 +438,10 @@ class Publisher:
     async def _produce(self, producer: Producer, batch: _Batch, row: Row, limit: float) -> bool:
         """Hand one row to librdkafka; False when it was not (its fate is then in `batch.out`)."""
         out = batch.out
+        if not LEGAL_TOPIC.fullmatch(row.topic) or row.topic in (".", ".."):
+            out.rejected[row.id] = (f"TOPIC_EXCEPTION: {row.topic!r} is not a valid Kafka topic name "
+                                    "(1 to 249 of a-z A-Z 0-9 . _ -, not '.' or '..')")
+            return False
         try:
             headers = record_headers(row, self.settings.cloudevents_source if self.settings.cloudevents else None)
             value = row.payload  # bytes, or None: a tombstone

@@ -135,3 +135,16 @@ def test_a_row_whose_binary_headers_are_broken_fails_alone(broker, topic):
     outcome = publish(broker, rows)
     assert sorted(outcome.delivered) == [1, 3]
     assert list(outcome.rejected) == [2] and "base64" in outcome.rejected[2]
+
+
+@pytest.mark.timeout(60)
+def test_an_invalid_topic_name_is_the_events_fault_every_time(broker, topic):
+    # librdkafka reports such a topic as _UNKNOWN_TOPIC once it has looked it up: the same row in
+    # a second batch must still fail alone, not stop the batch (a poison event, not a broker fault).
+    for _ in range(2):
+        rows = rows_for(topic, ["a", "b"])
+        rows[0] = rows[0]._replace(topic="not a valid topic!")
+        outcome = publish(broker, rows)
+        assert list(outcome.rejected) == [1] and "not a valid Kafka topic name" in outcome.rejected[1]
+        assert outcome.delivered == [2]
+        assert not (outcome.systemic_error or outcome.transient_error or outcome.producer_error)

@@ -27,3 +27,19 @@ def test_a_pool_timeout_alone_is_transient_until_the_server_says_why():
 
 def test_a_missing_table_needs_an_operator():
     assert classify_db_error(psycopg.errors.UndefinedTable("relation does not exist")) is False
+
+
+def test_kafka_errors_by_whose_fault_they_are():
+    from confluent_kafka import KafkaError
+
+    from kaireon_pub.worker.publisher import classify
+
+    assert classify(KafkaError(KafkaError.PRODUCER_FENCED)) == "producer"
+    assert classify(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER)) == "producer"
+    assert classify(KafkaError(KafkaError.UNKNOWN_PRODUCER_ID)) == "producer"
+    assert classify(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)) == "permanent"
+    # A missing topic holds its own events (retry), not the tier (systemic, exit 3).
+    assert classify(KafkaError(KafkaError._UNKNOWN_TOPIC)) == "retry"
+    assert classify(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)) == "retry"
+    assert classify(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)) == "systemic"
+    assert classify(KafkaError(KafkaError._MSG_TIMED_OUT)) == "transient"

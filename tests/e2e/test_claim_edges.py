@@ -302,7 +302,7 @@ def test_a_same_database_transaction_that_never_writes_holds_publishing_at_most_
         assert age_gauge is not None and age_gauge > 0, f"kaireon_outbox_horizon_age_seconds = {age_gauge} while held"
 
         # Passed over: logged with what it is, counted, and the claim waits for nothing any more.
-        line = tier.wait_log(lambda e: e.get("event") == "horizon bypass" and e.get("pid") == holder_pid, 5,
+        line = tier.wait_log(lambda e: e.get("event") == "horizon bypass" and e.get("holderPid") == holder_pid, 5,
                              "the horizon bypass logged")
         assert holder_xid in [int(x) for x in line.get("xids") or [line.get("xid")]], line
         assert line["database"] == database_of(db_url) and line["application"] == "report-job"
@@ -377,7 +377,7 @@ def test_a_same_database_prepared_transaction_that_wrote_the_outbox_holds_up_to_
     checks = {c["name"]: c for c in check_doc["checks"]}
     assert "horizon" in checks, f"check --json has no horizon check: {list(checks)}"
     assert gid in checks["horizon"]["detail"], checks["horizon"]
-    line = tier.wait_log(lambda e: e.get("event") == "horizon bypass" and e.get("gid") == gid, 5,
+    line = tier.wait_log(lambda e: e.get("event") == "horizon bypass" and e.get("holderGid") == gid, 5,
                          "the bypass of the prepared transaction logged")
     assert line["database"] == database_of(db_url)
 

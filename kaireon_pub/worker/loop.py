@@ -425,7 +425,7 @@ class Worker:
                 return await self.publisher.publish(rows, self.strict, deadline, self.cut_off)
             except Exception as exc:  # noqa: BLE001 - never leave claimed rows behind
                 reason = f"publish raised {type(exc).__name__}: {exc}"
-                self.publisher._break(reason, "exception")
+                self.publisher.mark_broken(reason, "exception")
                 return BatchOutcome(released=[r.id for r in rows], producer_error=reason, unconfirmed=len(rows))
         finally:
             metrics.IN_FLIGHT.dec(len(rows))
@@ -528,10 +528,10 @@ class Worker:
         self.kafka_stalls = self.kafka_stalls + 1 if outcome.transient_error and not outcome.delivered else 0
         if self.kafka_stalls >= 2 and not outcome.producer_error:
             self.kafka_stalls = 0
-            self.publisher._break(f"two batches in a row undelivered: {outcome.transient_error}", "stalled")
+            self.publisher.mark_broken(f"two batches in a row undelivered: {outcome.transient_error}", "stalled")
         if outcome.producer_error:
             if not self.publisher.broken:
-                self.publisher._break(outcome.producer_error, "producer")
+                self.publisher.mark_broken(outcome.producer_error, "producer")
             raise TransientError(f"producer must be recreated: {outcome.producer_error}")
         if outcome.systemic_error:
             raise SystemicError(outcome.systemic_error)
@@ -568,7 +568,7 @@ class Worker:
                     log.warning("the broker's cluster id changed; recreating the producer", extra={
                         "event": "cluster changed", "previousClusterId": self.cluster_id,
                         "clusterId": cluster_id, "errorId": new_error_id()})
-                    self.publisher._break(f"cluster id changed from {self.cluster_id} to {cluster_id}",
+                    self.publisher.mark_broken(f"cluster id changed from {self.cluster_id} to {cluster_id}",
                                           "cluster_changed")
                 self.cluster_id = cluster_id
             await asyncio.sleep(BROKER_WATCH_INTERVAL_S)

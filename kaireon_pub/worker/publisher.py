@@ -175,6 +175,19 @@ def _is_json(value: bytes) -> bool:
     return True
 
 
+def _json_object(text: str, column: str) -> dict[str, Any]:
+    """A header column's JSON object; PoisonRow when it is not valid JSON or not an object."""
+    if text == "{}":
+        return {}
+    try:
+        value = _load_json(text)
+    except ValueError as exc:
+        raise PoisonRow(f"{column} are not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise PoisonRow(f"{column} must be a JSON object, found a JSON {type(value).__name__}")
+    return value
+
+
 def _own_headers(row: Row) -> list[tuple[str, bytes]]:
     """The event's own headers: str values as UTF-8, bytes values exactly.
 
@@ -182,27 +195,13 @@ def _own_headers(row: Row) -> list[tuple[str, bytes]]:
     sent as its compact JSON text. Raises PoisonRow when either header column is not a JSON object.
     """
     headers: list[tuple[str, bytes]] = []
-    if row.headers != "{}":
+    for name, value in _json_object(row.headers, "headers").items():
+        headers.append((name, value.encode() if isinstance(value, str) else _json_text(value)))
+    for name, value in _json_object(row.binary_headers, "binary_headers").items():
         try:
-            extra = _load_json(row.headers)
-        except ValueError as exc:
-            raise PoisonRow(f"headers are not valid JSON: {exc}") from None
-        if not isinstance(extra, dict):
-            raise PoisonRow(f"headers must be a JSON object, found a JSON {type(extra).__name__}")
-        for name, value in extra.items():
-            headers.append((name, value.encode() if isinstance(value, str) else _json_text(value)))
-    if row.binary_headers != "{}":
-        try:
-            binary = _load_json(row.binary_headers)
-        except ValueError as exc:
-            raise PoisonRow(f"binary_headers are not valid JSON: {exc}") from None
-        if not isinstance(binary, dict):
-            raise PoisonRow(f"binary_headers must be a JSON object, found a JSON {type(binary).__name__}")
-        for name, value in binary.items():
-            try:
-                headers.append((name, base64.b64decode(value, validate=True)))
-            except (TypeError, ValueError):
-                raise PoisonRow(f"binary header {name!r} is not base64 text") from None
+            headers.append((name, base64.b64decode(value, validate=True)))
+        except (TypeError, ValueError):
+            raise PoisonRow(f"binary header {name!r} is not base64 text") from None
     return headers
 
 
@@ -327,14 +326,14 @@ class Publisher:
             try:
                 producer.poll(POLL_SLICE_S)
             except Exception as exc:  # noqa: BLE001 - a client that raises here is recreated
-                self._break(f"poll raised {type(exc).__name__}: {exc}", "exception")
+                self.mark_broken(f"poll raised {type(exc).__name__}: {exc}", "exception")
                 return
 
     def _on_error(self, err: KafkaError) -> None:
         """librdkafka's error callback (delivery thread)."""
         if err.fatal():
             level = logging.ERROR
-            self._break(describe(err), "fatal")
+            self.mark_broken(describe(err), "fatal")
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
             level = logging.WARNING
         else:
@@ -344,7 +343,7 @@ class Publisher:
         log.log(level, f"librdkafka error: {describe(err)}",
                 extra={"event": "kafka error", "kafkaError": err.name(), "fatal": err.fatal()})
 
-    def _break(self, reason: str, cause: str) -> None:
+    def mark_broken(self, reason: str, cause: str) -> None:
         """Thread-safe: the producer must be recreated; every waiting batch gives up now."""
         if self.broken is None:
             self.broken = reason
@@ -422,7 +421,7 @@ class Publisher:
             try:
                 producer.purge(in_queue=True, in_flight=True, blocking=False)
             except Exception as exc:  # noqa: BLE001 - a client that cannot purge is recreated
-                self._break(f"purge raised {type(exc).__name__}: {exc}", "exception")
+                self.mark_broken(f"purge raised {type(exc).__name__}: {exc}", "exception")
             if not (out.producer_error or out.transient_error or self.broken):
                 out.transient_error = "delivery not confirmed before the deadline"
         if self.broken and not out.producer_error:
@@ -478,7 +477,7 @@ class Publisher:
                     out.retry[row.id] = text
                 elif kind == "producer":
                     out.producer_error = text
-                    self._break(text, "fatal" if err is not None and err.fatal() else "producer")
+                    self.mark_broken(text, "fatal" if err is not None and err.fatal() else "producer")
                 elif kind == "systemic":
                     out.systemic_error = text
                 else:
@@ -491,7 +490,7 @@ class Publisher:
                 else:
                     self._suspects.add(row.id)
                     out.producer_error = text
-                    self._break(text, "exception")
+                    self.mark_broken(text, "exception")
                 break
         with batch.lock:
             batch.pending.discard(row.id)

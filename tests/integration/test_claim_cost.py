@@ -19,6 +19,7 @@ from kaireon_pub.db.queries import Q
 WORKER = uuid.uuid4()
 BATCH = 100
 BACKLOG = 100_000
+PAST = 20_000  # rows claimed and published before the measured claim
 # Above every xid of the test server: the horizon waits for no transaction here.
 HORIZON = str(2**40)
 
@@ -195,3 +196,63 @@ def test_a_row_in_processing_holds_the_later_rows_of_its_key(db):
     assert claimed == [other], f"claimed {claimed}: {second} overtook {first}, which is in processing"
     assert held == [second]
     assert db.execute("SELECT status FROM outbox_events WHERE id = %s", (second,)).fetchone() == ("pending",)
+
+
+def processing_probe_buffers(plan: dict) -> tuple[float, list[str]]:
+    """The shared buffers of the plan's scans of an index of processing rows (the hold's probe)."""
+    total, seen = 0.0, []
+
+    def walk(node: dict) -> None:
+        nonlocal total
+        if "processing" in node.get("Index Name", ""):
+            buffers = node.get("Shared Hit Blocks", 0) + node.get("Shared Read Blocks", 0)
+            total += buffers
+            seen.append(f"{node['Node Type']} {node['Index Name']} loops={node.get('Actual Loops')} buffers={buffers}")
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan["Plan"])
+    return total, seen
+
+
+def test_the_hold_probe_does_not_walk_the_rows_claimed_before(db):
+    # Every claimed row leaves an entry in the indexes of processing rows, dead once it is marked,
+    # until a vacuum. The hold probes the processing rows of each scanned row's key: on (shard,
+    # key) that is a page or two. An index of processing rows in another order (0001's updated_at
+    # index, dropped by 0005) was the planner's pick and walked every dead entry for every probe:
+    # the drain's database CPU doubled. Autovacuum is off for the table: the dead entries stay, as
+    # during a drain.
+    leases = lease_all(db)
+    db.execute("ALTER TABLE outbox_events SET (autovacuum_enabled = false)")
+    db.execute("CREATE INDEX outbox_events_processing_idx ON outbox_events (updated_at) "
+               "WHERE status = 'processing'")
+    db.execute("INSERT INTO outbox_events (topic, partition_key, payload) "
+               "SELECT 't', 'k-' || (g %% 100), '{}' FROM generate_series(1, %s) AS g", (2 * PAST,))
+    # The first half was claimed and published, as by a drain, ten batches at a time.
+    for low in range(0, PAST, BATCH * 10):
+        ids = (low, low + BATCH * 10)
+        db.execute("UPDATE outbox_events SET status = 'processing', claim_token = gen_random_uuid() "
+                   "WHERE id > %s AND id <= %s", ids)
+        db.execute("UPDATE outbox_events SET status = 'published', claim_token = NULL "
+                   "WHERE id > %s AND id <= %s", ids)
+    db.execute("ANALYZE outbox_events")
+    (xid,) = db.execute("SELECT xid::text FROM outbox_events WHERE id = %s", (PAST,)).fetchone()
+    shards = sorted(leases)
+    params = {**claim_params(leases, shards), "cursor_xids": [xid] * len(shards),
+              "cursor_ids": [PAST] * len(shards)}
+
+    def probe_buffers() -> tuple[float, list[str]]:
+        db.execute("BEGIN")
+        try:
+            return processing_probe_buffers(explain(db, Q.claim_batch, params))
+        finally:
+            db.execute("ROLLBACK")
+
+    # The control first: the schema before 0005, both indexes of processing rows there while the
+    # rows were claimed; the probe walks the dead entries of every row claimed before.
+    control, control_nodes = probe_buffers()
+    db.execute("DROP INDEX outbox_events_processing_idx")
+    buffers, nodes = probe_buffers()
+    assert nodes, "the claim did not probe processing rows"
+    assert buffers <= 10 * BATCH, f"{buffers} shared buffers in the probe for a batch of {BATCH}: {nodes}"
+    assert control >= 4 * buffers, f"control {control} against {buffers}: {control_nodes}"

@@ -1,4 +1,4 @@
-"""`python -m bench [drain|cold|latency|ceilings|scale|purge|lock|all ...] [options]`: runs the
+"""`python -m bench [drain|cold|latency|ceilings|scale|purge|lock|retention|all ...] [options]`: runs the
 scenarios in order against one PostgreSQL and one broker, prints every figure as it is measured,
 the targets of issues 5 and 6, and one SUMMARY line, also when interrupted with Ctrl-C."""
 
@@ -30,7 +30,7 @@ from bench.report import Figure, Report
 from bench.tier import Tier, drain, row_writes
 from kaireon_pub.settings import DEFAULTS, SYNCHRONOUS_COMMIT_LEVELS
 
-SCENARIOS = ("ceilings", "drain", "cold", "lock", "scale", "purge", "latency", "pgbouncer")
+SCENARIOS = ("ceilings", "drain", "cold", "lock", "scale", "purge", "retention", "latency", "pgbouncer")
 MB = 1024 * 1024
 
 
@@ -48,6 +48,7 @@ class Plan:
     repeat: int  # runs per backlog drain figure (the median is reported)
     balanced: bool  # wait for the fair share before timing (the smoke run only waits for ownership)
     cold_big: bool  # the cold start also at the big backlog (not in --quick)
+    retention_old: int  # published rows past their retention in the retention scenario
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
@@ -67,6 +68,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         repeat=args.repeat or (1 if quick else 3),
         balanced=not quick,
         cold_big=not quick,
+        retention_old=args.retention_old or (6_000 if quick else 1_000_000),
     )
 
 
@@ -387,6 +389,11 @@ class Bench:
         r.add("purge_ratio", "  purge on / off", ratio, "x", "target ≥ 0.90 (within noise)")
         r.target("purge does not slow the claim", ratio >= 0.9, f"{ratio:.2f} ({on.purged:,.0f} rows purged meanwhile)")
 
+    def retention(self) -> None:
+        from bench import retention
+
+        retention.run(self)
+
     def pgbouncer(self) -> None:
         from bench import pgbouncer
 
@@ -499,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backlog", type=int, help="drain backlog (default 100,000)")
     ap.add_argument("--big-backlog", type=int, help="the large, dead-tuple backlog (default 1,000,000)")
     ap.add_argument("--ceiling-rows", type=int, help="rows per SQL ceiling loop (default 300,000)")
+    ap.add_argument("--retention-old", type=int,
+                    help="old published rows to purge in the retention scenario (default 1,000,000)")
     ap.add_argument("--produce-messages", type=int, help="messages of the produce ceiling (default 500,000)")
     ap.add_argument("--batch", type=int, default=1000, help="OUTBOX_BATCH_SIZE, also the ceiling loops' batch")
     ap.add_argument("--rate", type=float, help="offered events/s in the latency scenario (default 2,000)")

@@ -29,6 +29,8 @@ def fmt(value: float | None, unit: str = "") -> str:
         return f"{value:.3f} CPU-s/1k"
     if unit == "x":
         return f"{value:.2f}×"
+    if unit == "s":
+        return f"{value:.1f} s"
     return f"{value:g}{unit}"
 
 
@@ -113,6 +115,7 @@ class Report:
         part("rss", "peak_rss", "MB")
         part("lock/status", "lock_ratio", "x")
         part("purge/nopurge", "purge_ratio", "x")
+        part("retention_drop/delete", "ret_ratio", "x")
         part("2x1/1x2", "scale_ratio", "x")
         if not parts:
             parts.append("nothing measured")

@@ -1,20 +1,21 @@
-"""The drain with DELETE-based retention against partition-dropped retention, while old published
-rows are purged.
+"""The `retention` scenario: the drain with DELETE-based retention against partition-dropped
+retention, while old published rows are purged.
 
-`python -m bench.retention [--old 1000000] [--backlog 100000] [--database-url URL]`: for each mode a
-fresh database (plain: `migrate`; partitioned: `migrate` with OUTBOX_PARTITIONING=hourly) holding
-`--old` published rows from four past hours (in four past partitions when partitioned) whose
-retention has passed, VACUUMed, then `--backlog` pending rows committed and the real tier started
-(2 workers, OUTBOX_RETENTION_SECONDS=60, OUTBOX_PURGE_INTERVAL_SECONDS=1). Measured from the
-tier's start: the drain (the last backlog row published), the retention (no old row left), and
-the dead tuples left on outbox_events afterwards. The row purge pauses while a backlog drains (the
-claim has the database), so the DELETE mode purges after the drain; partition drops do not pause.
+`python -m bench retention [--retention-old 1000000] [--backlog 100000]`, also part of `all`
+(`--quick`: 6,000 old rows, a backlog of 3,000); `python -m bench.retention [--old N] [--backlog N]`
+runs it alone. For each mode a fresh database (plain: `migrate`; partitioned: `migrate` with
+OUTBOX_PARTITIONING=hourly) holding the old published rows, from four past hours (in four past
+partitions when partitioned) whose retention has passed, VACUUMed, then the backlog of pending
+rows committed and the real tier started (2 workers, OUTBOX_RETENTION_SECONDS=60,
+OUTBOX_PURGE_INTERVAL_SECONDS=1). Measured from the tier's start: the drain (the last backlog row
+published), the retention (no old row left), and the dead tuples left on outbox_events afterwards.
+The row purge pauses while a backlog drains (the claim has the database), so the DELETE mode
+purges after the drain; partition drops do not pause.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 import uuid
 from datetime import timedelta
@@ -57,22 +58,31 @@ def prepare(url: str, mode: str, old: int, backlog: int, topic: str) -> None:
         conn.execute("ANALYZE outbox_events")
 
 
-def run_mode(services, mode: str, old: int, backlog: int, run_dir: Path) -> dict[str, float]:
+def run_mode(services, mode: str, old: int, backlog: int, run_dir: Path,
+             env: dict[str, str] | None = None) -> dict[str, float | None]:
+    """One mode on a fresh database: seconds from the tier's start to the drain's end
+    (`drain_s`) and to the last old row gone (`retention_s`), None when not within the time allowed
+    (`timeout_s`), and the dead tuples left."""
     from bench.tier import Tier
 
     name = f"bench_ret_{uuid.uuid4().hex[:8]}"
     url = services.pg.create_database(name)
     topic = services.fresh_topic("retention")
-    services.settle()
-    prepare(url, mode, old, backlog, topic)
-    tier = Tier(url, services.bootstrap, run_dir / mode, OUTBOX_RETENTION_SECONDS="60",
-                OUTBOX_PURGE_INTERVAL_SECONDS="1")
-    started = time.monotonic()
+    timeout = max(60.0, (old + backlog) / 1000)
+    tier = None
     drained = retained = None
-    deadline = started + max(300.0, (old + backlog) / 2000)
     try:
+        services.settle()
+        prepare(url, mode, old, backlog, topic)
+        tier = Tier(url, services.bootstrap, run_dir / mode,
+                    **{**(env or {}), "OUTBOX_RETENTION_SECONDS": "60", "OUTBOX_PURGE_INTERVAL_SECONDS": "1"})
+        started = time.monotonic()
+        deadline = started + timeout
         with psycopg.connect(url, autocommit=True) as conn:
             while time.monotonic() < deadline and (drained is None or retained is None):
+                for sup in tier.sups:
+                    if sup.proc.poll() is not None:
+                        raise RuntimeError(f"the tier exited with {sup.proc.returncode}; see {sup.log_path}")
                 time.sleep(0.1)
                 if drained is None and not conn.execute(
                         "SELECT EXISTS (SELECT 1 FROM outbox_events WHERE status IN ('pending', 'processing'))"
@@ -82,16 +92,48 @@ def run_mode(services, mode: str, old: int, backlog: int, run_dir: Path) -> dict
                         "SELECT EXISTS (SELECT 1 FROM outbox_events WHERE topic = 'retention-old')").fetchone()[0]:
                     retained = time.monotonic() - started
             dead = conn.execute("SELECT coalesce(sum(n_dead_tup), 0) FROM pg_stat_user_tables "
-                                "WHERE relname LIKE 'outbox_events%%'").fetchone()[0]
+                                "WHERE relname LIKE 'outbox_events%'").fetchone()[0]
     finally:
-        tier.stop()
+        if tier is not None:
+            tier.stop()
         services.pg.drop_database(name)
         services.drop_topic(topic)
-    return {"drain_s": drained, "retention_s": retained, "dead_tuples": dead}
+    return {"drain_s": drained, "retention_s": retained, "dead_tuples": dead, "timeout_s": timeout}
 
 
-def main() -> None:
-    from bench.env import Services
+def run(bench) -> None:
+    """The scenario in a bench run (bench.cli): both modes, their figures in the report."""
+    r, old, n = bench.r, bench.plan.retention_old, bench.plan.backlog
+    r.say(f"\n== retention: {old:,} published rows past their retention (four past hours) and {n:,} pending,"
+          " then the tier (2 workers, OUTBOX_RETENTION_SECONDS=60, purge every 1 s); times from its start:"
+          " DELETE purge (plain table) vs partition drops (OUTBOX_PARTITIONING=hourly)")
+    results = {}
+    for mode, label in (("delete", "DELETE purge"), ("partitions", "partition drops")):
+        res = results[mode] = run_mode(bench.s, mode, old, n, bench.run_dir / f"retention-{mode}",
+                                       bench.plan.tier_env)
+        late = f"not within {res['timeout_s']:.0f} s"
+        r.add(f"ret_{mode}_drain", f"{label}: drain of {n:,}", res["drain_s"], "s",
+              late if res["drain_s"] is None else f"{n / res['drain_s']:,.0f} ev/s from the tier's start")
+        r.add(f"ret_{mode}_gone", f"{label}: {old:,} old rows gone", res["retention_s"], "s",
+              late if res["retention_s"] is None else f"{res['dead_tuples']:,} dead tuples left on outbox_events")
+    d, p = results["delete"], results["partitions"]
+    r.add("ret_drain_ratio", "  drain time, drops / DELETE", _ratio(p["drain_s"], d["drain_s"]), "x",
+          "the purge pauses while a backlog drains: its cost lands after the drain")
+    r.add("ret_ratio", "  old rows gone, drops / DELETE", _ratio(p["retention_s"], d["retention_s"]), "x",
+          "time from the tier's start; lower is better")
+    missing = [f"{mode} {what}" for mode, res in results.items()
+               for what in ("drain_s", "retention_s") if res[what] is None]
+    if missing:
+        raise RuntimeError("retention: not measured within the time allowed: " + ", ".join(missing))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def main() -> int:
+    """`python -m bench.retention [--old N] [--backlog N]`: `python -m bench retention` alone."""
+    from bench.cli import main as bench_main
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", type=int, default=1_000_000)
@@ -99,20 +141,11 @@ def main() -> None:
     ap.add_argument("--database-url", default=None)
     ap.add_argument("--bootstrap", default=None)
     args = ap.parse_args()
-    services = Services(args.database_url, args.bootstrap)
-    run_dir = Path(tempfile.mkdtemp(prefix="kaireon-bench-retention-"))
-    try:
-        results = {}
-        for mode in ("delete", "partitions"):
-            results[mode] = run_mode(services, mode, args.old, args.backlog, run_dir)
-            print(f"retention {mode:<10} {results[mode]}", flush=True)
-        d, p = results["delete"], results["partitions"]
-        if d["drain_s"] and p["drain_s"]:
-            print(f"retention drain partitions/delete time ratio {p['drain_s'] / d['drain_s']:.2f}; "
-                  f"old rows gone after {d['retention_s']} s (DELETE) vs {p['retention_s']} s (drop)")
-    finally:
-        services.close()
+    argv = ["retention", "--retention-old", str(args.old), "--backlog", str(args.backlog)]
+    argv += ["--database-url", args.database_url] if args.database_url else []
+    argv += ["--bootstrap", args.bootstrap] if args.bootstrap else []
+    return bench_main(argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -346,11 +346,14 @@ def _check_listen_url(listen: str, pooled: dict[str, Any], secrets: list[str]) -
 
 
 def expected_objects() -> tuple[set[str], set[str]]:
-    """Tables and indexes the migrations create."""
+    """Tables and indexes the migrations leave: created by one file, not dropped by a later one."""
     tables, indexes = set(), set()
     for m in migrate.available():
-        tables.update(re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", m.sql))
-        indexes.update(re.findall(r"CREATE (?:UNIQUE )?INDEX (?:CONCURRENTLY )?(?:IF NOT EXISTS )?(\w+)", m.sql))
+        sql = re.sub(r"--[^\n]*", "", m.sql)  # a comment may name a statement it does not run
+        tables.update(re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", sql))
+        indexes.update(re.findall(r"CREATE (?:UNIQUE )?INDEX (?:CONCURRENTLY )?(?:IF NOT EXISTS )?(\w+)", sql))
+        tables.difference_update(re.findall(r"DROP TABLE (?:IF EXISTS )?(\w+)", sql))
+        indexes.difference_update(re.findall(r"DROP INDEX (?:CONCURRENTLY )?(?:IF EXISTS )?(\w+)", sql))
     return tables, indexes
 
 

@@ -23,6 +23,10 @@ Two pool modes (OUTBOX_POOL_MODE):
 LISTEN needs a session of its own: in transaction mode it goes to OUTBOX_LISTEN_DATABASE_URL (the
 server itself), or the workers poll. `migrate` holds a session-level advisory lock, so in
 transaction mode it runs on OUTBOX_LISTEN_DATABASE_URL too, and refuses to run without it.
+Partition maintenance runs `DETACH PARTITION … CONCURRENTLY`, which cannot run inside a
+transaction block, and an autocommit statement of a pooled connection shares its implicit
+transaction with the settings: in transaction mode it runs on OUTBOX_LISTEN_DATABASE_URL when it
+is set (`connect(…, direct=True)`); without it partitions are still made ahead, none is dropped.
 """
 
 from __future__ import annotations
@@ -191,8 +195,10 @@ def listen_connector(settings: Settings, role: str) -> Callable[[], Awaitable[ps
     return connect
 
 
-def connect(settings: Settings, role: str, *, autocommit: bool = True) -> psycopg.Connection:
-    if transaction_pooling(settings) and role in SESSION_ROLES:
+def connect(settings: Settings, role: str, *, autocommit: bool = True, direct: bool = False) -> psycopg.Connection:
+    """One of `role`'s synchronous connections. In transaction mode, on OUTBOX_LISTEN_DATABASE_URL
+    for a role of SESSION_ROLES (refused without it), and for `direct` when it is set."""
+    if transaction_pooling(settings) and (role in SESSION_ROLES or (direct and settings.listen_database_url)):
         if not settings.listen_database_url:
             # A psycopg error, so that the command reports it as it reports a refused connection.
             raise psycopg.OperationalError(

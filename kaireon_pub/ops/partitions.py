@@ -41,7 +41,7 @@ def describe(conn: psycopg.Connection, settings: Settings) -> list[dict[str, Any
 def run(settings: Settings, action: str, *, dry_run: bool, ahead: int | None, as_json: bool,
         echo: Callable[[str], None]) -> int:
     try:
-        with connect(settings, "partitions") as conn:
+        with connect(settings, "partitions", direct=True) as conn:  # DETACH … CONCURRENTLY
             migrate.require_current(conn)
             if not partitions.is_partitioned(conn):
                 echo("outbox_events is a plain table (OUTBOX_PARTITIONING applies to a fresh database; "

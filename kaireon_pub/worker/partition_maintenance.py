@@ -26,7 +26,7 @@ log = logging.getLogger("kaireon_pub.worker.partitions")
 
 def one_round(settings: Settings, role: str) -> partitions.Report | None:
     """One maintenance round; None when outbox_events is not partitioned."""
-    with connect(settings, role) as conn:
+    with connect(settings, role, direct=True) as conn:  # DETACH … CONCURRENTLY: not through a transaction pooler
         if not partitions.is_partitioned(conn):
             return None
         interval = partitions.infer_interval(partitions.list_partitions(conn), settings.partitioning)
@@ -54,9 +54,11 @@ async def partitions_loop(settings: Settings, role: str, stopping: Callable[[], 
                 log.warning(f"partition maintenance: {error}", extra={
                     "event": "partition maintenance failed", "errorId": new_error_id(), "isTransient": True})
             if report.created or report.dropped:
+                # Not `created`: a LogRecord attribute, which `extra` may not overwrite (KeyError).
                 log.info("partition maintenance", extra={
-                    "event": "partition maintenance", "created": report.created, "dropped": report.dropped,
-                    "kept": len(report.kept), "durationMs": round((time.monotonic() - started) * 1000)})
+                    "event": "partition maintenance", "partitionsCreated": report.created,
+                    "partitionsDropped": report.dropped, "partitionsKept": len(report.kept),
+                    "durationMs": round((time.monotonic() - started) * 1000)})
         except Exception as exc:  # noqa: BLE001 - maintenance must never stop the publisher
             log.error(f"partition maintenance failed: {type(exc).__name__}: {exc}",
                       extra={"event": "partition maintenance failed", "errorId": new_error_id(),

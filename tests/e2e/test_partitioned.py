@@ -80,6 +80,9 @@ def test_drain_across_a_partition_boundary_keeps_key_order_and_retention_drops_o
             return [p.name for p in parts.list_partitions(conn)]
 
     wait_for(lambda: prev_name not in names(), 60, "the fully published partition dropped by worker 0")
+    tier.wait_log(lambda e: e.get("event") == "partition maintenance" and prev_name in e["partitionsDropped"], 10,
+                  "the drop logged")
+    assert [e["msg"] for e in tier.logs() if e.get("event") == "partition maintenance failed"] == []
     port = tier.http_port()
     wait_for(lambda: (metric_value(port, "kaireon_outbox_partitions_dropped_total") or 0) >= 1, 30,
              "the drop counted")

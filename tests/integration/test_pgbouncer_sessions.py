@@ -132,3 +132,25 @@ def test_a_pooled_session_that_is_not_in_a_transaction_is_never_taken_for_a_work
             ended = peer.execute(Q.terminate_frozen_owners, {"worker_id": uuid.uuid4()}).fetchall()
         assert name == POOLED_SESSION_NAME
         assert ended == []
+
+
+def test_partition_maintenance_detaches_on_the_direct_url(single, db_url):
+    """DETACH PARTITION … CONCURRENTLY cannot run inside a transaction block, and a pooled
+    autocommit statement shares one with the settings: partition maintenance (`direct`) runs on
+    OUTBOX_LISTEN_DATABASE_URL when it is set; without it, through the pooler, the detach fails."""
+    url = single.url_for(db_url)
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("CREATE TABLE parted (n int) PARTITION BY RANGE (n)")
+        for name, lower in (("parted_a", 0), ("parted_b", 10)):
+            admin.execute(f"CREATE TABLE {name} PARTITION OF parted FOR VALUES FROM ({lower}) TO ({lower + 10})")
+    detach = "ALTER TABLE parted DETACH PARTITION {} CONCURRENTLY"
+    with connect(pooled_settings(url, OUTBOX_LISTEN_DATABASE_URL=db_url), "partitions", direct=True) as conn:
+        assert conn.info.port != single.port
+        conn.execute(detach.format("parted_a"))
+    with connect(pooled_settings(url), "partitions", direct=True) as conn:
+        assert conn.info.port == single.port
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction):
+            conn.execute(detach.format("parted_b"))
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        assert [r[0] for r in admin.execute("SELECT inhrelid::regclass::text FROM pg_inherits "
+                                            "WHERE inhparent = 'parted'::regclass")] == ["parted_b"]

@@ -110,6 +110,7 @@ TRANSIENT = {
     KafkaError._QUEUE_FULL,
 }
 
+LEGAL_TOPICS_KEPT = 10_000  # topic names already found legal, each checked once (forgotten beyond this)
 POLL_SLICE_S = 0.1  # the delivery thread's poll timeout: how late a stop of the thread may be
 WAIT_SLICE_S = 0.5  # how often a waiting batch looks again at its deadline
 
@@ -215,19 +216,23 @@ def record_headers(row: Row, cloudevents_source: str | None = None) -> list[tupl
     application/octet-stream). An attribute the event carries itself as a header (any case) is
     left to it: that is how an application sets its content-type, say application/avro.
     """
-    headers = [("event-id", str(row.id).encode())]
+    event_id = b"%d" % row.id
+    created_at = row.created_iso.encode()
     if row.event_type:
-        headers.append(("event-type", row.event_type.encode()))
-    headers.append(("created-at", row.created_iso.encode()))
+        headers = [("event-id", event_id), ("event-type", row.event_type.encode()), ("created-at", created_at)]
+    else:
+        headers = [("event-id", event_id), ("created-at", created_at)]
+    if cloudevents_source is None and row.headers == "{}" and row.binary_headers == "{}":
+        return headers  # most events: no header of their own, nothing to parse
     own = _own_headers(row)
     if cloudevents_source is not None:
         given = {name.lower() for name, _ in own}
         attributes = [
             ("ce_specversion", b"1.0"),
-            ("ce_id", str(row.id).encode()),
+            ("ce_id", event_id),
             ("ce_source", cloudevents_source.encode()),
             ("ce_type", (row.event_type or row.topic).encode()),
-            ("ce_time", row.created_iso.encode()),
+            ("ce_time", created_at),
         ]
         if row.payload is not None:
             kind = "application/json" if _is_json(row.payload) else "application/octet-stream"
@@ -244,25 +249,29 @@ def record_key(row: Row) -> bytes | None:
 
 
 class _Batch:
-    """One batch's delivery reports, filled by the delivery thread, read by the event loop."""
+    """One batch's delivery reports, filled by the delivery thread, read by the event loop.
+
+    The event loop hands records to librdkafka without taking the lock; it counts them once the
+    batch is produced (`handed`, set with `produced_all`). The delivery thread counts the reports
+    (`reported`): the batch is complete when both counts meet."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
         self.lock = threading.Lock()
-        self.pending: set[int] = set()
-        self.handed: set[int] = set()
+        self.handed = 0  # records handed to librdkafka; set with produced_all
+        self.reported = 0  # delivery reports taken in
         self.out = BatchOutcome()
         self.produced_all = False
         self.closed = False
         self.trace: BatchTrace | None = None  # the batch's spans, when tracing is on
 
-    def report(self, err: KafkaError | None, msg: Any, event_id: int, created: float) -> None:
-        """librdkafka's delivery callback; runs on the delivery thread."""
+    def report(self, event_id: int, created: float, err: KafkaError | None, msg: Any) -> None:
+        """librdkafka's delivery callback, bound to one event by partial(); runs on the delivery thread."""
         with self.lock:
-            if self.closed or event_id not in self.pending:
+            if self.closed:
                 return  # a purged message of a batch that was already given up
-            self.pending.discard(event_id)
+            self.reported += 1
             out = self.out
             if err is None:
                 out.delivered.append(event_id)
@@ -282,7 +291,7 @@ class _Batch:
                     out.transient_error = out.transient_error or text
             if self.trace is not None:
                 self.trace.reported(event_id, err, msg)
-            finished = (self.produced_all and not self.pending) or out.producer_error is not None
+            finished = (self.produced_all and self.reported == self.handed) or out.producer_error is not None
         if finished:
             self.wake()
 
@@ -308,6 +317,7 @@ class Publisher:
         # Event ids whose produce() raised something unexpected once: a second time, the row is
         # taken to be the cause (it retries alone) instead of recreating the producer for ever.
         self._suspects: set[int] = set()
+        self._legal_topics: set[str] = set()
         self._start()
 
     # ---- the producer and its delivery thread ------------------------------------------------
@@ -380,41 +390,82 @@ class Publisher:
         lease's remaining life, re-read while waiting), whichever comes first. Whatever is not
         confirmed then is purged from librdkafka and released: nothing of an abandoned batch
         stays queued in the client.
+
+        The loop over the rows is the tier's hottest code: one record per event, its work kept to
+        what the record needs; whatever goes wrong leaves it for the methods below.
         """
         batch = _Batch(asyncio.get_running_loop())
         if self.tracing is not None:
             batch.trace = self.tracing.batch(rows, self.client_id)
+        trace = batch.trace
         out = batch.out
         producer = self.producer
+        produce = producer.produce
+        report = batch.report
+        source = self.settings.cloudevents_source if self.settings.cloudevents else None
+        legal_topics = self._legal_topics
         held_keys: set[str] = set()
+        unhanded: set[int] = set()  # rows not handed to librdkafka: refused, held back or not tried
         self._open.add(batch)
         try:
-            for row in rows:
+            remaining = iter(rows)
+            for row in remaining:
                 if self.broken or out.producer_error:
+                    unhanded.add(row.id)
                     break
-                if row.key is not None and row.key in held_keys:
+                if held_keys and row.key in held_keys:
+                    unhanded.add(row.id)
                     continue  # strict order: an earlier event of this key failed in this batch
-                if not await self._produce(producer, batch, row, min(deadline, cut_off())):
-                    if strict and row.key is not None and (row.id in out.rejected or row.id in out.retry):
-                        held_keys.add(row.key)
-                    if out.producer_error or out.systemic_error or out.transient_error:
-                        break
+                topic = row.topic
+                try:
+                    if topic not in legal_topics:
+                        self._check_topic(topic)
+                    headers = record_headers(row, source)
+                    key = record_key(row)
+                except PoisonRow as exc:
+                    out.rejected[row.id] = str(exc)
+                    handed = False
+                except Exception as exc:  # noqa: BLE001 - whatever the row makes go wrong stays on the row
+                    out.rejected[row.id] = f"cannot build the record: {type(exc).__name__}: {exc}"
+                    handed = False
+                else:
+                    if trace is not None:
+                        headers = trace.event(row, headers)  # the event's span; its traceparent on the record
+                    on_delivery = partial(report, row.id, row.created_epoch)
+                    try:
+                        produce(topic, row.payload, key, headers=headers, on_delivery=on_delivery)
+                        continue
+                    except BufferError:
+                        handed = await self._produce_when_room(
+                            out, row, partial(produce, topic, row.payload, key, headers=headers, on_delivery=on_delivery),
+                            min(deadline, cut_off()))
+                    except Exception as exc:  # noqa: BLE001 - classified in _refused
+                        self._refused(out, row, exc)
+                        handed = False
+                if handed:
+                    continue
+                unhanded.add(row.id)
+                if strict and row.key is not None and (row.id in out.rejected or row.id in out.retry):
+                    held_keys.add(row.key)
+                if out.producer_error or out.systemic_error or out.transient_error:
+                    break
+            unhanded.update(r.id for r in remaining)  # after a break: the rows never tried
             with batch.lock:
                 batch.produced_all = True
-                finished = not batch.pending
+                batch.handed = len(rows) - len(unhanded)
+                finished = batch.reported == batch.handed
             if finished:
                 batch._finish()
             while not batch.done.done() and not self.broken:
-                remaining = min(deadline, cut_off()) - time.monotonic()
-                if remaining <= 0:
+                remaining_s = min(deadline, cut_off()) - time.monotonic()
+                if remaining_s <= 0:
                     break
-                await asyncio.wait((batch.done,), timeout=min(remaining, WAIT_SLICE_S))
+                await asyncio.wait((batch.done,), timeout=min(remaining_s, WAIT_SLICE_S))
         finally:
             self._open.discard(batch)
             with batch.lock:
                 batch.closed = True
-                unconfirmed = set(batch.pending)
-                batch.pending.clear()
+                unconfirmed = batch.produced_all and batch.reported < batch.handed
         if unconfirmed:
             # The deadline, the drain, the lease or a broken producer: purge, so that nothing of
             # this batch can still be delivered behind the rows we release now.
@@ -426,75 +477,68 @@ class Publisher:
                 out.transient_error = "delivery not confirmed before the deadline"
         if self.broken and not out.producer_error:
             out.producer_error = self.broken
-        settled = set(out.delivered) | set(out.rejected) | set(out.retry)
-        out.released = [r.id for r in rows if r.id not in settled]
-        out.unconfirmed = len(batch.handed.intersection(out.released))
+        if len(out.delivered) < len(rows):  # else every row is delivered: nothing released
+            settled = set(out.delivered) | set(out.rejected) | set(out.retry)
+            out.released = [r.id for r in rows if r.id not in settled]
+            out.unconfirmed = sum(1 for event_id in out.released if event_id not in unhanded)
         metrics.PRODUCER_QUEUE_DEPTH.set(len(producer))
-        if batch.trace is not None:
-            batch.trace.end(out)
+        if trace is not None:
+            trace.end(out)
         return out
 
-    async def _produce(self, producer: Producer, batch: _Batch, row: Row, limit: float) -> bool:
-        """Hand one row to librdkafka; False when it was not (its fate is then in `batch.out`)."""
-        out = batch.out
-        if not LEGAL_TOPIC.fullmatch(row.topic) or row.topic in (".", ".."):
-            out.rejected[row.id] = (f"TOPIC_EXCEPTION: {row.topic!r} is not a valid Kafka topic name "
-                                    "(1 to 249 of a-z A-Z 0-9 . _ -, not '.' or '..')")
-            return False
-        try:
-            headers = record_headers(row, self.settings.cloudevents_source if self.settings.cloudevents else None)
-            value = row.payload  # bytes, or None: a tombstone
-            key = record_key(row)
-        except PoisonRow as exc:
-            out.rejected[row.id] = str(exc)
-            return False
-        except Exception as exc:  # noqa: BLE001 - whatever the row makes go wrong stays on the row
-            out.rejected[row.id] = f"cannot build the record: {type(exc).__name__}: {exc}"
-            return False
-        if batch.trace is not None:
-            headers = batch.trace.event(row, headers)  # the event's span; its traceparent on the record
-        with batch.lock:
-            batch.pending.add(row.id)
+    def _check_topic(self, topic: str) -> None:
+        """PoisonRow for a name Kafka refuses; a legal one is remembered (a handful per tier)."""
+        if not LEGAL_TOPIC.fullmatch(topic) or topic in (".", ".."):
+            raise PoisonRow(f"TOPIC_EXCEPTION: {topic!r} is not a valid Kafka topic name "
+                            "(1 to 249 of a-z A-Z 0-9 . _ -, not '.' or '..')")
+        if len(self._legal_topics) >= LEGAL_TOPICS_KEPT:
+            self._legal_topics.clear()
+        self._legal_topics.add(topic)
+
+    async def _produce_when_room(self, out: BatchOutcome, row: Row, produce: Callable[[], None],
+                                 limit: float) -> bool:
+        """librdkafka's local queue is full: the delivery thread empties it; `produce()` the row again
+        until `limit`. False when the row was not handed (its fate is then in `out`)."""
         while True:
+            if time.monotonic() >= limit:
+                out.transient_error = out.transient_error or "librdkafka's local queue stayed full"
+                return False
+            await asyncio.sleep(0.005)
             try:
-                producer.produce(row.topic, value=value, key=key, headers=headers,
-                                 on_delivery=partial(batch.report, event_id=row.id, created=row.created_epoch))
-                batch.handed.add(row.id)
+                produce()
                 return True
             except BufferError:
-                # The local queue is full: the delivery thread empties it; give it a moment.
-                if time.monotonic() >= limit:
-                    out.transient_error = out.transient_error or "librdkafka's local queue stayed full"
-                    break
-                await asyncio.sleep(0.005)
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                kind = classify(err) if err is not None else "producer"
-                text = describe(err) if err is not None else str(exc)
-                if kind == "permanent":
-                    out.rejected[row.id] = text
-                elif kind == "retry":
-                    out.retry[row.id] = text
-                elif kind == "producer":
-                    out.producer_error = text
-                    self.mark_broken(text, "fatal" if err is not None and err.fatal() else "producer")
-                elif kind == "systemic":
-                    out.systemic_error = text
-                else:
-                    out.transient_error = text
-                break
-            except Exception as exc:  # noqa: BLE001 - the client misbehaved, or the row is the cause
-                text = f"produce raised {type(exc).__name__}: {exc}"
-                if row.id in self._suspects:
-                    out.retry[row.id] = text
-                else:
-                    self._suspects.add(row.id)
-                    out.producer_error = text
-                    self.mark_broken(text, "exception")
-                break
-        with batch.lock:
-            batch.pending.discard(row.id)
-        return False
+                continue
+            except Exception as exc:  # noqa: BLE001 - classified in _refused
+                self._refused(out, row, exc)
+                return False
+
+    def _refused(self, out: BatchOutcome, row: Row, exc: Exception) -> None:
+        """produce() raised for this row: its fate, or the producer's."""
+        if isinstance(exc, KafkaException):
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            kind = classify(err) if err is not None else "producer"
+            text = describe(err) if err is not None else str(exc)
+            if kind == "permanent":
+                out.rejected[row.id] = text
+            elif kind == "retry":
+                out.retry[row.id] = text
+            elif kind == "producer":
+                out.producer_error = text
+                self.mark_broken(text, "fatal" if err is not None and err.fatal() else "producer")
+            elif kind == "systemic":
+                out.systemic_error = text
+            else:
+                out.transient_error = text
+            return
+        # The client misbehaved, or the row is the cause.
+        text = f"produce raised {type(exc).__name__}: {exc}"
+        if row.id in self._suspects:
+            out.retry[row.id] = text
+        else:
+            self._suspects.add(row.id)
+            out.producer_error = text
+            self.mark_broken(text, "exception")
 
 
 def _dispose(producer: Producer, thread: threading.Thread) -> None:

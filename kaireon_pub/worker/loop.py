@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 import time
 import uuid
@@ -47,6 +48,9 @@ from kaireon_pub.worker.wake import Listener
 log = logging.getLogger("kaireon_pub.worker")
 
 ZERO_CURSOR = (0, 0)
+CLAIM_ORDER = operator.itemgetter(8, 0)  # a claimed row's (xid, id): Row.position of the claim's tuple
+ROW_FIELDS = len(Row._fields)
+_as_row = tuple.__new__  # a Row from the claim's tuple as it is (its columns are Row's, in order)
 MAX_PASSED_OVER = 10_000  # passed-over transactions remembered one by one
 BROKER_WATCH_INTERVAL_S = 5.0
 BROKER_WATCH_TIMEOUT_S = 3.0
@@ -355,13 +359,15 @@ class Worker:
         """The claimed rows of a claim's result, in per-key order; the cursors move past every row
         the claim looked at, also those it held back (a NULL topic): the cursor comes back to them
         when the event they wait for settles."""
-        rows = [Row(*r) for r in raw if r[1] is not None]
         # Per-key order is (xid, id) within a shard; keys never span shards.
-        rows.sort(key=Row.position.fget)
-        scanned = len(raw)
-        self.last_claim_full = scanned >= self.settings.batch_size
-        for r in raw:
-            shard, position = r[7], (r[8], r[0])
+        raw.sort(key=CLAIM_ORDER)
+        if raw and len(raw[0]) != ROW_FIELDS:
+            raise TypeError(f"the claim returned {len(raw[0])} columns, a Row has {ROW_FIELDS}")
+        rows = [_as_row(Row, r) for r in raw if r[1] is not None]
+        self.last_claim_full = len(raw) >= self.settings.batch_size
+        # In claim order, each shard's last row is its furthest position.
+        for shard, r in {r[7]: r for r in raw}.items():
+            position = (r[8], r[0])
             if position > self.cursors.get(shard, ZERO_CURSOR):
                 self.cursors[shard] = position
         return rows
@@ -486,7 +492,6 @@ class Worker:
 
     def _after_settle(self, rows: list[Row], outcome: BatchOutcome, retry_rows: list[tuple],
                       result: TickResult) -> None:
-        by_id = {r.id: r for r in rows}
         for _event_id, status, shard, _xid, due_in in retry_rows:
             if status == "failed":
                 result.failed += 1
@@ -500,12 +505,15 @@ class Worker:
                 self.rescan_at[shard] = min(self.rescan_at.get(shard, float("inf")), due)
         # Rows back in pending (released), and successors of a settled retry that the claim held
         # back, sit behind the cursor: move the cursor back to them.
-        for event_id in outcome.released:
-            row = by_id[event_id]
-            self._rewind(row.shard, (row.xid, row.id - 1))
+        if outcome.released:
+            by_id = {r.id: r for r in rows}
+            for event_id in outcome.released:
+                row = by_id[event_id]
+                self._rewind(row.shard, (row.xid, row.id - 1))
+        rejected = outcome.rejected
         for row in rows:
             # Settled after a retry, or rejected now: later events of its key may be waiting.
-            if row.attempts > 0 or row.id in outcome.rejected:
+            if row.attempts > 0 or row.id in rejected:
                 self._rewind(row.shard, row.position)
         result.released = len(outcome.released)
         if outcome.ages:

@@ -6,6 +6,9 @@ import re
 from importlib import resources
 from types import SimpleNamespace
 
+import psycopg
+from psycopg.types.array import ListBinaryDumper
+
 _HEADER = re.compile(r"^-- (?P<name>[a-z_]+): (?P<doc>.+)$")
 
 
@@ -34,3 +37,14 @@ def expand(blocks: dict[str, str]) -> dict[str, str]:
 
 QUERIES = expand(parse(resources.files("kaireon_pub.db").joinpath("queries.sql").read_text()))
 Q = SimpleNamespace(**QUERIES)
+
+
+class BinaryArray(list):
+    """A list parameter sent as a binary array: no text formatting and quoting of each element.
+
+    For the big lists of the hot statements (the claim's per-shard cursors, the ids a mark
+    settles): the statement's casts (`::bigint[]`, `::text[]::xid8[]`) apply as to a text array.
+    Its elements must all be of one type (ints, or strs)."""
+
+
+psycopg.adapters.register_dumper(BinaryArray, ListBinaryDumper)

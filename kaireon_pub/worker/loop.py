@@ -36,7 +36,7 @@ from kaireon_pub.db.connect import (
     listen_url,
     session_options,
 )
-from kaireon_pub.db.queries import Q
+from kaireon_pub.db.queries import BinaryArray, Q
 from kaireon_pub.errors import ExitCode, SystemicError, TransientError, new_error_id
 from kaireon_pub.settings import Settings
 from kaireon_pub.worker import housekeeping, tracing
@@ -315,10 +315,10 @@ class Worker:
                 return TickResult()  # the leases are about to lapse (renewals failing): claim nothing
             s = self.settings
             params = {
-                "shards": shards,
-                "epochs": [self.leases.owned[sh] for sh in shards],
-                "cursor_xids": [str(self.cursors.get(sh, ZERO_CURSOR)[0]) for sh in shards],
-                "cursor_ids": [self.cursors.get(sh, ZERO_CURSOR)[1] for sh in shards],
+                "shards": BinaryArray(shards),
+                "epochs": BinaryArray(self.leases.owned[sh] for sh in shards),
+                "cursor_xids": BinaryArray(str(self.cursors.get(sh, ZERO_CURSOR)[0]) for sh in shards),
+                "cursor_ids": BinaryArray(self.cursors.get(sh, ZERO_CURSOR)[1] for sh in shards),
                 "worker_id": self.worker_id, "relaxed": not self.strict, "batch": s.batch_size,
             }
             if s.claim_mode == "lock":
@@ -327,8 +327,9 @@ class Worker:
             async with self.pool.connection() as conn:
                 params["horizon"] = await self._horizon(conn)
                 try:
+                    # Binary results: the payloads as bytes, not hex text to decode.
                     cur = await conn.execute(Q.claim_batch, {**params, "token": token,
-                                                             "staleness": s.reaper_staleness_seconds})
+                                                             "staleness": s.reaper_staleness_seconds}, binary=True)
                     raw = await cur.fetchall()
                 except (psycopg.OperationalError, psycopg.InterfaceError):
                     # The claim may have committed without its reply reaching us: its rows would sit
@@ -346,7 +347,7 @@ class Worker:
         async with self.pool.connection() as conn:
             params["horizon"] = await self._horizon(conn)
             async with conn.transaction():
-                cur = await conn.execute(Q.claim_locked_batch, params)
+                cur = await conn.execute(Q.claim_locked_batch, params, binary=True)
                 rows = self._take_claimed(await cur.fetchall())
                 if not rows:
                     return TickResult()
@@ -451,7 +452,7 @@ class Worker:
                 query = Q.delete_published_locked if s.delete_on_publish else Q.mark_published_locked
             else:
                 query = Q.delete_published if s.delete_on_publish else Q.mark_published
-            cur = await conn.execute(query, {"ids": outcome.delivered, "token": token})
+            cur = await conn.execute(query, {"ids": BinaryArray(outcome.delivered), "token": token})
             result.published = cur.rowcount
             result.lease_lost = len(outcome.delivered) - cur.rowcount
         failed_ids = list(outcome.rejected) + list(outcome.retry)
@@ -465,7 +466,7 @@ class Worker:
             })
             retry_rows = await cur.fetchall()
         if outcome.released and not locked:
-            await conn.execute(Q.release_claimed, {"ids": outcome.released, "token": token})
+            await conn.execute(Q.release_claimed, {"ids": BinaryArray(outcome.released), "token": token})
         return result, retry_rows
 
     async def _settle(self, token: uuid.UUID, rows: list[Row], outcome: BatchOutcome) -> TickResult:

@@ -19,7 +19,45 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
 
+class TierPooler:
+    """The PgBouncer (pool_mode=transaction) the tiers of the e2e tests connect through under
+    KAIREON_TEST_VIA_PGBOUNCER=1: tests/conftest.py installs one per test as `TIER_POOLER`."""
+
+    def __init__(self, port: int, upstream_url: str):
+        self.port = port
+        self._upstream = _server_of(upstream_url)
+
+    def route(self, db_url: str) -> dict[str, str]:
+        """The tier's settings for a database of the test server: DATABASE_URL through PgBouncer,
+        OUTBOX_POOL_MODE=transaction, LISTEN (and `migrate`) on the direct URL (README, "Through
+        PgBouncer"). Empty for any other URL (a server of the test's own, a proxy, a bad URL)."""
+        if _server_of(db_url) != self._upstream:
+            return {}
+        pooled = psycopg.conninfo.make_conninfo(db_url, host="127.0.0.1", port=str(self.port))
+        return {"DATABASE_URL": pooled, "OUTBOX_POOL_MODE": "transaction", "OUTBOX_LISTEN_DATABASE_URL": db_url}
+
+
+def _server_of(url: str) -> tuple[str, str] | None:
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url) if url else None
+    except psycopg.ProgrammingError:
+        return None
+    if not info:
+        return None
+    return str(info.get("host") or ""), str(info.get("port") or "5432")
+
+
+TIER_POOLER: TierPooler | None = None
+
+
+def pooled(db_url: str) -> dict[str, str]:
+    """What `tier_env` sets for `db_url` under TIER_POOLER (empty when the tiers connect directly)."""
+    return TIER_POOLER.route(db_url) if TIER_POOLER is not None else {}
+
+
 def tier_env(db_url: str, bootstrap: str, tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a `kaireon-pub` process of the tests. The test's own connections use
+    `db_url` as given; under TIER_POOLER the tier reaches the same database through PgBouncer."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "KAFKA_"))}
     env.update(
         DATABASE_URL=db_url,
@@ -31,6 +69,7 @@ def tier_env(db_url: str, bootstrap: str, tmp_path: Path, **overrides: str) -> d
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
         PYTHONUNBUFFERED="1",
     )
+    env.update(pooled(db_url))
     env.update(overrides)
     return env
 

@@ -40,6 +40,7 @@ class PgBouncer:
         exe = binary()
         if exe is None:
             raise RuntimeError(SKIP_REASON)
+        self.upstream_url = upstream_url
         info = psycopg.conninfo.conninfo_to_dict(upstream_url)
         self.user = str(info.get("user") or pwd.getpwuid(os.getuid()).pw_name)
         host = str(info.get("host") or "/var/run/postgresql")

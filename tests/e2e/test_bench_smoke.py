@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.not_via_pgbouncer("the bench starts its own PostgreSQL and tiers (its pgbouncer scenario "
+                               "included), not the tests' tier: it would run exactly as in the direct pass")
 def test_bench_quick_runs_every_scenario_and_prints_the_summary():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "KAFKA_"))}
     proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick"], cwd=ROOT, env=env,

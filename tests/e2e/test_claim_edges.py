@@ -29,6 +29,7 @@ from psycopg import sql
 
 from kaireon_pub import Event, enqueue, enqueue_many
 from kaireon_pub.db.migrate import migrate
+from tests import helpers
 from tests.conftest import TEMPLATE
 from tests.faults import StoppablePostgres, database_proxy
 from tests.helpers import (
@@ -41,6 +42,7 @@ from tests.helpers import (
     tier_env,
     wait_for,
 )
+from tests.pgbouncer import PgBouncer
 
 # A committed event reaches the topic within this when nothing holds the claim back (poll 200 ms).
 TAIL = 5.0
@@ -89,14 +91,22 @@ def prepared(two_phase, db_url, other_db):
 
 
 @pytest.fixture
-def private_pg():
-    """A PostgreSQL server of the test's own, with a migrated database, that the test may stop."""
+def private_pg(monkeypatch):
+    """A PostgreSQL server of the test's own, with a migrated database, that the test may stop.
+    When the tiers go through PgBouncer (KAIREON_TEST_VIA_PGBOUNCER), through one of its own that
+    stays up while the server is down."""
     server = StoppablePostgres()
     url = server.create_database("outbox")
     with psycopg.connect(url, autocommit=True) as conn:
         migrate(conn)
     server.outbox_url = url
+    bouncer = None
+    if helpers.TIER_POOLER is not None:
+        bouncer = PgBouncer(server.admin_url, pool_mode="transaction", pool_size=20)
+        monkeypatch.setattr(helpers, "TIER_POOLER", helpers.TierPooler(bouncer.port, server.admin_url))
     yield server
+    if bouncer is not None:
+        bouncer.stop()
     server.close()
 
 
@@ -589,11 +599,13 @@ def orphan_a_claim(db: psycopg.Connection, proxy, cycle: int) -> datetime:
 
 
 def test_a_lost_claim_reply_leaves_no_row_in_processing(db_url, broker, topic, tmp_path, run_tier):
-    proxy, proxied_url = database_proxy(db_url)
+    # Through PgBouncer (KAIREON_TEST_VIA_PGBOUNCER), the proxy stands between the tier and PgBouncer.
+    routed = helpers.pooled(db_url)
+    proxy, proxied_url = database_proxy(routed.pop("DATABASE_URL", db_url))
     try:
         # Far from the reaper: only the worker itself can return what it claimed.
         env = tier_env(proxied_url, broker.bootstrap, tmp_path, OUTBOX_BATCH_SIZE="20",
-                       OUTBOX_REAPER_STALENESS_SECONDS="600", OUTBOX_RESCAN_INTERVAL_MS="600000")
+                       OUTBOX_REAPER_STALENESS_SECONDS="600", OUTBOX_RESCAN_INTERVAL_MS="600000", **routed)
         tier = started_tier(run_tier, env, db_url, topic)
         with psycopg.connect(db_url, autocommit=True) as db, Load(db_url, topic, per_tx=10, pause=0.02, keys=20) as load:
             def published() -> int:

@@ -119,6 +119,8 @@ def demo(tmp_path):
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@pytest.mark.not_via_pgbouncer("`make run` starts its own PostgreSQL and tier, with no pooler: it would "
+                               "run exactly as in the direct pass")
 def test_make_run_prints_commands_that_work_in_a_second_terminal(demo, tmp_path):
     lines = demo.paste_block(READY_TIMEOUT)
     export, *commands = lines

@@ -42,6 +42,9 @@ from tests.helpers import (
 from tests.pgbouncer import PgBouncer, bouncer_fixture
 
 _bouncer = pytest.fixture(scope="session", name="bouncer")(bouncer_fixture)
+pytestmark = pytest.mark.not_via_pgbouncer(
+    "this module puts the tier behind a PgBouncer of its own in the direct pass already, and "
+    "compares it with a direct URL (test_check_finds_no_pooler_on_a_direct_url)")
 
 
 @pytest.fixture(params=["poll", "listen"])

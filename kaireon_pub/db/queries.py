@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from importlib import resources
 from types import SimpleNamespace
-
-import psycopg
-from psycopg.types.array import ListBinaryDumper
 
 _HEADER = re.compile(r"^-- (?P<name>[a-z_]+): (?P<doc>.+)$")
 
@@ -39,12 +37,11 @@ QUERIES = expand(parse(resources.files("kaireon_pub.db").joinpath("queries.sql")
 Q = SimpleNamespace(**QUERIES)
 
 
-class BinaryArray(list):
-    """A list parameter sent as a binary array: no text formatting and quoting of each element.
+def int_array(values: Iterable[int]) -> str:
+    """Integers as one PostgreSQL array literal, '{1,2,3}', for a parameter its statement casts
+    (`%(ids)s::bigint[]`, `%(cursor_xids)s::text[]::xid8[]`).
 
     For the big lists of the hot statements (the claim's per-shard cursors, the ids a mark
-    settles): the statement's casts (`::bigint[]`, `::text[]::xid8[]`) apply as to a text array.
-    Its elements must all be of one type (ints, or strs)."""
-
-
-psycopg.adapters.register_dumper(BinaryArray, ListBinaryDumper)
+    settles): formatted by str() and join() in C, where psycopg would dump a list element by
+    element in Python (and, as text, search each one for characters to quote)."""
+    return "{" + ",".join(map(str, values)) + "}"

@@ -36,7 +36,7 @@ from kaireon_pub.db.connect import (
     listen_url,
     session_options,
 )
-from kaireon_pub.db.queries import BinaryArray, Q
+from kaireon_pub.db.queries import Q, int_array
 from kaireon_pub.errors import ExitCode, SystemicError, TransientError, new_error_id
 from kaireon_pub.settings import Settings
 from kaireon_pub.worker import housekeeping, tracing
@@ -315,10 +315,10 @@ class Worker:
                 return TickResult()  # the leases are about to lapse (renewals failing): claim nothing
             s = self.settings
             params = {
-                "shards": BinaryArray(shards),
-                "epochs": BinaryArray(self.leases.owned[sh] for sh in shards),
-                "cursor_xids": BinaryArray(str(self.cursors.get(sh, ZERO_CURSOR)[0]) for sh in shards),
-                "cursor_ids": BinaryArray(self.cursors.get(sh, ZERO_CURSOR)[1] for sh in shards),
+                "shards": int_array(shards),
+                "epochs": int_array(self.leases.owned[sh] for sh in shards),
+                "cursor_xids": int_array(self.cursors.get(sh, ZERO_CURSOR)[0] for sh in shards),
+                "cursor_ids": int_array(self.cursors.get(sh, ZERO_CURSOR)[1] for sh in shards),
                 "worker_id": self.worker_id, "relaxed": not self.strict, "batch": s.batch_size,
             }
             if s.claim_mode == "lock":
@@ -452,7 +452,7 @@ class Worker:
                 query = Q.delete_published_locked if s.delete_on_publish else Q.mark_published_locked
             else:
                 query = Q.delete_published if s.delete_on_publish else Q.mark_published
-            cur = await conn.execute(query, {"ids": BinaryArray(outcome.delivered), "token": token})
+            cur = await conn.execute(query, {"ids": int_array(outcome.delivered), "token": token})
             result.published = cur.rowcount
             result.lease_lost = len(outcome.delivered) - cur.rowcount
         failed_ids = list(outcome.rejected) + list(outcome.retry)
@@ -466,7 +466,7 @@ class Worker:
             })
             retry_rows = await cur.fetchall()
         if outcome.released and not locked:
-            await conn.execute(Q.release_claimed, {"ids": BinaryArray(outcome.released), "token": token})
+            await conn.execute(Q.release_claimed, {"ids": int_array(outcome.released), "token": token})
         return result, retry_rows
 
     async def _settle(self, token: uuid.UUID, rows: list[Row], outcome: BatchOutcome) -> TickResult:

@@ -4,7 +4,8 @@ import uuid
 
 import psycopg
 
-from kaireon_pub.db.queries import Q
+from kaireon_pub.db.queries import Q, int_array
+from kaireon_pub.worker.rows import Row
 
 WORKER = uuid.uuid4()
 
@@ -94,6 +95,28 @@ def test_mark_lands_only_with_the_claim_token(db):
         "token": token, "staleness": 300, "horizon": horizon(db)})
     assert db.execute(Q.mark_published, {"ids": [event], "token": uuid.uuid4()}).rowcount == 0
     assert db.execute(Q.mark_published, {"ids": [event], "token": token}).rowcount == 1
+
+
+def test_the_workers_array_literals_and_binary_rows_claim_and_mark_as_lists_do(db):
+    # The worker passes its big lists as int_array() literals and reads the claim in binary.
+    leases = lease_all(db)
+    first, second = insert(db, "a"), insert(db, "a")
+    shard, xid = db.execute("SELECT shard, xid::text::bigint FROM outbox_events WHERE id = %s", (first,)).fetchone()
+    cursors = {shard: (xid, first)}
+    shards = sorted(leases)
+    token = uuid.uuid4()
+    rows = db.execute(Q.claim_batch, {
+        "shards": int_array(shards), "epochs": int_array(leases[s] for s in shards),
+        "cursor_xids": int_array(cursors.get(s, (0, 0))[0] for s in shards),
+        "cursor_ids": int_array(cursors.get(s, (0, 0))[1] for s in shards),
+        "worker_id": WORKER, "relaxed": False, "batch": 10, "token": token, "staleness": 300,
+        "horizon": horizon(db)}, binary=True).fetchall()
+    assert [r[0] for r in rows] == [second]  # the cursor passed `first`
+    row = Row(*rows[0])
+    assert (row.topic, row.key, row.payload, row.headers, row.shard) == ("t", "a", b"{}", "{}", shard)
+    assert row.position > (xid, first)
+    assert db.execute(Q.mark_published, {"ids": int_array([first, second]), "token": token}).rowcount == 1
+    assert int_array([]) == "{}" and int_array([2**62, -1]) == "{4611686018427387904,-1}"
 
 
 def test_strict_order_holds_a_key_behind_its_row_in_processing(db):

@@ -8,7 +8,7 @@ that add up across workers; dead workers' files are dropped with `mark_process_d
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -205,10 +205,13 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
         for value in values:
             histogram.observe(value)
         return
-    counts = [0] * len(bounds)
-    for value in values:
-        counts[bisect_left(bounds, value)] += 1  # the first bound ≥ value, as observe() picks
+    # observe() counts a value in the first bucket whose bound is ≥ it: bucket i gets the values
+    # in (bound i-1, bound i], read off the values sorted (in C) with one bisect per bound.
+    ordered = sorted(values)
+    below = 0
+    for bucket, bound in zip(buckets, bounds, strict=True):
+        upto = bisect_right(ordered, bound)
+        if upto > below:
+            bucket.inc(upto - below)
+            below = upto
     total.inc(sum(values))
-    for index, count in enumerate(counts):
-        if count:
-            buckets[index].inc(count)

@@ -433,7 +433,7 @@ class Publisher:
                         headers = trace.event(row, headers)  # the event's span; its traceparent on the record
                     on_delivery = partial(report, row.id, row.created_epoch)
                     try:
-                        produce(topic, row.payload, key, headers=headers, on_delivery=on_delivery)
+                        produce(topic, row.payload, key, headers=headers, on_delivery=on_delivery)  # payload None: a tombstone
                         continue
                     except BufferError:
                         handed = await self._produce_when_room(

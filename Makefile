@@ -18,9 +18,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m kaireon_pub.demo
 
+# Then the e2e suite a second time, every tier through a real PgBouncer in pool_mode=transaction
+# (tests/conftest.py, KAIREON_TEST_VIA_PGBOUNCER), when Debian's pgbouncer is installed.
 test: $(STAMP)
 	$(PY) -m ruff check kaireon_pub tests bench
 	$(PY) -m pytest -q
+	@if $(PY) -c 'from tests.pgbouncer import binary; raise SystemExit(binary() is None)'; then \
+	  echo "The e2e suite again, the tiers through PgBouncer (pool_mode=transaction):"; \
+	  KAIREON_TEST_VIA_PGBOUNCER=1 $(PY) -m pytest -q tests/e2e; \
+	else \
+	  echo "SKIPPED the e2e suite through PgBouncer: pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)"; \
+	fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check kaireon_pub tests bench

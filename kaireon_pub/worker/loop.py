@@ -71,9 +71,11 @@ def classify_db_error(exc: BaseException) -> bool:
     if isinstance(exc, psycopg.OperationalError):
         text = str(exc)
         # A pooler that refuses the session's startup options (PgBouncer in transaction mode with
-        # OUTBOX_POOL_MODE=session) will refuse them on every retry: an operator must act.
+        # OUTBOX_POOL_MODE=session) will refuse them on every retry: an operator must act. So will
+        # PgBouncer with auth_type=trust a user that is not in its auth_file.
         return not ("password authentication failed" in text or "does not exist" in text
-                    or "no pg_hba.conf entry" in text or "unsupported startup parameter" in text)
+                    or "no pg_hba.conf entry" in text or "unsupported startup parameter" in text
+                    or '"trust" authentication failed' in text)
     if isinstance(exc, (psycopg.InterfaceError, psycopg.errors.QueryCanceled,
                         psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
                         psycopg.errors.LockNotAvailable)):

@@ -131,18 +131,12 @@ def test_malformed_database_url_exits_2_before_any_worker_naming_it_without_the_
     assert [line for line in lines if line.get("event") == "worker spawned"] == []
 
 
-def test_an_unknown_database_role_exits_3_within_two_minutes_with_the_servers_reason(pg, tmp_path, run_tier,
-                                                                                     request):
+def test_an_unknown_database_role_exits_3_within_two_minutes_with_the_servers_reason(pg, tmp_path, run_tier):
     role = f"nobody_{uuid.uuid4().hex[:8]}"
     dsn = psycopg.conninfo.make_conninfo(pg.url("postgres"), user=role)
     # Through PgBouncer (KAIREON_TEST_VIA_PGBOUNCER; auth_type=trust) the pooler refuses the role
     # itself: it is not in PgBouncer's auth_file.
     reason = '"trust" authentication failed' if pooled(dsn) else f'role "{role}" does not exist'
-    if pooled(dsn):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "kaireon_pub/worker/loop.py classify_db_error takes PgBouncer's 'FATAL: \"trust\" authentication "
-            "failed' for transient (it knows 'password authentication failed'): the tier retries for ever "
-            "instead of exiting 3")))
     tier = run_tier(tier_env(dsn, "127.0.0.1:1", tmp_path, OUTBOX_POLL_INTERVAL_MS="10"))
     code = _exit_within(tier, 120)
     failures = [line for line in tier.logs() if line.get("msg") == "outbox-publisher tick failed"]

@@ -16,6 +16,8 @@ from kaireon_pub.worker.loop import classify_db_error
     ("FATAL:  no pg_hba.conf entry for host", False),
     # PgBouncer in transaction mode, reached by a tier still in OUTBOX_POOL_MODE=session.
     ("FATAL:  unsupported startup parameter: options", False),
+    # PgBouncer with auth_type=trust, for a user that is not in its auth_file.
+    ('FATAL:  "trust" authentication failed', False),
 ])
 def test_operational_errors(message, transient):
     assert classify_db_error(psycopg.OperationalError(message)) is transient

@@ -280,14 +280,22 @@ WITH cursors AS MATERIALIZED (
     SELECT s.id, s.shard, s.xid, s.held
     FROM cursors c
     CROSS JOIN LATERAL (
+        -- One look per shard before one per row: a row in processing in an owned shard is rare (a
+        -- claim whose reply was lost, a restore), and a probe by key walks every entry the key's
+        -- claimed rows left in the index until a vacuum removes them.
+        SELECT NOT %(relaxed)s AND EXISTS (SELECT 1 FROM outbox_events r
+                                           WHERE r.status = 'processing' AND r.shard = c.shard) AS any
+    ) processing
+    CROSS JOIN LATERAL (
         SELECT e.id, e.shard, e.xid,
                (NOT %(relaxed)s AND e.partition_key IS NOT NULL AND (
                    EXISTS (SELECT 1 FROM outbox_events r
                            WHERE r.status = 'pending' AND r.attempts > 0 AND r.shard = e.shard
                              AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id))
-                   OR EXISTS (SELECT 1 FROM outbox_events r
-                              WHERE r.status = 'processing' AND r.shard = e.shard
-                                AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id))
+                   OR (processing.any AND EXISTS (
+                       SELECT 1 FROM outbox_events r
+                       WHERE r.status = 'processing' AND r.shard = e.shard
+                         AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id)))
                )) AS held
         FROM outbox_events e
         WHERE e.status = 'pending' AND e.shard = c.shard

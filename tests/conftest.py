@@ -106,6 +106,17 @@ def db_url(pg) -> Iterator[str]:
 
 
 @pytest.fixture
+def pdb_url(pg) -> Iterator[str]:
+    """A fresh database made partitioned by `migrate` (OUTBOX_PARTITIONING=hourly)."""
+    name = f"kaireon_p_{uuid.uuid4().hex[:10]}"
+    url = pg.create_database(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate(conn, partitioning="hourly")
+    yield url
+    pg.drop_database(name)
+
+
+@pytest.fixture
 def db(db_url) -> Iterator[psycopg.Connection]:
     with psycopg.connect(db_url, autocommit=True) as conn:
         yield conn

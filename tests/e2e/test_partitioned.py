@@ -7,14 +7,11 @@ one holding a pending row.
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 import psycopg
-import pytest
 
 from kaireon_pub import Event, enqueue_many
-from kaireon_pub.db import migrate as migrations
 from kaireon_pub.db import partitions as parts
 from tests.helpers import (
     TopicReader,
@@ -24,16 +21,6 @@ from tests.helpers import (
     tier_env,
     wait_for,
 )
-
-
-@pytest.fixture
-def pdb_url(pg):
-    name = f"kaireon_pe_{uuid.uuid4().hex[:10]}"
-    url = pg.create_database(name)
-    with psycopg.connect(url, autocommit=True) as conn:
-        migrations.migrate(conn, partitioning="hourly")
-    yield url
-    pg.drop_database(name)
 
 
 def test_drain_across_a_partition_boundary_keeps_key_order_and_retention_drops_only_what_may_go(

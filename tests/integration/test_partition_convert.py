@@ -162,14 +162,10 @@ def drain(conn: psycopg.Connection) -> tuple[list[int], list[int]]:
 
 
 @pytest.fixture
-def partitioned_db(pg):
+def partitioned_db(pdb_url):
     """A database made partitioned by `migrate` (OUTBOX_PARTITIONING=hourly), to compare with."""
-    name = f"kaireon_part_{uuid.uuid4().hex[:8]}"
-    url = pg.create_database(name)
-    with psycopg.connect(url, autocommit=True) as conn:
-        migrations.migrate(conn, partitioning="hourly")
+    with psycopg.connect(pdb_url, autocommit=True) as conn:
         yield conn
-    pg.drop_database(name)
 
 
 def test_the_documented_conversion_keeps_every_row_and_the_claim_order(db_url, db, partitioned_db, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from datetime import timedelta
 
 import psycopg
@@ -15,16 +14,6 @@ from kaireon_pub.db import migrate as migrations
 from kaireon_pub.db import partitions as parts
 
 RETENTION = dict(retention_seconds=60, failed_retention_seconds=3600)
-
-
-@pytest.fixture
-def pdb_url(pg):
-    name = f"kaireon_p_{uuid.uuid4().hex[:10]}"
-    url = pg.create_database(name)
-    with psycopg.connect(url, autocommit=True) as conn:
-        migrations.migrate(conn, partitioning="hourly")
-    yield url
-    pg.drop_database(name)
 
 
 @pytest.fixture

@@ -264,10 +264,12 @@ SELECT * FROM candidates WHERE topic IS NULL;
 -- claims nothing. Strict order: a row is held while an earlier row of its key is waiting for a
 -- retry or is in processing (claimed, its outcome unknown). The scan looks at no more than
 -- %(batch)s rows, held or not, so a held key with a long backlog costs a claim no more than a
--- batch; the held rows are returned with a NULL topic, to move the cursor past them (the cursor
--- goes back when the event they wait for settles). In lock mode the transaction stays open while
--- the batch is published and ends with mark_published_locked / delete_published_locked; a crash
--- releases the locks at once.
+-- batch; the held rows come back with a NULL topic, to move the cursor past them (the cursor
+-- goes back when the event they wait for settles). The scan locks what it returns, held rows
+-- too (nobody else claims in an owned shard, and a second lookup by id to lock only the others
+-- cost a tenth of the claim). In lock mode the transaction stays open while the batch is
+-- published and ends with mark_published_locked / delete_published_locked; a crash releases the
+-- locks at once.
 WITH cursors AS MATERIALIZED (
     SELECT c.shard, c.cxid, c.cid, c.n
     FROM unnest(%(shards)s::smallint[], %(epochs)s::bigint[], %(cursor_xids)s::text[]::xid8[],
@@ -277,7 +279,7 @@ WITH cursors AS MATERIALIZED (
     ORDER BY c.n
     FOR KEY SHARE OF l
 ), scanned AS MATERIALIZED (
-    SELECT s.id, s.shard, s.xid, s.held
+    SELECT s.*
     FROM cursors c
     CROSS JOIN LATERAL (
         -- One look per shard before one per row: a row in processing in an owned shard is rare (a
@@ -287,7 +289,12 @@ WITH cursors AS MATERIALIZED (
                                            WHERE r.status = 'processing' AND r.shard = c.shard) AS any
     ) processing
     CROSS JOIN LATERAL (
-        SELECT e.id, e.shard, e.xid,
+        SELECT e.id, e.topic, e.partition_key,
+               coalesce(e.payload_bytes, convert_to(e.payload::text, 'UTF8')) AS payload,
+               e.headers::text AS headers, e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
+               extract(epoch FROM e.created_at)::float8 AS created_epoch,
+               to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_iso,
+               e.binary_headers::text AS binary_headers, e.partition_key_bytes AS key_bytes,
                (NOT %(relaxed)s AND e.partition_key IS NOT NULL AND (
                    EXISTS (SELECT 1 FROM outbox_events r
                            WHERE r.status = 'pending' AND r.attempts > 0 AND r.shard = e.shard
@@ -304,31 +311,27 @@ WITH cursors AS MATERIALIZED (
           AND e.next_attempt_at <= clock_timestamp()
         ORDER BY e.xid, e.id
         LIMIT %(batch)s
+        FOR UPDATE OF e SKIP LOCKED
     ) s
     LIMIT %(batch)s
-), locked AS MATERIALIZED (
-    SELECT e.id, e.topic, e.partition_key, coalesce(e.payload_bytes, convert_to(e.payload::text, 'UTF8')) AS payload, e.headers::text AS headers,
-           e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
-           extract(epoch FROM e.created_at)::float8 AS created_epoch,
-           to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_iso,
-           e.binary_headers::text AS binary_headers, e.partition_key_bytes AS key_bytes
-    FROM outbox_events e
-    WHERE e.id IN (SELECT id FROM scanned WHERE NOT held) AND e.status = 'pending'
-    FOR UPDATE OF e SKIP LOCKED
 )
-SELECT * FROM locked
+SELECT id, topic, partition_key, payload, headers, event_type, attempts, shard, xid, created_epoch,
+       created_iso, binary_headers, key_bytes
+FROM scanned WHERE NOT held
 UNION ALL
-SELECT s.id, NULL, NULL, NULL, NULL, NULL, NULL, s.shard, s.xid::text::bigint, NULL, NULL, NULL, NULL
-FROM scanned s WHERE s.held
+SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, shard, xid, NULL, NULL, NULL, NULL
+FROM scanned WHERE held
 
 -- mark_published_locked: lock mode; delivered rows, inside the claiming transaction
+-- Its row locks keep them pending: no status test, which would let the planner walk the partial
+-- index of pending rows and its dead entries instead of probing the primary key (mark_published).
 UPDATE outbox_events
 SET status = 'published', published_at = clock_timestamp(), updated_at = clock_timestamp(),
     last_error = NULL
-WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
+WHERE id = ANY(%(ids)s::bigint[]);
 
--- delete_published_locked: lock mode with delete-on-publish
-DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
+-- delete_published_locked: lock mode with delete-on-publish (no status test: see above)
+DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[]);
 
 -- mark_retry_locked: lock mode variant of mark_retry, inside the claiming transaction
 UPDATE outbox_events e
@@ -339,19 +342,24 @@ SET status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'f
         least(%(backoff_max_ms)s, %(backoff_base_ms)s * power(2, least(e.attempts, 30))) / 1000.0),
     updated_at = clock_timestamp()
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(permanent)s::bool[]) AS u(id, error, permanent)
-WHERE e.id = u.id AND e.status = 'pending'
+WHERE e.id = u.id  -- its row locks keep them pending (mark_published_locked)
 RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid,
           extract(epoch FROM e.next_attempt_at - clock_timestamp())::float8 AS due_in;
 
 -- mark_published: delivered rows; lands only where this batch's claim token still stands
+-- The token alone says the row is still in this claim: the claim sets it with status
+-- 'processing' and every statement that moves a row out of processing clears it. Naming the
+-- status as well would let the planner answer from the partial index of processing rows, walking
+-- all of it (every row marked since the last vacuum leaves a dead entry there) instead of one
+-- primary-key probe per id: the mark's cost grew with the rows published before it.
 UPDATE outbox_events
 SET status = 'published', published_at = clock_timestamp(), updated_at = clock_timestamp(),
     claim_token = NULL, claimed_by = NULL, claimed_until = NULL, last_error = NULL
-WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s AND status = 'processing';
+WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s;
 
--- delete_published: delete-on-publish variant of mark_published
+-- delete_published: delete-on-publish variant of mark_published (the token alone: see there)
 DELETE FROM outbox_events
-WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s AND status = 'processing';
+WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s;
 
 -- mark_retry: a failed delivery; back off exponentially, or fail for good after max attempts
 UPDATE outbox_events e
@@ -362,7 +370,7 @@ SET status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'f
         least(%(backoff_max_ms)s, %(backoff_base_ms)s * power(2, least(e.attempts, 30))) / 1000.0),
     claim_token = NULL, claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp()
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(permanent)s::bool[]) AS u(id, error, permanent)
-WHERE e.id = u.id AND e.claim_token = %(token)s AND e.status = 'processing'
+WHERE e.id = u.id AND e.claim_token = %(token)s  -- the token alone: see mark_published
 RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid,
           extract(epoch FROM e.next_attempt_at - clock_timestamp())::float8 AS due_in;
 
@@ -370,7 +378,7 @@ RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid,
 UPDATE outbox_events
 SET status = 'pending', claim_token = NULL, claimed_by = NULL, claimed_until = NULL,
     updated_at = clock_timestamp()
-WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s AND status = 'processing';
+WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s;  -- see mark_published
 
 -- reap_stale: the reaper's single bulk UPDATE; concurrent runs reset each row once
 WITH reset AS (

@@ -262,3 +262,53 @@ def test_the_hold_probe_does_not_walk_the_rows_claimed_before(db):
     assert nodes, "the claim did not probe processing rows"
     assert buffers <= 10 * BATCH, f"{buffers} shared buffers in the probe for a batch of {BATCH}: {nodes}"
     assert control >= 4 * buffers, f"control {control} against {buffers}: {control_nodes}"
+
+
+# The mark as it was until the drain regression of issue 13 was found: it named the status as
+# well as the token, which let the planner answer from the partial index of processing rows.
+STATUS_NAMING_MARK = Q.mark_published.replace(
+    "AND claim_token = %(token)s", "AND claim_token = %(token)s AND status = 'processing'")
+
+
+def test_the_mark_does_not_walk_the_rows_published_before(db):
+    # A drain leaves a dead entry in the index of processing rows for every row it marked, until
+    # a vacuum. The mark must find its batch by primary key, whatever it published before: named
+    # in the statement, the status let the planner walk that whole index instead (skip scan on
+    # PostgreSQL 18, a full index scan before), and the mark's cost grew with the drain.
+    assert STATUS_NAMING_MARK != Q.mark_published
+    leases = lease_all(db)
+    db.execute("ALTER TABLE outbox_events SET (autovacuum_enabled = false)")
+    db.execute("INSERT INTO outbox_events (topic, partition_key, payload) "
+               "SELECT 't', 'k-' || (g %% 100), '{}' FROM generate_series(1, %s) AS g", (2 * PAST,))
+    for low in range(0, PAST, BATCH * 10):
+        ids = (low, low + BATCH * 10)
+        db.execute("UPDATE outbox_events SET status = 'processing', claim_token = gen_random_uuid() "
+                   "WHERE id > %s AND id <= %s", ids)
+        db.execute("UPDATE outbox_events SET status = 'published', claim_token = NULL "
+                   "WHERE id > %s AND id <= %s", ids)
+    db.execute("ANALYZE outbox_events")
+    (xid,) = db.execute("SELECT xid::text FROM outbox_events WHERE id = %s", (PAST,)).fetchone()
+    shards = sorted(leases)
+    params = {**claim_params(leases, shards), "cursor_xids": [xid] * len(shards),
+              "cursor_ids": [PAST] * len(shards)}
+    claimed = [r[0] for r in db.execute(Q.claim_batch, params).fetchall() if r[1] is not None]
+    assert len(claimed) == BATCH
+    mark = {"ids": claimed, "token": params["token"]}
+    indexes = outbox_indexes(db)
+
+    def mark_work(sql: str) -> dict:
+        db.execute("BEGIN")
+        try:
+            plan = explain(db, sql, mark)
+        finally:
+            db.execute("ROLLBACK")
+        assert plan["Plan"]["Actual Rows"] == 0 and plan["Plan"]["Node Type"] == "ModifyTable"
+        return scan_work(plan, indexes)
+
+    control = mark_work(STATUS_NAMING_MARK)
+    work = mark_work(Q.mark_published)
+    assert not any("processing" in node for node in work["nodes"]), work["nodes"]
+    assert work["buffers"] <= 30 * BATCH, f"{work['buffers']} shared buffers to mark {BATCH} rows: {work['nodes']}"
+    assert any("processing" in node for node in control["nodes"]), \
+        f"the control did not walk the index of processing rows: {control['nodes']}"
+    assert db.execute(Q.mark_published, mark).rowcount == BATCH

@@ -317,12 +317,6 @@ class LeaseKeeper:
         self.stopped = True
         self._poke.set()
 
-    async def release_all(self) -> int:
-        """Drain: hand every shard back and leave (on the keeper's connection, or a new one)."""
-        if self.conn is None or self.conn.closed:
-            self.conn = await self.connect()
-        return await self.leases.release_all(self.conn)
-
     async def _drop_connection(self) -> None:
         if self.conn is not None:
             try:

@@ -83,6 +83,16 @@ FROZEN_OWNERS_TERMINATED = Counter(
     f"{NS}_frozen_owner_sessions_terminated_total",
     "Sessions of expired lease owners that still held lease locks (a worker frozen mid-claim), ended.",
 )
+CLAIM_LOCK_CONFLICTS = Counter(
+    f"{NS}_claim_lock_conflicts_total",
+    "Claims that met a pending event locked by another session (an application's or an operator's "
+    "open transaction) and were made again stepping around it.",
+)
+LOCKED_EVENTS = Gauge(
+    f"{NS}_locked_events",
+    "Pending events another session keeps locked, each holding the later events of its key.",
+    multiprocess_mode="livesum",
+)
 ORDER_VIOLATIONS = Counter(
     f"{NS}_order_violations_total",
     "Relaxed ordering only: events that went into a retry while later events of their key flowed on.",

@@ -29,8 +29,18 @@ _INCLUDE = re.compile(r"\{\{([a-z_]+)\}\}")
 
 
 def expand(blocks: dict[str, str]) -> dict[str, str]:
-    """`{{name}}` in a block stands for the text of block `name` (one shared selection, one place)."""
-    return {name: _INCLUDE.sub(lambda m: blocks[m.group(1)], sql) for name, sql in blocks.items()}
+    """`{{name}}` in a block stands for the text of block `name`, itself expanded (one shared
+    selection, one place)."""
+    done: dict[str, str] = {}
+
+    def text(name: str, including: tuple[str, ...]) -> str:
+        if name in including:
+            raise ValueError(f"queries.sql: {' -> '.join(including + (name,))} includes itself")
+        if name not in done:
+            done[name] = _INCLUDE.sub(lambda m: text(m.group(1), including + (name,)), blocks[name])
+        return done[name]
+
+    return {name: text(name, ()) for name in blocks}
 
 
 QUERIES = expand(parse(resources.files("kaireon_pub.db").joinpath("queries.sql").read_text()))

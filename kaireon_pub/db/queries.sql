@@ -242,7 +242,15 @@ LIMIT 20;
 -- Rows the selection held back (strict order) come back as they are, to move the cursor.
 WITH candidates AS (
 {{claim_locked_batch}}
-), claimed AS (
+), {{claim_mark_processing}};
+
+-- claim_careful_batch: claim_batch stepping around rows another session locks (claim_careful_locked_batch)
+WITH candidates AS (
+{{claim_careful_locked_batch}}
+), {{claim_mark_processing}};
+
+-- claim_mark_processing: the tail of claim_batch and claim_careful_batch (a fragment of WITH)
+claimed AS (
     UPDATE outbox_events e
     SET status = 'processing', claim_token = %(token)s, claimed_by = %(worker_id)s,
         claimed_until = clock_timestamp() + make_interval(secs => %(staleness)s),
@@ -270,49 +278,17 @@ SELECT * FROM candidates WHERE topic IS NULL;
 -- cost a tenth of the claim). In lock mode the transaction stays open while the batch is
 -- published and ends with mark_published_locked / delete_published_locked; a crash releases the
 -- locks at once.
+-- NOWAIT: nothing of the tier locks a pending row of a shard it does not own, so a locked row is
+-- another session's (an application's or an operator's open transaction). Waiting for it would
+-- stall every key of the worker, skipping it would let the later events of its key overtake it:
+-- the claim fails (LockNotAvailable) and the worker claims again with claim_careful_locked_batch.
 WITH cursors AS MATERIALIZED (
-    SELECT c.shard, c.cxid, c.cid, c.n
-    FROM unnest(%(shards)s::smallint[], %(epochs)s::bigint[], %(cursor_xids)s::text[]::xid8[],
-                %(cursor_ids)s::bigint[]) WITH ORDINALITY AS c(shard, epoch, cxid, cid, n)
-    JOIN outbox_shard_leases l ON l.shard = c.shard AND l.epoch = c.epoch
-    WHERE l.owner = %(worker_id)s AND l.expires_at > clock_timestamp()
-    ORDER BY c.n
-    FOR KEY SHARE OF l
+{{claim_cursors}}
 ), scanned AS MATERIALIZED (
     SELECT s.*
     FROM cursors c
-    CROSS JOIN LATERAL (
-        -- One look per shard before one per row: a row in processing in an owned shard is rare (a
-        -- claim whose reply was lost, a restore), and a probe by key walks every entry the key's
-        -- claimed rows left in the index until a vacuum removes them.
-        SELECT NOT %(relaxed)s AND EXISTS (SELECT 1 FROM outbox_events r
-                                           WHERE r.status = 'processing' AND r.shard = c.shard) AS any
-    ) processing
-    CROSS JOIN LATERAL (
-        SELECT e.id, e.topic, e.partition_key,
-               coalesce(e.payload_bytes, convert_to(e.payload::text, 'UTF8')) AS payload,
-               e.headers::text AS headers, e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
-               extract(epoch FROM e.created_at)::float8 AS created_epoch,
-               to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_iso,
-               e.binary_headers::text AS binary_headers, e.partition_key_bytes AS key_bytes,
-               (NOT %(relaxed)s AND e.partition_key IS NOT NULL AND (
-                   EXISTS (SELECT 1 FROM outbox_events r
-                           WHERE r.status = 'pending' AND r.attempts > 0 AND r.shard = e.shard
-                             AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id))
-                   OR (processing.any AND EXISTS (
-                       SELECT 1 FROM outbox_events r
-                       WHERE r.status = 'processing' AND r.shard = e.shard
-                         AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id)))
-               )) AS held
-        FROM outbox_events e
-        WHERE e.status = 'pending' AND e.shard = c.shard
-          AND (e.xid, e.id) > (c.cxid, c.cid)
-          AND e.xid < %(horizon)s::text::xid8
-          AND e.next_attempt_at <= clock_timestamp()
-        ORDER BY e.xid, e.id
-        LIMIT %(batch)s
-        FOR UPDATE OF e SKIP LOCKED
-    ) s
+    CROSS JOIN LATERAL ({{claim_processing_look}}) processing
+    CROSS JOIN LATERAL ({{claim_shard_scan}} FOR UPDATE OF e NOWAIT) s
     LIMIT %(batch)s
 )
 SELECT id, topic, partition_key, payload, headers, event_type, attempts, shard, xid, created_epoch,
@@ -320,7 +296,85 @@ SELECT id, topic, partition_key, payload, headers, event_type, attempts, shard, 
 FROM scanned WHERE NOT held
 UNION ALL
 SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, shard, xid, NULL, NULL, NULL, NULL
-FROM scanned WHERE held
+FROM scanned WHERE held;
+
+-- claim_careful_locked_batch: claim_locked_batch when another session locks a pending row
+-- The same scan without locks, then the rows it found are locked by id, skipping those another
+-- session holds ("busy"). A busy row comes back like a held row but with its key, for the worker
+-- to hold the rest of the key (the busy_* parameters: the busy rows it met before, one per key) until it can
+-- lock that row; in strict order the later rows of its key in this scan are held too. The worker
+-- uses this form while it knows of a busy row, and rescans a busy row's shard every second. (A
+-- row updated and committed between the scan and its lock is published as the scan read it.)
+WITH cursors AS MATERIALIZED (
+{{claim_cursors}}
+), scanned AS MATERIALIZED (
+    SELECT s.*
+    FROM cursors c
+    CROSS JOIN LATERAL ({{claim_processing_look}}) processing
+    CROSS JOIN LATERAL ({{claim_shard_scan}}) s
+    LIMIT %(batch)s
+), locked AS MATERIALIZED (
+    SELECT e.id FROM outbox_events e WHERE e.id IN (SELECT id FROM scanned)
+    FOR UPDATE OF e SKIP LOCKED
+), judged AS MATERIALIZED (
+    SELECT s.*, l.id IS NULL AS busy,
+           s.held OR (NOT %(relaxed)s AND s.partition_key IS NOT NULL AND (
+               coalesce(bool_or(l.id IS NULL) OVER (PARTITION BY s.shard, s.partition_key ORDER BY s.xid, s.id
+                                                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false)
+               OR EXISTS (SELECT 1
+                          FROM unnest(%(busy_shards)s::smallint[], %(busy_keys)s::text[],
+                                      %(busy_xids)s::bigint[], %(busy_ids)s::bigint[]) AS b(shard, partition_key, xid, id)
+                          WHERE b.shard = s.shard AND b.partition_key = s.partition_key
+                            AND (b.xid, b.id) < (s.xid, s.id))
+           )) AS behind
+    FROM scanned s LEFT JOIN locked l ON l.id = s.id
+)
+SELECT id, topic, partition_key, payload, headers, event_type, attempts, shard, xid, created_epoch,
+       created_iso, binary_headers, key_bytes
+FROM judged WHERE NOT busy AND NOT behind
+UNION ALL
+SELECT id, NULL, CASE WHEN busy THEN partition_key END, NULL, NULL, NULL, NULL, shard, xid, NULL, NULL, NULL, NULL
+FROM judged WHERE busy OR behind;
+
+-- claim_cursors: the owned shards with their cursors, lease rows locked (a fragment: see claim_locked_batch)
+SELECT c.shard, c.cxid, c.cid, c.n
+FROM unnest(%(shards)s::smallint[], %(epochs)s::bigint[], %(cursor_xids)s::text[]::xid8[],
+            %(cursor_ids)s::bigint[]) WITH ORDINALITY AS c(shard, epoch, cxid, cid, n)
+JOIN outbox_shard_leases l ON l.shard = c.shard AND l.epoch = c.epoch
+WHERE l.owner = %(worker_id)s AND l.expires_at > clock_timestamp()
+ORDER BY c.n
+FOR KEY SHARE OF l;
+
+-- claim_processing_look: whether a shard has a row in processing at all (a fragment, per shard)
+-- One look per shard before one per row: a row in processing in an owned shard is rare (a claim
+-- whose reply was lost, a restore), and a probe by key walks every entry the key's claimed rows
+-- left in the index until a vacuum removes them.
+SELECT NOT %(relaxed)s AND EXISTS (SELECT 1 FROM outbox_events r
+                                   WHERE r.status = 'processing' AND r.shard = c.shard) AS any;
+
+-- claim_shard_scan: one shard's next rows from its cursor, each with whether strict order holds it (a fragment)
+SELECT e.id, e.topic, e.partition_key,
+       coalesce(e.payload_bytes, convert_to(e.payload::text, 'UTF8')) AS payload,
+       e.headers::text AS headers, e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
+       extract(epoch FROM e.created_at)::float8 AS created_epoch,
+       to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_iso,
+       e.binary_headers::text AS binary_headers, e.partition_key_bytes AS key_bytes,
+       (NOT %(relaxed)s AND e.partition_key IS NOT NULL AND (
+           EXISTS (SELECT 1 FROM outbox_events r
+                   WHERE r.status = 'pending' AND r.attempts > 0 AND r.shard = e.shard
+                     AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id))
+           OR (processing.any AND EXISTS (
+               SELECT 1 FROM outbox_events r
+               WHERE r.status = 'processing' AND r.shard = e.shard
+                 AND r.partition_key = e.partition_key AND (r.xid, r.id) < (e.xid, e.id)))
+       )) AS held
+FROM outbox_events e
+WHERE e.status = 'pending' AND e.shard = c.shard
+  AND (e.xid, e.id) > (c.cxid, c.cid)
+  AND e.xid < %(horizon)s::text::xid8
+  AND e.next_attempt_at <= clock_timestamp()
+ORDER BY e.xid, e.id
+LIMIT %(batch)s;
 
 -- mark_published_locked: lock mode; delivered rows, inside the claiming transaction
 -- Its row locks keep them pending: no status test, which would let the planner walk the partial

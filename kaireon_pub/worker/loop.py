@@ -53,6 +53,7 @@ ROW_FIELDS = len(Row._fields)
 _as_row = tuple.__new__  # a Row from the claim's tuple as it is (its columns are Row's, in order)
 MAX_PASSED_OVER = 10_000  # passed-over transactions remembered one by one
 BROKER_WATCH_INTERVAL_S = 5.0
+BUSY_RECHECK_S = 1.0  # how often a shard with a row another session locks is scanned again from its start
 BROKER_WATCH_TIMEOUT_S = 3.0
 MIGRATE_HINT = "the schema is missing or older than this version: run `kaireon-pub migrate`"
 
@@ -83,6 +84,10 @@ def classify_db_error(exc: BaseException) -> bool:
     return False
 
 
+class _MetLockedRow(Exception):
+    """The claim met a pending row another session locks (its transaction is rolled back)."""
+
+
 class Worker:
     def __init__(self, settings: Settings, slot: int, worker_id: uuid.UUID,
                  heartbeat: Callable[[], None], dead_worker_ids: list[uuid.UUID]):
@@ -101,6 +106,10 @@ class Worker:
         self.listener = Listener(self._connector("listen"), self._on_rescan_notice)
         self.cursors: dict[int, tuple[int, int]] = {}
         self.rescan_at: dict[int, float] = {}
+        # shard -> key -> (xid, id) of a pending row another session locks: the rest of its key
+        # waits; the claim steps around such rows (claim_careful_*) while there are any.
+        self.busy: dict[int, dict[str, tuple[int, int]]] = {}
+        self.careful_until = 0.0
         self.next_full_rescan = time.monotonic() + settings.rescan_interval_ms / 1000
         self.rotation = 0
         self.stop_requested = False
@@ -326,13 +335,11 @@ class Worker:
             if s.claim_mode == "lock":
                 return await self._run_once_locked(params)
             token = uuid.uuid4()
+            params.update(token=token, staleness=s.reaper_staleness_seconds)
             async with self.pool.connection() as conn:
                 params["horizon"] = await self._horizon(conn)
                 try:
-                    # Binary results: the payloads as bytes, not hex text to decode.
-                    cur = await conn.execute(Q.claim_batch, {**params, "token": token,
-                                                             "staleness": s.reaper_staleness_seconds}, binary=True)
-                    raw = await cur.fetchall()
+                    raw = await self._claim(conn, params)
                 except (psycopg.OperationalError, psycopg.InterfaceError):
                     # The claim may have committed without its reply reaching us: its rows would sit
                     # in processing under a token we never learnt. Reset them before the next claim.
@@ -344,19 +351,77 @@ class Worker:
             outcome = await self._publish(rows)
             return await self._settle(token, rows, outcome)
 
+    async def _claim(self, conn: psycopg.AsyncConnection, params: dict) -> list[tuple]:
+        """Status mode: one claim; made again stepping around a row another session locks."""
+        # Binary results: the payloads as bytes, not hex text to decode.
+        if not self._careful():
+            try:
+                return await (await conn.execute(Q.claim_batch, params, binary=True)).fetchall()
+            except psycopg.errors.LockNotAvailable:
+                self._met_locked_row()
+        return await (await conn.execute(Q.claim_careful_batch, self._with_busy(params), binary=True)).fetchall()
+
     async def _run_once_locked(self, params: dict) -> TickResult:
         """Lock mode: one transaction per batch; its row locks are the claim, one write per event."""
         async with self.pool.connection() as conn:
             params["horizon"] = await self._horizon(conn)
-            async with conn.transaction():
-                cur = await conn.execute(Q.claim_locked_batch, params, binary=True)
-                rows = self._take_claimed(await cur.fetchall())
-                if not rows:
-                    return TickResult()
-                outcome = await self._publish(rows)
-                result, retry_rows = await self._write_outcome(conn, None, rows, outcome)
+            careful = self._careful()
+            while True:
+                claim = Q.claim_careful_locked_batch if careful else Q.claim_locked_batch
+                try:
+                    async with conn.transaction():
+                        try:
+                            cur = await conn.execute(claim, self._with_busy(params) if careful else params,
+                                                     binary=True)
+                        except psycopg.errors.LockNotAvailable as exc:
+                            if careful:
+                                raise
+                            raise _MetLockedRow from exc  # rolls the transaction back
+                        rows = self._take_claimed(await cur.fetchall())
+                        if not rows:
+                            return TickResult()
+                        outcome = await self._publish(rows)
+                        result, retry_rows = await self._write_outcome(conn, None, rows, outcome)
+                    break
+                except _MetLockedRow:
+                    self._met_locked_row()
+                    careful = True
         self._after_settle(rows, outcome, retry_rows, result)
         return result
+
+    # ---- rows another session locks --------------------------------------------------------------
+
+    def _careful(self) -> bool:
+        return bool(self.busy) or time.monotonic() < self.careful_until
+
+    def _met_locked_row(self) -> None:
+        metrics.CLAIM_LOCK_CONFLICTS.inc()
+        # Stay careful a while: a shard rescan forgets its busy rows, then meets them again.
+        self.careful_until = time.monotonic() + 3 * BUSY_RECHECK_S
+
+    def _with_busy(self, params: dict) -> dict:
+        held = [(shard, key, pos) for shard, keys in self.busy.items() for key, pos in keys.items()]
+        return {**params, "busy_shards": int_array(h[0] for h in held), "busy_keys": [h[1] for h in held],
+                "busy_xids": int_array(h[2][0] for h in held), "busy_ids": int_array(h[2][1] for h in held)}
+
+    def _note_busy(self, busy_rows: list[tuple]) -> None:
+        """Rows the careful claim could not lock: their keys wait, their shards are scanned again
+        from the start soon (the scan meets each such row before the later rows of its key)."""
+        now = time.monotonic()
+        for r in busy_rows:
+            shard, key, position = r[7], r[2], (r[8], r[0])
+            keys = self.busy.setdefault(shard, {})
+            if key not in keys:
+                log.warning("event locked by another session; the later events of its key wait",
+                            extra={"event": "event locked by another session", "eventId": r[0], "shard": shard})
+            if key not in keys or position < keys[key]:
+                keys[key] = position
+            self.rescan_at[shard] = min(self.rescan_at.get(shard, float("inf")), now + BUSY_RECHECK_S)
+        self.careful_until = now + 3 * BUSY_RECHECK_S
+        self._busy_changed()
+
+    def _busy_changed(self) -> None:
+        metrics.LOCKED_EVENTS.set(sum(len(keys) for keys in self.busy.values()))
 
     def _take_claimed(self, raw: list[tuple]) -> list[Row]:
         """The claimed rows of a claim's result, in per-key order; the cursors move past every row
@@ -367,6 +432,10 @@ class Worker:
         if raw and len(raw[0]) != ROW_FIELDS:
             raise TypeError(f"the claim returned {len(raw[0])} columns, a Row has {ROW_FIELDS}")
         rows = [_as_row(Row, r) for r in raw if r[1] is not None]
+        # A row another session locks comes back like a held row, but with its key.
+        busy = [r for r in raw if r[1] is None and r[2] is not None]
+        if busy:
+            self._note_busy(busy)
         self.last_claim_full = len(raw) >= self.settings.batch_size
         # In claim order, each shard's last row is its furthest position.
         for shard, r in {r[7]: r for r in raw}.items():
@@ -595,11 +664,20 @@ class Worker:
         if now >= self.next_full_rescan:
             self.cursors.clear()
             self.rescan_at.clear()
+            self._forget_busy(list(self.busy))
             self.next_full_rescan = now + self.settings.rescan_interval_ms / 1000
             return
         for shard in [sh for sh, at in self.rescan_at.items() if at <= now]:
             self.cursors.pop(shard, None)
             del self.rescan_at[shard]
+            self._forget_busy([shard])
+
+    def _forget_busy(self, shards: list[int]) -> None:
+        """Its cursor back at the start, a shard's scan meets its busy rows again before the later
+        rows of their keys: the claim learns afresh whether they are still locked."""
+        forgot = [shard for shard in shards if self.busy.pop(shard, None) is not None]
+        if forgot:
+            self._busy_changed()
 
     def _rotated_shards(self) -> list[int]:
         shards = sorted(self.leases.owned)
@@ -614,11 +692,13 @@ class Worker:
         for shard in result.released + result.lost:
             self.cursors.pop(shard, None)
             self.rescan_at.pop(shard, None)
+        self._forget_busy(result.acquired + result.released + result.lost)
         if result.acquired:
             self.shards_changed = True
 
     def _on_rescan_notice(self) -> None:
         self.cursors.clear()
+        self._forget_busy(list(self.busy))
 
     # ---- waiting ---------------------------------------------------------------------------------
 

@@ -456,6 +456,71 @@ def test_rows_with_an_xid_above_the_counter_are_published_per_key_before_newer_e
     assert tier.stop() == 0
 
 
+# ---- a row locked by another session holds only its own key -------------------------------------------
+
+
+def locked_by(db_url: str, event_id: int) -> bool:
+    """Whether another session holds a lock on the row (a non-waiting lock attempt fails)."""
+    with psycopg.connect(db_url) as conn:
+        try:
+            conn.execute("SELECT 1 FROM outbox_events WHERE id = %s FOR UPDATE NOWAIT", (event_id,))
+        except psycopg.errors.LockNotAvailable:
+            return True
+        return False
+
+
+@pytest.mark.parametrize("claim_mode", ["status", "lock"])
+def test_a_pending_row_locked_by_another_session_holds_only_its_key(
+        db_url, broker, topic, tmp_path, run_tier, claim_mode):
+    # A careless application (or an operator in psql) locks a pending event: SELECT ... FOR UPDATE,
+    # an UPDATE of its payload, left open. The claim must neither wait for it (every other key
+    # would stall) nor step over it (the later events of its key would overtake it).
+    # Batches of 2: the later events of the locked one's key span claims, so the worker must
+    # remember what holds them (within one claim, the claim's own scan sees it).
+    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_CLAIM_MODE=claim_mode,
+                   OUTBOX_HORIZON_MAX_WAIT_MS="1000", OUTBOX_BATCH_SIZE="2")
+    tier = started_tier(run_tier, env, db_url, topic)
+    port = tier.http_port()
+    with psycopg.connect(db_url, application_name="careless-admin") as locker:
+        # The locker's xid is older than the event: the claim waits for it (up to the bound), so
+        # the event is still pending when the lock is taken.
+        locker_pid = locker.execute("SELECT pg_backend_pid()").fetchone()[0]
+        locker.execute("SELECT pg_current_xact_id()")
+        (first,) = commit(db_url, topic, 1, keys=1, phase="locked", key_prefix="acct-")
+        locker.execute("UPDATE outbox_events SET headers = headers WHERE id = %s", (first,))
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            assert conn.execute("SELECT status FROM outbox_events WHERE id = %s", (first,)).fetchone()[0] == "pending"
+        behind = commit(db_url, topic, 3, keys=1, phase="behind the locked event", key_prefix="acct-")
+        others = commit(db_url, topic, 40, keys=20, phase="other keys", key_prefix="other-")
+        wait_published(db_url, others, 1 + TAIL, "the events of other keys published while one event is locked")
+        # A further round of claims after those: the events behind the locked one are still held.
+        probe = commit(db_url, topic, 1, keys=1, phase="probe", key_prefix="probe-")
+        wait_published(db_url, probe, TAIL, "a later event of another key published")
+        assert locked_by(db_url, first)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            states = dict(conn.execute("SELECT id, status FROM outbox_events WHERE id = ANY(%s)",
+                                       (behind + [first],)).fetchall())
+        assert set(states.values()) == {"pending"}, f"events of the locked event's key moved on: {states}"
+        # What holds them is named: the session (status --json), the conflict (a metric, a log line).
+        (status_doc,) = cli_json(env, ("status", "--json"))
+        assert [h for h in holders(status_doc) if h.get("pid") == locker_pid], status_doc["horizon"]
+        assert (metric_value(port, "kaireon_outbox_locked_events") or 0) >= 1
+        assert (metric_value(port, "kaireon_outbox_claim_lock_conflicts_total") or 0) >= 1
+        line = tier.wait_log(lambda e: e.get("event") == "event locked by another session", 5,
+                             "the locked event logged")
+        assert line["eventId"] == first
+        locker.rollback()
+    wait_published(db_url, [first] + behind, TAIL, "the locked event and the events behind it published once "
+                                                   "the lock is gone")
+    messages = read_ids(broker.bootstrap, topic, [first] + behind + others + probe, 30)
+    assert_per_key_order(messages)
+    assert status_counts(db_url).get("processing", 0) == 0
+    wait_for(lambda: metric_value(port, "kaireon_outbox_locked_events") == 0, 10,
+             "kaireon_outbox_locked_events back to 0 once the lock is gone")
+    assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
 # ---- a frozen peer does not pin its shards ----------------------------------------------------------------
 
 

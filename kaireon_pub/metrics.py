@@ -95,7 +95,8 @@ LOCKED_EVENTS = Gauge(
 )
 ORDER_VIOLATIONS = Counter(
     f"{NS}_order_violations_total",
-    "Relaxed ordering only: events that went into a retry while later events of their key flowed on.",
+    "Relaxed ordering only: events that went into a retry, or that another session kept locked, while "
+    "later events of their key flowed on.",
 )
 WORKER_RESTARTS = Counter(
     f"{NS}_worker_restarts_total", "Workers respawned by the supervisor, by reason.", ["reason"]

@@ -300,11 +300,12 @@ FROM scanned WHERE held;
 
 -- claim_careful_locked_batch: claim_locked_batch when another session locks a pending row
 -- The same scan without locks, then the rows it found are locked by id, skipping those another
--- session holds ("busy"). A busy row comes back like a held row but with its key, for the worker
--- to hold the rest of the key (the busy_* parameters: the busy rows it met before, one per key) until it can
--- lock that row; in strict order the later rows of its key in this scan are held too. The worker
--- uses this form while it knows of a busy row, and rescans a busy row's shard every second. (A
--- row updated and committed between the scan and its lock is published as the scan read it.)
+-- session holds ("busy"). A busy row comes back like a held row but with its attempts (never
+-- NULL) and its key, for the worker to hold the rest of the key (the busy_* parameters: the busy
+-- rows it met before, one per key) until it can lock that row; in strict order the later rows of
+-- its key in this scan are held too. The worker uses this form while it knows of a busy row, and
+-- rescans a busy row's shard every second. (A row updated and committed between the scan and its
+-- lock is published as the scan read it.)
 WITH cursors AS MATERIALIZED (
 {{claim_cursors}}
 ), scanned AS MATERIALIZED (
@@ -333,7 +334,8 @@ SELECT id, topic, partition_key, payload, headers, event_type, attempts, shard, 
        created_iso, binary_headers, key_bytes
 FROM judged WHERE NOT busy AND NOT behind
 UNION ALL
-SELECT id, NULL, CASE WHEN busy THEN partition_key END, NULL, NULL, NULL, NULL, shard, xid, NULL, NULL, NULL, NULL
+SELECT id, NULL, CASE WHEN busy THEN partition_key END, NULL, NULL, NULL, CASE WHEN busy THEN attempts END,
+       shard, xid, NULL, NULL, NULL, NULL
 FROM judged WHERE busy OR behind;
 
 -- claim_cursors: the owned shards with their cursors, lease rows locked (a fragment: see claim_locked_batch)

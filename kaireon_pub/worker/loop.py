@@ -108,8 +108,9 @@ class Worker:
         self.rescan_at: dict[int, float] = {}
         # shard -> key -> (xid, id) of a pending row another session locks: the rest of its key
         # waits; the claim steps around such rows (claim_careful_*) while there are any.
-        self.busy: dict[int, dict[str, tuple[int, int]]] = {}
+        self.busy: dict[int, dict[str | None, tuple[int, int]]] = {}  # a NULL key holds nothing
         self.careful_until = 0.0
+        self.locked_seen: dict[int, float] = {}  # busy event id -> last met (logged and counted once)
         self.next_full_rescan = time.monotonic() + settings.rescan_interval_ms / 1000
         self.rotation = 0
         self.stop_requested = False
@@ -408,12 +409,17 @@ class Worker:
         """Rows the careful claim could not lock: their keys wait, their shards are scanned again
         from the start soon (the scan meets each such row before the later rows of its key)."""
         now = time.monotonic()
+        # An event met again within a few rechecks is the same lock: one line, one count.
+        self.locked_seen = {i: t for i, t in self.locked_seen.items() if now - t < 5 * BUSY_RECHECK_S}
         for r in busy_rows:
             shard, key, position = r[7], r[2], (r[8], r[0])
-            keys = self.busy.setdefault(shard, {})
-            if key not in keys:
-                log.warning("event locked by another session; the later events of its key wait",
+            if r[0] not in self.locked_seen:
+                log.warning("event locked by another session: the claim steps around it until the lock ends",
                             extra={"event": "event locked by another session", "eventId": r[0], "shard": shard})
+                if not self.strict and key is not None:
+                    metrics.ORDER_VIOLATIONS.inc()  # relaxed: its key flows on past it
+            self.locked_seen[r[0]] = now
+            keys = self.busy.setdefault(shard, {})
             if key not in keys or position < keys[key]:
                 keys[key] = position
             self.rescan_at[shard] = min(self.rescan_at.get(shard, float("inf")), now + BUSY_RECHECK_S)
@@ -432,8 +438,8 @@ class Worker:
         if raw and len(raw[0]) != ROW_FIELDS:
             raise TypeError(f"the claim returned {len(raw[0])} columns, a Row has {ROW_FIELDS}")
         rows = [_as_row(Row, r) for r in raw if r[1] is not None]
-        # A row another session locks comes back like a held row, but with its key.
-        busy = [r for r in raw if r[1] is None and r[2] is not None]
+        # A row another session locks comes back like a held row, but with its attempts and key.
+        busy = [r for r in raw if r[1] is None and r[6] is not None]
         if busy:
             self._note_busy(busy)
         self.last_claim_full = len(raw) >= self.settings.batch_size

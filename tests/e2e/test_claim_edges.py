@@ -510,6 +510,8 @@ def test_a_pending_row_locked_by_another_session_holds_only_its_key(
                              "the locked event logged")
         assert line["eventId"] == first
         locker.rollback()
+    # Met again at every recheck while the lock lasted (a second or more), logged once.
+    assert len([e for e in tier.logs() if e.get("event") == "event locked by another session"]) == 1
     wait_published(db_url, [first] + behind, TAIL, "the locked event and the events behind it published once "
                                                    "the lock is gone")
     messages = read_ids(broker.bootstrap, topic, [first] + behind + others + probe, 30)
@@ -518,6 +520,25 @@ def test_a_pending_row_locked_by_another_session_holds_only_its_key(
     wait_for(lambda: metric_value(port, "kaireon_outbox_locked_events") == 0, 10,
              "kaireon_outbox_locked_events back to 0 once the lock is gone")
     assert tier.proc.poll() is None, "the tier stopped"
+    assert tier.stop() == 0
+
+
+def test_with_relaxed_ordering_a_locked_row_lets_its_key_flow_on_counted(db_url, broker, topic, tmp_path, run_tier):
+    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_ORDERING="relaxed", OUTBOX_HORIZON_MAX_WAIT_MS="1000")
+    tier = started_tier(run_tier, env, db_url, topic)
+    port = tier.http_port()
+    with psycopg.connect(db_url, application_name="careless-admin") as locker:
+        locker.execute("SELECT pg_current_xact_id()")
+        (first,) = commit(db_url, topic, 1, keys=1, phase="locked", key_prefix="acct-")
+        locker.execute("SELECT id FROM outbox_events WHERE id = %s FOR UPDATE", (first,))
+        behind = commit(db_url, topic, 3, keys=1, phase="behind the locked event", key_prefix="acct-")
+        wait_published(db_url, behind, 1 + TAIL, "the later events of the locked event's key published (relaxed)")
+        assert status_counts(db_url).get("pending") == 1
+        assert (metric_value(port, "kaireon_outbox_order_violations_total") or 0) >= 1
+        locker.rollback()
+    wait_published(db_url, [first], TAIL, "the locked event published once the lock is gone")
+    read_ids(broker.bootstrap, topic, [first] + behind, 30)
+    assert status_counts(db_url).get("processing", 0) == 0
     assert tier.stop() == 0
 
 

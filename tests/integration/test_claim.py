@@ -176,3 +176,52 @@ def test_rows_from_another_cluster_are_restamped_before_the_newer_events(db):
     order = [r[0] for r in db.execute("SELECT id FROM outbox_events WHERE partition_key = 'k0' ORDER BY xid, id")]
     assert order == [high[0], higher, newer]
     assert db.execute(Q.foreign_rows_count).fetchone()[0] == 0
+
+
+def careful_claim(conn, leases, busy=(), cursors=None) -> list[tuple]:
+    """claim_careful_batch's rows: (id, topic, key, attempts) each; `busy`: (shard, key, xid, id)
+    of the busy rows the worker remembers."""
+    shards = sorted(leases)
+    rows = conn.execute(Q.claim_careful_batch, {
+        "shards": int_array(shards), "epochs": int_array(leases[s] for s in shards),
+        "cursor_xids": int_array((cursors or {}).get(s, (0, 0))[0] for s in shards),
+        "cursor_ids": int_array((cursors or {}).get(s, (0, 0))[1] for s in shards),
+        "worker_id": WORKER, "relaxed": False, "batch": 100, "token": uuid.uuid4(), "staleness": 300,
+        # Everything committed: the locker's own xid is not waited for here (the tier passes it over).
+        "horizon": str(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())").fetchone()[0]),
+        "busy_shards": int_array(b[0] for b in busy), "busy_keys": [b[1] for b in busy],
+        "busy_xids": int_array(b[2] for b in busy), "busy_ids": int_array(b[3] for b in busy),
+    }).fetchall()
+    return sorted((r[0], r[1], r[2], r[6]) for r in rows)
+
+
+def test_a_row_another_session_locks_fails_the_fast_claim_and_holds_only_its_key_in_the_careful_one(db_url, db):
+    leases = lease_all(db)
+    locked = insert(db, "acct")
+    behind = insert(db, "acct")
+    locked_unkeyed = insert(db, None)
+    other = insert(db, "other")
+    with psycopg.connect(db_url) as locker:
+        locker.execute("SELECT 1 FROM outbox_events WHERE id = ANY(%s) FOR UPDATE", ([locked, locked_unkeyed],))
+        try:
+            claim(db, leases)
+        except psycopg.errors.LockNotAvailable:
+            pass
+        else:
+            raise AssertionError("the fast claim stepped over a row another session locks")
+        # The busy rows come back with their attempts (never NULL) and key; the later row of the
+        # locked key is held (NULL topic, NULL attempts); the other key is claimed.
+        assert careful_claim(db, leases) == [(locked, None, "acct", 0), (behind, None, None, None),
+                                             (locked_unkeyed, None, None, 0), (other, "t", "other", 0)]
+        # Across claims (the cursor past the busy row), the remembered busy row holds its key.
+        later = insert(db, "acct")
+        position = "SELECT shard, xid::text::bigint, id FROM outbox_events WHERE id = %s"
+        shard, xid, _ = db.execute(position, (locked,)).fetchone()
+        past = {shard: db.execute(position, (behind,)).fetchone()[1:]}
+        assert careful_claim(db, leases, cursors=past)[-1] == (later, "t", "acct", 0), "control: no memory"
+        db.execute("UPDATE outbox_events SET status = 'pending' WHERE id = %s", (later,))
+        assert careful_claim(db, leases, busy=[(shard, "acct", xid, locked)], cursors=past) == [
+            (locked_unkeyed, None, None, 0), (later, None, None, None)]
+    # The lock gone, everything is claimed in one careful claim, the key's rows in order.
+    assert careful_claim(db, leases) == [(locked, "t", "acct", 0), (behind, "t", "acct", 0),
+                                         (locked_unkeyed, "t", None, 0), (later, "t", "acct", 0)]

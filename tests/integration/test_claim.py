@@ -19,17 +19,22 @@ def horizon(conn, max_wait_ms=60_000) -> str:
     return str(conn.execute(Q.claim_horizon, {"max_wait_ms": max_wait_ms, "remembered": [], "pass_over": []}).fetchone()[0])
 
 
-def claim(conn, leases, *, relaxed=False, cursors=None, batch=100, worker=WORKER, held=False):
-    """The ids claimed (or, held=True, the ids the claim held back for strict order)."""
+def claim_params(leases, *, horizon_xid, relaxed=False, cursors=None, batch=100, worker=WORKER) -> dict:
     shards = sorted(leases)
     cursors = cursors or {}
-    rows = conn.execute(Q.claim_batch, {
+    return {
         "shards": shards, "epochs": [leases[s] for s in shards],
         "cursor_xids": [str(cursors.get(s, (0, 0))[0]) for s in shards],
         "cursor_ids": [cursors.get(s, (0, 0))[1] for s in shards],
         "worker_id": worker, "relaxed": relaxed, "batch": batch, "token": uuid.uuid4(), "staleness": 300,
-        "horizon": horizon(conn),
-    }).fetchall()
+        "horizon": horizon_xid,
+    }
+
+
+def claim(conn, leases, *, relaxed=False, cursors=None, batch=100, worker=WORKER, held=False):
+    """The ids claimed (or, held=True, the ids the claim held back for strict order)."""
+    rows = conn.execute(Q.claim_batch, claim_params(leases, horizon_xid=horizon(conn), relaxed=relaxed,
+                                                    cursors=cursors, batch=batch, worker=worker)).fetchall()
     return sorted(r[0] for r in rows if (r[1] is None) == held)
 
 
@@ -181,14 +186,10 @@ def test_rows_from_another_cluster_are_restamped_before_the_newer_events(db):
 def careful_claim(conn, leases, busy=(), cursors=None) -> list[tuple]:
     """claim_careful_batch's rows: (id, topic, key, attempts) each; `busy`: (shard, key, xid, id)
     of the busy rows the worker remembers."""
-    shards = sorted(leases)
+    # Everything committed: the locker's own xid is not waited for here (the tier passes it over).
+    committed = str(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())").fetchone()[0])
     rows = conn.execute(Q.claim_careful_batch, {
-        "shards": int_array(shards), "epochs": int_array(leases[s] for s in shards),
-        "cursor_xids": int_array((cursors or {}).get(s, (0, 0))[0] for s in shards),
-        "cursor_ids": int_array((cursors or {}).get(s, (0, 0))[1] for s in shards),
-        "worker_id": WORKER, "relaxed": False, "batch": 100, "token": uuid.uuid4(), "staleness": 300,
-        # Everything committed: the locker's own xid is not waited for here (the tier passes it over).
-        "horizon": str(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())").fetchone()[0]),
+        **claim_params(leases, horizon_xid=committed, cursors=cursors),
         "busy_shards": int_array(b[0] for b in busy), "busy_keys": [b[1] for b in busy],
         "busy_xids": int_array(b[2] for b in busy), "busy_ids": int_array(b[3] for b in busy),
     }).fetchall()

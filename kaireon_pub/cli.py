@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -10,6 +11,7 @@ import click
 from kaireon_pub import logs
 from kaireon_pub.db.migrate import DEFAULT_LOCK_TIMEOUT_SECONDS
 from kaireon_pub.errors import ConfigError, ExitCode, new_error_id
+from kaireon_pub.redact import secret_values, secrets_of
 from kaireon_pub.settings import Settings
 
 log = logging.getLogger("kaireon_pub.cli")
@@ -17,7 +19,7 @@ log = logging.getLogger("kaireon_pub.cli")
 
 def load_settings(*, need_kafka: bool = True) -> Settings:
     """Settings from the environment, or one line naming the problem and exit code 2."""
-    logs.configure("INFO")
+    logs.configure("INFO", secrets_of(os.environ))
     try:
         settings = Settings.from_env(need_kafka=need_kafka)
     except ConfigError as exc:
@@ -27,7 +29,7 @@ def load_settings(*, need_kafka: bool = True) -> Settings:
                    "accepted": exc.accepted, "event": "config invalid"},
         )
         sys.exit(ExitCode.CONFIG)
-    logs.configure(settings.log_level, settings.secret_values())
+    logs.configure(settings.log_level, secret_values(settings))
     settings.log_warnings()
     return settings
 
@@ -157,7 +159,7 @@ def check(topics: tuple[str, ...], auto_create: bool | None, as_json: bool) -> N
 
     Exit 1 on any failure; 5 when the schema is missing or behind (run `kaireon-pub migrate`).
     """
-    logs.configure("WARNING")
+    logs.configure("WARNING", secrets_of(os.environ))
     import orjson
 
     from kaireon_pub.ops.check import run_checks
@@ -192,7 +194,7 @@ def call_reaper(url: str, timeout: float, retries: int, backoff: float) -> None:
 
     Prints the route's JSON; exit 0 on a 200, 1 otherwise, 2 when CRON_SECRET is not set.
     """
-    logs.configure("INFO")
+    logs.configure("INFO", secrets_of(os.environ))
     from kaireon_pub.ops import call_reaper as ops_call_reaper
 
     problem = ops_call_reaper.url_problem(url)

@@ -5,9 +5,10 @@ whatever a call passes in `extra` (errorId, isTransient, eventIds, ...). librdka
 lines are routed through the `kaireon_pub.librdkafka` logger by giving the Producer a `logger`;
 psycopg's, psycopg_pool's and waitress's loggers reach the same root handler.
 
-Every line is scrubbed before it is written: the configured secrets (the database password,
-CRON_SECRET, librdkafka's passwords) and anything shaped like a credential in a connection string
-(`user:password@`, `password=…`) become `***`, whichever logger wrote it. Lines of other libraries
+Every line is scrubbed before it is written, by the one redaction of `kaireon_pub.redact`: the
+configured secrets (the database passwords, PGPASSWORD, CRON_SECRET, librdkafka's secret
+properties) and anything shaped like a credential in a connection string (`user:password@`,
+`password=…`) become `***`, whichever logger wrote it. Lines of other libraries
 get an `event` (`library log`) and, from WARNING up, an `errorId`, like the tier's own.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets as _secrets
 import sys
 import time
@@ -23,44 +23,16 @@ from collections.abc import Iterable
 
 import orjson
 
+from kaireon_pub.redact import Redactor
+
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _OWN_LOGGERS = "kaireon_pub"
 _role = "cli"
-
-# Credentials in connection strings, whatever wrote them: URI userinfo and key=value pairs.
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s\"']*):(?P<password>[^@\s\"']*)@", re.I)
-_KV_PASSWORD = re.compile(r"(?P<key>\b(?:password|passwd|sasl\.password|ssl\.key\.password)\s*[=:]\s*)"
-                          r"(?P<quote>['\"]?)(?P<value>[^\s'\",}]+)", re.I)
-MIN_SECRET_LENGTH = 3  # shorter values would blank out ordinary text
 
 
 def set_role(role: str) -> None:
     global _role
     _role = role
-
-
-class Redactor:
-    def __init__(self, secrets: Iterable[str] = ()):
-        # Longest first, so a secret that contains another is replaced whole.
-        self.secrets = sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
-
-    def text(self, value: str) -> str:
-        for secret in self.secrets:
-            if secret in value:
-                value = value.replace(secret, "***")
-        value = _URI_PASSWORD.sub(lambda m: f"{m['scheme']}:***@", value)
-        return _KV_PASSWORD.sub(lambda m: f"{m['key']}{m['quote']}***", value)
-
-    def value(self, value: object) -> object:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, list | tuple):
-            return [self.value(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self.value(v) for k, v in value.items()}
-        if isinstance(value, int | float | bool) or value is None:
-            return value
-        return self.text(str(value))
 
 
 class JsonFormatter(logging.Formatter):

@@ -19,7 +19,6 @@ import os
 import sys
 import threading
 import time
-import urllib.parse
 from datetime import UTC, datetime
 
 import orjson
@@ -30,7 +29,8 @@ from kaireon_pub.db.connect import connect
 from kaireon_pub.db.migrate import SchemaNotReady
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, new_error_id
-from kaireon_pub.settings import SECRET_KAFKA_KEYS, Settings
+from kaireon_pub.redact import redact
+from kaireon_pub.settings import Settings
 
 log = logging.getLogger("kaireon_pub.reaper")
 
@@ -163,29 +163,3 @@ def run_cli_reap(settings: Settings) -> int:
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     sys.stdout.flush()
     return ExitCode.OK
-
-
-def secret_values(settings: Settings) -> list[str]:
-    """Values that must never reach a log line or a client, longest first."""
-    found: set[str] = set()
-    if settings.cron_secret:
-        found.update({settings.cron_secret, settings.cron_secret.strip()})
-    try:
-        password = psycopg.conninfo.conninfo_to_dict(settings.database_url).get("password")
-    except psycopg.ProgrammingError:
-        password = None
-    if password:
-        # A URI may carry it percent-encoded; messages may quote either spelling.
-        found.update({str(password), urllib.parse.quote(str(password), safe="")})
-    for key in SECRET_KAFKA_KEYS:
-        value = settings.producer_config.get(key)
-        if value:
-            found.add(value)
-    return sorted((v for v in found if v), key=len, reverse=True)
-
-
-def redact(text: str, settings: Settings) -> str:
-    """`text` with every secret of `settings` replaced by ***."""
-    for value in secret_values(settings):
-        text = text.replace(value, "***")
-    return text

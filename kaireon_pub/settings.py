@@ -7,6 +7,10 @@ process is made.
 
 `SETTINGS` below is the single registry of environment variables: the README's configuration
 table, the Helm chart and the compose file are checked against it by tests.
+
+One job, in one file past 300 lines on purpose: the project's rule is one settings module with one
+`validate()`, so the registry, the parsing and the cross-field rules are read together. Which
+settings are secret, and how they are hidden, is `kaireon_pub.redact`'s.
 """
 
 from __future__ import annotations
@@ -44,8 +48,6 @@ PRODUCER_DEFAULTS = {
     "compression.type": "lz4",
     "queue.buffering.max.messages": "200000",
 }
-
-SECRET_KAFKA_KEYS = {"sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ SETTING_NAMES = frozenset(s.env for s in SETTINGS)
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 
 
-def _kafka_key(env_name: str) -> str:
+def kafka_property(env_name: str) -> str:
+    """The librdkafka property a KAFKA_* variable sets (KAFKA_SASL_USERNAME -> sasl.username)."""
     return env_name[len(KAFKA_PREFIX):].lower().replace("_", ".")
 
 
@@ -251,7 +254,7 @@ class Settings:
         producer = dict(PRODUCER_DEFAULTS)
         for name, value in env.items():
             if name.startswith(KAFKA_PREFIX) and not is_service_link(name):
-                producer[_kafka_key(name)] = value
+                producer[kafka_property(name)] = value
         producer["bootstrap.servers"] = bootstrap
 
         liveness_file = str(raw("OUTBOX_LIVENESS_FILE")).strip()
@@ -362,21 +365,3 @@ class Settings:
     def log_warnings(self) -> None:
         for message in self.warnings:
             log.warning(message, extra={"event": "config fallback"})
-
-    def secret_values(self) -> list[str]:
-        """Every secret the tier was given, for the log redaction: the database password (from the
-        URL, PGPASSWORD), CRON_SECRET and librdkafka's passwords."""
-        import psycopg
-
-        found = [self.cron_secret or "", os.environ.get("PGPASSWORD", "")]
-        try:
-            for url in (self.database_url, self.listen_database_url):
-                if url:
-                    found.append(psycopg.conninfo.conninfo_to_dict(url).get("password") or "")
-        except psycopg.ProgrammingError:
-            pass
-        found += [str(v) for k, v in self.producer_config.items() if k in SECRET_KAFKA_KEYS]
-        return [s for s in found if s]
-
-    def redacted_producer_config(self) -> dict[str, str]:
-        return {k: ("***" if k in SECRET_KAFKA_KEYS else v) for k, v in self.producer_config.items()}

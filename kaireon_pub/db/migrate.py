@@ -321,7 +321,7 @@ def run_cli(settings: Settings, *, check_only: bool, lock_timeout_seconds: float
             echo: Callable[[str], None]) -> int:
     """`kaireon-pub migrate [--check]`: one stdout line per file applied, then the version."""
     from kaireon_pub.db.connect import connect
-    from kaireon_pub.reaper import redact
+    from kaireon_pub.redact import redact
 
     def applied(done: Applied) -> None:
         m = done.migration

@@ -45,7 +45,8 @@ import psycopg
 
 from kaireon_pub import logs
 from kaireon_pub.errors import new_error_id
-from kaireon_pub.reaper import RESULT_KEYS, ReaperError, reap, redact
+from kaireon_pub.reaper import RESULT_KEYS, ReaperError, reap
+from kaireon_pub.redact import redact
 from kaireon_pub.settings import PRODUCER_DEFAULTS, Settings
 from kaireon_pub.supervisor.liveness import file_age
 

@@ -29,12 +29,12 @@ from kaireon_pub.db import migrate
 from kaireon_pub.db.connect import POOLED_SESSION_NAME
 from kaireon_pub.errors import ConfigError
 from kaireon_pub.ops.sql import OPS
+from kaireon_pub.redact import Redactor, secrets_of
 from kaireon_pub.settings import (
     DEFAULTS,
     KAFKA_PREFIX,
     PRODUCER_DEFAULTS,
     SAFE_PRODUCER_SETTINGS,
-    SECRET_KAFKA_KEYS,
     SETTINGS,
     Settings,
 )
@@ -93,23 +93,8 @@ def _env_name(kafka_key: str) -> str:
     return KAFKA_PREFIX + kafka_key.upper().replace(".", "_")
 
 
-def secrets_of(env: Mapping[str, str]) -> list[str]:
-    """Secret values in the environment (database password, SASL/SSL passwords, cron secret)."""
-    found = {env.get("CRON_SECRET", "").strip()}
-    try:
-        found.add(str(psycopg.conninfo.conninfo_to_dict(env.get("DATABASE_URL", "")).get("password") or ""))
-        found.add(str(psycopg.conninfo.conninfo_to_dict(env.get("OUTBOX_LISTEN_DATABASE_URL", "")).get("password") or ""))
-    except psycopg.ProgrammingError:
-        pass
-    found.update(env.get(_env_name(key), "") for key in SECRET_KAFKA_KEYS)
-    return sorted((s for s in found if s), key=len, reverse=True)
-
-
 def _redact(text: str, secrets: list[str]) -> str:
-    for value in secrets:
-        text = text.replace(value, "***")
-    # A DSN quoted back by a driver: hide any user:password@ part.
-    return re.sub(r"(://[^:/@\s]+):[^@\s]+@", r"\1:***@", text)
+    return Redactor(secrets).text(text)
 
 
 def _int(env: Mapping[str, str], name: str) -> int | None:

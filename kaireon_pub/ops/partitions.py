@@ -17,7 +17,7 @@ import psycopg
 from kaireon_pub.db import migrate, partitions
 from kaireon_pub.db.connect import connect
 from kaireon_pub.errors import ExitCode, new_error_id
-from kaireon_pub.reaper import redact
+from kaireon_pub.redact import redact
 from kaireon_pub.settings import Settings
 
 log = logging.getLogger("kaireon_pub.ops.partitions")

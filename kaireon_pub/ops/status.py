@@ -27,7 +27,7 @@ from kaireon_pub.db.connect import connect
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, new_error_id
 from kaireon_pub.ops.sql import OPS
-from kaireon_pub.reaper import redact
+from kaireon_pub.redact import redact
 from kaireon_pub.settings import Settings
 
 log = logging.getLogger("kaireon_pub.ops.status")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from kaireon_pub import logs
 from kaireon_pub.errors import ExitCode, new_error_id
+from kaireon_pub.redact import redacted_producer_config
 from kaireon_pub.settings import Settings
 from kaireon_pub.supervisor import liveness, preflight
 
@@ -125,7 +126,7 @@ class Arbiter:
         self._install_signals()
         log.info("supervisor starting", extra={
             "event": "supervisor started", "workers": self.settings.workers,
-            "metricsDir": self.metrics_dir, "producer": self.settings.redacted_producer_config()})
+            "metricsDir": self.metrics_dir, "producer": redacted_producer_config(self.settings.producer_config)})
         self._spawn_http()
         for slot in self.slots:
             self.spawn_worker(slot)

@@ -3,6 +3,7 @@
 import pytest
 
 from kaireon_pub.errors import ConfigError
+from kaireon_pub.redact import redacted_producer_config
 from kaireon_pub.settings import SETTINGS, Settings
 
 BASE = {"DATABASE_URL": "postgresql://u:secret@db/x", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092"}
@@ -38,7 +39,7 @@ def test_kafka_prefix_passes_through_and_secrets_are_redacted():
     assert s.producer_config["sasl.username"] == "svc"
     assert s.producer_config["linger.ms"] == "20"
     assert "hunter2" not in repr(s)
-    assert s.redacted_producer_config()["sasl.password"] == "***"
+    assert redacted_producer_config(s.producer_config)["sasl.password"] == "***"
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "", "  "])

@@ -36,18 +36,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from importlib import resources
-from types import SimpleNamespace
 
 import psycopg
 import psycopg.errors
 from psycopg import sql
 
-from kaireon_pub.db.queries import parse
+from kaireon_pub.db.queries import load
 
 log = logging.getLogger("kaireon_pub.db.partitions")
 
-P = SimpleNamespace(**parse(resources.files("kaireon_pub.db").joinpath("partitions.sql").read_text()))
+P = load("partitions.sql")
 
 INTERVALS = {"hourly": timedelta(hours=1), "daily": timedelta(days=1)}
 # Partitions made ahead of the current one: how long the tier may be down before an insert finds

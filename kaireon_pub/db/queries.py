@@ -1,4 +1,9 @@
-"""Loads the named blocks of queries.sql once; `Q.claim_batch` is the SQL text of that block."""
+"""The one SQL loader: the named blocks of a .sql file of kaireon_pub.db, read once, includes expanded.
+
+`Q.claim_batch` is the SQL text of that block of queries.sql; `load("ops_queries.sql")` (the
+operator tools' `OPS`) and `load("partitions.sql")` (`P`) go through the same parser and the
+same `{{name}}` includes.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from types import SimpleNamespace
 _HEADER = re.compile(r"^-- (?P<name>[a-z_]+): (?P<doc>.+)$")
 
 
-def parse(text: str) -> dict[str, str]:
+def parse(text: str, source: str = "queries.sql") -> dict[str, str]:
     blocks: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in text.splitlines():
@@ -18,7 +23,7 @@ def parse(text: str) -> dict[str, str]:
         if match:
             name = match["name"]
             if name in blocks:
-                raise ValueError(f"queries.sql defines {name!r} twice")
+                raise ValueError(f"{source} defines {name!r} twice")
             current = blocks[name] = []
         elif current is not None:
             current.append(line)
@@ -28,14 +33,14 @@ def parse(text: str) -> dict[str, str]:
 _INCLUDE = re.compile(r"\{\{([a-z_]+)\}\}")
 
 
-def expand(blocks: dict[str, str]) -> dict[str, str]:
+def expand(blocks: dict[str, str], source: str = "queries.sql") -> dict[str, str]:
     """`{{name}}` in a block stands for the text of block `name`, itself expanded (one shared
     selection, one place)."""
     done: dict[str, str] = {}
 
     def text(name: str, including: tuple[str, ...]) -> str:
         if name in including:
-            raise ValueError(f"queries.sql: {' -> '.join(including + (name,))} includes itself")
+            raise ValueError(f"{source}: {' -> '.join(including + (name,))} includes itself")
         if name not in done:
             done[name] = _INCLUDE.sub(lambda m: text(m.group(1), including + (name,)), blocks[name])
         return done[name]
@@ -43,7 +48,17 @@ def expand(blocks: dict[str, str]) -> dict[str, str]:
     return {name: text(name, ()) for name in blocks}
 
 
-QUERIES = expand(parse(resources.files("kaireon_pub.db").joinpath("queries.sql").read_text()))
+def read(filename: str) -> dict[str, str]:
+    """The blocks of `filename` (a file of kaireon_pub.db), each with its includes expanded."""
+    return expand(parse(resources.files("kaireon_pub.db").joinpath(filename).read_text(), filename), filename)
+
+
+def load(filename: str) -> SimpleNamespace:
+    """`read(filename)` as attributes: `load("queries.sql").claim_batch`."""
+    return SimpleNamespace(**read(filename))
+
+
+QUERIES = read("queries.sql")
 Q = SimpleNamespace(**QUERIES)
 
 

@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind
 
 from kaireon_pub.settings import Settings
 from kaireon_pub.worker import tracing
+from kaireon_pub.worker.kafka import spans
 from kaireon_pub.worker.publisher import Publisher
 from kaireon_pub.worker.rows import Row
 from tests.helpers import TopicReader
@@ -161,7 +162,7 @@ def test_an_exporter_that_fails_is_logged_and_publishing_goes_on(broker, topic, 
 def test_a_tracing_hook_that_fails_never_breaks_a_publish(broker, topic, memory, monkeypatch, caplog):
     def broken(*_args, **_kwargs):
         raise RuntimeError("injected")
-    monkeypatch.setattr(tracing, "_traceparent", broken)
+    monkeypatch.setattr(spans, "_traceparent", broken)  # where BatchTrace looks it up
     rows = rows_for(topic, [{"traceparent": APP_TRACEPARENT}, {}])
     with caplog.at_level(logging.ERROR):
         assert sorted(publish(broker, rows, memory).delivered) == [1, 2]

@@ -14,8 +14,8 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from kaireon_pub.settings import Settings
-from kaireon_pub.worker import publisher as publisher_module
-from kaireon_pub.worker.publisher import Publisher
+from kaireon_pub.worker.kafka import producer as producer_module
+from kaireon_pub.worker.kafka.publisher import Publisher
 from kaireon_pub.worker.rows import Row
 
 
@@ -87,7 +87,7 @@ def run(monkeypatch):
     def publish(fates: dict, keys: list[str | None], deadline_s: float = 30.0):
         fake = FakeProducer(fates)
         made.append(fake)
-        monkeypatch.setattr(publisher_module, "make_producer", lambda *args: fake)
+        monkeypatch.setattr(producer_module, "make_producer", lambda *args: fake)
         settings = Settings.from_env({"DATABASE_URL": "postgresql:///unused", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
 
         async def main():

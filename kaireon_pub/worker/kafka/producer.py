@@ -1,0 +1,139 @@
+"""The librdkafka producer: made from the settings, served by a delivery thread, recreated when
+broken, disposed of off the event loop.
+
+A delivery thread serves librdkafka (`poll`) all the time, busy or idle. Delivery reports resolve
+the batch on the event loop, so the worker's other tasks (the lease keeper, the broker watch)
+run while a batch waits for the broker, and librdkafka's log and error callbacks are delivered
+within a fraction of a second even when no batch is in flight.
+
+A producer whose own state is wrong (errors.py: fenced, fatal, an unexpected exception from the
+client) is marked broken: every waiting batch gives up, and the worker recreates it.
+
+`make_producer` alone uses no metrics and no threads of our own: the supervisor's configuration
+probe uses it in a child before any worker exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from kaireon_pub.errors import ConfigError
+from kaireon_pub.logs import librdkafka_logger
+from kaireon_pub.settings import Settings, kafka_env_name
+from kaireon_pub.worker.kafka.errors import describe
+
+if TYPE_CHECKING:
+    from kaireon_pub.worker.kafka.delivery import Batch
+
+log = logging.getLogger("kaireon_pub.worker.publisher")  # the name of the module these lines came from
+
+POLL_SLICE_S = 0.1  # the delivery thread's poll timeout: how late a stop of the thread may be
+
+
+def make_producer(settings: Settings, client_id: str,
+                  on_error: Callable[[KafkaError], None] | None = None) -> Producer:
+    """A producer from the settings; an invalid librdkafka property raises ConfigError naming its
+    KAFKA_ variable."""
+    config: dict[str, Any] = dict(settings.producer_config)
+    config.setdefault("client.id", client_id)
+    if on_error is not None:
+        config["error_cb"] = on_error
+    config["logger"] = librdkafka_logger()
+    try:
+        return Producer(config)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        match = re.search(r'property: "([a-z0-9._]+)"', str(exc)) or re.search(r'"([a-z0-9._]+)"', str(exc))
+        if err is not None and err.code() == KafkaError._INVALID_ARG and match:
+            raise ConfigError(kafka_env_name(match.group(1)), err.str(),
+                              "a librdkafka producer property and value") from None
+        raise
+
+
+class ServedProducer:
+    """One librdkafka producer, the thread that serves it, and whether it must be recreated.
+
+    The Publisher is one (a subclass, so that its per-row loop reads `self.producer` and
+    `self.broken` as plain attributes)."""
+
+    def __init__(self, settings: Settings, client_id: str):
+        self.settings = settings
+        self.client_id = client_id
+        self.broken: str | None = None  # why the producer must be recreated, once it must
+        self.broken_cause: str | None = None
+        self._open: set[Batch] = set()  # the batches waiting for their reports: woken when broken
+        self._start()
+
+    def _start(self) -> None:
+        self.broken = None
+        self.broken_cause = None
+        self.producer = make_producer(self.settings, self.client_id, self._on_error)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(self.producer, self._stop),
+                                        name=f"{self.client_id}-delivery", daemon=True)
+        self._thread.start()
+
+    def _serve(self, producer: Producer, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                producer.poll(POLL_SLICE_S)
+            except Exception as exc:  # noqa: BLE001 - a client that raises here is recreated
+                self.mark_broken(f"poll raised {type(exc).__name__}: {exc}", "exception")
+                return
+
+    def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback (delivery thread)."""
+        if err.fatal():
+            level = logging.ERROR
+            self.mark_broken(describe(err), "fatal")
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            level = logging.WARNING
+        else:
+            # librdkafka's own log line (kaireon_pub.librdkafka) already reports each connection
+            # failure; ours would say it twice.
+            level = logging.DEBUG
+        log.log(level, f"librdkafka error: {describe(err)}",
+                extra={"event": "kafka error", "kafkaError": err.name(), "fatal": err.fatal()})
+
+    def mark_broken(self, reason: str, cause: str) -> None:
+        """Thread-safe: the producer must be recreated; every waiting batch gives up now."""
+        if self.broken is None:
+            self.broken = reason
+            self.broken_cause = cause
+        for batch in list(self._open):
+            batch.wake()
+
+    async def recreate(self) -> None:
+        """A new producer and delivery thread; the old ones are disposed of off the event loop."""
+        old, stop, thread = self.producer, self._stop, self._thread
+        stop.set()
+        self._start()
+        await asyncio.to_thread(_dispose, old, thread)
+
+    async def close(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(_dispose, self.producer, self._thread)
+
+    def queue_depth(self) -> int:
+        return len(self.producer)
+
+    def fetch_cluster_id(self, timeout: float) -> str | None:
+        """The cluster id the broker reports in a metadata response (blocking: call in a thread)."""
+        return self.producer.list_topics(timeout=timeout).cluster_id
+
+
+def _dispose(producer: Producer, thread: threading.Thread) -> None:
+    """Stop serving an old producer and let it go (runs in a worker thread: it may block)."""
+    thread.join(POLL_SLICE_S * 20)
+    try:
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.flush(0)
+    except Exception:  # noqa: BLE001, S110 - a broken client is dropped whatever it says
+        pass

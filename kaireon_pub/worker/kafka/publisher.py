@@ -1,0 +1,199 @@
+"""One claimed batch produced with confluent-kafka: the per-row loop, and every event's fate
+(outcome.py names the buckets).
+
+The loop is the tier's hottest code (bench/RESULTS.md): it was moved here whole from
+worker/publisher.py; change it only with a measurement before and after.
+
+Producer-level failures are not the events' fault: a fenced producer, an out-of-order sequence or
+unknown producer id (a broker that lost its idempotence state), any fatal error, an unexpected
+exception from the client. The batch is released and `Publisher.broken` tells the worker to
+recreate the producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+from confluent_kafka import KafkaError, KafkaException
+
+from kaireon_pub import metrics
+from kaireon_pub.settings import Settings
+from kaireon_pub.worker.kafka.delivery import Batch
+from kaireon_pub.worker.kafka.errors import classify, describe
+from kaireon_pub.worker.kafka.outcome import BatchOutcome
+from kaireon_pub.worker.kafka.producer import ServedProducer
+from kaireon_pub.worker.kafka.records import PoisonRow, check_topic, record_headers, record_key
+from kaireon_pub.worker.rows import Row
+
+if TYPE_CHECKING:
+    from kaireon_pub.worker.kafka.tracing import Tracing
+
+WAIT_SLICE_S = 0.5  # how often a waiting batch looks again at its deadline
+
+
+class Publisher(ServedProducer):
+    """Owns one librdkafka producer and the thread that serves it; recreated when broken."""
+
+    def __init__(self, settings: Settings, client_id: str, tracing: Tracing | None = None):
+        self.tracing = tracing  # kafka/tracing.py: spans per batch and per event; None when off
+        # Event ids whose produce() raised something unexpected once: a second time, the row is
+        # taken to be the cause (it retries alone) instead of recreating the producer for ever.
+        self._suspects: set[int] = set()
+        self._legal_topics: set[str] = set()
+        super().__init__(settings, client_id)
+
+    async def recreate(self) -> None:
+        """A new producer gives every row a fresh start: no suspects."""
+        self._suspects.clear()
+        await super().recreate()
+
+    # ---- one batch ---------------------------------------------------------------------------
+
+    async def publish(self, rows: list[Row], strict: bool, deadline: float,
+                      cut_off: Callable[[], float]) -> BatchOutcome:
+        """Produce rows (already in per-key order) and await every delivery report.
+
+        The wait ends at `deadline` (monotonic) or at `cut_off()` (the drain deadline and the
+        lease's remaining life, re-read while waiting), whichever comes first. Whatever is not
+        confirmed then is purged from librdkafka and released: nothing of an abandoned batch
+        stays queued in the client.
+
+        The loop over the rows is the tier's hottest code: one record per event, its work kept to
+        what the record needs; whatever goes wrong leaves it for the methods below.
+        """
+        batch = Batch(asyncio.get_running_loop())
+        if self.tracing is not None:
+            batch.trace = self.tracing.batch(rows, self.client_id)
+        trace = batch.trace
+        out = batch.out
+        producer = self.producer
+        produce = producer.produce
+        report = batch.report
+        source = self.settings.cloudevents_source if self.settings.cloudevents else None
+        legal_topics = self._legal_topics
+        held_keys: set[str] = set()
+        unhanded: set[int] = set()  # rows not handed to librdkafka: refused, held back or not tried
+        self._open.add(batch)
+        try:
+            remaining = iter(rows)
+            for row in remaining:
+                if self.broken or out.producer_error:
+                    unhanded.add(row.id)
+                    break
+                if held_keys and row.key in held_keys:
+                    unhanded.add(row.id)
+                    continue  # strict order: an earlier event of this key failed in this batch
+                topic = row.topic
+                try:
+                    if topic not in legal_topics:
+                        self._check_topic(topic)
+                    headers = record_headers(row, source)
+                    key = record_key(row)
+                except PoisonRow as exc:
+                    out.rejected[row.id] = str(exc)
+                    handed = False
+                except Exception as exc:  # noqa: BLE001 - whatever the row makes go wrong stays on the row
+                    out.rejected[row.id] = f"cannot build the record: {type(exc).__name__}: {exc}"
+                    handed = False
+                else:
+                    if trace is not None:
+                        headers = trace.event(row, headers)  # the event's span; its traceparent on the record
+                    on_delivery = partial(report, row.id, row.created_epoch)
+                    try:
+                        # payload None: a tombstone
+                        produce(topic, row.payload, key, headers=headers, on_delivery=on_delivery)
+                        continue
+                    except BufferError:
+                        handed = await self._produce_when_room(
+                            out, row,
+                            partial(produce, topic, row.payload, key, headers=headers, on_delivery=on_delivery),
+                            min(deadline, cut_off()))
+                    except Exception as exc:  # noqa: BLE001 - classified in _refused
+                        self._refused(out, row, exc)
+                        handed = False
+                if handed:
+                    continue
+                unhanded.add(row.id)
+                if strict and row.key is not None and (row.id in out.rejected or row.id in out.retry):
+                    held_keys.add(row.key)
+                if out.producer_error or out.systemic_error or out.transient_error:
+                    break
+            unhanded.update(r.id for r in remaining)  # after a break: the rows never tried
+            batch.produced(len(rows) - len(unhanded))
+            while not batch.done.done() and not self.broken:
+                remaining_s = min(deadline, cut_off()) - time.monotonic()
+                if remaining_s <= 0:
+                    break
+                await asyncio.wait((batch.done,), timeout=min(remaining_s, WAIT_SLICE_S))
+        finally:
+            self._open.discard(batch)
+            unconfirmed = batch.close()
+        if unconfirmed:
+            # The deadline, the drain, the lease or a broken producer: purge, so that nothing of
+            # this batch can still be delivered behind the rows we release now.
+            try:
+                producer.purge(in_queue=True, in_flight=True, blocking=False)
+            except Exception as exc:  # noqa: BLE001 - a client that cannot purge is recreated
+                self.mark_broken(f"purge raised {type(exc).__name__}: {exc}", "exception")
+            if not (out.producer_error or out.transient_error or self.broken):
+                out.transient_error = "delivery not confirmed before the deadline"
+        if self.broken and not out.producer_error:
+            out.producer_error = self.broken
+        batch.release(rows, unhanded)
+        metrics.PRODUCER_QUEUE_DEPTH.set(len(producer))
+        if trace is not None:
+            trace.end(out)
+        return out
+
+    def _check_topic(self, topic: str) -> None:
+        """PoisonRow for a name Kafka refuses; a legal one is remembered (a handful per tier)."""
+        check_topic(topic, self._legal_topics)
+
+    async def _produce_when_room(self, out: BatchOutcome, row: Row, produce: Callable[[], None],
+                                 limit: float) -> bool:
+        """librdkafka's local queue is full: the delivery thread empties it; `produce()` the row again
+        until `limit`. False when the row was not handed (its fate is then in `out`)."""
+        while True:
+            if time.monotonic() >= limit:
+                out.transient_error = out.transient_error or "librdkafka's local queue stayed full"
+                return False
+            await asyncio.sleep(0.005)
+            try:
+                produce()
+                return True
+            except BufferError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - classified in _refused
+                self._refused(out, row, exc)
+                return False
+
+    def _refused(self, out: BatchOutcome, row: Row, exc: Exception) -> None:
+        """produce() raised for this row: its fate, or the producer's."""
+        if isinstance(exc, KafkaException):
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            kind = classify(err) if err is not None else "producer"
+            text = describe(err) if err is not None else str(exc)
+            if kind == "permanent":
+                out.rejected[row.id] = text
+            elif kind == "retry":
+                out.retry[row.id] = text
+            elif kind == "producer":
+                out.producer_error = text
+                self.mark_broken(text, "fatal" if err is not None and err.fatal() else "producer")
+            elif kind == "systemic":
+                out.systemic_error = text
+            else:
+                out.transient_error = text
+            return
+        # The client misbehaved, or the row is the cause.
+        text = f"produce raised {type(exc).__name__}: {exc}"
+        if row.id in self._suspects:
+            out.retry[row.id] = text
+        else:
+            self._suspects.add(row.id)
+            out.producer_error = text
+            self.mark_broken(text, "exception")

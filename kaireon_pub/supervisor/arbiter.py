@@ -30,6 +30,7 @@ log = logging.getLogger("kaireon_pub.supervisor")
 BOOT_WINDOW_S = 10.0  # a worker that dies sooner than this without a heartbeat failed to boot
 MAX_BOOT_FAILURES = 5  # in a row, per slot, before the supervisor gives up (exit 4)
 KILL_GRACE_S = 2.0  # between TERM and KILL for a hung worker
+HTTP_STOP_GRACE_S = 1.5  # at stop, between the HTTP child's TERM and KILL
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Arbiter:
         self.stop_deadline = float("inf")
         self.exit_code = ExitCode.OK
         self.http_pid: int | None = None
+        self.http_kill_at: float | None = None  # at stop: when the HTTP child gets SIGKILL
         self.http_respawn_at = 0.0
         self.http_failures = 0
         self.http_port: int | None = None
@@ -138,7 +140,7 @@ class Arbiter:
                 if not self._workers() and self.http_pid is None:
                     break
                 if not self._workers() and self.http_pid is not None:
-                    self._signal(self.http_pid, signal.SIGTERM)
+                    self._stop_http()
                 if time.monotonic() >= self.stop_deadline and not self.killed:
                     self.killed = True
                     self.kill_all(signal.SIGKILL)
@@ -247,6 +249,23 @@ class Arbiter:
                 child.heartbeat.close()
             except OSError:
                 pass
+
+    def _stop_http(self) -> None:
+        """SIGTERM to the HTTP child (again on each pass), then SIGKILL if it has not exited
+        HTTP_STOP_GRACE_S after the first: it holds nothing a drain must wait for (a reaper run
+        cut short rolls back), and a child that cannot run its handler must not hold the
+        supervisor until the drain budget ends."""
+        now = time.monotonic()
+        if self.http_kill_at is None:
+            self.http_kill_at = now + HTTP_STOP_GRACE_S
+        elif now >= self.http_kill_at:
+            log.error("http server did not stop after its signal; killing it", extra={
+                "event": "http kill", "errorId": new_error_id(), "httpPid": self.http_pid,
+                "graceSeconds": HTTP_STOP_GRACE_S})
+            self._signal(self.http_pid, signal.SIGKILL)
+            self.http_kill_at = float("inf")
+            return
+        self._signal(self.http_pid, signal.SIGTERM)
 
     def _read_http_port(self) -> None:
         if self.http_port_pipe is None:

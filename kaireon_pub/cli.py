@@ -61,9 +61,9 @@ def migrate(check_only: bool, lock_timeout: float) -> None:
     Each file is its own transaction; no statement timeout applies. Prints one line per file applied.
     """
     settings = load_settings(need_kafka=False)
-    from kaireon_pub.db.migrate import run_cli
+    from kaireon_pub.ops import migrate as ops_migrate
 
-    sys.exit(run_cli(settings, check_only=check_only, lock_timeout_seconds=lock_timeout, echo=click.echo))
+    sys.exit(ops_migrate.run(settings, check_only=check_only, lock_timeout_seconds=lock_timeout, echo=click.echo))
 
 
 @cli.command()

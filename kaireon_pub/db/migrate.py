@@ -20,6 +20,7 @@ How one `migrate` run goes:
   the database afterwards (outbox_events a partitioned table or not), whatever the setting says:
   an existing plain table stays plain (converting it is a documented procedure, after which the
   files it applied in their plain flavour are accepted as applied).
+The `migrate` command and the report of a database not migrated are kaireon_pub.ops.migrate.
 """
 
 from __future__ import annotations
@@ -28,20 +29,13 @@ import contextlib
 import hashlib
 import logging
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
 
 import psycopg
 import psycopg.errors
-
-from kaireon_pub.errors import ExitCode, new_error_id
-
-if TYPE_CHECKING:
-    from kaireon_pub.settings import Settings
 
 log = logging.getLogger("kaireon_pub.db.migrate")
 
@@ -303,62 +297,3 @@ def _end(sql: str, closing: str, start: int) -> int:
 def _has_code(statement: str) -> bool:
     without_comments = re.sub(r"--[^\n]*|/\*.*?\*/", "", statement, flags=re.S)
     return bool(without_comments.strip())
-
-
-# ---- the commands ------------------------------------------------------------------------------
-
-
-def report_not_ready(exc: SchemaNotReady, command: str) -> int:
-    """One plain line on stderr and one log line saying to migrate; returns the exit code."""
-    log.error(str(exc), extra={"event": "schema not migrated", "command": command,
-                               "schemaVersion": exc.current, "expectedVersion": exc.expected})
-    sys.stderr.write(f"{command}: {exc}\n")
-    sys.stderr.flush()
-    return ExitCode.SCHEMA_MISSING
-
-
-def run_cli(settings: Settings, *, check_only: bool, lock_timeout_seconds: float,
-            echo: Callable[[str], None]) -> int:
-    """`kaireon-pub migrate [--check]`: one stdout line per file applied, then the version."""
-    from kaireon_pub.db.connect import connect
-    from kaireon_pub.redact import redact
-
-    def applied(done: Applied) -> None:
-        m = done.migration
-        how = "" if m.transactional else " (no transaction)"
-        echo(f"applied {m.label}{how} in {done.seconds:.2f} s")
-        log.info(f"applied migration {m.label}", extra={"event": "migration applied", "version": m.version,
-                                                        "transactional": m.transactional,
-                                                        "durationMs": round(done.seconds * 1000)})
-
-    try:
-        with connect(settings, "migrate") as conn:
-            if check_only:
-                missing = pending(conn)
-                if missing:
-                    current = current_version(conn)
-                    return report_not_ready(SchemaNotReady(current, expected_version()), "migrate --check")
-                echo(f"schema is up to date (version {current_version(conn)})")
-                return ExitCode.OK
-            done = migrate(conn, lock_timeout_seconds=lock_timeout_seconds, on_applied=applied,
-                           partitioning=settings.partitioning,
-                           on_partitions=lambda made: made and echo(f"created partitions {', '.join(made)}"))
-            if settings.partitioning != "none" and flavour(conn) == "plain":
-                echo(f"OUTBOX_PARTITIONING={settings.partitioning} is ignored: outbox_events is a plain table "
-                     "(it applies to a fresh database; docs/operations.md says how to convert one)")
-            version = current_version(conn)
-    except (MigrationError, psycopg.Error) as exc:
-        error_id = new_error_id()
-        text = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, settings)
-        if isinstance(exc, psycopg.Error):
-            text = f"database error ({type(exc).__name__}): {text}"
-        log.error(f"migrate failed: {text}", extra={"event": "migration failed", "errorId": error_id,
-                                                   "errorType": type(exc).__name__})
-        sys.stderr.write(f"migrate failed: {text} (errorId {error_id})\n")
-        return ExitCode.CRASH
-    if done:
-        echo(f"schema is at version {version} ({len(done)} migration{'s' if len(done) != 1 else ''} applied)")
-    else:
-        echo(f"schema is up to date (version {version})")
-        log.info(f"schema is up to date (version {version})", extra={"event": "migration none", "version": version})
-    return ExitCode.OK

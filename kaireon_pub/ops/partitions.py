@@ -17,6 +17,7 @@ import psycopg
 from kaireon_pub.db import migrate, partitions
 from kaireon_pub.db.connect import connect
 from kaireon_pub.errors import ExitCode, new_error_id
+from kaireon_pub.ops.migrate import report_not_ready
 from kaireon_pub.redact import redact
 from kaireon_pub.settings import Settings
 
@@ -57,7 +58,7 @@ def run(settings: Settings, action: str, *, dry_run: bool, ahead: int | None, as
                 doc.update(created=report.created, dropped=report.dropped, kept=report.kept, errors=report.errors)
             doc["partitions"] = describe(conn, settings)
     except migrate.SchemaNotReady as exc:
-        return migrate.report_not_ready(exc, "partitions")
+        return report_not_ready(exc, "partitions")
     except psycopg.Error as exc:
         error_id = new_error_id()
         text = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, settings)

@@ -24,6 +24,7 @@ from kaireon_pub.db import migrate
 from kaireon_pub.db.connect import connect
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, new_error_id
+from kaireon_pub.ops.migrate import report_not_ready
 from kaireon_pub.ops.sql import OPS
 from kaireon_pub.redact import redact
 from kaireon_pub.settings import Settings
@@ -120,7 +121,7 @@ def run(settings: Settings, selection: Selection, *, dry_run: bool, yes: bool,
                 return ExitCode.CRASH
             ids = requeue(conn, selection)
     except migrate.SchemaNotReady as exc:
-        return migrate.report_not_ready(exc, "requeue")
+        return report_not_ready(exc, "requeue")
     except psycopg.Error as exc:
         error_id = new_error_id()
         log.error("requeue failed", extra={**audit, "errorId": error_id, "errorType": type(exc).__name__,

@@ -26,6 +26,7 @@ from kaireon_pub.db import migrate
 from kaireon_pub.db.connect import connect
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import ExitCode, new_error_id
+from kaireon_pub.ops.migrate import report_not_ready
 from kaireon_pub.ops.sql import OPS
 from kaireon_pub.redact import redact
 from kaireon_pub.settings import Settings
@@ -72,7 +73,7 @@ def run(settings: Settings, *, as_json: bool, echo: Callable[[str], None]) -> in
             doc = collect(conn, settings.horizon_max_wait_ms)
             doc["partitions"] = partition_summary(conn, settings)
     except migrate.SchemaNotReady as exc:
-        return migrate.report_not_ready(exc, "status")
+        return report_not_ready(exc, "status")
     except psycopg.Error as exc:
         error_id = new_error_id()
         log.error("status failed", extra={"event": "status failed", "errorId": error_id,

@@ -3,7 +3,7 @@ retention, while old published rows are purged.
 
 `python -m bench retention [--retention-old 1000000] [--backlog 100000]`, also part of `all`
 (`--quick`: 6,000 old rows, a backlog of 3,000); `python -m bench.retention [--old N] [--backlog N]`
-runs it alone. For each mode a fresh database (plain: `migrate`; partitioned: `migrate` with
+runs it alone (`__main__.py`: the scenario never imports the bench's command line, which imports it). For each mode a fresh database (plain: `migrate`; partitioned: `migrate` with
 OUTBOX_PARTITIONING=hourly) holding the old published rows, from four past hours (in four past
 partitions when partitioned) whose retention has passed, VACUUMed, then the backlog of pending
 rows committed and the real tier started (2 workers, OUTBOX_RETENTION_SECONDS=60,
@@ -15,7 +15,6 @@ purges after the drain; partition drops do not pause.
 
 from __future__ import annotations
 
-import argparse
 import time
 import uuid
 from datetime import timedelta
@@ -129,23 +128,3 @@ def run(bench) -> None:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def main() -> int:
-    """`python -m bench.retention [--old N] [--backlog N]`: `python -m bench retention` alone."""
-    from bench.cli import main as bench_main
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--old", type=int, default=1_000_000)
-    ap.add_argument("--backlog", type=int, default=100_000)
-    ap.add_argument("--database-url", default=None)
-    ap.add_argument("--bootstrap", default=None)
-    args = ap.parse_args()
-    argv = ["retention", "--retention-old", str(args.old), "--backlog", str(args.backlog)]
-    argv += ["--database-url", args.database_url] if args.database_url else []
-    argv += ["--bootstrap", args.bootstrap] if args.bootstrap else []
-    return bench_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,26 +11,12 @@ length 413, then (cron route) authentication 401. (Behind waitress a chunked bod
 de-chunked, with its length: the server buffers it up to its own limit.) HEAD and OPTIONS never reach the reaper.
 Every refusal and failure logs one line with an errorId; a 500 body holds only that errorId.
 
-Cron authentication (fail-closed):
-- CRON_SECRET unset, empty, blank, or a rendered placeholder ("None", "null", "undefined")
-  means the route answers 401 and the reaper does not run.
-- The secret is accepted from `Authorization: Bearer <secret>` (the scheme is matched
-  case-insensitively, as RFC 7235 says auth schemes are, so `bearer` works) or from
-  `x-cron-secret: <secret>`. Every credential presented must match: with both headers, one
-  wrong value is a 401, as is an Authorization header of another scheme.
-- Comparison is on bytes (the header's wire bytes, which WSGI hands over as latin-1 code points,
-  against CRON_SECRET encoded as UTF-8), through SHA-256 digests and hmac.compare_digest, so
-  neither content nor length leaks through timing. A value that cannot be bytes is a 401.
-- The configured secret and presented values are compared stripped of surrounding whitespace (a
-  trailing newline in a mounted secret is a classic outage).
-- The 401 body is the same whatever the reason; the reason goes to the log only.
+The parts beside the routes: cron authentication (cron_auth.py), the default readiness
+(readiness.py), the multiprocess metrics collector (collector.py).
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import hmac
 import logging
 import math
 import os
@@ -41,13 +27,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import orjson
-import psycopg
 
-from kaireon_pub import logs
 from kaireon_pub.errors import new_error_id
+from kaireon_pub.http.collector import ScrapeSafeCollector
+from kaireon_pub.http.cron_auth import authenticate
+from kaireon_pub.http.readiness import DefaultReadiness
 from kaireon_pub.reaper import RESULT_KEYS, ReaperError, reap
 from kaireon_pub.redact import redact
-from kaireon_pub.settings import PRODUCER_DEFAULTS, Settings
+from kaireon_pub.settings import Settings
 from kaireon_pub.supervisor.liveness import file_age
 
 log = logging.getLogger("kaireon_pub.http")
@@ -62,11 +49,6 @@ _DRAIN_LIMIT = 64 * 1024
 DEFAULT_MAX_STALE_SECONDS = 90.0
 PROBE_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 ROUTE_PATHS = PROBE_PATHS | {CRON_PATH}
-READINESS_TIMEOUT_SECONDS = 2
-# Values a template renders for a missing secret; configured as CRON_SECRET they mean "unset",
-# so a caller rendering the same placeholder (`Bearer None`) can never match.
-_PLACEHOLDER_SECRETS = frozenset({"none", "null", "undefined", "nil"})
-
 # The same body whether the secret is unset or wrong.
 UNAUTHORIZED = {"error": "unauthorized"}
 
@@ -291,136 +273,3 @@ def loggable_path(path: str) -> str:
     return path if path in ROUTE_PATHS else "(other)"
 
 
-# ---- cron authentication -------------------------------------------------------------------
-
-
-def authenticate(environ: Mapping[str, object], configured: str | None) -> str | None:
-    """None when the request carries the cron secret; otherwise the reason (for the log only)."""
-    secret = (configured or "").strip()
-    if not secret or secret.lower() in _PLACEHOLDER_SECRETS:
-        return "CRON_SECRET is not set"
-    expected = hashlib.sha256(secret.encode("utf-8")).digest()
-
-    presented: list[str | None] = []
-    authorization = environ.get("HTTP_AUTHORIZATION")
-    if authorization is not None:
-        scheme, _, token = str(authorization).strip().partition(" ")
-        presented.append(token.strip() if scheme.lower() == "bearer" else None)
-    header = environ.get("HTTP_X_CRON_SECRET")
-    if header is not None:
-        presented.append(str(header).strip())
-    if not presented:
-        return "no credentials presented"
-    # Check every credential (no short-circuit), so the timing does not tell which one failed.
-    matches = [_matches(value, expected) for value in presented]
-    return None if all(matches) else "credentials do not match"
-
-
-def _matches(value: str | None, expected_digest: bytes) -> bool:
-    if not value:
-        return False
-    try:
-        # PEP 3333: header bytes arrive as latin-1 code points; this recovers the wire bytes.
-        raw = value.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return hmac.compare_digest(hashlib.sha256(raw).digest(), expected_digest)
-
-
-# ---- default readiness ---------------------------------------------------------------------
-
-# Producer-only settings: an admin client does not need them (and idempotence would make it
-# request a producer id from the broker on every readiness check).
-_ADMIN_EXCLUDED = frozenset(PRODUCER_DEFAULTS) - {"bootstrap.servers"}
-
-
-class DefaultReadiness:
-    """{"database": SELECT 1 answers, "broker": metadata request answers}, each within ~2 s.
-
-    The admin client is made on first use in the process that serves (never at import or
-    before a fork) and reused: librdkafka keeps its broker connections warm between probes.
-    """
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._admin: Any = None
-        self._admin_lock = threading.Lock()
-
-    def __call__(self) -> dict[str, bool]:
-        from kaireon_pub.ops.gauges import record_reachability
-
-        checks = {"database": self.database(), "broker": self.broker()}
-        record_reachability(checks)
-        return checks
-
-    def database(self) -> bool:
-        try:
-            # No startup options through a transaction pooler.
-            from kaireon_pub.db.connect import probe_options
-
-            with psycopg.connect(self.settings.database_url, autocommit=True,
-                                 **probe_options(self.settings, "readyz", READINESS_TIMEOUT_SECONDS)) as conn:
-                conn.execute("SELECT 1").fetchone()
-            return True
-        except Exception as exc:
-            self._log_check_failure("database", exc)
-            return False
-
-    def broker(self) -> bool:
-        try:
-            with self._admin_lock:
-                if self._admin is None:
-                    from confluent_kafka.admin import AdminClient
-
-                    config: dict[str, object] = {k: v for k, v in self.settings.producer_config.items()
-                                                 if k not in _ADMIN_EXCLUDED}
-                    config["logger"] = logs.librdkafka_logger()
-                    self._admin = AdminClient(config)
-                admin = self._admin
-            try:
-                admin.list_topics(timeout=READINESS_TIMEOUT_SECONDS)
-            finally:
-                admin.poll(0)  # hands librdkafka's queued log lines to our logger
-            return True
-        except Exception as exc:
-            self._log_check_failure("broker", exc)
-            return False
-
-    def _log_check_failure(self, check: str, exc: Exception) -> None:
-        log.warning(f"readiness check {check} failed",
-                    extra={"event": "readyz check failed", "errorId": new_error_id(), "check": check,
-                           "errorType": type(exc).__name__, "error": redact(str(exc), self.settings)})
-
-
-class ScrapeSafeCollector:
-    """prometheus-client's multiprocess merge, minus two races with processes that come and go.
-
-    A worker that has just been forked creates its metrics file before it writes the file's
-    header: read in that instant, the empty file made the whole scrape fail (HTTP 500, seen
-    right after a respawn). A file removed between listing and reading (a dead process's live
-    gauges) did the same. Empty files are skipped (they hold no sample yet); a vanished one
-    means the listing is taken again.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def collect(self):
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        for _ in range(2):
-            try:
-                return MultiProcessCollector.merge(self._readable_files(), accumulate=True)
-            except FileNotFoundError:
-                continue
-        return MultiProcessCollector.merge(self._readable_files(), accumulate=True)
-
-    def _readable_files(self) -> list[str]:
-        return [f for f in glob.glob(os.path.join(self.path, "*.db")) if _non_empty(f)]
-
-
-def _non_empty(file: str) -> bool:
-    try:
-        return os.path.getsize(file) > 0
-    except FileNotFoundError:
-        return False

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from kaireon_pub import logs
-from kaireon_pub.http import app as app_module
+from kaireon_pub.http import cron_auth
 from kaireon_pub.http.app import CRON_PATH, make_app
 from kaireon_pub.reaper import RESULT_KEYS, ReaperError
 from kaireon_pub.settings import Settings
@@ -176,7 +176,7 @@ def test_comparison_is_on_bytes_through_compare_digest(monkeypatch):
         seen.append((type(a), type(b)))
         return real(a, b)
 
-    monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(cron_auth.hmac, "compare_digest", spy)
     app = make_app(settings_with(SECRET), reaper=FakeReaper())
     assert call(app, headers={"x-cron-secret": "wrong"}).status == 401
     assert call(app, headers={"x-cron-secret": SECRET}).status == 200
@@ -187,7 +187,7 @@ def test_every_credential_is_checked_even_after_a_mismatch(monkeypatch):
     # No short-circuit: which of two headers was wrong must not show in the timing.
     calls: list[int] = []
     real = hmac.compare_digest
-    monkeypatch.setattr(app_module.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(cron_auth.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
     app = make_app(settings_with(SECRET), reaper=FakeReaper())
     assert call(app, headers={"Authorization": "Bearer wrong", "x-cron-secret": SECRET}).status == 401
     assert len(calls) == 2

@@ -1,11 +1,13 @@
-"""Helpers the tests share: environments for the tier, reading topics, waiting on conditions."""
+"""The tests' harness: environments for the tier, starting it, waiting for its workers to share
+the shards, enqueueing, reading topics back, waiting on conditions.
+
+The tier process, its environment, `wait_for` and the one definition of a balanced share live in
+`kaireon_pub.devtier` (the bench uses them too) and are re-exported here. The e2e fixtures built on
+these (`start_tier`, `topic_reader`) are in tests/e2e/conftest.py.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +19,16 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, TopicPartition
+
+from kaireon_pub import devtier
+from kaireon_pub.devtier import (  # noqa: F401 - re-exported: the tests import them from here
+    SHARDS,
+    Tier,
+    is_balanced,
+    shard_shares,
+    wait_balanced,
+    wait_for,
+)
 
 
 class TierPooler:
@@ -58,32 +70,8 @@ def pooled(db_url: str) -> dict[str, str]:
 def tier_env(db_url: str, bootstrap: str, tmp_path: Path, **overrides: str) -> dict[str, str]:
     """The environment of a `kaireon-pub` process of the tests. The test's own connections use
     `db_url` as given; under TIER_POOLER the tier reaches the same database through PgBouncer."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "KAFKA_"))}
-    env.update(
-        DATABASE_URL=db_url,
-        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-        OUTBOX_POLL_INTERVAL_MS="200",
-        OUTBOX_WORKERS="1",
-        OUTBOX_LIVENESS_FILE=str(tmp_path / "alive"),
-        OUTBOX_HTTP_PORT="0",
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(pooled(db_url))
-    env.update(overrides)
-    return env
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `condition` until it returns a truthy value; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    return devtier.tier_env(db_url, bootstrap, tmp_path, **{
+        "OUTBOX_POLL_INTERVAL_MS": "200", "OUTBOX_WORKERS": "1", **pooled(db_url), **overrides})
 
 
 def status_counts(db_url: str) -> dict[str, int]:
@@ -91,11 +79,40 @@ def status_counts(db_url: str) -> dict[str, int]:
         return dict(conn.execute("SELECT status, count(*) FROM outbox_events GROUP BY status").fetchall())
 
 
+def row_summary(db_url: str) -> dict[str, object]:
+    """The rows by status, how many were retried, and a few of their errors (for a failure message)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        retried = conn.execute("SELECT count(*), max(attempts) FROM outbox_events WHERE attempts > 0").fetchone()
+        errors = conn.execute(
+            "SELECT DISTINCT left(last_error, 160) FROM outbox_events WHERE last_error IS NOT NULL LIMIT 5").fetchall()
+    return {"status": status_counts(db_url), "withAttempts": retried[0], "maxAttempts": retried[1],
+            "errors": [e[0] for e in errors]}
+
+
+def wait_all_published(db_url: str, n: int, timeout: float, what: str) -> None:
+    """Every row of the outbox published, and `n` of them; the rows summed up on a timeout."""
+    try:
+        wait_for(lambda: status_counts(db_url) == {"published": n}, timeout, what, interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; rows: {row_summary(db_url)}") from None
+
+
+def commit_events(db_url: str, topic: str, n: int, *, keys: int, phase: str, key_prefix: str = "k") -> list[int]:
+    """Enqueue `n` events ({"phase", "i"}) on `keys` keys round robin in one transaction; their ids."""
+    from kaireon_pub import Event, enqueue_many
+
+    with psycopg.connect(db_url) as conn:
+        ids = enqueue_many(conn, [Event(topic, f"{key_prefix}{i % keys}", {"phase": phase, "i": i}) for i in range(n)])
+        conn.commit()
+    return ids
+
+
 MAX_REREADS = 200  # per partition: a gap that reading again never fills is taken as it is
 
 
 class TopicReader:
-    """Reads a topic from the beginning of every partition (assign(), no group join)."""
+    """Reads a topic from the beginning of every partition (assign(), no group join). In the e2e
+    tests, take one from the `topic_reader` fixture, which closes it; elsewhere, `with`."""
 
     def __init__(self, bootstrap: str, topic: str):
         self.topic = topic
@@ -110,6 +127,7 @@ class TopicReader:
         self._assigned: set[int] = set()
         self._next: dict[int, int] = {}  # partition -> the next offset to read
         self._rereads: dict[int, int] = {}
+        self._closed = False
 
     def _assign(self) -> None:
         md = self.consumer.list_topics(self.topic, timeout=5)
@@ -161,83 +179,43 @@ class TopicReader:
     def read_count(self, n: int, timeout: float) -> list[Any]:
         return self.read_until(lambda msgs: len(msgs) >= n, timeout)
 
+    def read_ids(self, ids: list[int], timeout: float, extra: float = 0.0) -> list[Any]:
+        """Read until every one of `ids` is there, naming the missing ones on a timeout; then `extra`
+        s more (late duplicates). Every message read so far, in the order read."""
+        wanted = set(ids)
+        try:
+            messages = self.read_until(lambda msgs: wanted <= set(event_ids(msgs)), timeout)
+        except AssertionError as exc:
+            missing = sorted(wanted - set(event_ids(self.messages)))
+            raise AssertionError(
+                f"{exc}; {len(missing)} of {len(wanted)} events missing, e.g. {missing[:10]}") from None
+        if extra:
+            until = time.monotonic() + extra
+            messages = self.read_until(lambda _msgs: time.monotonic() >= until, extra + 10)
+        return list(messages)
+
     def close(self) -> None:
-        self.consumer.close()
+        if not self._closed:
+            self._closed = True
+            self.consumer.close()
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def event_ids(messages: list[Any]) -> list[int]:
     return [int(dict(m.headers())["event-id"]) for m in messages]
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str], timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "kaireon_pub", *args],
         env=env, capture_output=True, text=True, timeout=timeout, input=input,
     )
-
-
-class Tier:
-    """`kaireon-pub run` as a real process; its JSON log lines go to a file the test can read."""
-
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env = env
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kaireon_pub", "run"], env=env,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def logs(self) -> list[dict[str, Any]]:
-        lines = []
-        for raw in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                continue
-        return lines
-
-    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
-        def find() -> dict[str, Any] | None:
-            return next((line for line in self.logs() if predicate(line)), None)
-        return wait_for(find, timeout, what)
-
-    def http_port(self, timeout: float = 30) -> int:
-        line = self.wait_log(lambda e: e.get("event") == "http listening", timeout, "the http server")
-        return int(line["port"])
-
-    def worker_pids(self) -> dict[int, int]:
-        """slot -> pid of the live worker, from the supervisor's spawn/exit lines."""
-        live: dict[int, int] = {}
-        for line in self.logs():
-            if line.get("event") == "worker spawned":
-                live[line["slot"]] = line["workerPid"]
-        return live
-
-    def wait_exit(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        else:
-            # Workers die with their supervisor; make sure no orphan outlives the test.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
 
 
 def metric_value(port: int, name: str, labels: dict[str, str] | None = None) -> float | None:

@@ -8,39 +8,32 @@ import psycopg
 
 from tests.helpers import (
     Load,
-    TopicReader,
     assert_per_key_order,
     event_ids,
     metric_value,
     preload,
     run_cli,
     status_counts,
-    tier_env,
+    wait_balanced,
     wait_for,
 )
 
 
-def test_four_workers_publish_a_50000_event_backlog(db_url, broker, topic, tmp_path, run_tier):
-    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="4"))
-
-    def owners() -> set[int]:
-        return {line["pid"] for line in tier.logs() if line.get("event") == "rebalance" and line.get("owned", 0) > 0}
-
+def test_four_workers_publish_a_50000_event_backlog(db_url, topic, start_tier, topic_reader):
+    tier = start_tier(OUTBOX_WORKERS="4")
     # The backlog arrives once the four workers share the shards (the first to start holds all
     # 256 until its next rebalance; a fast drain could otherwise be over before that).
-    wait_for(lambda: len(owners()) == 4, 30, "four workers holding shards")
+    wait_balanced(db_url, 4, of=tier.worker_ids)
     preload(db_url, topic, 50_000)
     wait_for(lambda: status_counts(db_url) == {"published": 50_000}, 240, "50,000 rows published")
-    reader = TopicReader(broker.bootstrap, topic)
-    messages = reader.read_until(lambda msgs: len(set(event_ids(msgs))) >= 50_000, timeout=120)
+    messages = topic_reader(topic).read_until(lambda msgs: len(set(event_ids(msgs))) >= 50_000, timeout=120)
     assert len(set(event_ids(messages))) == 50_000
     assert_per_key_order(messages)
     assert tier.stop() == 0
-    reader.close()
 
 
-def test_sigterm_under_load_drains_within_15_s(db_url, broker, topic, tmp_path, run_tier):
-    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2"))
+def test_sigterm_under_load_drains_within_15_s(db_url, topic, start_tier):
+    tier = start_tier(OUTBOX_WORKERS="2")
     with Load(db_url, topic) as load:
         wait_for(lambda: status_counts(db_url).get("published", 0) > 2000, 60, "publishing under load")
         committed_before = list(load.committed)
@@ -59,13 +52,40 @@ def test_sigterm_under_load_drains_within_15_s(db_url, broker, topic, tmp_path, 
     assert any(line.get("event") == "drain done" for line in tier.logs())
 
 
-def test_sigkill_of_one_worker_is_respawned_and_nothing_is_lost(db_url, broker, topic, tmp_path, run_tier):
-    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2"))
+def frozen_with_claims(db_url: str, tier, slot: int) -> tuple[int, str, int]:
+    """SIGSTOP the worker of `slot` at a moment it holds claimed rows (status 'processing'): its
+    pid, its worker id and how many rows it holds. Counted once none of its sessions is running a
+    statement (a statement it sent just before the stop may still commit)."""
+    pid = tier.worker_pids()[slot]
+    worker_id = next(line["workerId"] for line in tier.logs()
+                     if line.get("event") == "worker spawned" and line["workerPid"] == pid)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        def settled() -> bool:
+            return not conn.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                                    "AND application_name LIKE %s", (f"%.{worker_id[:8]}%",)).fetchone()[0]
+
+        def claimed() -> int:
+            return conn.execute("SELECT count(*) FROM outbox_events WHERE status = 'processing' "
+                                "AND claimed_by = %s", (worker_id,)).fetchone()[0]
+
+        def stopped_holding_claims() -> int:
+            os.kill(pid, signal.SIGSTOP)
+            wait_for(settled, 5, "the stopped worker's statements to finish")
+            held = claimed()
+            if not held:
+                os.kill(pid, signal.SIGCONT)
+            return held
+        return pid, worker_id, wait_for(stopped_holding_claims, 30, "the worker stopped holding claimed rows")
+
+
+def test_sigkill_of_one_worker_is_respawned_and_nothing_is_lost(db_url, topic, start_tier, topic_reader):
+    tier = start_tier(OUTBOX_WORKERS="2")
     port = tier.http_port()
     with Load(db_url, topic) as load:
         wait_for(lambda: len(tier.worker_pids()) == 2, 30, "two workers")
         wait_for(lambda: status_counts(db_url).get("published", 0) > 1000, 60, "publishing under load")
-        victim = tier.worker_pids()[1]
+        # Killed while it holds claimed rows: the crash recovery has rows to give back.
+        victim, victim_id, held = frozen_with_claims(db_url, tier, 1)
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: tier.worker_pids()[1] != victim, 30, "slot 1 respawned")
         at_respawn = status_counts(db_url).get("published", 0)
@@ -74,18 +94,18 @@ def test_sigkill_of_one_worker_is_respawned_and_nothing_is_lost(db_url, broker, 
         committed = load.stop()
     wait_for(lambda: status_counts(db_url) == {"published": len(committed)}, 60, "every committed row published")
     recovery = tier.wait_log(lambda e: e.get("event") == "crash recovery", 10, "the crash recovery line")
-    assert recovery["resetCount"] >= 0
+    # The respawned worker gave back exactly the rows its predecessor held when it was killed.
+    assert recovery["deadWorkers"] == [victim_id]
+    assert recovery["resetCount"] == held
     assert metric_value(port, "kaireon_outbox_worker_restarts_total", {"reason": "killed"}) >= 1
-    reader = TopicReader(broker.bootstrap, topic)
-    reader.read_until(lambda msgs: set(committed) <= set(event_ids(msgs)), timeout=60)
-    reader.close()
+    topic_reader(topic).read_ids(committed, timeout=60)
     assert tier.stop() == 0
 
 
-def test_sigstop_makes_liveness_stale_then_the_tier_recovers(db_url, broker, topic, tmp_path, run_tier):
-    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2", KAFKA_MESSAGE_TIMEOUT_MS="2000",
-                   OUTBOX_WORKER_TIMEOUT_SECONDS="4", OUTBOX_REAPER_STALENESS_SECONDS="60")
-    tier = run_tier(env)
+def test_sigstop_makes_liveness_stale_then_the_tier_recovers(db_url, topic, start_tier):
+    tier = start_tier(OUTBOX_WORKERS="2", KAFKA_MESSAGE_TIMEOUT_MS="2000", OUTBOX_WORKER_TIMEOUT_SECONDS="4",
+                      OUTBOX_REAPER_STALENESS_SECONDS="60")
+    env = tier.env
     alive = env["OUTBOX_LIVENESS_FILE"]
 
     def liveness(max_stale: str) -> int:
@@ -114,14 +134,14 @@ def test_sigstop_makes_liveness_stale_then_the_tier_recovers(db_url, broker, top
     assert tier.stop() == 0
 
 
-def test_metrics_show_pending_count_and_published_totals(db_url, broker, topic, tmp_path, run_tier):
+def test_metrics_show_pending_count_and_published_totals(db_url, topic, start_tier):
     with psycopg.connect(db_url, autocommit=True) as conn:
         # Seven rows waiting for a retry an hour from now: pending, and not publishable yet.
         conn.execute("""INSERT INTO outbox_events (topic, partition_key, payload, attempts, next_attempt_at)
                         SELECT %s, 'parked-' || g, '{}'::jsonb, 1, now() + interval '1 hour'
                         FROM generate_series(1, 7) g""", (topic,))
     preload(db_url, topic, 300, keys=30)
-    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2"))
+    tier = start_tier(OUTBOX_WORKERS="2")
     port = tier.http_port()
     wait_for(lambda: status_counts(db_url) == {"published": 300, "pending": 7}, 60, "300 published, 7 parked")
     wait_for(lambda: metric_value(port, "kaireon_outbox_pending_count") == 7, 30, "the pending gauge at 7")

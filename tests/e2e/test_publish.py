@@ -6,10 +6,10 @@ import orjson
 import psycopg
 
 from kaireon_pub import Event, enqueue, enqueue_many
-from tests.helpers import TopicReader, event_ids, status_counts, wait_for
+from tests.helpers import event_ids, status_counts, wait_for
 
 
-def test_committed_events_reach_the_topic_with_key_value_headers(db_url, broker, topic, tier_env, run_tier):
+def test_committed_events_reach_the_topic_with_key_value_headers(db_url, topic, start_tier, topic_reader):
     with psycopg.connect(db_url) as conn:
         first = enqueue(conn, topic=topic, key="order-1", payload={"total": 10, "items": ["a"]},
                         headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
@@ -17,9 +17,8 @@ def test_committed_events_reach_the_topic_with_key_value_headers(db_url, broker,
         ids = enqueue_many(conn, [Event(topic, f"order-{i % 3}", {"n": i}, event_type="order.updated")
                                   for i in range(20)])
         conn.commit()
-    tier = run_tier(tier_env)
-    reader = TopicReader(broker.bootstrap, topic)
-    messages = reader.read_count(21, timeout=60)
+    tier = start_tier()
+    messages = topic_reader(topic).read_count(21, timeout=60)
     by_id = {int(dict(m.headers())["event-id"]): m for m in messages}
     assert set(by_id) == {first, *ids}
     msg = by_id[first]
@@ -35,29 +34,27 @@ def test_committed_events_reach_the_topic_with_key_value_headers(db_url, broker,
         seen = [int(dict(m.headers())["event-id"]) for m in messages if m.key() == key]
         assert seen == sorted(seen)
     assert tier.stop() == 0
-    reader.close()
 
 
-def test_rolled_back_transaction_publishes_nothing(db_url, broker, topic, tier_env, run_tier):
+def test_rolled_back_transaction_publishes_nothing(db_url, topic, start_tier, topic_reader):
     with psycopg.connect(db_url) as conn:
         enqueue(conn, topic=topic, key="k", payload={"rolled": "back"})
         conn.rollback()
         marker = enqueue(conn, topic=topic, key="k", payload={"committed": True})
         conn.commit()
-    tier = run_tier(tier_env)
-    reader = TopicReader(broker.bootstrap, topic)
+    tier = start_tier()
+    reader = topic_reader(topic)
     wait_for(lambda: status_counts(db_url) == {"published": 1}, 60, "the committed row published")
     messages = reader.read_count(1, timeout=30)
     assert event_ids(messages) == [marker]
     assert [orjson.loads(m.value()) for m in messages] == [{"committed": True}]
     assert tier.stop() == 0
-    reader.close()
 
 
-def test_late_commit_with_lower_id_is_neither_skipped_nor_reordered(db_url, broker, topic, tier_env, run_tier):
+def test_late_commit_with_lower_id_is_neither_skipped_nor_reordered(db_url, topic, start_tier, topic_reader):
     """Sequence order is not commit order: a transaction holding a lower id commits last."""
-    tier = run_tier(tier_env)
-    reader = TopicReader(broker.bootstrap, topic)
+    tier = start_tier()
+    reader = topic_reader(topic)
     slow = psycopg.connect(db_url)
     low = enqueue(slow, topic=topic, key="acct-1", payload={"step": 1})
     with psycopg.connect(db_url) as fast:
@@ -72,13 +69,12 @@ def test_late_commit_with_lower_id_is_neither_skipped_nor_reordered(db_url, brok
     assert sorted(event_ids(messages)) == sorted([low, high])
     wait_for(lambda: status_counts(db_url) == {"published": 2}, 30, "both rows published")
     assert tier.stop() == 0
-    reader.close()
 
 
-def test_the_horizon_waits_for_application_writers_not_for_publisher_workers(db_url, tier_env, run_tier):
+def test_the_horizon_waits_for_application_writers_not_for_publisher_workers(db_url, start_tier):
     """An open writing transaction of the application holds later events back (it may still
     insert one with a lower xid); one of a publisher worker's sessions does not (it never inserts)."""
-    tier = run_tier(tier_env)
+    tier = start_tier()
 
     def status_of(event_id: int) -> str:
         with psycopg.connect(db_url, autocommit=True) as conn:

@@ -24,7 +24,7 @@ import psycopg
 from bench import backlog
 from bench.ceilings import produce_ceiling, sql_ceiling
 from bench.cold import DistinctReader, Run, boot_steps, recount
-from bench.env import PARTITIONS, Services
+from bench.env import BROKERS, PARTITIONS, Services
 from bench.latency import TopicLatency, histogram_percentiles
 from bench.report import Figure, Report
 from bench.tier import Tier, drain, row_writes
@@ -185,7 +185,7 @@ class Bench:
         finally:
             self.s.drop_topic(topic)
         r.ceilings["produce"] = res.rate
-        r.add("produce", f"produce loop, 1 process, {PARTITIONS} partitions", res.rate, "ev/s",
+        r.add("produce", f"produce loop, 1 process, {PARTITIONS} partitions, {self.s.broker_name}", res.rate, "ev/s",
               f"client CPU {res.cpu_per_1k:.3f} s/1k")
         r.ceilings["cpu_per_1k"] = (cpu_sql or 0.0) + res.cpu_per_1k
         for name, key in (("status", "sql_status_2p"), ("lock", "sql_lock_2p"), ("lock+delete", "sql_lock_delete_2p")):
@@ -502,7 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny backlogs and short windows (the smoke test)")
     ap.add_argument("--database-url", default=os.environ.get("KAIREON_TEST_DATABASE_URL"),
                     help="an existing PostgreSQL (needs CREATEDB); default: embedded")
-    ap.add_argument("--bootstrap", help="an existing broker; default: Tansu on a free port")
+    ap.add_argument("--broker", choices=BROKERS, default="tansu",
+                    help="the broker the bench starts: tansu (embedded, memory storage; the default) or kafka (a"
+                         " single-node Apache Kafka, KRaft, from kaireon_pub.devkafka: needs Java and Maven)")
+    ap.add_argument("--bootstrap", help="an existing broker instead (then --broker is not started)")
     ap.add_argument("--backlog", type=int, help="drain backlog (default 100,000)")
     ap.add_argument("--big-backlog", type=int, help="the large, dead-tuple backlog (default 1,000,000)")
     ap.add_argument("--ceiling-rows", type=int, help="rows per SQL ceiling loop (default 300,000)")
@@ -534,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     services = None
     try:
-        services = Services(args.database_url, args.bootstrap, dict(kv.split("=", 1) for kv in args.pg_setting))
+        services = Services(args.database_url, args.bootstrap, dict(kv.split("=", 1) for kv in args.pg_setting),
+                            broker=args.broker, broker_dir=run_dir / "broker")
         report.say(f"services: {services.describe()}; tier logs under {run_dir}")
         if args.tier_env:
             report.say("tier environment (every tier): " + " ".join(args.tier_env))

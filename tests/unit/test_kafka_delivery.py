@@ -1,0 +1,168 @@
+"""One batch's delivery reports and its close-out (worker/kafka/delivery.py), without a producer:
+which bucket each report fills, when the batch's wait ends, what counts as released and as
+unconfirmed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from confluent_kafka import KafkaError
+
+from kaireon_pub.worker.kafka.delivery import Batch
+from kaireon_pub.worker.rows import Row
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def settle(loop: asyncio.AbstractEventLoop) -> None:
+    """Run what the reports scheduled on the loop (wake-ups), then return."""
+    loop.run_until_complete(asyncio.sleep(0))
+
+
+def rows(n: int) -> list[Row]:
+    return [Row(i, "t", f"k{i}", b"{}", "{}", None, 0, 0, 1000 + i, 0.0, "2026-12-02T00:00:00.000000Z")
+            for i in range(1, n + 1)]
+
+
+def err(code: int, **kwargs) -> KafkaError:
+    return KafkaError(code, **kwargs)
+
+
+def test_each_report_fills_its_bucket(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, None, None)
+    batch.report(2, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE, reason="too big"), None)
+    batch.report(3, 0.0, err(KafkaError._UNKNOWN_TOPIC, reason="no topic"), None)
+    batch.report(4, 0.0, err(KafkaError._MSG_TIMED_OUT, reason="first"), None)
+    batch.report(5, 0.0, err(KafkaError._MSG_TIMED_OUT, reason="second"), None)
+    batch.report(6, 0.0, err(KafkaError.TOPIC_AUTHORIZATION_FAILED, reason="a"), None)
+    batch.report(7, 0.0, err(KafkaError.TOPIC_AUTHORIZATION_FAILED, reason="b"), None)
+    out = batch.out
+    assert out.delivered == [1] and len(out.ages) == 1 and out.ages[0] > 0
+    assert out.rejected == {2: "MSG_SIZE_TOO_LARGE: too big"}
+    assert out.retry == {3: "_UNKNOWN_TOPIC: no topic"}
+    assert out.transient_error == "_MSG_TIMED_OUT: first"  # the first one says why
+    assert out.systemic_error == "TOPIC_AUTHORIZATION_FAILED: b"
+    assert out.producer_error is None and batch.reported == 7
+
+
+def test_the_first_producer_error_is_kept_and_ends_the_wait_before_every_row_is_produced(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, err(KafkaError._FENCED, reason="fenced"), None)
+    batch.report(2, 0.0, err(KafkaError.UNKNOWN, reason="later", fatal=True), None)
+    settle(loop)
+    assert batch.out.producer_error == "_FENCED: fenced"
+    assert batch.done.done() and not batch.produced_all
+
+
+def test_the_wait_ends_when_the_last_report_meets_the_handed_count(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, None, None)
+    batch.produced(2)  # two handed, one reported: not done
+    settle(loop)
+    assert not batch.done.done()
+    batch.report(2, 0.0, None, None)
+    settle(loop)
+    assert batch.done.done()
+
+
+def test_every_report_in_before_the_rows_are_all_produced_ends_the_wait_at_once(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, None, None)
+    batch.produced(1)
+    assert batch.done.done()  # no round trip through the loop
+
+
+def test_reports_on_the_delivery_thread_wake_the_waiting_loop():
+    async def main() -> Batch:
+        batch = Batch(asyncio.get_running_loop())
+        batch.produced(50)
+        threads = [threading.Thread(target=batch.report, args=(i, 0.0, None, None)) for i in range(1, 51)]
+        for t in threads:
+            t.start()
+        await asyncio.wait_for(batch.done, 5)
+        for t in threads:
+            t.join(5)
+        return batch
+    batch = asyncio.run(main())
+    assert sorted(batch.out.delivered) == list(range(1, 51)) and batch.reported == 50
+
+
+def test_close_says_unconfirmed_when_a_handed_record_was_not_reported_and_later_reports_change_nothing(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, None, None)
+    batch.produced(3)
+    assert batch.close() is True
+    batch.report(2, 0.0, err(KafkaError._PURGE_QUEUE), None)  # the purge reports the rest: ignored
+    batch.report(3, 0.0, None, None)
+    assert batch.reported == 1 and batch.out.delivered == [1] and batch.out.transient_error is None
+
+
+def test_close_before_the_rows_were_all_produced_is_not_unconfirmed(loop):
+    batch = Batch(loop)  # the loop raised (say, cancelled) before produced()
+    batch.report(1, 0.0, None, None)
+    assert batch.close() is False
+
+
+def test_close_when_every_handed_record_was_reported(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, err(KafkaError._MSG_TIMED_OUT), None)
+    batch.produced(1)
+    assert batch.close() is False
+
+
+def test_release_puts_back_every_unsettled_row_in_order_and_counts_the_handed_ones_unconfirmed(loop):
+    batch = Batch(loop)
+    batch.report(2, 0.0, None, None)
+    batch.report(3, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.report(4, 0.0, err(KafkaError._UNKNOWN_TOPIC), None)
+    batch.report(5, 0.0, err(KafkaError._MSG_TIMED_OUT), None)  # handed, reported, released
+    batch.produced(5)  # 1 and 6 were handed, never reported; 7 and 8 were not handed
+    batch.close()
+    batch.release(rows(8), unhanded={7, 8})
+    out = batch.out
+    assert out.released == [1, 5, 6, 7, 8]
+    assert out.unconfirmed == 3  # 1, 5, 6: the broker may have them; 7, 8 never left the worker
+
+
+def test_a_poison_row_is_rejected_not_released_and_not_unconfirmed(loop):
+    batch = Batch(loop)
+    batch.out.rejected[2] = "headers are not valid JSON"  # the loop's own verdict: never handed
+    batch.report(1, 0.0, None, None)
+    batch.produced(1)
+    batch.close()
+    batch.release(rows(3), unhanded={2, 3})
+    assert batch.out.released == [3] and batch.out.unconfirmed == 0
+
+
+def test_release_when_every_row_is_delivered_releases_nothing(loop):
+    batch = Batch(loop)
+    for i in (1, 2):
+        batch.report(i, 0.0, None, None)
+    batch.produced(2)
+    batch.close()
+    batch.release(rows(2), unhanded=set())
+    assert batch.out.released == [] and batch.out.unconfirmed == 0
+
+
+def test_the_batch_trace_sees_each_report_once_and_none_after_close(loop):
+    seen = []
+
+    class Trace:
+        def reported(self, event_id, error, msg):
+            seen.append((event_id, error.name() if error else None, msg))
+    batch = Batch(loop)
+    batch.trace = Trace()
+    batch.report(1, 0.0, None, "msg-1")
+    batch.report(2, 0.0, err(KafkaError._MSG_TIMED_OUT), None)
+    batch.produced(3)
+    batch.close()
+    batch.report(3, 0.0, None, "late")
+    assert seen == [(1, None, "msg-1"), (2, "_MSG_TIMED_OUT", None)]

@@ -7,26 +7,22 @@ import psycopg
 
 from kaireon_pub import Event, enqueue, enqueue_many
 from tests.helpers import (
-    TopicReader,
     event_ids,
     metric_value,
     run_cli,
     status_counts,
-    tier_env,
     wait_for,
 )
 
 
-def test_zombie_worker_mark_changes_nothing(db_url, restartable_broker, topic, tmp_path, run_tier):
+def test_zombie_worker_mark_changes_nothing(db_url, restartable_broker, topic, start_tier, topic_reader):
     broker = restartable_broker
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     # A long message timeout keeps the zombie's messages alive across its pause, so it does
     # come back with delivery reports and tries to mark.
     slow = {"KAFKA_MESSAGE_TIMEOUT_MS": "60000", "OUTBOX_WORKER_TIMEOUT_SECONDS": "90",
             "OUTBOX_REAPER_STALENESS_SECONDS": "120"}
-    env_a = tier_env(db_url, broker.bootstrap, tmp_path / "a", **slow)
-    tier_a = run_tier(env_a, name="a")
+    tier_a = start_tier(name="a", bootstrap=broker.bootstrap, **slow)
+    env_a = tier_a.env
     port_a = tier_a.http_port()
     with psycopg.connect(db_url, autocommit=True) as conn:
         enqueue(conn, topic=topic, key="warm-up", payload={})
@@ -45,7 +41,8 @@ def test_zombie_worker_mark_changes_nothing(db_url, restartable_broker, topic, t
         os.kill(broker.process.pid, signal.SIGCONT)
     try:
         with psycopg.connect(db_url, autocommit=True) as conn:
-            token = conn.execute("SELECT DISTINCT claim_token FROM outbox_events WHERE status = 'processing'").fetchall()
+            token = conn.execute(
+                "SELECT DISTINCT claim_token FROM outbox_events WHERE status = 'processing'").fetchall()
             assert len(token) == 1
             # Time passes for the claim (backdated rather than slept for) and for A's lease.
             conn.execute("UPDATE outbox_events SET updated_at = clock_timestamp() - interval '200 seconds' "
@@ -58,7 +55,7 @@ def test_zombie_worker_mark_changes_nothing(db_url, restartable_broker, topic, t
             conn.execute("UPDATE outbox_workers SET expires_at = clock_timestamp() - interval '1 second'")
 
         # The new owner takes the shards, re-claims and publishes.
-        tier_b = run_tier(tier_env(db_url, broker.bootstrap, tmp_path / "b"), name="b")
+        tier_b = start_tier(name="b", bootstrap=broker.bootstrap)
         wait_for(lambda: status_counts(db_url) == {"published": 6}, 60, "the new owner publishes")
         with psycopg.connect(db_url, autocommit=True) as conn:
             before = conn.execute("SELECT id, status, published_at FROM outbox_events WHERE id = ANY(%s) ORDER BY id",
@@ -75,8 +72,6 @@ def test_zombie_worker_mark_changes_nothing(db_url, restartable_broker, topic, t
     assert after == before
     assert all(status == "published" for _, status, _ in after)
     assert any(line.get("event") == "lease lost" for line in tier_a.logs())
-    reader = TopicReader(broker.bootstrap, topic)
-    reader.read_until(lambda msgs: set(ids) <= set(event_ids(msgs)), timeout=60)
-    reader.close()
+    topic_reader(topic, bootstrap=broker.bootstrap).read_ids(ids, timeout=60)
     assert tier_b.stop() == 0
     assert tier_a.stop() == 0

@@ -9,6 +9,14 @@ package; every e2e test skips, with the reason, when it is not installed): `help
 them its URL, OUTBOX_POOL_MODE=transaction and the direct URL as OUTBOX_LISTEN_DATABASE_URL; the
 tests' own connections stay direct. `make test` runs the e2e suite a second time that way. A test
 marked `not_via_pgbouncer("why")` is skipped then, with that reason.
+
+With KAIREON_TEST_BROKER=kafka (or --broker=kafka), the session's `broker` and `restartable_broker`
+are a real Apache Kafka 4.4 node (kaireon_pub.devkafka.KafkaBroker: KRaft, a JVM of its own) instead
+of Tansu, with the same surface; as Tansu's, a Kafka `start()` after `stop()` (and `restart()`) comes
+back empty. A test marked `tansu_only("why")` is skipped then, with that reason; `make test` runs the
+e2e suite a third time that way. Whichever the broker, `kafka_cluster` (three Kafka nodes, replication
+factor 3, min.insync.replicas=2) and `kafka_sasl` (one node with a SASL_SSL listener, SCRAM-SHA-512
+over TLS) are session fixtures; every Kafka fixture skips, with the reason, without Java or Maven.
 """
 
 from __future__ import annotations
@@ -26,31 +34,55 @@ from tests import pgbouncer as pgbouncer_binary
 
 TEMPLATE = f"kaireon_tpl_{uuid.uuid4().hex[:8]}"
 VIA_PGBOUNCER = "KAIREON_TEST_VIA_PGBOUNCER"
+TEST_BROKER = "KAIREON_TEST_BROKER"
+BROKERS = ("tansu", "kafka")
 E2E = os.path.join(os.path.dirname(__file__), "e2e") + os.sep
 
 
 def pytest_addoption(parser) -> None:
     parser.addoption("--via-pgbouncer", action="store_true",
                      help=f"the e2e tests' tiers through a real PgBouncer in transaction mode (as {VIA_PGBOUNCER}=1)")
+    parser.addoption("--broker", choices=BROKERS, default=None,
+                     help=f"the session's broker: tansu (the default) or a real Apache Kafka (as {TEST_BROKER}=kafka)")
 
 
 def via_pgbouncer(config) -> bool:
     return bool(config.getoption("via_pgbouncer")) or os.environ.get(VIA_PGBOUNCER, "") not in ("", "0")
 
 
+def broker_kind(config) -> str:
+    kind = config.getoption("broker") or os.environ.get(TEST_BROKER, "").strip().lower() or "tansu"
+    if kind not in BROKERS:
+        raise pytest.UsageError(f"{TEST_BROKER}={kind!r}: one of {', '.join(BROKERS)}")
+    return kind
+
+
 def is_e2e(item) -> bool:
     return str(item.path).startswith(E2E)
 
 
-def pytest_report_header(config) -> str | None:
-    if not via_pgbouncer(config):
-        return None
-    if pgbouncer_binary.binary() is None:
-        return f"{VIA_PGBOUNCER}: the e2e tests skip: {pgbouncer_binary.SKIP_REASON}"
-    return f"{VIA_PGBOUNCER}: the e2e tests' tiers go through PgBouncer (pool_mode=transaction)"
+def pytest_report_header(config) -> list[str]:
+    lines = []
+    if broker_kind(config) == "kafka":
+        from kaireon_pub import devkafka
+
+        reason = devkafka.unavailable()
+        lines.append(f"{TEST_BROKER}=kafka: " + (f"the tests that need a broker skip: {reason}" if reason else
+                     f"the session's broker is Apache Kafka {devkafka.KAFKA_VERSION} (one KRaft node)"))
+    if via_pgbouncer(config):
+        if pgbouncer_binary.binary() is None:
+            lines.append(f"{VIA_PGBOUNCER}: the e2e tests skip: {pgbouncer_binary.SKIP_REASON}")
+        else:
+            lines.append(f"{VIA_PGBOUNCER}: the e2e tests' tiers go through PgBouncer (pool_mode=transaction)")
+    return lines
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    if broker_kind(config) == "kafka":
+        for item in items:
+            marker = item.get_closest_marker("tansu_only")
+            if marker is not None:
+                item.add_marker(pytest.mark.skip(reason=f"Tansu only: {marker.args[0]}"))
     if not via_pgbouncer(config):
         return
     missing = pgbouncer_binary.binary() is None
@@ -122,23 +154,64 @@ def db(db_url) -> Iterator[psycopg.Connection]:
         yield conn
 
 
-@pytest.fixture(scope="session")
-def broker() -> Iterator[object]:
+def _kafka_or_skip() -> None:
+    from kaireon_pub import devkafka
+
+    reason = devkafka.unavailable()
+    if reason is not None:
+        pytest.skip(f"no Apache Kafka here: {reason}")
+
+
+def _broker(request, workdir) -> Iterator[object]:
+    """Tansu, or one Kafka node under KAIREON_TEST_BROKER=kafka; stopped at the end either way."""
+    if broker_kind(request.config) == "kafka":
+        from kaireon_pub.devkafka import KafkaBroker
+
+        _kafka_or_skip()
+        b = KafkaBroker(workdir)
+        yield b
+        b.close()
+        return
     from kaireon_pub.devenv import Broker
 
     b = Broker()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(request, tmp_path_factory) -> Iterator[object]:
+    yield from _broker(request, tmp_path_factory.mktemp("kafka"))
 
 
 @pytest.fixture
-def restartable_broker() -> Iterator[object]:
-    """A broker of the test's own, for tests that stop or restart it."""
-    from kaireon_pub.devenv import Broker
+def restartable_broker(request, tmp_path) -> Iterator[object]:
+    """A broker of the test's own, for tests that stop or restart it (with Kafka: started again empty)."""
+    yield from _broker(request, tmp_path / "kafka")
 
-    b = Broker()
-    yield b
-    b.stop()
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory) -> Iterator[object]:
+    """Three Kafka nodes (KRaft, each a controller and a broker): replication factor 3,
+    min.insync.replicas=2. A test that stops or kills a node starts it again before it ends."""
+    from kaireon_pub.devkafka import KafkaCluster
+
+    _kafka_or_skip()
+    cluster = KafkaCluster(3, workdir=tmp_path_factory.mktemp("kafka-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_sasl(tmp_path_factory) -> Iterator[object]:
+    """One Kafka node with a PLAINTEXT and a SASL_SSL listener (SCRAM-SHA-512 over TLS, the CA in
+    `ca_file`, the users and their passwords in `users`; `sasl_client_config(user)`)."""
+    from kaireon_pub.devkafka import KafkaCluster
+
+    _kafka_or_skip()
+    cluster = KafkaCluster(1, sasl_ssl=True, workdir=tmp_path_factory.mktemp("kafka-sasl"))
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

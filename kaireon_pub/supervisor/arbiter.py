@@ -24,6 +24,7 @@ from kaireon_pub.errors import ExitCode, new_error_id
 from kaireon_pub.redact import redacted_producer_config
 from kaireon_pub.settings import Settings
 from kaireon_pub.supervisor import liveness, preflight
+from kaireon_pub.supervisor.heartbeat import Heartbeat
 
 log = logging.getLogger("kaireon_pub.supervisor")
 
@@ -38,11 +39,13 @@ class Child:
     slot: int  # -1 for the HTTP process
     pid: int
     worker_id: uuid.UUID
-    heartbeat: object  # the temporary file whose ctime the worker bumps
+    heartbeat: Heartbeat
     started: float
-    baseline_ctime: float = 0.0
-    beat_seen: bool = False
     kill_at: float | None = None
+
+    @property
+    def beat_seen(self) -> bool:
+        return self.heartbeat.seen
 
 
 @dataclass
@@ -193,7 +196,7 @@ class Arbiter:
     def spawn_worker(self, slot: int) -> None:
         state = self.slots[slot]
         worker_id = uuid.uuid4()
-        heartbeat = tempfile.TemporaryFile(prefix="kaireon-hb-")
+        heartbeat = Heartbeat()
         dead = list(state.dead_worker_ids)
         pid = os.fork()
         if pid == 0:
@@ -211,8 +214,7 @@ class Arbiter:
                 logging.shutdown()
                 os._exit(code)
         state.dead_worker_ids = []
-        self.children[pid] = Child(slot, pid, worker_id, heartbeat, time.monotonic(),
-                                   baseline_ctime=os.fstat(heartbeat.fileno()).st_ctime)
+        self.children[pid] = Child(slot, pid, worker_id, heartbeat, time.monotonic())
         log.info("worker spawned", extra={"event": "worker spawned", "slot": slot, "workerPid": pid,
                                           "workerId": str(worker_id)})
 
@@ -245,10 +247,7 @@ class Arbiter:
         os.close(self._wake_r)
         os.close(self._wake_w)
         for child in self.children.values():
-            try:
-                child.heartbeat.close()
-            except OSError:
-                pass
+            child.heartbeat.close()
 
     def _stop_http(self) -> None:
         """SIGTERM to the HTTP child (again on each pass), then SIGKILL if it has not exited
@@ -363,12 +362,6 @@ class Arbiter:
         if self.http_pid is None and now >= self.http_respawn_at:
             self._spawn_http()
 
-    def _heartbeat_age(self, child: Child) -> float:
-        ctime = os.fstat(child.heartbeat.fileno()).st_ctime
-        if ctime != child.baseline_ctime:
-            child.beat_seen = True
-        return time.time() - ctime
-
     def murder_hung_workers(self) -> None:
         now = time.monotonic()
         for child in self._workers():
@@ -376,7 +369,7 @@ class Arbiter:
                 if now >= child.kill_at:
                     self._signal(child.pid, signal.SIGKILL)
                 continue
-            age = self._heartbeat_age(child)
+            age = child.heartbeat.age()
             limit = self.settings.worker_timeout_seconds
             if not child.beat_seen:
                 limit = max(limit, BOOT_WINDOW_S * 3)
@@ -391,7 +384,7 @@ class Arbiter:
     def update_liveness(self) -> None:
         workers = self._workers()
         fresh = [c for c in workers
-                 if c.kill_at is None and self._heartbeat_age(c) <= self.settings.worker_timeout_seconds
+                 if c.kill_at is None and c.heartbeat.age() <= self.settings.worker_timeout_seconds
                  and c.beat_seen]
         self.metrics.WORKERS_ALIVE.set(len(fresh))
         if len(fresh) == len(self.slots):

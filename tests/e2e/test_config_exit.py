@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from kaireon_pub import enqueue
-from tests.helpers import TopicReader, event_ids, pooled, run_cli, status_counts, tier_env, wait_for
+from tests.helpers import event_ids, pooled, run_cli, status_counts, wait_for
 
 # An address where nothing listens: the process must not even try it.
 UNREACHABLE = {"DATABASE_URL": "postgresql://u:pw-sentinel-77@10.255.255.1:1/x",
@@ -83,9 +83,8 @@ def _exit_within(tier, timeout: float) -> int | None:
         return None
 
 
-def test_kubernetes_service_link_variables_leave_the_tier_running(db_url, broker, topic, tmp_path, run_tier):
-    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2", **KAFKA_SERVICE_LINKS)
-    tier = run_tier(env)
+def test_kubernetes_service_link_variables_leave_the_tier_running(db_url, topic, start_tier, topic_reader):
+    tier = start_tier(OUTBOX_WORKERS="2", **KAFKA_SERVICE_LINKS)
     with psycopg.connect(db_url) as conn:
         event_id = enqueue(conn, topic=topic, key="k", payload={"x": 1})
         conn.commit()
@@ -94,15 +93,12 @@ def test_kubernetes_service_link_variables_leave_the_tier_running(db_url, broker
     problems = [line for line in tier.logs() if line.get("event") in ("config invalid", "worker crashed")]
     assert tier.proc.poll() is None, f"the tier exited {tier.proc.poll()}: {problems[:2]}"
     assert problems == [], problems[:2]
-    reader = TopicReader(broker.bootstrap, topic)
-    assert event_ids(reader.read_count(1, timeout=30)) == [event_id]
-    reader.close()
+    assert event_ids(topic_reader(topic).read_count(1, timeout=30)) == [event_id]
     assert tier.stop() == 0
 
 
-def test_unknown_librdkafka_property_exits_2_before_any_worker_is_spawned(pg, tmp_path, run_tier):
-    env = tier_env(pg.url("postgres"), "127.0.0.1:1", tmp_path, OUTBOX_WORKERS="2", KAFKA_NOT_A_REAL_KEY="1")
-    tier = run_tier(env)
+def test_unknown_librdkafka_property_exits_2_before_any_worker_is_spawned(pg, tmp_path, start_tier):
+    tier = start_tier(db_url=pg.url("postgres"), bootstrap="127.0.0.1:1", OUTBOX_WORKERS="2", KAFKA_NOT_A_REAL_KEY="1")
     code = _exit_within(tier, 60)
     assert code == 2, f"exit {code}"
     lines = tier.logs()
@@ -117,8 +113,8 @@ def test_unknown_librdkafka_property_exits_2_before_any_worker_is_spawned(pg, tm
     "postgresql://app:S3cretPW@[::1",
     "host=127.0.0.1 port=notaport user=app password=S3cretPW",
 ], ids=["unclosed-bracket", "port-not-a-number"])
-def test_malformed_database_url_exits_2_before_any_worker_naming_it_without_the_password(dsn, tmp_path, run_tier):
-    tier = run_tier(tier_env(dsn, "127.0.0.1:1", tmp_path, OUTBOX_WORKERS="2"))
+def test_malformed_database_url_exits_2_before_any_worker_naming_it_without_the_password(dsn, start_tier):
+    tier = start_tier(db_url=dsn, bootstrap="127.0.0.1:1", OUTBOX_WORKERS="2")
     code = _exit_within(tier, 30)
     if code is None:
         tier.stop()
@@ -131,13 +127,13 @@ def test_malformed_database_url_exits_2_before_any_worker_naming_it_without_the_
     assert [line for line in lines if line.get("event") == "worker spawned"] == []
 
 
-def test_an_unknown_database_role_exits_3_within_two_minutes_with_the_servers_reason(pg, tmp_path, run_tier):
+def test_an_unknown_database_role_exits_3_within_two_minutes_with_the_servers_reason(pg, start_tier):
     role = f"nobody_{uuid.uuid4().hex[:8]}"
     dsn = psycopg.conninfo.make_conninfo(pg.url("postgres"), user=role)
     # Through PgBouncer (KAIREON_TEST_VIA_PGBOUNCER; auth_type=trust) the pooler refuses the role
     # itself: it is not in PgBouncer's auth_file.
     reason = '"trust" authentication failed' if pooled(dsn) else f'role "{role}" does not exist'
-    tier = run_tier(tier_env(dsn, "127.0.0.1:1", tmp_path, OUTBOX_POLL_INTERVAL_MS="10"))
+    tier = start_tier(db_url=dsn, bootstrap="127.0.0.1:1", OUTBOX_POLL_INTERVAL_MS="10")
     code = _exit_within(tier, 120)
     failures = [line for line in tier.logs() if line.get("msg") == "outbox-publisher tick failed"]
     assert code == 3, (f"exit {code} after 120 s; {len(failures)} tick failures, "

@@ -14,17 +14,15 @@ import psycopg
 from kaireon_pub import Event, enqueue_many
 from kaireon_pub.db import partitions as parts
 from tests.helpers import (
-    TopicReader,
     assert_per_key_order,
     event_ids,
     metric_value,
-    tier_env,
     wait_for,
 )
 
 
 def test_drain_across_a_partition_boundary_keeps_key_order_and_retention_drops_only_what_may_go(
-        pdb_url, broker, topic, tmp_path, run_tier):
+        pdb_url, topic, start_tier, topic_reader):
     with psycopg.connect(pdb_url, autocommit=True) as conn:
         floor = parts.floor(conn.execute("SELECT clock_timestamp()").fetchone()[0], "hourly")
         previous = floor - timedelta(hours=1)
@@ -53,11 +51,9 @@ def test_drain_across_a_partition_boundary_keeps_key_order_and_retention_drops_o
                                   "WHERE id <> %s GROUP BY 1", (stuck,)).fetchall())
     assert where == {prev_name: 500, parts.partition_name(floor, "hourly"): 500}
 
-    env = tier_env(pdb_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2", OUTBOX_RETENTION_SECONDS="1",
-                   OUTBOX_PURGE_INTERVAL_SECONDS="1")
-    tier = run_tier(env)
-    reader = TopicReader(broker.bootstrap, topic)
-    messages = reader.read_until(lambda ms: set(committed) <= set(event_ids(ms)), timeout=90)
+    tier = start_tier(db_url=pdb_url, OUTBOX_WORKERS="2", OUTBOX_RETENTION_SECONDS="1",
+                      OUTBOX_PURGE_INTERVAL_SECONDS="1")
+    messages = topic_reader(topic).read_until(lambda ms: set(committed) <= set(event_ids(ms)), timeout=90)
     assert set(event_ids(messages)) >= set(committed)  # no event lost
     assert stuck not in event_ids(messages)
     assert_per_key_order(messages)
@@ -79,4 +75,3 @@ def test_drain_across_a_partition_boundary_keeps_key_order_and_retention_drops_o
         left = dict(conn.execute("SELECT status, count(*) FROM outbox_events GROUP BY 1").fetchall())
         assert left == {"published": 500, "pending": 1}  # the current partition's rows, and the stuck one
     assert tier.stop() == 0
-    reader.close()

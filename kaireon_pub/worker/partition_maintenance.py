@@ -20,6 +20,7 @@ from kaireon_pub.db import partitions
 from kaireon_pub.db.connect import connect
 from kaireon_pub.errors import new_error_id
 from kaireon_pub.settings import Settings
+from kaireon_pub.worker.lifecycle import every
 
 log = logging.getLogger("kaireon_pub.worker.partitions")
 
@@ -43,24 +44,29 @@ def publish_gauges(found: list[partitions.Partition], now) -> None:
     metrics.OLDEST_PARTITION_AGE.set(max(0.0, (now - min(starts)).total_seconds()) if starts else 0)
 
 
+async def partitions_once(settings: Settings, role: str) -> float | None:
+    """One round, in a thread; the pause before the next, or None on a plain table."""
+    started = time.monotonic()
+    report = await asyncio.to_thread(one_round, settings, role)
+    if report is None:
+        return None
+    for error in report.errors:
+        log.warning(f"partition maintenance: {error}", extra={
+            "event": "partition maintenance failed", "errorId": new_error_id(), "isTransient": True})
+    if report.created or report.dropped:
+        # Not `created`: a LogRecord attribute, which `extra` may not overwrite (KeyError).
+        log.info("partition maintenance", extra={
+            "event": "partition maintenance", "partitionsCreated": report.created,
+            "partitionsDropped": report.dropped, "partitionsKept": len(report.kept),
+            "durationMs": round((time.monotonic() - started) * 1000)})
+    return settings.purge_interval_seconds
+
+
 async def partitions_loop(settings: Settings, role: str, stopping: Callable[[], bool]) -> None:
-    while not stopping():
-        started = time.monotonic()
-        try:
-            report = await asyncio.to_thread(one_round, settings, role)
-            if report is None:
-                return
-            for error in report.errors:
-                log.warning(f"partition maintenance: {error}", extra={
-                    "event": "partition maintenance failed", "errorId": new_error_id(), "isTransient": True})
-            if report.created or report.dropped:
-                # Not `created`: a LogRecord attribute, which `extra` may not overwrite (KeyError).
-                log.info("partition maintenance", extra={
-                    "event": "partition maintenance", "partitionsCreated": report.created,
-                    "partitionsDropped": report.dropped, "partitionsKept": len(report.kept),
-                    "durationMs": round((time.monotonic() - started) * 1000)})
-        except Exception as exc:  # noqa: BLE001 - maintenance must never stop the publisher
-            log.error(f"partition maintenance failed: {type(exc).__name__}: {exc}",
-                      extra={"event": "partition maintenance failed", "errorId": new_error_id(),
-                             "isTransient": True})
-        await asyncio.sleep(settings.purge_interval_seconds)
+    def failed(exc: Exception) -> float:  # maintenance must never stop the publisher
+        log.error(f"partition maintenance failed: {type(exc).__name__}: {exc}",
+                  extra={"event": "partition maintenance failed", "errorId": new_error_id(),
+                         "isTransient": True})
+        return settings.purge_interval_seconds
+
+    await every(lambda: partitions_once(settings, role), stopping, on_error=failed)

@@ -1,0 +1,88 @@
+"""The claim horizon and what the worker remembers of it.
+
+The claim takes no row of a transaction that may still commit rows before it (claim_horizon).
+A transaction open longer than OUTBOX_HORIZON_MAX_WAIT_MS is passed over: the horizon stops
+waiting for it, and the worker remembers its xid, to rescan from it once it ends (its rows, if it
+committed any, sit behind the cursors). Running xids whose session the tier cannot see (a prepared
+transaction, another database's session) are timed here, from when they were first seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import psycopg
+
+from kaireon_pub import metrics
+from kaireon_pub.db.queries import Q
+from kaireon_pub.worker.scan import ShardScan
+
+log = logging.getLogger("kaireon_pub.worker")
+
+MAX_PASSED_OVER = 10_000  # passed-over transactions remembered one by one
+
+
+class Horizon:
+    def __init__(self, max_wait_ms: int, scan: ShardScan, clock: Callable[[], float] = time.monotonic):
+        self.max_wait_ms = max_wait_ms
+        self.scan = scan
+        self.clock = clock
+        self.passed_over: dict[int, float] = {}  # xids the horizon stopped waiting for -> when
+        self.unknown_since: dict[int, float] = {}  # running xids with no visible session -> first seen
+        self.unknown_passed: list[int] = []
+
+    async def read(self, conn: psycopg.AsyncConnection) -> str:
+        """The claim horizon now; remembers the transactions it stopped waiting for, and rescans
+        from the xid of each of those that has ended since."""
+        now = self.clock()
+        pass_over = self.due_to_pass(now)
+        cur = await conn.execute(Q.claim_horizon, {"max_wait_ms": self.max_wait_ms,
+                                                   "remembered": list(self.passed_over), "pass_over": pass_over})
+        horizon, held_for, bypassed, unknown, ended = await cur.fetchone()
+        fresh = self.absorb(now, held_for, bypassed, unknown, ended)
+        if fresh:
+            self.remember(fresh)
+            await self._report(conn, fresh)
+        return str(horizon)
+
+    def due_to_pass(self, now: float) -> list[int]:
+        """The unknown xids waited for OUTBOX_HORIZON_MAX_WAIT_MS: the horizon passes them now."""
+        wait_s = self.max_wait_ms / 1000
+        self.unknown_passed = [x for x, seen in self.unknown_since.items() if now - seen >= wait_s]
+        return self.unknown_passed
+
+    def absorb(self, now: float, held_for: float | None, bypassed: list[int], unknown: list[int],
+               ended: list[int]) -> list[int]:
+        """One horizon reading: times the unknown xids, rewinds every cursor to the xids passed over
+        that have ended; returns the xids passed over for the first time."""
+        self.unknown_since = {x: self.unknown_since.get(x, now) for x in unknown}
+        metrics.HORIZON_AGE.set(max(0.0, held_for or 0.0))
+        for xid in ended:
+            # Its rows (if it committed any) sit behind the cursors: look again from its xid.
+            self.passed_over.pop(xid, None)
+            for shard in list(self.scan.cursors):
+                self.scan.rewind(shard, (xid, 0))
+        return [xid for xid in bypassed if xid not in self.passed_over]
+
+    def remember(self, xids: list[int]) -> None:
+        if len(self.passed_over) + len(xids) > MAX_PASSED_OVER:
+            # Too many to track one by one: a full rescan of every shard finds their rows.
+            self.passed_over.clear()
+            self.scan.full_rescan_now()
+        now = self.clock()
+        for xid in xids:
+            self.passed_over[xid] = now
+        metrics.HORIZON_BYPASSED.inc(len(xids))
+
+    async def _report(self, conn: psycopg.AsyncConnection, xids: list[int]) -> None:
+        cur = await conn.execute(Q.horizon_holders, {"max_wait_ms": self.max_wait_ms,
+                                                     "pass_over": self.unknown_passed})
+        holders = [h for h in await cur.fetchall() if h[4]]
+        for pid, gid, database, application, _bypassed, age in holders[:5]:
+            log.warning("the claim stopped waiting for a transaction open longer than OUTBOX_HORIZON_MAX_WAIT_MS; "
+                        "its rows are published when it ends", extra={
+                            "event": "horizon bypass", "xids": xids, "holderPid": pid, "holderGid": gid,
+                            "database": database, "application": application,
+                            "ageSeconds": round(age or 0.0, 1)})

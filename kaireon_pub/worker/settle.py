@@ -1,0 +1,155 @@
+"""Settling a published batch: its marks, then what they mean for the scan and the counters.
+
+Every event of a batch ends delivered (marked published or deleted), rejected (failed), to retry
+(pending again with a back-off), or released (pending again now). In status mode each mark lands
+only while the claim's token stands (a reaped or handed-over claim counts as lease lost); in lock
+mode the caller's open transaction holds the rows. A batch whose marks fail after delivery is kept
+(`unsettled`) and settled again before the next claim, instead of being left to the reaper (and to
+duplicates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+
+import psycopg
+import psycopg_pool
+
+from kaireon_pub import metrics
+from kaireon_pub.db.queries import Q, int_array
+from kaireon_pub.errors import SystemicError, TransientError
+from kaireon_pub.settings import Settings
+from kaireon_pub.worker.health import ProducerHealth
+from kaireon_pub.worker.kafka.outcome import BatchOutcome
+from kaireon_pub.worker.rows import Row, TickResult
+from kaireon_pub.worker.scan import ShardScan
+
+log = logging.getLogger("kaireon_pub.worker")
+
+
+class Settler:
+    def __init__(self, settings: Settings, scan: ShardScan, health: ProducerHealth):
+        self.settings = settings
+        self.scan = scan
+        self.health = health
+        self.unsettled: tuple[uuid.UUID, list[Row], BatchOutcome] | None = None
+
+    async def write_outcome(self, conn: psycopg.AsyncConnection, token: uuid.UUID | None,
+                            rows: list[Row], outcome: BatchOutcome) -> tuple[TickResult, list[tuple]]:
+        """The marks of one batch. With a token (status mode) each lands only while the claim stands;
+        without one (lock mode) the caller's open transaction holds the rows."""
+        s = self.settings
+        locked = token is None
+        result = TickResult(claimed=len(rows))
+        retry_rows: list[tuple] = []
+        if outcome.delivered:
+            if locked:
+                query = Q.delete_published_locked if s.delete_on_publish else Q.mark_published_locked
+            else:
+                query = Q.delete_published if s.delete_on_publish else Q.mark_published
+            cur = await conn.execute(query, {"ids": int_array(outcome.delivered), "token": token})
+            result.published = cur.rowcount
+            result.lease_lost = len(outcome.delivered) - cur.rowcount
+        failed_ids = list(outcome.rejected) + list(outcome.retry)
+        if failed_ids:
+            cur = await conn.execute(Q.mark_retry_locked if locked else Q.mark_retry, {
+                "ids": failed_ids,
+                "errors": [outcome.rejected.get(i) or outcome.retry.get(i) for i in failed_ids],
+                "permanent": [i in outcome.rejected for i in failed_ids],
+                "max_attempts": s.max_attempts, "backoff_base_ms": s.backoff_base_ms,
+                "backoff_max_ms": s.backoff_max_ms, "token": token,
+            })
+            retry_rows = await cur.fetchall()
+        if outcome.released and not locked:
+            await conn.execute(Q.release_claimed, {"ids": int_array(outcome.released), "token": token})
+        return result, retry_rows
+
+    async def settle(self, pool: psycopg_pool.AsyncConnectionPool, token: uuid.UUID, rows: list[Row],
+                     outcome: BatchOutcome) -> TickResult:
+        try:
+            async with pool.connection() as conn:
+                # A transaction only when there are several statements: all delivered is one mark.
+                several = outcome.released or outcome.rejected or outcome.retry
+                async with conn.transaction() if several else contextlib.nullcontext():
+                    result, retry_rows = await self.write_outcome(conn, token, rows, outcome)
+        except Exception:
+            # Delivered but not marked: keep the outcome and settle it before the next claim,
+            # instead of leaving the rows to the reaper (and to duplicates).
+            self.unsettled = (token, rows, outcome)
+            raise
+        self.unsettled = None
+        self.after_settle(rows, outcome, retry_rows, result)
+        return result
+
+    async def settle_again(self, pool: psycopg_pool.AsyncConnectionPool, error_id: str | None) -> None:
+        token, rows, outcome = self.unsettled
+        log.info("settling a batch left unmarked by a failed tick",
+                 extra={"event": "settle retry", "errorId": error_id, "events": len(rows)})
+        await self.settle(pool, token, rows, outcome)
+
+    def after_settle(self, rows: list[Row], outcome: BatchOutcome, retry_rows: list[tuple],
+                     result: TickResult) -> None:
+        """The marks' consequences: retries counted and rescanned when due, cursors moved back to
+        the rows behind them, the counters, the producer's health; the batch's error raised."""
+        self._note_retries(retry_rows, result)
+        self._rewind(rows, outcome)
+        result.released = len(outcome.released)
+        self._count(result, outcome)
+        self.health.after_batch(outcome)
+        raise_for(outcome)
+
+    def _note_retries(self, retry_rows: list[tuple], result: TickResult) -> None:
+        for _event_id, status, shard, _xid, due_in in retry_rows:
+            if status == "failed":
+                result.failed += 1
+            else:
+                result.retried += 1
+                if not self.scan.strict:
+                    # Relaxed ordering: the key keeps flowing past this event; count the skip.
+                    metrics.ORDER_VIOLATIONS.inc()
+                # A retry waits behind this worker's cursor: rescan its shard when it is due.
+                self.scan.rescan_after(shard, due_in)
+
+    def _rewind(self, rows: list[Row], outcome: BatchOutcome) -> None:
+        # Rows back in pending (released), and successors of a settled retry that the claim held
+        # back, sit behind the cursor: move the cursor back to them.
+        if outcome.released:
+            by_id = {r.id: r for r in rows}
+            for event_id in outcome.released:
+                row = by_id[event_id]
+                self.scan.rewind(row.shard, (row.xid, row.id - 1))
+        rejected = outcome.rejected
+        for row in rows:
+            # Settled after a retry, or rejected now: later events of its key may be waiting.
+            if row.attempts > 0 or row.id in rejected:
+                self.scan.rewind(row.shard, row.position)
+
+    @staticmethod
+    def _count(result: TickResult, outcome: BatchOutcome) -> None:
+        if outcome.ages:
+            metrics.observe_many(metrics.EVENT_AGE, outcome.ages)
+        metrics.PROCESSED.labels("published").inc(result.published)
+        if result.failed:
+            metrics.PROCESSED.labels("failed").inc(result.failed)
+        if result.retried:
+            metrics.PROCESSED.labels("retried").inc(result.retried)
+        if outcome.unconfirmed:
+            metrics.UNCONFIRMED.inc(outcome.unconfirmed)
+        if result.lease_lost:
+            metrics.LEASE_LOST.inc(result.lease_lost)
+            log.warning("mark found claims gone (reaped or handed over); those events may be duplicated",
+                        extra={"event": "lease lost", "leaseLost": result.lease_lost})
+        for event_id, error in outcome.rejected.items():
+            log.warning(f"event rejected: {error}", extra={"event": "event failed", "eventId": event_id})
+
+
+def raise_for(outcome: BatchOutcome) -> None:
+    """A batch's error as the tick's failure (the failure streak classifies it)."""
+    if outcome.producer_error:
+        raise TransientError(f"producer must be recreated: {outcome.producer_error}")
+    if outcome.systemic_error:
+        raise SystemicError(outcome.systemic_error)
+    if outcome.transient_error:
+        raise TransientError(outcome.transient_error)

@@ -1,0 +1,108 @@
+"""The Worker as it is built (its constructor opens nothing): its parts wired together, the run
+loop on one screen, the tick's recoveries in order, shards that change, a side task whose death
+stops the worker, and worker 0's chores logging as before."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import uuid
+
+from kaireon_pub import metrics
+from kaireon_pub.errors import ExitCode
+from kaireon_pub.worker import housekeeping, lifecycle
+from kaireon_pub.worker.leases import RebalanceResult
+from kaireon_pub.worker.loop import Worker
+from tests.unit.worker_fakes import settings, value
+
+
+def make_worker(**env) -> Worker:
+    return Worker(settings(**env), 0, uuid.uuid4(), lambda: None, [uuid.uuid4()])
+
+
+def test_run_fits_on_one_screen():
+    assert len(inspect.getsource(Worker.run).splitlines()) <= 40
+
+
+def test_the_parts_share_one_scan():
+    w = make_worker(OUTBOX_ORDERING="relaxed")
+    assert w.horizon.scan is w.scan and w.claimer.scan is w.scan and w.settler.scan is w.scan
+    assert w.settler.health is w.health and not w.scan.strict
+    assert w.pool is None and w.publisher is None  # nothing opened before boot()
+
+
+def test_the_tick_recovers_in_order():
+    w = make_worker()
+    assert [r.name for r in w.tick.recoveries] == [
+        "producer", "database probe", "unsettled batch", "crash recovery", "orphaned claims", "foreign rows",
+        "lease round"]
+    w.leases.valid_until = float("inf")
+    due = {r.name for r in w.tick.recoveries if r.name != "producer" and r.due()}
+    assert due == {"crash recovery", "foreign rows"}  # a fresh worker with a dead predecessor
+
+
+def test_shards_that_come_start_afresh_and_wake_the_loop():
+    w = make_worker()
+    w.scan.cursors = {1: (1, 1), 2: (2, 2), 3: (3, 3)}
+    w._on_leases_changed(RebalanceResult(live_workers=1, released=[2], lost=[3]))
+    assert w.scan.cursors == {1: (1, 1)} and not w.shards_changed
+    w._on_leases_changed(RebalanceResult(live_workers=1, acquired=[1]))
+    assert w.scan.cursors == {} and w.shards_changed
+
+
+def test_a_dead_lease_keeper_drains_the_worker_and_exits_1():
+    w = make_worker()
+
+    async def keeper() -> None:
+        raise RuntimeError("bug")
+
+    async def main() -> None:
+        await w.tasks.start("lease-keeper", keeper, restart=False)
+
+    asyncio.run(main())
+    assert w.stop_requested and w.exit_code == ExitCode.CRASH and w.keeper.draining
+
+
+def test_request_stop_twice_shortens_the_drain():
+    w = make_worker(OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS=10_000)
+    w.request_stop()
+    first = w.drain_deadline
+    w.request_stop()
+    assert w.stop_requested and w.drain_deadline < first
+
+
+class DownPool:
+    def connection(self):
+        raise OSError("database away")
+
+
+def test_the_gauges_chore_logs_a_failed_refresh_as_before(monkeypatch, caplog):
+    pauses: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        pauses.append(delay)
+
+    monkeypatch.setattr(lifecycle.asyncio, "sleep", sleep)
+    s = settings(OUTBOX_POLL_INTERVAL_MS=200)
+    asyncio.run(housekeeping.gauges_loop(s, DownPool(), lambda: bool(pauses)))
+    assert pauses == [0.2] and value(metrics.DATABASE_UP) == 0
+    line = caplog.records[-1]
+    assert line.getMessage() == "pending count refresh failed: OSError: database away"
+    assert (line.name, line.event, line.isTransient, line.levelno) == (
+        "kaireon_pub.worker.housekeeping", "gauges failed", True, logging.WARNING)
+
+
+def test_the_purge_chore_waits_while_a_backlog_drains_and_logs_a_failure_as_before(monkeypatch, caplog):
+    pauses: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        pauses.append(delay)
+
+    monkeypatch.setattr(lifecycle.asyncio, "sleep", sleep)
+    s = settings(OUTBOX_RETENTION_SECONDS=60, OUTBOX_PURGE_INTERVAL_SECONDS=7)
+    draining = iter([True, False])
+    asyncio.run(housekeeping.purge_loop(s, DownPool(), lambda: len(pauses) >= 2, lambda: next(draining)))
+    assert pauses == [1.0, 7]
+    line = caplog.records[-1]
+    assert line.getMessage() == "retention purge failed: OSError: database away" and line.event == "purge failed"

@@ -1,0 +1,186 @@
+"""Settler without services: what a settled batch counts (published, retried, failed, released,
+unconfirmed, lease lost), the cursors it moves back, the producer stalls it notices, the error it
+raises, and a batch kept across a failed mark and settled again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import psycopg
+import pytest
+
+from kaireon_pub import metrics
+from kaireon_pub.db.queries import Q
+from kaireon_pub.errors import SystemicError, TransientError
+from kaireon_pub.worker.health import ProducerHealth
+from kaireon_pub.worker.kafka.outcome import BatchOutcome
+from kaireon_pub.worker.rows import Row, TickResult
+from kaireon_pub.worker.settle import Settler
+from tests.unit.worker_fakes import Clock, FakePublisher, raw, scan, settings, value
+
+
+def make_settler(clock: Clock, **env) -> Settler:
+    s = settings(**env)
+    health = ProducerHealth(0)
+    health.publisher = FakePublisher()
+    return Settler(s, scan(clock, strict=s.ordering == "strict"), health)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_released_rows_and_rows_settled_after_a_retry_move_their_cursor_back(clock):
+    st = make_settler(clock)
+    st.scan.cursors = {1: (50, 50), 2: (50, 50), 3: (50, 50)}
+    rows = [Row(*raw(10, 1, 10)), Row(*raw(20, 2, 20, attempts=2)), Row(*raw(30, 3, 30))]
+    result = TickResult(claimed=3, published=2)
+    st.after_settle(rows, BatchOutcome(delivered=[20, 30], released=[10]), [], result)
+    assert st.scan.cursors == {1: (10, 9), 2: (20, 20), 3: (50, 50)}
+    assert result.released == 1
+
+
+def test_retries_and_failures_counted_and_the_retry_rescanned_when_due(clock, caplog):
+    st = make_settler(clock, OUTBOX_ORDERING="strict")
+    result = TickResult(claimed=3, published=1)
+    rows = [Row(*raw(i, 1, i)) for i in (1, 2, 3)]
+    st.scan.cursors = {1: (3, 3)}
+    retried, violations = value(metrics.PROCESSED.labels("retried")), value(metrics.ORDER_VIOLATIONS)
+    st.after_settle(rows, BatchOutcome(delivered=[1], retry={2: "x"}, rejected={3: "bad"}),
+                    [(2, "pending", 1, 2, 4.0), (3, "failed", 1, 3, 0.0)], result)
+    assert (result.retried, result.failed, result.released) == (1, 1, 0)
+    assert st.scan.rescan_at[1] == pytest.approx(clock.now + 4.01)
+    assert st.scan.cursors == {1: (3, 3)}  # the rejected row is the furthest: nothing behind it
+    assert value(metrics.PROCESSED.labels("retried")) == retried + 1
+    assert value(metrics.ORDER_VIOLATIONS) == violations  # strict: the key waits
+    assert [r.eventId for r in caplog.records if getattr(r, "event", None) == "event failed"] == [3]
+
+
+def test_relaxed_retry_counts_an_order_violation(clock):
+    st = make_settler(clock, OUTBOX_ORDERING="relaxed")
+    violations = value(metrics.ORDER_VIOLATIONS)
+    st.after_settle([Row(*raw(2, 1, 2))], BatchOutcome(retry={2: "x"}), [(2, "pending", 1, 2, 0.5)], TickResult())
+    assert value(metrics.ORDER_VIOLATIONS) == violations + 1
+
+
+def test_unconfirmed_and_lease_lost_counted_and_the_batch_error_raised(clock, caplog):
+    st = make_settler(clock)
+    unconfirmed, lost = value(metrics.UNCONFIRMED), value(metrics.LEASE_LOST)
+    rows = [Row(*raw(i, 1, i)) for i in (1, 2, 3)]
+    result = TickResult(claimed=3, published=1, lease_lost=1)
+    with pytest.raises(TransientError, match="timed out"):
+        st.after_settle(rows, BatchOutcome(delivered=[1, 2], released=[3], unconfirmed=1,
+                                           transient_error="timed out"), [], result)
+    assert result.released == 1
+    assert value(metrics.UNCONFIRMED) == unconfirmed + 1 and value(metrics.LEASE_LOST) == lost + 1
+    assert [r.leaseLost for r in caplog.records if getattr(r, "event", None) == "lease lost"] == [1]
+    with pytest.raises(SystemicError):
+        st.after_settle(rows, BatchOutcome(delivered=[1], systemic_error="no topic"), [], TickResult())
+
+
+def test_two_undelivered_batches_in_a_row_mark_the_producer_stalled(clock):
+    st = make_settler(clock)
+    stalled = BatchOutcome(released=[1], transient_error="timed out")
+    rows = [Row(*raw(1, 1, 1))]
+    with pytest.raises(TransientError):
+        st.after_settle(rows, stalled, [], TickResult())
+    assert st.health.publisher.broken is None
+    with pytest.raises(TransientError):
+        st.after_settle(rows, stalled, [], TickResult())
+    assert st.health.publisher.broken_cause == "stalled" and st.health.kafka_stalls == 0
+
+
+def test_a_delivered_batch_between_timeouts_is_no_stall(clock):
+    st = make_settler(clock)
+    rows = [Row(*raw(1, 1, 1))]
+    for outcome in (BatchOutcome(transient_error="t"), BatchOutcome(delivered=[1], transient_error="t"),
+                    BatchOutcome(transient_error="t")):
+        with pytest.raises(TransientError):
+            st.after_settle(rows, outcome, [], TickResult())
+    assert st.health.publisher.broken is None and st.health.kafka_stalls == 1
+
+
+def test_producer_error_marks_the_producer_broken(clock):
+    st = make_settler(clock)
+    with pytest.raises(TransientError, match="producer must be recreated"):
+        st.after_settle([], BatchOutcome(producer_error="fenced"), [], TickResult())
+    assert (st.health.publisher.broken, st.health.publisher.broken_cause) == ("fenced", "producer")
+
+
+# ---- the marks, through a stand-in connection (which statements, in which transaction) -----------
+
+
+class FakeCursor:
+    def __init__(self, rowcount: int = 0, rows=()):
+        self.rowcount = rowcount
+        self.rows = list(rows)
+
+    async def fetchall(self):
+        return self.rows
+
+
+class FakeConn:
+    def __init__(self, lost: int = 0):
+        self.statements: list[tuple[str, dict]] = []
+        self.transactions = 0
+        self.lost = lost
+
+    @contextlib.asynccontextmanager
+    async def transaction(self):
+        self.transactions += 1
+        yield
+
+    async def execute(self, query, params=None):
+        self.statements.append((query, params))
+        if query == Q.mark_published:
+            return FakeCursor(rowcount=params["ids"].count(",") + 1 - self.lost)
+        if query == Q.mark_retry:
+            return FakeCursor(rows=[(i, "pending", 1, i, 0.0) for i in params["ids"]])
+        return FakeCursor()
+
+
+class FakePool:
+    """connection() fails `fail` times (the database away), then lends `conn`."""
+
+    def __init__(self, conn: FakeConn, fail: int = 0):
+        self.conn = conn
+        self.fail = fail
+
+    @contextlib.asynccontextmanager
+    async def connection(self):
+        if self.fail:
+            self.fail -= 1
+            raise psycopg.OperationalError("connection refused")
+        yield self.conn
+
+
+def test_all_delivered_is_one_mark_without_a_transaction_and_lease_lost_is_the_rest(clock):
+    st = make_settler(clock)
+    conn = FakeConn(lost=1)
+    rows = [Row(*raw(i, 1, i)) for i in (1, 2, 3)]
+    result = asyncio.run(st.settle(FakePool(conn), uuid.uuid4(), rows, BatchOutcome(delivered=[1, 2, 3])))
+    assert [q for q, _ in conn.statements] == [Q.mark_published] and conn.transactions == 0
+    assert (result.claimed, result.published, result.lease_lost) == (3, 2, 1)
+
+
+def test_a_batch_whose_marks_fail_is_kept_and_settled_again(clock, caplog):
+    caplog.set_level(logging.INFO, "kaireon_pub.worker")
+    st = make_settler(clock)
+    conn = FakeConn()
+    pool = FakePool(conn, fail=1)
+    rows = [Row(*raw(i, 1, i)) for i in (1, 2)]
+    token = uuid.uuid4()
+    outcome = BatchOutcome(delivered=[1], retry={2: "x"})
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(st.settle(pool, token, rows, outcome))
+    assert st.unsettled == (token, rows, outcome)
+    asyncio.run(st.settle_again(pool, "err-1"))
+    assert st.unsettled is None
+    assert [q for q, _ in conn.statements] == [Q.mark_published, Q.mark_retry] and conn.transactions == 1
+    assert all(p["token"] == token for _, p in conn.statements)
+    line = next(r for r in caplog.records if getattr(r, "event", None) == "settle retry")
+    assert (line.errorId, line.events) == ("err-1", 2)

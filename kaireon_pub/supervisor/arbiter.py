@@ -4,56 +4,39 @@ It owns no threads, no sockets and no database connection, so fork() is always s
 handlers only enqueue the signal; the main loop dispatches it. Every half second the loop reaps
 exited children (respawning with back-off), kills workers whose heartbeat is older than
 OUTBOX_WORKER_TIMEOUT_SECONDS, and touches the liveness file only while every worker is fresh.
+
+Beside it: both ends of the heartbeat (heartbeat.py), what is kept about each child and the HTTP
+process's spawn, respawn and stop (children.py), the metrics directory (metrics_dir.py).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
 import shutil
 import signal
-import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from kaireon_pub import logs
 from kaireon_pub.errors import ExitCode, new_error_id
 from kaireon_pub.redact import redacted_producer_config
 from kaireon_pub.settings import Settings
-from kaireon_pub.supervisor import liveness, preflight
+from kaireon_pub.supervisor import liveness, metrics_dir, preflight
+from kaireon_pub.supervisor.children import (
+    MAX_BOOT_FAILURES,
+    Child,
+    HttpChild,
+    SlotState,
+    send_signal,
+)
 from kaireon_pub.supervisor.heartbeat import Heartbeat
 
 log = logging.getLogger("kaireon_pub.supervisor")
 
 BOOT_WINDOW_S = 10.0  # a worker that dies sooner than this without a heartbeat failed to boot
-MAX_BOOT_FAILURES = 5  # in a row, per slot, before the supervisor gives up (exit 4)
 KILL_GRACE_S = 2.0  # between TERM and KILL for a hung worker
-HTTP_STOP_GRACE_S = 1.5  # at stop, between the HTTP child's TERM and KILL
-
-
-@dataclass
-class Child:
-    slot: int  # -1 for the HTTP process
-    pid: int
-    worker_id: uuid.UUID
-    heartbeat: Heartbeat
-    started: float
-    kill_at: float | None = None
-
-    @property
-    def beat_seen(self) -> bool:
-        return self.heartbeat.seen
-
-
-@dataclass
-class SlotState:
-    boot_failures: int = 0
-    respawn_at: float = 0.0
-    backoff: float = 0.1
-    dead_worker_ids: list[uuid.UUID] = field(default_factory=list)
 
 
 class Arbiter:
@@ -68,32 +51,11 @@ class Arbiter:
         self.killed = False
         self.stop_deadline = float("inf")
         self.exit_code = ExitCode.OK
-        self.http_pid: int | None = None
-        self.http_kill_at: float | None = None  # at stop: when the HTTP child gets SIGKILL
-        self.http_respawn_at = 0.0
-        self.http_failures = 0
-        self.http_port: int | None = None
-        self.http_port_pipe: int | None = None
+        self.http = HttpChild(settings)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
     # ---- setup ------------------------------------------------------------------------------
-
-    def _prepare_metrics_dir(self) -> None:
-        # Must happen before prometheus_client is imported anywhere in this process tree.
-        # A directory of our own making is removed at exit; a configured one is the operator's.
-        self.owns_metrics_dir = not self.settings.prometheus_multiproc_dir
-        path = self.settings.prometheus_multiproc_dir or tempfile.mkdtemp(prefix="kaireon-metrics-")
-        if os.path.isdir(path):
-            for name in os.listdir(path):
-                full = os.path.join(path, name)
-                if os.path.isfile(full):
-                    os.unlink(full)
-                else:
-                    shutil.rmtree(full, ignore_errors=True)
-        os.makedirs(path, exist_ok=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-        self.metrics_dir = path
 
     def _install_signals(self) -> None:
         for sig in self.SIGNALS:
@@ -118,7 +80,7 @@ class Arbiter:
                 "event": "config invalid", "errorId": new_error_id(), "variable": problem.variable,
                 "problem": problem.problem, "accepted": problem.accepted})
             return ExitCode.CONFIG
-        self._prepare_metrics_dir()
+        self.metrics_dir, self.owns_metrics_dir = metrics_dir.prepare(self.settings.prometheus_multiproc_dir)
         from kaireon_pub import metrics
 
         # What every worker imports (uvloop, psycopg_pool, librdkafka's binding, the worker's own
@@ -132,7 +94,7 @@ class Arbiter:
         log.info("supervisor starting", extra={
             "event": "supervisor started", "workers": self.settings.workers,
             "metricsDir": self.metrics_dir, "producer": redacted_producer_config(self.settings.producer_config)})
-        self._spawn_http()
+        self.http.spawn(self._in_child)
         for slot in self.slots:
             self.spawn_worker(slot)
         while True:
@@ -140,10 +102,10 @@ class Arbiter:
             self._dispatch_signals()
             self.reap_children()
             if self.stopping:
-                if not self._workers() and self.http_pid is None:
+                if not self._workers() and self.http.pid is None:
                     break
-                if not self._workers() and self.http_pid is not None:
-                    self._stop_http()
+                if not self._workers() and self.http.pid is not None:
+                    self.http.stop()
                 if time.monotonic() >= self.stop_deadline and not self.killed:
                     self.killed = True
                     self.kill_all(signal.SIGKILL)
@@ -218,29 +180,6 @@ class Arbiter:
         log.info("worker spawned", extra={"event": "worker spawned", "slot": slot, "workerPid": pid,
                                           "workerId": str(worker_id)})
 
-    def _spawn_http(self) -> None:
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = ExitCode.CRASH
-            try:
-                self._in_child()
-                logs.set_role("http")
-                os.close(read_fd)
-                from kaireon_pub.http.server import http_child_main
-
-                code = http_child_main(self.settings, write_fd)
-            except BaseException:  # noqa: BLE001
-                logging.getLogger("kaireon_pub.http").exception(
-                    "http server failed", extra={"errorId": new_error_id(), "event": "http crashed"})
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        os.close(write_fd)
-        self.http_pid = pid
-        self.http_port_pipe = read_fd
-        os.set_blocking(read_fd, False)
-
     def _in_child(self) -> None:
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -249,40 +188,8 @@ class Arbiter:
         for child in self.children.values():
             child.heartbeat.close()
 
-    def _stop_http(self) -> None:
-        """SIGTERM to the HTTP child (again on each pass), then SIGKILL if it has not exited
-        HTTP_STOP_GRACE_S after the first: it holds nothing a drain must wait for (a reaper run
-        cut short rolls back), and a child that cannot run its handler must not hold the
-        supervisor until the drain budget ends."""
-        now = time.monotonic()
-        if self.http_kill_at is None:
-            self.http_kill_at = now + HTTP_STOP_GRACE_S
-        elif now >= self.http_kill_at:
-            log.error("http server did not stop after its signal; killing it", extra={
-                "event": "http kill", "errorId": new_error_id(), "httpPid": self.http_pid,
-                "graceSeconds": HTTP_STOP_GRACE_S})
-            self._signal(self.http_pid, signal.SIGKILL)
-            self.http_kill_at = float("inf")
-            return
-        self._signal(self.http_pid, signal.SIGTERM)
-
-    def _read_http_port(self) -> None:
-        if self.http_port_pipe is None:
-            return
-        try:
-            data = os.read(self.http_port_pipe, 64)
-        except BlockingIOError:
-            return
-        if data.strip():
-            self.http_port = int(data.split()[0])
-            self.http_failures = 0
-            log.info(f"http server listening on port {self.http_port}",
-                     extra={"event": "http listening", "port": self.http_port})
-        os.close(self.http_port_pipe)
-        self.http_port_pipe = None
-
     def reap_children(self) -> None:
-        self._read_http_port()
+        self.http.read_port()
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -292,30 +199,16 @@ class Arbiter:
                 return
             code = os.waitstatus_to_exitcode(status)
             self.metrics_dead(pid)
-            if pid == self.http_pid:
-                self.http_pid = None
-                if not self.stopping:
-                    self._http_exited(code)
+            if pid == self.http.pid:
+                self.http.pid = None
+                if not self.stopping and self.http.exited(code):
+                    self.handle_stop(0, exit_code=ExitCode.WORKER_BOOT)
                 continue
             child = self.children.pop(pid, None)
             if child is None:
                 continue
             child.heartbeat.close()
             self._worker_exited(child, code)
-
-    def _http_exited(self, code: int) -> None:
-        error_id = new_error_id()
-        self.http_failures += 1
-        if self.http_failures >= MAX_BOOT_FAILURES:
-            log.critical("http server failed to start again and again (port taken?); stopping the tier",
-                         extra={"event": "boot failed", "errorId": error_id, "exitCode": code,
-                                "port": self.settings.http_port})
-            self.handle_stop(0, exit_code=ExitCode.WORKER_BOOT)
-            return
-        delay = min(0.5 * 2 ** self.http_failures, 10.0)
-        log.error("http server exited; respawning", extra={
-            "event": "http exited", "exitCode": code, "errorId": error_id, "respawnInSeconds": delay})
-        self.http_respawn_at = time.monotonic() + delay
 
     def metrics_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess
@@ -359,8 +252,8 @@ class Arbiter:
         for slot, state in self.slots.items():
             if slot not in occupied and now >= state.respawn_at:
                 self.spawn_worker(slot)
-        if self.http_pid is None and now >= self.http_respawn_at:
-            self._spawn_http()
+        if self.http.due(now):
+            self.http.spawn(self._in_child)
 
     def murder_hung_workers(self) -> None:
         now = time.monotonic()
@@ -395,14 +288,8 @@ class Arbiter:
             log.warning("drain deadline reached; killing worker", extra={
                 "event": "drain deadline", "slot": child.slot, "workerPid": child.pid})
             self._signal(child.pid, sig)
-        if self.http_pid is not None:
-            self._signal(self.http_pid, sig)
+        if self.http.pid is not None:
+            self._signal(self.http.pid, sig)
 
-    @staticmethod
-    def _signal(pid: int, sig: int) -> None:
-        try:
-            os.kill(pid, sig)
-        except OSError as exc:
-            if exc.errno != errno.ESRCH:
-                raise
+    _signal = staticmethod(send_signal)
 

@@ -31,12 +31,12 @@ from tests.e2e.test_publish import (
 )
 from tests.helpers import (
     Load,
-    TopicReader,
     assert_per_key_order,
     event_ids,
     preload,
     run_cli,
     status_counts,
+    wait_balanced,
     wait_for,
 )
 from tests.pgbouncer import PgBouncer, bouncer_fixture
@@ -70,41 +70,43 @@ def no_failed_ticks(tier: helpers.Tier) -> list[dict]:
     return [line for line in tier.logs() if line.get("event") == "tick failed"]
 
 
+def starting(run_tier, env: dict[str, str]):
+    """A `start_tier` for the direct-path tests run here again: the tier with `env` (behind PgBouncer)."""
+    return lambda **overrides: run_tier({**env, **overrides})
+
+
 @pytest.mark.parametrize("claim_mode", ["status", "lock"])
 def test_a_5000_event_backlog_drains_through_pgbouncer_in_per_key_order(
-        bouncer, db_url, broker, topic, pooled_env, run_tier, claim_mode):
+        bouncer, db_url, topic, pooled_env, run_tier, topic_reader, claim_mode):
     env = {**pooled_env, "OUTBOX_WORKERS": "2", "OUTBOX_CLAIM_MODE": claim_mode}
     tier = run_tier(env)
-    wait_for(lambda: len({line["pid"] for line in tier.logs()
-                          if line.get("event") == "rebalance" and line.get("owned", 0) > 0}) == 2,
-             30, "two workers holding shards")
+    wait_balanced(db_url, 2, of=tier.worker_ids)
     preload(db_url, topic, 5000, keys=200)
     wait_for(lambda: status_counts(db_url) == {"published": 5000}, 120, "5,000 rows published")
-    reader = TopicReader(broker.bootstrap, topic)
-    messages = reader.read_until(lambda msgs: len(set(event_ids(msgs))) >= 5000, timeout=60)
+    messages = topic_reader(topic).read_until(lambda msgs: len(set(event_ids(msgs))) >= 5000, timeout=60)
     assert len(set(event_ids(messages))) == 5000
     assert_per_key_order(messages)
     assert no_failed_ticks(tier) == []
     # The tier really went through the pooler: PgBouncer counted its transactions.
     assert transactions_through(bouncer, db_url) > 20
     assert tier.stop() == 0
-    reader.close()
 
 
-def test_committed_events_reach_the_topic_through_pgbouncer(db_url, broker, topic, pooled_env, run_tier):
-    _headers_case(db_url, broker, topic, pooled_env, run_tier)
+def test_committed_events_reach_the_topic_through_pgbouncer(db_url, topic, pooled_env, run_tier, topic_reader):
+    _headers_case(db_url, topic, starting(run_tier, pooled_env), topic_reader)
 
 
-def test_a_late_commit_with_a_lower_id_is_not_skipped_through_pgbouncer(db_url, broker, topic, polling_env, run_tier):
-    _late_commit_case(db_url, broker, topic, polling_env, run_tier)
+def test_a_late_commit_with_a_lower_id_is_not_skipped_through_pgbouncer(db_url, topic, polling_env, run_tier,
+                                                                        topic_reader):
+    _late_commit_case(db_url, topic, starting(run_tier, polling_env), topic_reader)
 
 
 def test_the_horizon_waits_for_application_writers_through_pgbouncer(db_url, polling_env, run_tier):
-    _horizon_case(db_url, polling_env, run_tier)
+    _horizon_case(db_url, starting(run_tier, polling_env))
 
 
-def test_poison_events_fail_alone_through_pgbouncer(db_url, broker, topic, polling_env, run_tier):
-    _poison_case(db_url, broker, topic, polling_env, run_tier)
+def test_poison_events_fail_alone_through_pgbouncer(db_url, topic, polling_env, run_tier, topic_reader):
+    _poison_case(db_url, topic, starting(run_tier, polling_env), topic_reader)
 
 
 def test_an_application_client_of_the_same_pgbouncer_holds_the_horizon(bouncer, db_url, polling_env, run_tier):

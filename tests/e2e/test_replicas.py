@@ -9,11 +9,11 @@ import psycopg
 
 from tests.helpers import (
     Load,
-    TopicReader,
     assert_per_key_order,
     event_ids,
+    shard_shares,
     status_counts,
-    tier_env,
+    wait_balanced,
     wait_for,
 )
 
@@ -44,47 +44,36 @@ class LeaseSampler(threading.Thread):
 
 def owners(db_url: str) -> dict[str, int]:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        return {str(owner): n for owner, n in conn.execute(
-            "SELECT owner, count(*) FROM outbox_shard_leases WHERE owner IS NOT NULL "
-            "AND expires_at > clock_timestamp() GROUP BY owner")}
-
-
-def worker_ids(tier) -> set[str]:
-    return {line["workerId"] for line in tier.logs() if line.get("event") == "worker spawned"}
+        return shard_shares(conn)
 
 
 def shares_of(db_url: str, tiers) -> list[int]:
     held = owners(db_url)
-    return [sum(held.get(w, 0) for w in worker_ids(t)) for t in tiers]
+    return [sum(held.get(w, 0) for w in t.worker_ids()) for t in tiers]
 
 
-def test_replicas_share_shards_hand_over_and_keep_order(db_url, broker, topic, tmp_path, run_tier):
+def test_replicas_share_shards_hand_over_and_keep_order(db_url, topic, start_tier, topic_reader):
     def start(name: str):
-        (tmp_path / name).mkdir()
-        return run_tier(tier_env(db_url, broker.bootstrap, tmp_path / name, OUTBOX_WORKERS="2",
-                                 OUTBOX_LEASE_TTL_SECONDS=str(TTL)), name=name)
+        return start_tier(name=name, OUTBOX_WORKERS="2", OUTBOX_LEASE_TTL_SECONDS=str(TTL))
 
     sampler = LeaseSampler(db_url)
     sampler.start()
     tiers = [start(f"r{i}") for i in range(3)]
     with Load(db_url, topic, keys=200) as load:
-        # Six workers: each holds its fair share (42 or 43 of 256).
-        wait_for(lambda: sorted(owners(db_url).values()) and len(owners(db_url)) == 6
-                 and max(owners(db_url).values()) <= 43 and sum(owners(db_url).values()) == 256,
-                 30, "six workers holding 42-43 shards each")
+        # Six workers: each holds its fair share (at most 43 of 256).
+        wait_balanced(db_url, 6, 30, interval=0.05)
 
         # A fourth supervisor joins: its workers get their share within 2 x TTL.
         joined_at = time.monotonic()
         tiers.append(start("r3"))
-        wait_for(lambda: len(owners(db_url)) == 8 and max(owners(db_url).values()) <= 32
-                 and sum(owners(db_url).values()) == 256, 2 * TTL + 10, "eight workers at 32 shards")
+        wait_balanced(db_url, 8, 2 * TTL + 10, interval=0.05)  # eight workers at 32 shards
         join_s = time.monotonic() - joined_at
         # Joining includes process start-up; the bound applies from registration.
         assert join_s < 2 * TTL + 5, f"rebalance after a join took {join_s:.1f} s"
 
         # SIGTERM of one supervisor: its shards are released during the drain and taken at once.
         leaving = tiers.pop()
-        leaving_workers = worker_ids(leaving)
+        leaving_workers = leaving.worker_ids()
         leaving.proc.send_signal(signal.SIGTERM)
         assert leaving.wait_exit(20) == 0
         handed_at = time.monotonic()
@@ -95,7 +84,7 @@ def test_replicas_share_shards_hand_over_and_keep_order(db_url, broker, topic, t
 
         # SIGKILL of a whole supervisor (and its workers): shards return when the leases expire.
         victim = tiers.pop(0)
-        victim_workers = worker_ids(victim)
+        victim_workers = victim.worker_ids()
         os.killpg(victim.proc.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_for(lambda: not (set(owners(db_url)) & victim_workers) and sum(owners(db_url).values()) == 256,
@@ -111,9 +100,7 @@ def test_replicas_share_shards_hand_over_and_keep_order(db_url, broker, topic, t
     sampler.join(5)
     assert sampler.samples > 50 and sampler.violations == []
 
-    reader = TopicReader(broker.bootstrap, topic)
-    messages = reader.read_until(lambda msgs: set(committed) <= set(event_ids(msgs)), timeout=120)
-    reader.close()
+    messages = topic_reader(topic).read_ids(committed, timeout=120)
     assert_per_key_order(messages)
     # Duplicates only where the killed replica had a batch in flight, and counted: each is a row
     # a new owner reset when it took the shard over.

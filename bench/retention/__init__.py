@@ -3,7 +3,8 @@ retention, while old published rows are purged.
 
 `python -m bench retention [--retention-old 1000000] [--backlog 100000]`, also part of `all`
 (`--quick`: 6,000 old rows, a backlog of 3,000); `python -m bench.retention [--old N] [--backlog N]`
-runs it alone (`__main__.py`: the scenario never imports the bench's command line, which imports it). For each mode a fresh database (plain: `migrate`; partitioned: `migrate` with
+runs it alone (`__main__.py`: the scenario never imports the bench's command line, which imports
+it). For each mode a fresh database (plain: `migrate`; partitioned: `migrate` with
 OUTBOX_PARTITIONING=hourly) holding the old published rows, from four past hours (in four past
 partitions when partitioned) whose retention has passed, VACUUMed, then the backlog of pending
 rows committed and the real tier started (2 workers, OUTBOX_RETENTION_SECONDS=60,

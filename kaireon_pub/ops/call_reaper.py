@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kaireon_pub.errors import ExitCode, new_error_id
+from kaireon_pub.redact import Redactor, secrets_of
 
 log = logging.getLogger("kaireon_pub.ops.call_reaper")
 
@@ -86,14 +87,14 @@ def _text(raw: bytes) -> str:
 def run(url: str, *, timeout: float, retries: int, backoff: float, env: dict[str, str] | None = None,
         sleep: Callable[[float], None] = time.sleep) -> int:
     """The command: call, retry what is worth retrying, print the answer; returns the exit code."""
-    secret = (os.environ if env is None else env).get("CRON_SECRET", "").strip()
+    env = os.environ if env is None else env
+    secret = env.get("CRON_SECRET", "").strip()
     if not secret:
         log.error("CRON_SECRET is not set: call-reaper reads the cron secret from the environment only",
                   extra={"event": "config invalid", "variable": "CRON_SECRET", "errorId": new_error_id()})
         return ExitCode.CONFIG
 
-    def hide(text: str) -> str:
-        return text.replace(secret, "***")
+    hide = Redactor(secrets_of(env)).text
 
     attempts, attempt, delay = retries + 1, 0, backoff
     while True:

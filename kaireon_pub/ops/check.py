@@ -4,9 +4,10 @@ Checks, in order: settings valid; producer settings safe for the guarantees; tim
 (reaper staleness vs message.timeout.ms vs drain, worker timeout vs message.timeout.ms); database
 reachable; whether DATABASE_URL points at a pooler (PgBouncer's admin console, a refused `options`
 startup parameter, the server's port against the DSN's), whether OUTBOX_POOL_MODE agrees, which
-features are off, and whether OUTBOX_LISTEN_DATABASE_URL reaches the same database directly; schema at the expected version with its tables and indexes; broker reachable; topics
-exist (those named with --topic and those of a bounded sample of pending rows) unless
-auto-creation is allowed. Each check is ok, warn, fail or skip; any fail exits 1, except a schema
+features are off, and whether OUTBOX_LISTEN_DATABASE_URL reaches the same database directly;
+schema at the expected version with its tables and indexes; broker reachable; topics exist
+(those named with --topic and those of a bounded sample of pending rows) unless auto-creation is
+allowed. Each check is ok, warn, fail or skip; any fail exits 1, except a schema
 that is missing or older than the code's migrations: exit 5 (run `kaireon-pub migrate` first).
 
 The settings are read without exiting on the first invalid one, so that an unsafe KAFKA_ACKS is

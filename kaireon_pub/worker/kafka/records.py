@@ -33,11 +33,20 @@ def check_topic(topic: str, legal_topics: set[str]) -> None:
     legal_topics.add(topic)
 
 
+# A run of digits that may be an integer beyond 64 bits: orjson 3.13 reads one as a float (earlier
+# versions refused it), so such a text is read by json, which keeps it exact.
+_LONG_NUMBER = re.compile(r"\d{19,}")
+_LONG_NUMBER_BYTES = re.compile(rb"\d{19,}")
+
+
 def _load_json(text: str | bytes) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)  # integers beyond 64 bits, which orjson refuses
+    long_number = _LONG_NUMBER_BYTES if isinstance(text, bytes) else _LONG_NUMBER
+    if long_number.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass  # json's error names the problem the same way
+    return json.loads(text)
 
 
 def _json_text(value: Any) -> bytes:

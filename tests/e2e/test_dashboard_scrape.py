@@ -23,10 +23,9 @@ def exported(port: int) -> set[str]:
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_every_dashboard_metric_is_exported(db_url, restartable_broker, topic, tmp_path, run_tier):
-    env = helpers.tier_env(db_url, restartable_broker.bootstrap, tmp_path, OUTBOX_WORKERS="2",
-                           CRON_SECRET="dash-secret", KAFKA_MESSAGE_TIMEOUT_MS="2000")
-    tier = run_tier(env)
+def test_every_dashboard_metric_is_exported(db_url, restartable_broker, topic, start_tier):
+    tier = start_tier(bootstrap=restartable_broker.bootstrap, OUTBOX_WORKERS="2", CRON_SECRET="dash-secret",
+                      KAFKA_MESSAGE_TIMEOUT_MS="2000")
     port = tier.http_port()
     with helpers.Load(db_url, topic):
         helpers.wait_for(lambda: (helpers.metric_value(port, "kaireon_outbox_processed_total",

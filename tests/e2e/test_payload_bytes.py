@@ -16,21 +16,17 @@ from cloudevents.core.formats.json import JSONFormat
 
 from kaireon_pub import Event, enqueue, enqueue_many
 from kaireon_pub.db.migrate import available, migrate
-from tests.helpers import TopicReader, status_counts, tier_env, wait_for
+from tests.helpers import TopicReader, status_counts, wait_for
 
 
-def read_by_id(bootstrap: str, topic: str, ids: list[int], timeout: float = 60) -> dict[int, object]:
-    reader = TopicReader(bootstrap, topic)
-    try:
-        messages = reader.read_count(len(ids), timeout=timeout)
-    finally:
-        reader.close()
+def read_by_id(reader: TopicReader, ids: list[int], timeout: float = 60) -> dict[int, object]:
+    messages = reader.read_count(len(ids), timeout=timeout)
     by_id = {int(dict(m.headers())["event-id"]): m for m in messages}
     assert set(by_id) == set(ids)
     return by_id
 
 
-def test_values_keys_and_headers_arrive_byte_for_byte(db_url, broker, topic, tier_env, run_tier):
+def test_values_keys_and_headers_arrive_byte_for_byte(db_url, topic, start_tier, topic_reader):
     out_of_order = {"zeta": 1, "alpha": {"b": 2, "a": 1}, "n": 1.5}
     whitespace = '{\n\t"total" :  10 ,\r\n "items":[ ]}  \n'
     arbitrary = bytes(range(256))
@@ -43,8 +39,8 @@ def test_values_keys_and_headers_arrive_byte_for_byte(db_url, broker, topic, tie
             Event(topic, "order-1", None, event_type="order.deleted"),
         ])
         conn.commit()
-    tier = run_tier(tier_env)
-    by_id = read_by_id(broker.bootstrap, topic, [as_dict, as_str, as_bytes, with_binary_key, tombstone])
+    tier = start_tier()
+    by_id = read_by_id(topic_reader(topic), [as_dict, as_str, as_bytes, with_binary_key, tombstone])
 
     assert by_id[as_dict].value() == orjson.dumps(out_of_order) == b'{"zeta":1,"alpha":{"b":2,"a":1},"n":1.5}'
     assert by_id[as_dict].key() == b"order-1"
@@ -63,7 +59,7 @@ def test_values_keys_and_headers_arrive_byte_for_byte(db_url, broker, topic, tie
     assert tier.stop() == 0
 
 
-def test_an_avro_value_with_the_schema_registry_framing_arrives_as_encoded(db_url, broker, topic, tier_env, run_tier):
+def test_an_avro_value_with_the_schema_registry_framing_arrives_as_encoded(db_url, topic, start_tier, topic_reader):
     # What confluent-kafka's AvroSerializer writes: magic byte 0, the schema id (big-endian int32),
     # then the Avro binary encoding. The registry only supplies the id; none is needed here.
     schema = fastavro.parse_schema({"type": "record", "name": "OrderPlaced", "fields": [
@@ -75,8 +71,8 @@ def test_an_avro_value_with_the_schema_registry_framing_arrives_as_encoded(db_ur
         event_id = enqueue(conn, topic=topic, key="o-7", payload=framed,
                            headers={"content-type": "application/avro"}, event_type="order.placed")
         conn.commit()
-    tier = run_tier(tier_env)
-    message = read_by_id(broker.bootstrap, topic, [event_id])[event_id]
+    tier = start_tier()
+    message = read_by_id(topic_reader(topic), [event_id])[event_id]
     value = message.value()
     assert value == framed
     assert value[0] == 0 and struct.unpack(">I", value[1:5]) == (17,)
@@ -84,17 +80,15 @@ def test_an_avro_value_with_the_schema_registry_framing_arrives_as_encoded(db_ur
     assert tier.stop() == 0
 
 
-def test_with_cloudevents_on_the_sdk_reads_the_record_as_an_event(db_url, broker, topic, tmp_path, run_tier):
+def test_with_cloudevents_on_the_sdk_reads_the_record_as_an_event(db_url, topic, start_tier, topic_reader):
     with psycopg.connect(db_url) as conn:
         json_id = enqueue(conn, topic=topic, key="o-1", payload={"total": 10}, event_type="order.created")
         avro_id = enqueue(conn, topic=topic, key="o-1", payload=b"\x00\x00\x00\x00\x11\x0eo-7\x9e\x1f",
                           headers={"content-type": "application/avro", "ce_subject": "o-1"})
         created = dict(conn.execute("SELECT id, created_at FROM outbox_events").fetchall())
         conn.commit()
-    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_CLOUDEVENTS="true",
-                   OUTBOX_CLOUDEVENTS_SOURCE="/kaireon/orders-service")
-    tier = run_tier(env)
-    by_id = read_by_id(broker.bootstrap, topic, [json_id, avro_id])
+    tier = start_tier(OUTBOX_CLOUDEVENTS="true", OUTBOX_CLOUDEVENTS_SOURCE="/kaireon/orders-service")
+    by_id = read_by_id(topic_reader(topic), [json_id, avro_id])
 
     def event(message):
         return from_binary(KafkaMessage(headers=dict(message.headers()), key=message.key(), value=message.value()),
@@ -131,7 +125,7 @@ def db_before_0003(pg):
     pg.drop_database(name)
 
 
-def test_rows_written_before_the_migration_reach_the_topic_unchanged(db_before_0003, broker, topic, tmp_path, run_tier):
+def test_rows_written_before_the_migration_reach_the_topic_unchanged(db_before_0003, topic, start_tier, topic_reader):
     # Rows as the older enqueue and plain SQL wrote them: jsonb payloads (jsonb renders them in its
     # own way: that text is what the older tier published), str and non-str header values.
     with psycopg.connect(db_before_0003) as conn:
@@ -145,8 +139,8 @@ def test_rows_written_before_the_migration_reach_the_topic_unchanged(db_before_0
         conn.commit()
     with psycopg.connect(db_before_0003, autocommit=True) as conn:
         migrate(conn)
-    tier = run_tier(tier_env(db_before_0003, broker.bootstrap, tmp_path))
-    by_id = read_by_id(broker.bootstrap, topic, list(before))
+    tier = start_tier(db_url=db_before_0003)
+    by_id = read_by_id(topic_reader(topic), list(before))
     for event_id, expected in before.items():
         assert by_id[event_id].value() == expected, event_id
     sample = by_id[min(before)]

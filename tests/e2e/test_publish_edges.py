@@ -21,12 +21,14 @@ import pytest
 from kaireon_pub import Event, enqueue_many
 from tests.faults import FaultBroker
 from tests.helpers import (
-    TopicReader,
     assert_per_key_order,
+    commit_events,
     event_ids,
     metric_value,
+    row_summary,
     status_counts,
-    tier_env,
+    wait_all_published,
+    wait_balanced,
     wait_for,
 )
 
@@ -47,60 +49,8 @@ def fault_broker():
     b.close()
 
 
-def commit(db_url: str, topic: str, n: int, *, keys: int, phase: str, key_prefix: str = "k") -> list[int]:
-    with psycopg.connect(db_url) as conn:
-        ids = enqueue_many(conn, [Event(topic, f"{key_prefix}{i % keys}", {"phase": phase, "i": i}) for i in range(n)])
-        conn.commit()
-    return ids
-
-
-def row_summary(db_url: str) -> dict[str, object]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        retried = conn.execute("SELECT count(*), max(attempts) FROM outbox_events WHERE attempts > 0").fetchone()
-        errors = conn.execute(
-            "SELECT DISTINCT left(last_error, 160) FROM outbox_events WHERE last_error IS NOT NULL LIMIT 5").fetchall()
-    return {"status": status_counts(db_url), "withAttempts": retried[0], "maxAttempts": retried[1],
-            "errors": [e[0] for e in errors]}
-
-
-def wait_all_published(db_url: str, n: int, timeout: float, what: str) -> None:
-    try:
-        wait_for(lambda: status_counts(db_url) == {"published": n}, timeout, what, interval=0.2)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; rows: {row_summary(db_url)}") from None
-
-
-def read_ids(bootstrap: str, topic: str, ids: list[int], timeout: float, extra: float = 0.0) -> list:
-    """Read the topic until every id is there; then `extra` s more, to catch late duplicates."""
-    reader = TopicReader(bootstrap, topic)
-    try:
-        wanted = set(ids)
-        try:
-            messages = reader.read_until(lambda msgs: wanted <= set(event_ids(msgs)), timeout)
-        except AssertionError as exc:
-            missing = sorted(wanted - set(event_ids(reader.messages)))
-            raise AssertionError(f"{exc}; {len(missing)} of {len(wanted)} events missing, e.g. {missing[:10]}") from None
-        if extra:
-            until = time.monotonic() + extra
-            messages = reader.read_until(lambda _msgs: time.monotonic() >= until, extra + 10)
-        return list(messages)
-    finally:
-        reader.close()
-
-
 def duplicated(messages: list) -> dict[int, int]:
     return {i: n for i, n in collections.Counter(event_ids(messages)).items() if n > 1}
-
-
-def wait_shards_split(db_url: str, workers: int, timeout: float = 30) -> None:
-    """Every worker holds its fair share of live leases (256 / workers)."""
-    def split() -> bool:
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            owners = conn.execute(
-                "SELECT owner, count(*) FROM outbox_shard_leases WHERE owner IS NOT NULL AND expires_at > now() "
-                "GROUP BY owner").fetchall()
-        return len(owners) == workers and all(n == 256 // workers for _, n in owners)
-    wait_for(split, timeout, f"256 shards split between {workers} workers", interval=0.2)
 
 
 def ts(line: dict) -> float:
@@ -110,12 +60,12 @@ def ts(line: dict) -> float:
 # ---- the harness itself ---------------------------------------------------------------------------
 
 
-def test_the_proxy_passes_everything_in_pass_mode(db_url, proxied_broker, topic, tmp_path, run_tier):
+def test_the_proxy_passes_everything_in_pass_mode(db_url, proxied_broker, topic, start_tier, topic_reader):
     # Not a fault: proves that the tier and the reader really talk through the proxy.
-    tier = run_tier(tier_env(db_url, proxied_broker.bootstrap, tmp_path, OUTBOX_BATCH_SIZE="5"))
-    ids = commit(db_url, topic, 40, keys=7, phase="pass")
+    tier = start_tier(bootstrap=proxied_broker.bootstrap, OUTBOX_BATCH_SIZE="5")
+    ids = commit_events(db_url, topic, 40, keys=7, phase="pass")
     wait_all_published(db_url, 40, 60, "40 published through the proxy")
-    messages = read_ids(proxied_broker.bootstrap, topic, ids, 30)
+    messages = topic_reader(topic, bootstrap=proxied_broker.bootstrap).read_ids(ids, 30)
     assert sorted(event_ids(messages)) == sorted(ids)
     assert_per_key_order(messages)
     proxy = proxied_broker.proxy
@@ -125,19 +75,20 @@ def test_the_proxy_passes_everything_in_pass_mode(db_url, proxied_broker, topic,
     assert tier.stop() == 0
 
 
-def test_connections_reset_for_5s_then_everything_published_once_counted(db_url, proxied_broker, topic, tmp_path, run_tier):
+def test_connections_reset_for_5s_then_everything_published_once_counted(db_url, proxied_broker, topic, start_tier,
+                                                                          topic_reader):
     # The proxy's reset mode: every connection, open or new, gets an RST for 5 s.
-    tier = run_tier(tier_env(db_url, proxied_broker.bootstrap, tmp_path, OUTBOX_BATCH_SIZE="5"))
-    before = commit(db_url, topic, 30, keys=7, phase="before")
+    tier = start_tier(bootstrap=proxied_broker.bootstrap, OUTBOX_BATCH_SIZE="5")
+    before = commit_events(db_url, topic, 30, keys=7, phase="before")
     wait_all_published(db_url, 30, 60, "the first 30 published")
     accepted = proxied_broker.proxy.accepted
     proxied_broker.proxy.set_mode("reset")
-    during = commit(db_url, topic, 30, keys=7, phase="during")
+    during = commit_events(db_url, topic, 30, keys=7, phase="during")
     wait_for(lambda: proxied_broker.proxy.accepted > accepted, 10, "the producer reconnecting into the resets")
     threading.Event().wait(5)  # the fault itself: 5 s of resets
     proxied_broker.proxy.set_mode("pass")
     wait_all_published(db_url, 60, 45, "all 60 rows published after the resets")
-    messages = read_ids(proxied_broker.bootstrap, topic, before + during, 30)
+    messages = topic_reader(topic, bootstrap=proxied_broker.bootstrap).read_ids(before + during, 30)
     assert_per_key_order(messages)
     assert row_summary(db_url)["withAttempts"] == 0, row_summary(db_url)
     assert tier.proc.poll() is None, "the tier stopped"
@@ -147,40 +98,41 @@ def test_connections_reset_for_5s_then_everything_published_once_counted(db_url,
 # ---- producer-level failures recover --------------------------------------------------------------
 
 
-def test_a_20s_blackhole_with_events_in_flight_loses_and_fails_nothing(db_url, proxied_broker, topic, tmp_path, run_tier):
+def test_a_20s_blackhole_with_events_in_flight_loses_and_fails_nothing(db_url, proxied_broker, topic, start_tier,
+                                                                       topic_reader):
     # Default KAFKA_MESSAGE_TIMEOUT_MS (10 s): the in-flight batches outlive it inside the blackhole.
-    tier = run_tier(tier_env(db_url, proxied_broker.bootstrap, tmp_path, OUTBOX_BATCH_SIZE="5"))
-    before = commit(db_url, topic, 30, keys=7, phase="before")
+    tier = start_tier(bootstrap=proxied_broker.bootstrap, OUTBOX_BATCH_SIZE="5")
+    before = commit_events(db_url, topic, 30, keys=7, phase="before")
     wait_all_published(db_url, 30, 60, "the first 30 published")
     proxied_broker.proxy.set_mode("blackhole")
-    during = commit(db_url, topic, 50, keys=7, phase="during")
+    during = commit_events(db_url, topic, 50, keys=7, phase="during")
     wait_for(lambda: status_counts(db_url).get("processing"), 10, "a batch in flight inside the blackhole")
     threading.Event().wait(20)  # the fault itself: a 20 s blackhole
     proxied_broker.proxy.set_mode("pass")
-    after = commit(db_url, topic, 20, keys=7, phase="after")
+    after = commit_events(db_url, topic, 20, keys=7, phase="after")
     wait_all_published(db_url, 100, 45, "all 100 rows published after the blackhole")
-    messages = read_ids(proxied_broker.bootstrap, topic, before + during + after, 30)
+    messages = topic_reader(topic, bootstrap=proxied_broker.bootstrap).read_ids(before + during + after, 30)
     assert_per_key_order(messages)
     assert tier.proc.poll() is None, "the tier stopped"
     assert tier.stop() == 0
 
 
-def test_a_broker_paused_beyond_the_message_timeout_loses_and_fails_nothing(db_url, fault_broker, topic, tmp_path, run_tier):
+def test_a_broker_paused_beyond_the_message_timeout_loses_and_fails_nothing(db_url, fault_broker, topic, start_tier,
+                                                                            topic_reader):
     # Paused for twice the message timeout. (Tansu answers PRODUCER_FENCED afterwards with a 10 s
     # timeout and a 20 s pause; with a 3 s timeout and an 8, 12 or 20 s pause it did not.)
-    tier = run_tier(tier_env(db_url, fault_broker.bootstrap, tmp_path, KAFKA_MESSAGE_TIMEOUT_MS="10000",
-                             OUTBOX_BATCH_SIZE="5"))
-    before = commit(db_url, topic, 30, keys=7, phase="before")
+    tier = start_tier(bootstrap=fault_broker.bootstrap, KAFKA_MESSAGE_TIMEOUT_MS="10000", OUTBOX_BATCH_SIZE="5")
+    before = commit_events(db_url, topic, 30, keys=7, phase="before")
     wait_all_published(db_url, 30, 60, "the first 30 published")
     fault_broker.pause()
     paused_at = time.monotonic()
-    during = commit(db_url, topic, 30, keys=7, phase="during")
+    during = commit_events(db_url, topic, 30, keys=7, phase="during")
     wait_for(lambda: status_counts(db_url).get("processing"), 5, "a batch in flight while the broker is paused")
     threading.Event().wait(max(0.0, 20 - (time.monotonic() - paused_at)))  # the fault itself: a 20 s pause
     fault_broker.resume()
-    after = commit(db_url, topic, 20, keys=7, phase="after")
+    after = commit_events(db_url, topic, 20, keys=7, phase="after")
     wait_all_published(db_url, 80, 45, "all 80 rows published after the pause")
-    messages = read_ids(fault_broker.bootstrap, topic, before + during + after, 30)
+    messages = topic_reader(topic, bootstrap=fault_broker.bootstrap).read_ids(before + during + after, 30)
     assert_per_key_order(messages)
     # Nothing of this was the events' fault: no per-event retry was counted against them.
     assert row_summary(db_url)["withAttempts"] == 0, row_summary(db_url)
@@ -189,19 +141,19 @@ def test_a_broker_paused_beyond_the_message_timeout_loses_and_fails_nothing(db_u
 
 
 def test_a_broker_restarted_empty_with_another_cluster_id_is_published_to_by_every_worker(
-        db_url, fault_broker, topic, tmp_path, run_tier):
-    tier = run_tier(tier_env(db_url, fault_broker.bootstrap, tmp_path, OUTBOX_WORKERS="2", OUTBOX_BATCH_SIZE="20"))
+        db_url, fault_broker, topic, start_tier, topic_reader):
+    tier = start_tier(bootstrap=fault_broker.bootstrap, OUTBOX_WORKERS="2", OUTBOX_BATCH_SIZE="20")
     port = tier.http_port()
-    wait_shards_split(db_url, 2)
+    wait_balanced(db_url, 2)
     # 100 keys: both workers' shards have events, so both producers are connected to the old cluster.
-    commit(db_url, topic, 100, keys=100, phase="before")
+    commit_events(db_url, topic, 100, keys=100, phase="before")
     wait_all_published(db_url, 100, 60, "the first 100 published")
     lines_before = len(tier.logs())
     fault_broker.restart(cluster_id=f"kaireon-b-{uuid.uuid4().hex[:8]}")
-    after = commit(db_url, topic, 100, keys=100, phase="after")
+    after = commit_events(db_url, topic, 100, keys=100, phase="after")
     wait_all_published(db_url, 200, 50, "all 200 rows published after the broker was replaced")
     # The new cluster is empty: what is on it now was published after the switch.
-    messages = read_ids(fault_broker.bootstrap, topic, after, 30)
+    messages = topic_reader(topic, bootstrap=fault_broker.bootstrap).read_ids(after, 30)
     assert set(event_ids(messages)) == set(after)
     assert_per_key_order(messages)
     noticed = {line.get("role") for line in tier.logs()[lines_before:]
@@ -218,29 +170,29 @@ def test_a_broker_restarted_empty_with_another_cluster_id_is_published_to_by_eve
 
 
 def test_a_15s_frozen_broker_within_the_message_timeout_causes_no_takeover_and_no_duplicate(
-        db_url, fault_broker, topic, tmp_path, run_tier):
+        db_url, fault_broker, topic, start_tier, topic_reader):
     # A 20 s message timeout (valid), a lease TTL far shorter than the freeze: the busy worker's
     # leases must be kept while its batch waits on the broker, so the idle peer takes nothing.
-    env = tier_env(db_url, fault_broker.bootstrap, tmp_path, OUTBOX_WORKERS="2", KAFKA_MESSAGE_TIMEOUT_MS="20000",
-                   OUTBOX_WORKER_TIMEOUT_SECONDS="25", OUTBOX_REAPER_STALENESS_SECONDS="120",
-                   OUTBOX_LEASE_TTL_SECONDS="6")
-    tier = run_tier(env)
+    tier = start_tier(bootstrap=fault_broker.bootstrap, OUTBOX_WORKERS="2", KAFKA_MESSAGE_TIMEOUT_MS="20000",
+                      OUTBOX_WORKER_TIMEOUT_SECONDS="25", OUTBOX_REAPER_STALENESS_SECONDS="120",
+                      OUTBOX_LEASE_TTL_SECONDS="6")
     try:
-        wait_shards_split(db_url, 2)
+        wait_balanced(db_url, 2)
     except AssertionError:
         raise AssertionError(f"the tier did not start (exit {tier.proc.poll()}): "
                              f"{[line for line in tier.logs() if line.get('level') == 'ERROR'][:2]}") from None
     # One key, so one shard: one worker is busy with it, the other is idle.
-    warm = commit(db_url, topic, 1, keys=1, phase="warm-up", key_prefix="only-key-")
+    warm = commit_events(db_url, topic, 1, keys=1, phase="warm-up", key_prefix="only-key-")
     wait_all_published(db_url, 1, 30, "the warm-up event published")
     fault_broker.pause()
     paused_at = time.monotonic()
-    frozen = commit(db_url, topic, 10, keys=1, phase="frozen", key_prefix="only-key-")
-    wait_for(lambda: status_counts(db_url).get("processing") == 10, 5, "the 10 events claimed while the broker is frozen")
+    frozen = commit_events(db_url, topic, 10, keys=1, phase="frozen", key_prefix="only-key-")
+    wait_for(lambda: status_counts(db_url).get("processing") == 10, 5,
+             "the 10 events claimed while the broker is frozen")
     threading.Event().wait(max(0.0, 15 - (time.monotonic() - paused_at)))  # the fault itself: a 15 s freeze
     fault_broker.resume()
     wait_all_published(db_url, 11, 30, "the 11 rows published after the freeze")
-    messages = read_ids(fault_broker.bootstrap, topic, warm + frozen, 30, extra=3)
+    messages = topic_reader(topic, bootstrap=fault_broker.bootstrap).read_ids(warm + frozen, 30, extra=3)
     assert duplicated(messages) == {}, f"event ids on the topic more than once: {duplicated(messages)}"
     assert_per_key_order(messages)
     expired = [line for line in tier.logs() if line.get("event") == "lease expired"]
@@ -252,7 +204,7 @@ def test_a_15s_frozen_broker_within_the_message_timeout_causes_no_takeover_and_n
 # ---- poison of any shape stays on its row -----------------------------------------------------------
 
 
-def test_a_row_with_array_headers_fails_alone_and_the_others_publish_once(db_url, broker, topic, tmp_path, run_tier):
+def test_a_row_with_array_headers_fails_alone_and_the_others_publish_once(db_url, topic, start_tier, topic_reader):
     with psycopg.connect(db_url) as conn:
         # Written the way an old restore would: around the CHECK that the migration adds.
         conn.execute("ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS outbox_events_headers_is_object")
@@ -262,7 +214,7 @@ def test_a_row_with_array_headers_fails_alone_and_the_others_publish_once(db_url
             "VALUES (%s, 'k-poison', '{\"x\": 1}', '[1,2]') RETURNING id", (topic,)).fetchone()[0]
         then = enqueue_many(conn, [Event(topic, f"k{i}", {"i": i}) for i in range(10, 20)])
         conn.commit()
-    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path))
+    tier = start_tier()
     others = first + then
     try:
         wait_for(lambda: status_counts(db_url) == {"published": 20, "failed": 1}, 30, "20 published, 1 failed",
@@ -273,7 +225,7 @@ def test_a_row_with_array_headers_fails_alone_and_the_others_publish_once(db_url
         status, error = conn.execute("SELECT status, last_error FROM outbox_events WHERE id = %s", (poison,)).fetchone()
     assert status == "failed"
     assert error and "header" in error.lower(), error
-    messages = read_ids(broker.bootstrap, topic, others, 30, extra=3)
+    messages = topic_reader(topic).read_ids(others, 30, extra=3)
     assert sorted(event_ids(messages)) == sorted(others), f"duplicates: {duplicated(messages)}"
     failures = [line for line in tier.logs() if line.get("msg") == "outbox-publisher tick failed"]
     assert failures == [], failures[:2]
@@ -281,15 +233,15 @@ def test_a_row_with_array_headers_fails_alone_and_the_others_publish_once(db_url
     assert tier.stop() == 0
 
 
-def test_a_nested_header_value_arrives_as_its_json_text(db_url, broker, topic, tmp_path, run_tier):
+def test_a_nested_header_value_arrives_as_its_json_text(db_url, topic, start_tier, topic_reader):
     with psycopg.connect(db_url) as conn:
         event_id = conn.execute(
             "INSERT INTO outbox_events (topic, partition_key, payload, headers) "
             "VALUES (%s, 'k-nested', '{\"x\": 1}', '{\"meta\": {\"n\": 1}, \"s\": \"x\"}') RETURNING id",
             (topic,)).fetchone()[0]
         conn.commit()
-    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path))
-    [message] = read_ids(broker.bootstrap, topic, [event_id], 30)
+    tier = start_tier()
+    [message] = topic_reader(topic).read_ids([event_id], 30)
     headers = dict(message.headers())
     assert headers["meta"] == b'{"n":1}'
     assert headers["s"] == b"x"
@@ -301,9 +253,9 @@ def test_a_nested_header_value_arrives_as_its_json_text(db_url, broker, topic, t
 # ---- librdkafka is heard while idle -----------------------------------------------------------------
 
 
-def test_a_broker_error_while_idle_is_logged_within_2s(db_url, proxied_broker, tmp_path, run_tier):
+def test_a_broker_error_while_idle_is_logged_within_2s(db_url, proxied_broker, start_tier):
     # Through the proxy only to see the producer's connection; the fault is the broker's death.
-    tier = run_tier(tier_env(db_url, proxied_broker.bootstrap, tmp_path))
+    tier = start_tier(bootstrap=proxied_broker.bootstrap)
     tier.wait_log(lambda line: line.get("event") == "worker started", 30, "the worker started")
     # Idle, no events: the producer has made its bootstrap connection.
     wait_for(lambda: proxied_broker.proxy.connections(), 10, "the producer connected to the broker", interval=0.1)

@@ -17,8 +17,8 @@ def readyz(port: int) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def test_readyz_flips_with_the_broker(db_url, restartable_broker, tmp_path, run_tier):
-    tier = run_tier(helpers.tier_env(db_url, restartable_broker.bootstrap, tmp_path))
+def test_readyz_flips_with_the_broker(restartable_broker, start_tier):
+    tier = start_tier(bootstrap=restartable_broker.bootstrap)
     port = tier.http_port()
     helpers.wait_for(lambda: readyz(port)[0] == 200, 30, "/readyz 200 with the broker up")
     assert readyz(port)[1] == {"status": "ready", "checks": {"database": True, "broker": True}}

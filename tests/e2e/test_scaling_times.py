@@ -24,7 +24,7 @@ import time
 
 import psycopg
 
-from tests.helpers import Load, status_counts, tier_env, wait_for
+from tests.helpers import Load, shard_shares, status_counts, wait_for
 
 ROUNDS = 3
 TTL = 10  # the tier's default OUTBOX_LEASE_TTL_SECONDS
@@ -33,17 +33,11 @@ SAMPLE_S = 0.02
 
 
 def held(conn: psycopg.Connection) -> dict[str, int]:
-    return {str(owner): n for owner, n in conn.execute(
-        "SELECT owner, count(*) FROM outbox_shard_leases WHERE owner IS NOT NULL "
-        "AND expires_at > clock_timestamp() GROUP BY owner")}
+    return shard_shares(conn)
 
 
 def registered(conn: psycopg.Connection) -> set[str]:
     return {str(w) for (w,) in conn.execute("SELECT worker_id FROM outbox_workers WHERE expires_at > clock_timestamp()")}
-
-
-def worker_ids(tier) -> set[str]:
-    return {line["workerId"] for line in tier.logs() if line.get("event") == "worker spawned"}
 
 
 def until(condition, timeout: float, what: str) -> float:
@@ -62,18 +56,17 @@ def commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def test_scale_out_and_in_times(db_url, broker, topic, tmp_path, run_tier):
+def test_scale_out_and_in_times(db_url, topic, start_tier):
     def start(name: str):
-        (tmp_path / name).mkdir()
-        return run_tier(tier_env(db_url, broker.bootstrap, tmp_path / name, OUTBOX_WORKERS="2",
-                                 OUTBOX_LEASE_TTL_SECONDS=str(TTL), OUTBOX_POLL_INTERVAL_MS=str(POLL_MS)), name=name)
+        return start_tier(name=name, OUTBOX_WORKERS="2", OUTBOX_LEASE_TTL_SECONDS=str(TTL),
+                          OUTBOX_POLL_INTERVAL_MS=str(POLL_MS))
 
     times: dict[str, list[float]] = {"start_to_registered": [], "registered_to_share": [], "sigterm_to_released": [],
                                      "sigterm_to_taken": [], "sigterm_to_exit": [], "sigkill_to_taken": []}
     with psycopg.connect(db_url, autocommit=True) as conn, Load(db_url, topic, keys=200) as load:
         a = start("a")
         wait_for(lambda: sum(held(conn).values()) == 256 and len(held(conn)) == 2, 60, "tier A holding 256 shards")
-        a_workers = worker_ids(a)
+        a_workers = a.worker_ids()
 
         def share(workers: set[str]) -> int:
             return sum(n for w, n in held(conn).items() if w in workers)
@@ -81,8 +74,8 @@ def test_scale_out_and_in_times(db_url, broker, topic, tmp_path, run_tier):
         for round_ in range(ROUNDS + 1):
             started = time.monotonic()
             b = start(f"b{round_}")
-            wait_for(lambda: len(worker_ids(b)) == 2, 30, "tier B's workers spawned", interval=SAMPLE_S)  # noqa: B023
-            b_workers = worker_ids(b)
+            wait_for(lambda: len(b.worker_ids()) == 2, 30, "tier B's workers spawned", interval=SAMPLE_S)  # noqa: B023
+            b_workers = b.worker_ids()
             until(lambda: b_workers & registered(conn), 30, "tier B registered")  # noqa: B023
             times["start_to_registered"].append(time.monotonic() - started)
             times["registered_to_share"].append(until(

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from kaireon_pub.devenv import free_port
-from tests.helpers import tier_env, wait_for
+from tests.helpers import wait_for
 
 RIGHT_PASSWORD = "the-right-one"
 
@@ -77,10 +77,10 @@ def _dsn(case: str, sentinel: str, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.mark.parametrize("case", ["malformed-uri", "malformed-keyvalue", "refused", "unknown-role", "wrong-password"])
-def test_the_password_appears_in_no_output(case, request, tmp_path, run_tier):
+def test_the_password_appears_in_no_output(case, request, start_tier):
     sentinel = f"Sntl{uuid.uuid4().hex[:12]}Pw"
     dsn = _dsn(case, sentinel, request)
-    tier = run_tier(tier_env(dsn, "127.0.0.1:1", tmp_path, OUTBOX_POLL_INTERVAL_MS="100"))
+    tier = start_tier(db_url=dsn, bootstrap="127.0.0.1:1", OUTBOX_POLL_INTERVAL_MS="100")
 
     def failed_or_gone() -> bool:
         if tier.proc.poll() is not None:

@@ -34,9 +34,9 @@ def events_per_second(screen: str) -> float | None:
     return float(match.group(1).replace(",", "")) if match else None
 
 
-def test_top_shows_throughput_under_load(db_url, broker, topic, tmp_path, run_tier, tmux):
-    env = helpers.tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2")
-    tier = run_tier(env)
+def test_top_shows_throughput_under_load(db_url, topic, start_tier, tmux):
+    tier = start_tier(OUTBOX_WORKERS="2")
+    env = tier.env
     port = tier.http_port()
     command = f"{sys.executable} -m kaireon_pub top --url http://127.0.0.1:{port}/metrics --interval 0.5"
     with helpers.Load(db_url, topic):

@@ -69,12 +69,8 @@ def enqueue_two(db_url: str, topic: str) -> tuple[int, int]:
     return traced, plain
 
 
-def read_records(bootstrap: str, topic: str, n: int) -> dict[int, dict[str, bytes]]:
-    reader = TopicReader(bootstrap, topic)
-    try:
-        messages = reader.read_count(n, timeout=60)
-    finally:
-        reader.close()
+def read_records(reader: TopicReader, n: int) -> dict[int, dict[str, bytes]]:
+    messages = reader.read_count(n, timeout=60)
     return {int(dict(m.headers())["event-id"]): dict(m.headers()) for m in messages}
 
 
@@ -84,10 +80,10 @@ def otel_env(tier_env: dict[str, str], **extra: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(120)
-def test_console_spans_link_to_the_application_trace(db_url, broker, topic, tier_env, run):
+def test_console_spans_link_to_the_application_trace(db_url, topic, tier_env, run, topic_reader):
     traced, plain = enqueue_two(db_url, topic)
     tier = run(otel_env(tier_env, OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="orders-outbox"))
-    records = read_records(broker.bootstrap, topic, 2)
+    records = read_records(topic_reader(topic), 2)
     wait_for(lambda: status_counts(db_url) == {"published": 2}, 30, "both published")
     assert tier.stop() == 0  # the drain flushes the spans still held
 
@@ -119,14 +115,14 @@ def test_console_spans_link_to_the_application_trace(db_url, broker, topic, tier
 
 
 @pytest.mark.timeout(120)
-def test_without_the_extra_the_tier_publishes_as_before(db_url, broker, topic, tier_env, run, tmp_path):
+def test_without_the_extra_the_tier_publishes_as_before(db_url, topic, tier_env, run, topic_reader, tmp_path):
     # The extra "not installed": an `opentelemetry` package first on the path whose import fails.
     fake = tmp_path / "fake" / "opentelemetry"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('No module named opentelemetry (test)')\n")
     traced, plain = enqueue_two(db_url, topic)
     tier = run(otel_env(tier_env, OTEL_TRACES_EXPORTER="console", PYTHONPATH=str(fake.parent)))
-    records = read_records(broker.bootstrap, topic, 2)
+    records = read_records(topic_reader(topic), 2)
     wait_for(lambda: status_counts(db_url) == {"published": 2}, 30, "both published")
     assert tier.stop() == 0
     assert records[traced]["traceparent"] == APP_TRACEPARENT.encode()  # exactly as written
@@ -138,11 +134,12 @@ def test_without_the_extra_the_tier_publishes_as_before(db_url, broker, topic, t
 
 
 @pytest.mark.timeout(120)
-def test_an_unreachable_collector_is_logged_and_the_drain_stays_within_its_budget(db_url, broker, topic, tier_env, run):
+def test_an_unreachable_collector_is_logged_and_the_drain_stays_within_its_budget(db_url, topic, tier_env, run,
+                                                                                   topic_reader):
     traced, plain = enqueue_two(db_url, topic)
     tier = run(otel_env(tier_env, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
                         OTEL_BSP_SCHEDULE_DELAY="100"))
-    records = read_records(broker.bootstrap, topic, 2)
+    records = read_records(topic_reader(topic), 2)
     wait_for(lambda: status_counts(db_url) == {"published": 2}, 30, "both published")
     assert "traceparent" in records[plain]  # the spans exist; only their export fails
     # The exporter retries for OTEL_EXPORTER_OTLP_TIMEOUT (10 s); the drain waits for it 5 s at most.

@@ -46,6 +46,7 @@ KINDS = [
     ("batch/v1", "jobs", "Job", True),
     ("batch/v1", "cronjobs", "CronJob", True),
     ("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget", True),
+    ("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", True),
     ("autoscaling/v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", True),
     ("monitoring.coreos.com/v1", "servicemonitors", "ServiceMonitor", True),
     ("monitoring.coreos.com/v1", "prometheusrules", "PrometheusRule", True),

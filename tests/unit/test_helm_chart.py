@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kaireon-pub"
 HELM_VENV = ROOT / ".venv-helm"
 HELM_REQUIREMENT = "helm-sdkpy==0.1.32"
+CHART_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
 DEFAULTS = {s.env: s.default for s in SETTINGS}
 RELEASE, NAMESPACE = "kaireon", "outbox"
 MONITORING_API = "monitoring.coreos.com/v1"
@@ -107,6 +108,27 @@ MONITORING = {
     "dashboards": {"enabled": True},
 }
 REAPER_OFF = {"cron": {"schedules": {"outboxReaper": {"enabled": False}}}}
+EXAMPLES = CHART / "examples"
+PGBOUNCER_ENV = [{"name": "OUTBOX_POOL_MODE", "value": "transaction"},
+                 {"name": "OUTBOX_LISTEN_DATABASE_URL",
+                  "valueFrom": {"secretKeyRef": {"name": "pg-direct", "key": "url"}}}]
+KNOBS = {
+    "commonLabels": {"example.com/team": "outbox", "example.com/cost-center": "42"},
+    "serviceAccount": {"create": True, "annotations": {"iam.example.com/role": "outbox"}, "automount": True},
+    "outboxPublisher": {"replicas": 2, "priorityClassName": "outbox-high",
+                        "podLabels": {"example.com/team": "publisher"},
+                        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "outbox",
+                                         "effect": "NoSchedule"}],
+                        "nodeSelector": {"example.com/pool": "outbox"}},
+    "cron": {"podAnnotations": {"example.com/owner": "outbox"}, "priorityClassName": "outbox-low",
+             "nodeSelector": {"example.com/pool": "outbox"},
+             "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+             "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                 {"weight": 1, "preference": {"matchExpressions": [
+                     {"key": "example.com/pool", "operator": "In", "values": ["outbox"]}]}}]}}},
+}
+SUBCHART_VALUES = {"global": {"imageRegistry": "registry.example", "storageClass": "fast"}, "enabled": True}
+RUNBOOK = "https://wiki.example/runbooks/outbox"
 PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 KEDA = {"autoscaling": {"keda": {"enabled": True, "prometheus": {"serverAddress": PROMETHEUS_URL, "oldestPendingAgeSeconds": 120},
                                  "postgresql": {"enabled": True}}}}
@@ -147,9 +169,39 @@ RENDER = {
     "keda-without-crds": KEDA,
     **{f"schedule:{macro}": {"cron": {"schedules": {"outboxReaper": {"schedule": macro}}}}
        for macro in ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly", "0 */6 * * 1-5")},
+    # Issue 26: what the migrate init container needs, the common knobs, OpenShift, a NetworkPolicy.
+    "pgbouncer": {"outboxPublisher": {"extraEnv": PGBOUNCER_ENV}},
+    "partitioning": {"outboxPublisher": {
+        "extraEnv": [{"name": "OUTBOX_PARTITIONING", "value": "daily"},
+                     {"name": "OUTBOX_FAILED_RETENTION_SECONDS", "value": "86400"},
+                     {"name": "OTEL_SERVICE_NAME", "value": "outbox"}, {"name": "KAFKA_LINGER_MS", "value": "20"}],
+        "extraEnvFrom": [{"configMapRef": {"name": "outbox-settings"}}],
+        "extraVolumes": [{"name": "pg-ca", "secret": {"secretName": "pg-ca"}}],
+        "extraVolumeMounts": [{"name": "pg-ca", "mountPath": "/etc/pg-ca", "readOnly": True}]}},
+    # The schema owner's DSN for migrate, the runtime role's behind PgBouncer for the tier.
+    "migrate-owner": {"outboxPublisher": {"migrate": {"existingSecret": "pg-owner", "key": "OWNER_URL"},
+                                          "extraEnv": PGBOUNCER_ENV}},
+    # The settings' checks relate the reaper staleness and the worker timeout to the drain budget
+    # and message.timeout.ms: migrate must get those too, or it refuses what the publisher accepts.
+    "migrate-related-settings": {"outboxPublisher": {
+        "shutdownDrainTimeoutMs": 5000,
+        "extraEnv": [{"name": "OUTBOX_REAPER_STALENESS_SECONDS", "value": "20"},
+                     {"name": "OUTBOX_WORKER_TIMEOUT_SECONDS", "value": "8"}]},
+        "kafka": {"extraConfig": {"KAFKA_MESSAGE_TIMEOUT_MS": 5000}}},
+    "knobs": KNOBS,
+    "networkpolicy": yaml.safe_load((EXAMPLES / "networkpolicy.yaml").read_text()),
+    "networkpolicy-closed": {"networkPolicy": {"enabled": True, "egress": {"dns": {"enabled": False}}}, **REAPER_OFF},
+    "networkpolicy-extra": {"networkPolicy": {"enabled": True, "egress": {"extra": [
+        {"to": [{"ipBlock": {"cidr": "10.30.0.10/32"}}], "ports": [{"port": 4317, "protocol": "TCP"}]}]}}},
+    "openshift": yaml.safe_load((EXAMPLES / "openshift.yaml").read_text()),
+    "example-pgbouncer": yaml.safe_load((EXAMPLES / "pgbouncer.yaml").read_text()),
+    # What a parent chart sets when this chart is its dependency (see also the "subchart" job).
+    "subchart-values": SUBCHART_VALUES,
+    "monitoring-runbook": {"metrics": {"serviceMonitor": {"enabled": True},
+                                       "prometheusRule": {"enabled": True, "runbookUrl": RUNBOOK}}},
 }
 # Variants rendered as on a cluster with the Prometheus Operator's CRDs (helm --api-versions).
-WITH_MONITORING_API = {"full", "monitoring", "monitoring-other-release"}
+WITH_MONITORING_API = {"full", "monitoring", "monitoring-other-release", "monitoring-runbook"}
 # Variants rendered as on a cluster with KEDA's CRDs.
 WITH_KEDA_API = {"keda", "keda-postgresql-only"}
 RELEASE_OF = {"monitoring-other-release": "payments"}
@@ -177,6 +229,14 @@ BAD = {
     "keda-server-not-a-url": ({"autoscaling": {"keda": {"enabled": True, "prometheus": {"serverAddress": "prometheus:9090"}}}},
                               "/autoscaling/keda/prometheus/serverAddress"),
     "hpa-typo": ({"autoscaling": {"hpa": {"enabled": True, "pendingPerPod": 10}}}, "pendingPerPod"),
+    # A common label may not replace one of the chart's own (selectors and Helm's bookkeeping read them).
+    "common-label-of-the-chart": ({"commonLabels": {"app.kubernetes.io/instance": "other"}},
+                                  "app.kubernetes.io/instance"),
+    # The image writes only to /tmp, an emptyDir.
+    "writable-root": ({"securityContext": {"readOnlyRootFilesystem": False}},
+                      "/securityContext/readOnlyRootFilesystem"),
+    "enabled-not-a-boolean": ({"enabled": "yes"}, "/enabled"),
+    "network-policy-typo": ({"networkPolicy": {"enabled": True, "egress": {"postgres": {"to": []}}}}, "postgres"),
 }
 # Each must fail the render in a template (`fail`), naming the problem: what the schema cannot see.
 FAIL = {
@@ -206,6 +266,10 @@ FAIL = {
                                     "autoscaling.keda.prometheus.serverAddress is required"),
     "keda-without-a-trigger": ({"autoscaling": {"keda": {"enabled": True, "prometheus": {"enabled": False}}}},
                                "neither the prometheus nor the postgresql trigger is enabled"),
+    # migrate would refuse to run (Init:CrashLoopBackOff): its advisory lock needs a session.
+    "pooler-without-a-session-for-migrate": (
+        {"outboxPublisher": {"extraEnv": PGBOUNCER_ENV[:1]}},
+        "OUTBOX_POOL_MODE is transaction and OUTBOX_LISTEN_DATABASE_URL is not set"),
 }
 # FAIL cases rendered as on a cluster with these CRDs.
 FAIL_API_VERSIONS = {"keda-without-server-address": [KEDA_API], "keda-without-a-trigger": [KEDA_API]}
@@ -284,6 +348,16 @@ def helm(tmp_path_factory) -> dict[str, dict]:
     for name, (values, _) in (BAD | FAIL).items():
         jobs[f"bad:{name}"] = {"op": "render", "chart": str(CHART), "values": values,
                                "api_versions": FAIL_API_VERSIONS.get(name, [])}
+    # Used as a dependency: a parent chart whose condition is kaireon-pub.enabled, with globals.
+    parent = tmp_path_factory.mktemp("parent-chart")
+    shutil.copytree(CHART, parent / "charts" / "kaireon-pub")
+    (parent / "Chart.yaml").write_text(json.dumps({
+        "apiVersion": "v2", "name": "platform", "version": "0.1.0",
+        "dependencies": [{"name": "kaireon-pub", "version": CHART_VERSION, "condition": "kaireon-pub.enabled"}]}))
+    for name, enabled in (("subchart", True), ("subchart-disabled", False)):
+        values = {"global": SUBCHART_VALUES["global"], "kaireon-pub": {"enabled": enabled}}
+        jobs[f"render:{name}"] = {"op": "render", "chart": str(parent), "values": values,
+                                  "release": RELEASE, "namespace": NAMESPACE, "api_versions": []}
     done = subprocess.run([python, str(ROOT / "scripts" / "helm_lint.py"), "batch"],
                           input=json.dumps(list(jobs.values())), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"scripts/helm_lint.py failed:\n{done.stderr}"
@@ -425,25 +499,10 @@ def test_rendered_env_defaults_are_the_tier_defaults(helm):
 def test_every_env_var_the_chart_sets_is_read_by_the_tier(helm, variant):
     for spec in pod_specs(rendered(helm, variant)):
         for container in spec["containers"] + spec.get("initContainers", []):
-            unknown = {n for n in env_of(container) if n not in SETTING_NAMES and not n.startswith(KAFKA_PREFIX)}
+            # OTEL_*: the OpenTelemetry SDK's own variables.
+            unknown = {n for n in env_of(container)
+                       if n not in SETTING_NAMES and not n.startswith((KAFKA_PREFIX, "OTEL_"))}
             assert not unknown, f"{container['name']} sets {unknown}, which kaireon_pub.settings does not read"
-
-
-def test_every_value_is_in_the_docs_table():
-    doc = (ROOT / "docs" / "deploying.md").read_text()
-    # Kubernetes objects, documented as a whole.
-    free_form = {"outboxPublisher.resources", "cron.resources", "autoscaling.behavior"}
-
-    def leaves(node, prefix=""):
-        for key, value in node.items():
-            path = f"{prefix}{key}"
-            if isinstance(value, dict) and value and path not in free_form:
-                yield from leaves(value, path + ".")
-            else:
-                yield path
-
-    missing = [p for p in leaves(values_yaml()) if f"`{p}`" not in doc]
-    assert not missing, f"docs/deploying.md's values table lacks {missing}"
 
 
 # ---- the rendered publisher -----------------------------------------------------------------
@@ -624,6 +683,148 @@ def test_disabled_publisher_renders_nothing(helm):
     assert "CronJob" not in rendered(helm, "minimal") and "PodDisruptionBudget" not in rendered(helm, "minimal")
 
 
+# ---- the knobs a platform team expects (issue 26) -----------------------------------------------
+
+
+def all_objects(helm: dict, variant: str) -> list[dict]:
+    return list(rendered(helm, variant).values())
+
+
+def pod_templates(objects: dict[str, dict]) -> list[dict]:
+    templates = []
+    if "Deployment" in objects:
+        templates.append(objects["Deployment"]["spec"]["template"])
+    if "CronJob" in objects:
+        templates.append(objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"])
+    return templates
+
+
+def test_common_labels_on_every_object_and_pod_never_in_a_selector(helm):
+    objects = rendered(helm, "knobs")
+    common = KNOBS["commonLabels"]
+    assert {"Deployment", "CronJob", "Service", "PodDisruptionBudget", "ServiceAccount"} <= set(objects)
+    for obj in objects.values():
+        assert common.items() <= obj["metadata"]["labels"].items(), obj["kind"]
+    (deployment, cron) = pod_templates(objects)
+    # A pod's own label wins over a common one of the same name.
+    assert deployment["metadata"]["labels"] == {**deployment["metadata"]["labels"], **common,
+                                                **KNOBS["outboxPublisher"]["podLabels"]}
+    assert common.items() <= cron["metadata"]["labels"].items()
+    for selector in (objects["Deployment"]["spec"]["selector"]["matchLabels"], objects["Service"]["spec"]["selector"],
+                     objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]):
+        assert not set(common) & set(selector)
+
+
+def test_service_account_priority_and_scheduling_knobs(helm):
+    objects = rendered(helm, "knobs")
+    account = objects["ServiceAccount"]
+    assert account["metadata"]["annotations"] == KNOBS["serviceAccount"]["annotations"]
+    assert account["automountServiceAccountToken"] is True
+    deployment, cron = (t["spec"] for t in pod_templates(objects))
+    for spec in (deployment, cron):
+        assert spec["serviceAccountName"] == account["metadata"]["name"]
+        assert spec["automountServiceAccountToken"] is True
+    assert deployment["priorityClassName"] == "outbox-high" and cron["priorityClassName"] == "outbox-low"
+    assert deployment["tolerations"] == KNOBS["outboxPublisher"]["tolerations"]
+    assert deployment["nodeSelector"] == KNOBS["outboxPublisher"]["nodeSelector"]
+    for key in ("tolerations", "nodeSelector", "affinity"):
+        assert cron[key] == KNOBS["cron"][key]
+    cron_template = objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]
+    assert cron_template["metadata"]["annotations"] == KNOBS["cron"]["podAnnotations"]
+    # By default: no account made, none named, no token, no priority class.
+    default = rendered(helm, "default")
+    assert "ServiceAccount" not in default
+    for spec in pod_specs(default):
+        assert spec["automountServiceAccountToken"] is False
+        assert not {"serviceAccountName", "priorityClassName"} & set(spec)
+
+
+# Today's security contexts (before they became values): the default rendering keeps them.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                      "capabilities": {"drop": ["ALL"]}}
+
+
+def test_default_security_context_is_unchanged(helm):
+    deployment, cron = pod_specs(rendered(helm, "default"))
+    assert deployment["securityContext"] == POD_SECURITY
+    assert cron["securityContext"] == {k: v for k, v in POD_SECURITY.items() if k != "fsGroup"}
+    for spec in (deployment, cron):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert container["securityContext"] == CONTAINER_SECURITY
+
+
+def test_openshift_values_leave_the_user_and_group_to_the_platform(helm):
+    """OpenShift's restricted SCC assigns a uid from the namespace's range and refuses a fixed one;
+    the example values leave every uid, gid and fsGroup out and keep everything else."""
+    specs = pod_specs(rendered(helm, "openshift"))
+    assert len(specs) == 2
+    for spec in specs:
+        assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert container["securityContext"] == CONTAINER_SECURITY
+    text = helm["render:openshift"]["manifest"]
+    assert "runAsUser" not in text and "runAsGroup" not in text and "fsGroup" not in text
+
+
+def test_pdb_lets_unhealthy_pods_be_evicted(helm):
+    """In a database outage every pod is unready: a budget counting them would block node drains."""
+    for variant in ("replicas-3", "full", "hpa", "knobs"):
+        assert rendered(helm, variant)["PodDisruptionBudget"]["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+@pytest.mark.parametrize("variant", ["subchart", "subchart-values"])
+def test_chart_installs_as_a_dependency_with_globals_and_enabled(helm, variant):
+    """A parent chart sets `global` and its condition's `enabled` in this chart's values: the
+    schema accepts both, and the objects are today's."""
+    assert set(rendered(helm, variant)) == set(rendered(helm, "default"))
+    assert publisher(rendered(helm, variant)) == publisher(rendered(helm, "default"))
+    result = helm["render:subchart-disabled"]
+    assert result["ok"], result.get("error")
+    assert not [d for d in yaml.safe_load_all(result["manifest"]) if d]
+
+
+# ---- the NetworkPolicy --------------------------------------------------------------------------
+
+
+def test_network_policy_is_off_by_default(helm):
+    assert values_yaml()["networkPolicy"]["enabled"] is False
+    assert "NetworkPolicy" not in rendered(helm, "default")
+
+
+def test_network_policy_selects_the_publisher_and_admits_the_reaper_and_the_sources(helm):
+    objects = rendered(helm, "networkpolicy")
+    spec = objects["NetworkPolicy"]["spec"]
+    pod_labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    reaper_labels = objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert not spec["podSelector"]["matchLabels"].items() <= reaper_labels.items()
+    (ingress,) = spec["ingress"]
+    (port,) = publisher(objects)["ports"]
+    assert ingress["ports"] == [{"port": port["name"], "protocol": "TCP"}]
+    reaper, *sources = ingress["from"]
+    assert reaper["podSelector"]["matchLabels"].items() <= reaper_labels.items()
+    assert sources == RENDER["networkpolicy"]["networkPolicy"]["ingress"]["from"]
+    # Nothing reaches the pods when neither the reaper nor any source is there.
+    assert rendered(helm, "networkpolicy-closed")["NetworkPolicy"]["spec"]["ingress"] == []
+
+
+def test_network_policy_egress_is_the_database_the_brokers_and_dns(helm):
+    given = RENDER["networkpolicy"]["networkPolicy"]["egress"]
+    database, kafka, dns = rendered(helm, "networkpolicy")["NetworkPolicy"]["spec"]["egress"]
+    assert (database["to"], database["ports"]) == (given["database"]["to"], given["database"]["ports"])
+    assert (kafka["to"], kafka["ports"]) == (given["kafka"]["to"], given["kafka"]["ports"])
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"] == values_yaml()["networkPolicy"]["egress"]["dns"]["to"]
+    # Without destinations: the ports to anywhere; DNS can be left out; more rules can be added.
+    database, kafka = rendered(helm, "networkpolicy-closed")["NetworkPolicy"]["spec"]["egress"]
+    assert "to" not in database and database["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    extra = rendered(helm, "networkpolicy-extra")["NetworkPolicy"]["spec"]["egress"]
+    assert extra[-1] == RENDER["networkpolicy-extra"]["networkPolicy"]["egress"]["extra"][0] and len(extra) == 4
+
+
 # ---- secrets and the migrate init container ------------------------------------------------
 
 
@@ -664,15 +865,118 @@ def test_cron_secret_is_optional_for_the_publisher_and_required_by_the_reaper(he
     assert external == {"name": "external-cron", "key": "CRON_SECRET", "optional": True}
 
 
+def init_container(objects: dict[str, dict]) -> dict:
+    (init,) = objects["Deployment"]["spec"]["template"]["spec"]["initContainers"]
+    return init
+
+
 @pytest.mark.parametrize("variant,expected", [
-    ("default", {"DATABASE_URL"}),
-    ("full", {"DATABASE_URL", "OUTBOX_STATEMENT_TIMEOUT_MS"}),  # SASL, TLS, extraConfig and other extraEnv left out
+    ("default", {"DATABASE_URL", "OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS"}),
+    # SASL, TLS and the other librdkafka settings left out; the tier's own settings passed on.
+    ("full", {"DATABASE_URL", "OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS", "KAFKA_MESSAGE_TIMEOUT_MS", "OUTBOX_BATCH_SIZE",
+              "OUTBOX_STATEMENT_TIMEOUT_MS"}),
+    ("pgbouncer", {"DATABASE_URL", "OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS", "OUTBOX_POOL_MODE",
+                   "OUTBOX_LISTEN_DATABASE_URL"}),
+    # OTEL_* and KAFKA_LINGER_MS are not migrate's.
+    ("partitioning", {"DATABASE_URL", "OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS", "OUTBOX_PARTITIONING",
+                      "OUTBOX_FAILED_RETENTION_SECONDS"}),
 ])
-def test_migrate_init_container_gets_only_the_database_settings(helm, variant, expected):
-    (init,) = rendered(helm, variant)["Deployment"]["spec"]["template"]["spec"]["initContainers"]
+def test_migrate_init_container_gets_the_tier_settings_and_no_kafka_credential(helm, variant, expected):
+    objects = rendered(helm, variant)
+    init = init_container(objects)
     assert set(env_of(init)) == expected
-    assert "envFrom" not in init
-    assert [m["name"] for m in init["volumeMounts"]] == ["tmp"]  # no Kafka TLS material either
+    # Every entry migrate gets is the publisher's own, word for word (DATABASE_URL too, without migrate.existingSecret).
+    assert all(entry == env_of(publisher(objects))[name] for name, entry in env_of(init).items())
+    assert not {e["valueFrom"]["secretKeyRef"]["name"] for e in init["env"] if "valueFrom" in e} \
+        & {"kafka-user", "cron", f"{RELEASE}-kaireon-pub-cron"}
+    assert not [m for m in init["volumeMounts"] if m["name"] == "kafka-tls"]  # no Kafka TLS material
+
+
+def test_migrate_init_container_gets_extra_env_from_and_volume_mounts(helm):
+    """A partitioning set in a ConfigMap, a CA for sslrootcert=: migrate needs them as the tier does."""
+    objects = rendered(helm, "partitioning")
+    init, container = init_container(objects), publisher(objects)
+    extra = RENDER["partitioning"]["outboxPublisher"]
+    assert init["envFrom"] == container["envFrom"] == extra["extraEnvFrom"]
+    for c in (init, container):
+        assert extra["extraVolumeMounts"][0] in c["volumeMounts"]
+    assert extra["extraVolumes"][0] in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    assert "envFrom" not in init_container(rendered(helm, "default"))
+
+
+# Stand-ins for what the Secrets and ConfigMaps of the variants hold.
+SECRET_VALUES = {("pg-direct", "url"): "postgresql://runtime@pg.example:5432/app",
+                 ("pg-owner", "OWNER_URL"): "postgresql://owner@pg.example:5432/app",
+                 (f"{RELEASE}-kaireon-pub-database", "DATABASE_URL"): "postgresql://runtime@pgbouncer.example:6432/app",
+                 (f"{RELEASE}-kaireon-pub-cron", "CRON_SECRET"): "c" * 32}
+CONFIG_MAPS = {"outbox-settings": {"OUTBOX_BATCH_SIZE": "200"}}
+
+
+def container_environ(container: dict, secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The environment Kubernetes would give the container: envFrom first, env over it."""
+    environ = {}
+    for source in container.get("envFrom", []):
+        environ.update(CONFIG_MAPS[source["configMapRef"]["name"]])
+    for entry in container.get("env", []):
+        if "value" in entry:
+            environ[entry["name"]] = entry["value"]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            environ[entry["name"]] = secrets[(ref["name"], ref["key"])]
+    return environ
+
+
+@pytest.mark.parametrize("variant,pool_mode,url,partitioning", [
+    ("default", "session", SECRET_VALUES[(f"{RELEASE}-kaireon-pub-database", "DATABASE_URL")], "none"),
+    # Through a transaction pooler migrate takes its advisory lock on the listen (direct) URL.
+    ("pgbouncer", "transaction", SECRET_VALUES[("pg-direct", "url")], "none"),
+    ("example-pgbouncer", "transaction", None, "none"),
+    # Its own Secret (the schema owner): a session on that DSN, whatever the tier's pool mode.
+    ("migrate-owner", "session", SECRET_VALUES[("pg-owner", "OWNER_URL")], "none"),
+    ("partitioning", "session", SECRET_VALUES[(f"{RELEASE}-kaireon-pub-database", "DATABASE_URL")], "daily"),
+    ("migrate-related-settings", "session", SECRET_VALUES[(f"{RELEASE}-kaireon-pub-database", "DATABASE_URL")], "none"),
+])
+def test_migrate_reads_the_rendered_environment_as_the_tier_does(helm, monkeypatch, variant, pool_mode, url,
+                                                                 partitioning):
+    """The init container's rendered environment, read by the tier's own settings loader and
+    connection code: the pool mode and partitioning arrive, and `migrate` connects where it must
+    (psycopg stubbed: the URL it is asked for is recorded). The publisher's environment loads too."""
+    import psycopg
+
+    from kaireon_pub.db import connect as db_connect
+    from kaireon_pub.settings import Settings
+
+    objects = rendered(helm, variant)
+    secrets = dict(SECRET_VALUES)
+    if variant == "example-pgbouncer":
+        secrets[(f"{RELEASE}-kaireon-pub-database-direct", "DATABASE_URL")] = url = "postgresql://direct@pg.example/app"
+    settings = Settings.from_env(container_environ(init_container(objects), secrets), need_kafka=False)
+    Settings.from_env(container_environ(publisher(objects), secrets), need_kafka=True)
+    assert (settings.pool_mode, settings.partitioning) == (pool_mode, partitioning)
+
+    asked = []
+
+    class Asked(Exception):
+        pass
+
+    def fake_connect(cls_or_url, *args, **kwargs):
+        asked.append(args[0] if isinstance(cls_or_url, type) else cls_or_url)
+        raise Asked
+
+    monkeypatch.setattr(psycopg, "connect", lambda url, *a, **k: fake_connect(url, *a, **k))
+    monkeypatch.setattr(psycopg.Connection, "connect", classmethod(fake_connect))
+    with pytest.raises(Asked):
+        db_connect.connect(settings, "migrate")
+    assert asked == [url]
+
+
+def test_migrate_owner_secret_leaves_the_publisher_on_its_own(helm):
+    objects = rendered(helm, "migrate-owner")
+    ref = env_of(init_container(objects))["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "pg-owner", "key": "OWNER_URL"}
+    own = env_of(publisher(objects))["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert own["name"] == f"{RELEASE}-kaireon-pub-database"
+    assert "pg-owner" not in json.dumps(publisher(objects))
 
 
 def test_migrate_lock_wait_is_a_value(helm):
@@ -907,7 +1211,12 @@ def test_prometheus_rule_alerts_link_to_the_runbook_and_read_exported_metrics(he
     rules = rules_of(helm, "monitoring")
     anchors = {name: r["annotations"]["runbook_url"].rsplit("#", 1) for name, r in rules.items()}
     assert {a for _, a in anchors.values()} == {"outboxbacklog", "publisher-pod-down", "liveness-stale", "failed-events",
-                                                "pending-rows-held-back-by-a-long-transaction"}
+                                                "pending-rows-held-back-by-a-long-transaction", "database-down",
+                                                "broker-down", "stuck-rows"}
+    # Each anchor is a section of the runbook (GitHub's: lower case, spaces to hyphens, no punctuation).
+    headings = re.findall(r"^#+ (.+)$", (ROOT / "docs" / "operations.md").read_text(), re.M)
+    slugs = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+    assert {a for _, a in anchors.values()} <= slugs, {a for _, a in anchors.values()} - slugs
     assert all(url.endswith("docs/operations.md") for url, _ in anchors.values())
     for rule in rules.values():
         assert rule["labels"]["severity"] in {"warning", "critical"} and rule["annotations"]["summary"]
@@ -917,6 +1226,39 @@ def test_prometheus_rule_alerts_link_to_the_runbook_and_read_exported_metrics(he
     assert used - PENDING_METRICS <= exported, used - exported
     for pending in PENDING_METRICS - exported:  # once the metric exists, drop it from PENDING_METRICS
         assert pending in used
+
+
+def test_every_alert_has_a_description_and_a_runbook_under_the_configured_base(helm):
+    for variant, base in (("monitoring", values_yaml()["metrics"]["prometheusRule"]["runbookUrl"]),
+                          ("monitoring-runbook", RUNBOOK)):
+        rules = rules_of(helm, variant)
+        for name, rule in rules.items():
+            annotations = rule["annotations"]
+            # A Prometheus template: the chart's own template delimiters are all consumed.
+            assert annotations["description"] and "`" not in annotations["description"], name
+            assert annotations["runbook_url"].startswith(base + "#"), (name, annotations["runbook_url"])
+    assert set(rules_of(helm, "monitoring-runbook")) == set(rules_of(helm, "monitoring"))
+
+
+def test_alerts_cover_reaper_failures_and_an_unreachable_database_or_broker(helm):
+    rules = rules_of(helm, "monitoring")
+    values = values_yaml()["metrics"]["prometheusRule"]
+    metrics_of = {name: {s.name for s, _ in selectors(promql_parser.parse(r["expr"]))} for name, r in rules.items()}
+    for name, metric in (("OutboxDatabaseUnreachable", "kaireon_outbox_database_up"),
+                         ("OutboxBrokerUnreachable", "kaireon_outbox_broker_up")):
+        expr = promql_parser.parse(rules[name]["expr"])
+        # The readiness gauges: no replica (max) reached it.
+        assert metrics_of[name] == {metric} and str(expr.op) == "==" and expr.rhs.val == 0
+        assert isinstance(expr.lhs, promql_parser.AggregateExpr) and "max" in str(expr.lhs.op).lower()
+        assert rules[name]["for"] == values["unreachableFor"] and rules[name]["labels"]["severity"] == "critical"
+    reaper = rules["OutboxReaperFailing"]
+    expr = promql_parser.parse(reaper["expr"])
+    assert metrics_of["OutboxReaperFailing"] == {"kaireon_outbox_reaper_failures_total"}
+    assert str(expr.op) == ">" and expr.rhs.val == values["reaperFailures"]["maxFailures"]
+    (call,) = [n for n, _ in walk(expr) if isinstance(n, promql_parser.Call)]
+    assert call.func.name == "increase" and f"[{values['reaperFailures']['window']}]" in reaper["expr"]
+    assert exported_metrics() >= {"kaireon_outbox_database_up", "kaireon_outbox_broker_up",
+                                  "kaireon_outbox_reaper_failures_total"}
 
 
 # ---- every rendered object, validated ---------------------------------------------------------
@@ -1005,7 +1347,7 @@ CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"): check_servic
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("variant", sorted(set(RENDER) - {"off"}))
+@pytest.mark.parametrize("variant", sorted(set(RENDER) - {"off"} | {"subchart"}))
 def test_every_rendered_object_is_valid_for_kubernetes(helm, variant, version):
     """kubernetes-validate in strict mode (unknown fields are errors) for built-in kinds; the
     Prometheus Operator's kinds, which it has no schema for, by check_*."""
@@ -1023,6 +1365,11 @@ def test_every_rendered_object_is_valid_for_kubernetes(helm, variant, version):
 
 def test_validation_covers_the_variants_the_issue_names(helm):
     assert yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"] == f">={K8S_VERSIONS[0]}-0"
+    # Issue 26: defaults, PgBouncer, partitioning, NetworkPolicy on, OpenShift, used as a subchart.
+    issue_26 = {"default", "pgbouncer", "example-pgbouncer", "partitioning", "networkpolicy", "openshift", "subchart",
+                "subchart-values"}
+    assert issue_26 <= set(RENDER) | {"subchart"}
+    assert "NetworkPolicy" in rendered(helm, "networkpolicy")
     kinds = {variant: set(rendered(helm, variant))
              for variant in ("default", "replicas-3", "reaper-off", "monitoring", "hpa", "keda", "keda-without-crds")}
     assert kinds["default"] == {"Deployment", "Service", "CronJob"}

@@ -27,6 +27,9 @@ app.kubernetes.io/name: {{ include "kaireon-pub.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "kaireon-pub.selectorLabels" -}}
@@ -35,10 +38,52 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: outbox-publisher
 {{- end }}
 
-{{/* Labels of the pods the chart makes, beyond a workload's selector (not part of any selector). */}}
+{{/*
+Labels of the pods the chart makes, beyond a workload's selector (not part of any selector):
+(list . podLabels), commonLabels under the pod's own labels.
+*/}}
 {{- define "kaireon-pub.podExtraLabels" -}}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- $ctx := index . 0 }}
+app.kubernetes.io/version: {{ $ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ $ctx.Release.Service }}
+{{- with merge (deepCopy (index . 1 | default dict)) ($ctx.Values.commonLabels | default dict) }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The pods' service account: the chart's, a named one, or none (the namespace's default). */}}
+{{- define "kaireon-pub.serviceAccountName" -}}
+{{- $sa := .Values.serviceAccount }}
+{{- if $sa.create }}
+{{- default (include "kaireon-pub.fullname" .) $sa.name }}
+{{- else }}
+{{- $sa.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod-level fields every pod of the chart shares: the service account, its token, the
+securityContext (null fields left out, for a platform that assigns them: OpenShift).
+(list . keys): keys, a list of the podSecurityContext's keys to leave out.
+*/}}
+{{- define "kaireon-pub.podSecurity" -}}
+{{- $ctx := index . 0 }}
+{{- $leaveOut := index . 1 }}
+{{- $sa := include "kaireon-pub.serviceAccountName" $ctx }}
+{{- if $sa }}
+serviceAccountName: {{ $sa }}
+{{- end }}
+automountServiceAccountToken: {{ $ctx.Values.serviceAccount.automount }}
+{{- $context := dict }}
+{{- range $key, $value := $ctx.Values.podSecurityContext }}
+{{- if not (or (kindIs "invalid" $value) (has $key $leaveOut)) }}
+{{- $_ := set $context $key $value }}
+{{- end }}
+{{- end }}
+{{- with $context }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* repository@digest when image.digest is set, else repository:tag (tag defaults to appVersion). */}}
@@ -257,31 +302,72 @@ the schema refuses extraEnv names the chart always sets, this catches the condit
 {{- end }}
 
 {{/*
-The migrate init container's environment: the DSN and the extraEnv entries that shape a
-migration session (statement and lock timeouts, log level). No Kafka settings or credentials,
-no CRON_SECRET.
+The migrate init container's environment: its DSN, the tier's own settings of extraEnv (among
+them OUTBOX_POOL_MODE and OUTBOX_LISTEN_DATABASE_URL: through a transaction pooler migrate takes
+its session-level lock on the listen URL; OUTBOX_PARTITIONING: the flavour of a fresh outbox),
+and what the settings' checks relate them to (the drain budget, KAFKA_MESSAGE_TIMEOUT_MS), so
+that migrate accepts exactly what the publisher accepts. No other Kafka setting or credential,
+no CRON_SECRET, no OTEL_*.
+
+With outboxPublisher.migrate.existingSecret, DATABASE_URL is that Secret's DSN (a session to the
+server, e.g. the schema owner's role) and migrate runs in session mode on it: OUTBOX_POOL_MODE
+and OUTBOX_LISTEN_DATABASE_URL are set to session and empty (over extraEnvFrom too).
 */}}
-{{- define "kaireon-pub.migrateEnvPattern" -}}^OUTBOX_(STATEMENT_TIMEOUT_MS|LOG_LEVEL|[A-Z_]*LOCK_TIMEOUT[A-Z_]*|MIGRAT[A-Z_]*)${{- end }}
+{{- define "kaireon-pub.migrateEnvPattern" -}}^(OUTBOX_[A-Z0-9_]+|PROMETHEUS_MULTIPROC_DIR|KAFKA_MESSAGE_TIMEOUT_MS)${{- end }}
 
 {{- define "kaireon-pub.migrateEnv" -}}
+{{- $m := .Values.outboxPublisher.migrate }}
+{{- $own := list }}
+{{- if $m.existingSecret }}{{ $own = list "OUTBOX_POOL_MODE" "OUTBOX_LISTEN_DATABASE_URL" }}{{ end }}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ include "kaireon-pub.databaseSecret" . }}
-      key: {{ .Values.database.key }}
+      name: {{ $m.existingSecret | default (include "kaireon-pub.databaseSecret" .) }}
+      key: {{ $m.key | default .Values.database.key }}
+- name: OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS
+  value: {{ .Values.outboxPublisher.shutdownDrainTimeoutMs | int | quote }}
+{{- with .Values.kafka.extraConfig.KAFKA_MESSAGE_TIMEOUT_MS }}
+- name: KAFKA_MESSAGE_TIMEOUT_MS
+  value: {{ . | toString | quote }}
+{{- end }}
 {{- $pattern := include "kaireon-pub.migrateEnvPattern" . }}
 {{- range .Values.outboxPublisher.extraEnv }}
-{{- if regexMatch $pattern .name }}
+{{- if and (regexMatch $pattern .name) (not (has .name $own)) }}
 {{ list . | toYaml }}
 {{- end }}
 {{- end }}
+{{- if $m.existingSecret }}
+- name: OUTBOX_POOL_MODE
+  value: session
+- name: OUTBOX_LISTEN_DATABASE_URL
+  value: ""
+{{- end }}
+{{- end }}
+
+{{/*
+Fails where migrate would refuse to run, in Init:CrashLoopBackOff: OUTBOX_POOL_MODE=transaction
+without a session for its advisory lock (OUTBOX_LISTEN_DATABASE_URL or migrate.existingSecret).
+Values from extraEnvFrom are not visible here; with extraEnvFrom set, nothing is checked.
+*/}}
+{{- define "kaireon-pub.checkMigrate" -}}
+{{- $p := .Values.outboxPublisher }}
+{{- if and $p.migrate.enabled (not $p.migrate.existingSecret) (not $p.extraEnvFrom) }}
+{{- $names := dict }}
+{{- range $p.extraEnv }}{{ $_ := set $names .name (.value | default "") }}{{ end }}
+{{- if and (eq (get $names "OUTBOX_POOL_MODE") "transaction") (not (hasKey $names "OUTBOX_LISTEN_DATABASE_URL")) }}
+{{- fail "outboxPublisher.extraEnv: OUTBOX_POOL_MODE is transaction and OUTBOX_LISTEN_DATABASE_URL is not set: the migrate init container takes a session-level advisory lock, which a transaction pooler cannot keep; set OUTBOX_LISTEN_DATABASE_URL (a Secret's DSN of the server itself) or outboxPublisher.migrate.existingSecret, or migrate.enabled: false" }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 
+{{/* Every container's securityContext: the value, null fields left out. */}}
 {{- define "kaireon-pub.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-capabilities:
-  drop: ["ALL"]
+{{- $context := dict }}
+{{- range $key, $value := .Values.securityContext }}
+{{- if not (kindIs "invalid" $value) }}
+{{- $_ := set $context $key $value }}
+{{- end }}
+{{- end }}
+{{- toYaml $context }}
 {{- end }}

@@ -27,19 +27,22 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kaireon_pub import Event, enqueue, enqueue_many
+from kaireon_pub import enqueue
 from kaireon_pub.db.migrate import migrate
 from tests import helpers
 from tests.conftest import TEMPLATE
 from tests.faults import StoppablePostgres, database_proxy
 from tests.helpers import (
     Load,
-    TopicReader,
     assert_per_key_order,
-    event_ids,
+    commit_events,
     metric_value,
+    row_summary,
+    shard_shares,
     status_counts,
     tier_env,
+    wait_all_published,
+    wait_balanced,
     wait_for,
 )
 from tests.pgbouncer import PgBouncer
@@ -113,19 +116,6 @@ def private_pg(monkeypatch):
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def commit(db_url: str, topic: str, n: int, *, keys: int, phase: str, key_prefix: str = "k") -> list[int]:
-    with psycopg.connect(db_url) as conn:
-        ids = enqueue_many(conn, [Event(topic, f"{key_prefix}{i % keys}", {"phase": phase, "i": i}) for i in range(n)])
-        conn.commit()
-    return ids
-
-
-def row_summary(db_url: str) -> dict[str, object]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        retried = conn.execute("SELECT count(*) FROM outbox_events WHERE attempts > 0").fetchone()[0]
-    return {"status": status_counts(db_url), "withAttempts": retried}
-
-
 def wait_published(db_url: str, ids: list[int], timeout: float, what: str) -> None:
     def done() -> bool:
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -135,26 +125,6 @@ def wait_published(db_url: str, ids: list[int], timeout: float, what: str) -> No
         wait_for(done, timeout, what, interval=0.1)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; rows: {row_summary(db_url)}") from None
-
-
-def wait_all_published(db_url: str, n: int, timeout: float, what: str) -> None:
-    try:
-        wait_for(lambda: status_counts(db_url) == {"published": n}, timeout, what, interval=0.2)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; rows: {row_summary(db_url)}") from None
-
-
-def read_ids(bootstrap: str, topic: str, ids: list[int], timeout: float) -> list:
-    reader = TopicReader(bootstrap, topic)
-    try:
-        wanted = set(ids)
-        try:
-            return list(reader.read_until(lambda msgs: wanted <= set(event_ids(msgs)), timeout))
-        except AssertionError as exc:
-            missing = sorted(wanted - set(event_ids(reader.messages)))
-            raise AssertionError(f"{exc}; {len(missing)} of {len(wanted)} events missing, e.g. {missing[:10]}") from None
-    finally:
-        reader.close()
 
 
 def cli_json(env: dict[str, str], *commands: tuple[str, ...], timeout: float = 30) -> list[dict]:
@@ -168,7 +138,8 @@ def cli_json(env: dict[str, str], *commands: tuple[str, ...], timeout: float = 3
         try:
             docs.append(json.loads(out))
         except ValueError:
-            raise AssertionError(f"{' '.join(args)} exited {proc.returncode} without JSON: {out!r} {err[-2000:]}") from None
+            raise AssertionError(
+                f"{' '.join(args)} exited {proc.returncode} without JSON: {out!r} {err[-2000:]}") from None
     return docs
 
 
@@ -192,7 +163,7 @@ def ts(line: dict) -> float:
 def started_tier(run_tier, env: dict[str, str], db_url: str, topic: str) -> object:
     """A tier that has published a first event (it claims, its producer is connected)."""
     tier = run_tier(env)
-    warm = commit(db_url, topic, 1, keys=1, phase="warm-up", key_prefix="warm-")
+    warm = commit_events(db_url, topic, 1, keys=1, phase="warm-up", key_prefix="warm-")
     try:
         wait_published(db_url, warm, 30, "the warm-up event published")
     except AssertionError:
@@ -205,7 +176,7 @@ def started_tier(run_tier, env: dict[str, str], db_url: str, topic: str) -> obje
 
 
 def test_a_writing_transaction_open_in_another_database_for_30s_does_not_delay_publishing(
-        db_url, other_db, broker, topic, tmp_path, run_tier):
+        db_url, other_db, broker, topic, tmp_path, run_tier, topic_reader):
     other_name, other_url = other_db
     # A bound far beyond the test: were the other transaction waited for at all, nothing would flow.
     env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_HORIZON_MAX_WAIT_MS=str(NEVER_BYPASSED_MS))
@@ -219,7 +190,7 @@ def test_a_writing_transaction_open_in_another_database_for_30s_does_not_delay_p
         opened = time.monotonic()
         round_no = 0
         while time.monotonic() - opened < 30:
-            ids = commit(db_url, topic, 10, keys=5, phase=f"round-{round_no}")
+            ids = commit_events(db_url, topic, 10, keys=5, phase=f"round-{round_no}")
             wait_published(db_url, ids, TAIL, f"events committed {time.monotonic() - opened:.0f} s into a "
                                               f"transaction of database {other_name} published within {TAIL} s")
             published += ids
@@ -232,14 +203,14 @@ def test_a_writing_transaction_open_in_another_database_for_30s_does_not_delay_p
             threading.Event().wait(max(0.0, min(5.0 * round_no, 30.0) - (time.monotonic() - opened)))
         other.rollback()
     assert round_no >= 6
-    messages = read_ids(broker.bootstrap, topic, published, 30)
+    messages = topic_reader(topic).read_ids(published, 30)
     assert_per_key_order(messages)
     assert tier.proc.poll() is None, "the tier stopped"
     assert tier.stop() == 0
 
 
 def test_a_dangling_prepared_transaction_in_another_database_does_not_delay_publishing(
-        db_url, other_db, prepared, broker, topic, tmp_path, run_tier):
+        db_url, other_db, prepared, broker, topic, tmp_path, run_tier, topic_reader):
     other_name, other_url = other_db
     # A bound far beyond the test: were the prepared transaction waited for at all, nothing would flow.
     env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_HORIZON_MAX_WAIT_MS=str(NEVER_BYPASSED_MS))
@@ -254,7 +225,7 @@ def test_a_dangling_prepared_transaction_in_another_database_does_not_delay_publ
     opened = time.monotonic()
     published: list[int] = []
     for round_no in range(4):
-        ids = commit(db_url, topic, 10, keys=5, phase=f"round-{round_no}")
+        ids = commit_events(db_url, topic, 10, keys=5, phase=f"round-{round_no}")
         wait_published(db_url, ids, TAIL, f"events committed {time.monotonic() - opened:.0f} s after a prepared "
                                           f"transaction was left in database {other_name}, published within {TAIL} s")
         published += ids
@@ -264,7 +235,7 @@ def test_a_dangling_prepared_transaction_in_another_database_does_not_delay_publ
             assert named == [], f"status names another database's prepared transaction as holding the claim: {named}"
         # The fault itself: the prepared transaction stays; a round every 4 s.
         threading.Event().wait(max(0.0, 4.0 * (round_no + 1) - (time.monotonic() - opened)))
-    messages = read_ids(broker.bootstrap, topic, published, 30)
+    messages = topic_reader(topic).read_ids(published, 30)
     assert_per_key_order(messages)
     assert tier.proc.poll() is None, "the tier stopped"
     assert tier.stop() == 0
@@ -274,7 +245,7 @@ def test_a_dangling_prepared_transaction_in_another_database_does_not_delay_publ
 
 
 def test_a_same_database_transaction_that_never_writes_holds_publishing_at_most_the_bound(
-        db_url, broker, topic, tmp_path, run_tier):
+        db_url, broker, topic, tmp_path, run_tier, topic_reader):
     env = ops_env(db_url, broker.bootstrap, tmp_path)
     tier = started_tier(run_tier, env, db_url, topic)
     port = tier.http_port()
@@ -283,7 +254,7 @@ def test_a_same_database_transaction_that_never_writes_holds_publishing_at_most_
         holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
         holder_xid = int(holder.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
         opened = time.monotonic()
-        behind = commit(db_url, topic, 10, keys=5, phase="behind")
+        behind = commit_events(db_url, topic, 10, keys=5, phase="behind")
         status_doc, check_doc = cli_json(env, ("status", "--json"), ("check", "--json"))
         asked_after = time.monotonic() - opened
         still_pending = status_counts(db_url).get("pending", 0)
@@ -320,26 +291,27 @@ def test_a_same_database_transaction_that_never_writes_holds_publishing_at_most_
         assert (metric_value(port, "kaireon_outbox_horizon_bypassed_total") or 0) >= 1
         wait_for(lambda: metric_value(port, "kaireon_outbox_horizon_age_seconds") == 0, 10,
                  "kaireon_outbox_horizon_age_seconds back to 0 once the transaction is passed over")
-        later = commit(db_url, topic, 10, keys=5, phase="later")
+        later = commit_events(db_url, topic, 10, keys=5, phase="later")
         wait_published(db_url, later, TAIL, "events committed after the bypass published within the tail")
         (status_doc,) = cli_json(env, ("status", "--json"))
-        assert [h["bypassed"] for h in holders(status_doc) if h.get("pid") == holder_pid] == [True], status_doc["horizon"]
+        assert [h["bypassed"] for h in holders(status_doc) if h.get("pid") == holder_pid] == [True], \
+            status_doc["horizon"]
         holder.rollback()
-    messages = read_ids(broker.bootstrap, topic, behind + later, 30)
+    messages = topic_reader(topic).read_ids(behind + later, 30)
     assert_per_key_order(messages)
     assert tier.proc.poll() is None, "the tier stopped"
     assert tier.stop() == 0
 
 
 def test_a_same_database_transaction_that_writes_after_the_bound_has_its_row_published_when_it_commits(
-        db_url, broker, topic, tmp_path, run_tier):
+        db_url, broker, topic, tmp_path, run_tier, topic_reader):
     # The periodic rescan is far away: the row must be found because its transaction was remembered.
     env = {**ops_env(db_url, broker.bootstrap, tmp_path), "OUTBOX_RESCAN_INTERVAL_MS": "600000"}
     tier = started_tier(run_tier, env, db_url, topic)
     with psycopg.connect(db_url, application_name="slow-writer") as writer:
         writer.execute("SELECT pg_current_xact_id()")  # it takes its xid long before its outbox row
         opened = time.monotonic()
-        during = commit(db_url, topic, 10, keys=5, phase="during")
+        during = commit_events(db_url, topic, 10, keys=5, phase="during")
         wait_published(db_url, during, BOUND + TAIL, f"events committed behind the open writer published within "
                                                      f"{BOUND:g} s (OUTBOX_HORIZON_MAX_WAIT_MS) + {TAIL:g} s")
         # The fault itself: the writer stays open past the bound before it writes its row.
@@ -347,9 +319,9 @@ def test_a_same_database_transaction_that_writes_after_the_bound_has_its_row_pub
         late = enqueue(writer, topic=topic, key="late-writer", payload={"late": True})
         writer.commit()
     wait_published(db_url, [late], TAIL, "the late writer's row published within the tail after it committed")
-    after = commit(db_url, topic, 5, keys=5, phase="after")
+    after = commit_events(db_url, topic, 5, keys=5, phase="after")
     wait_published(db_url, after, TAIL, "events after it published")
-    messages = read_ids(broker.bootstrap, topic, [*during, late, *after], 30)
+    messages = topic_reader(topic).read_ids([*during, late, *after], 30)
     assert_per_key_order(messages)
     assert status_counts(db_url) == {"published": 17}
     assert tier.proc.poll() is None, "the tier stopped"
@@ -357,7 +329,7 @@ def test_a_same_database_transaction_that_writes_after_the_bound_has_its_row_pub
 
 
 def test_a_same_database_prepared_transaction_that_wrote_the_outbox_holds_up_to_the_bound_and_is_named(
-        db_url, prepared, broker, topic, tmp_path, run_tier):
+        db_url, prepared, broker, topic, tmp_path, run_tier, topic_reader):
     env = {**ops_env(db_url, broker.bootstrap, tmp_path), "OUTBOX_RESCAN_INTERVAL_MS": "600000"}
     tier = started_tier(run_tier, env, db_url, topic)
     gid = prepared(db_url)
@@ -368,7 +340,7 @@ def test_a_same_database_prepared_transaction_that_wrote_the_outbox_holds_up_to_
                                "VALUES (%s, 'two-phase', '{\"prepared\": true}') RETURNING id", (topic,)).fetchone()[0]
         app.tpc_prepare()
     prepared_at = time.monotonic()
-    behind = commit(db_url, topic, 10, keys=5, phase="behind")
+    behind = commit_events(db_url, topic, 10, keys=5, phase="behind")
     status_doc, check_doc = cli_json(env, ("status", "--json"), ("check", "--json"))
     asked_after = time.monotonic() - prepared_at
     still_pending = status_counts(db_url).get("pending", 0)
@@ -395,7 +367,7 @@ def test_a_same_database_prepared_transaction_that_wrote_the_outbox_holds_up_to_
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(sql.SQL("COMMIT PREPARED {}").format(sql.Literal(gid)))
     wait_published(db_url, [in_doubt], TAIL, "the prepared transaction's row published within the tail of its commit")
-    read_ids(broker.bootstrap, topic, [*behind, in_doubt], 30)
+    topic_reader(topic).read_ids([*behind, in_doubt], 30)
     assert tier.proc.poll() is None, "the tier stopped"
     assert tier.stop() == 0
 
@@ -422,14 +394,14 @@ def above_counter(db_url: str) -> int:
 
 
 def test_rows_with_an_xid_above_the_counter_are_published_per_key_before_newer_events(
-        db_url, broker, topic, tmp_path, run_tier):
+        db_url, broker, topic, tmp_path, run_tier, topic_reader):
     restored = insert_foreign(db_url, topic, 50, keys=10, key_prefix="acct-", base_xid=9_000_000_000)
-    newer = commit(db_url, topic, 50, keys=10, phase="after-restore", key_prefix="acct-")
+    newer = commit_events(db_url, topic, 50, keys=10, phase="after-restore", key_prefix="acct-")
     assert above_counter(db_url) == 50
     env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_RESCAN_INTERVAL_MS="3000")
     tier = run_tier(env)
     wait_published(db_url, restored + newer, 30, "the 50 restored rows and the 50 newer events published")
-    messages = read_ids(broker.bootstrap, topic, restored + newer, 30)
+    messages = topic_reader(topic).read_ids(restored + newer, 30)
     # Per key, the restored rows (committed first, lower ids) are published before the newer ones.
     assert_per_key_order(messages)
     first = {}
@@ -451,7 +423,7 @@ def test_rows_with_an_xid_above_the_counter_are_published_per_key_before_newer_e
                          "the second restamp logged")
     assert tier.logs().index(line) >= lines_before
     assert above_counter(db_url) == 0
-    read_ids(broker.bootstrap, topic, again, 30)
+    topic_reader(topic).read_ids(again, 30)
     assert tier.proc.poll() is None, "the tier stopped"
     assert tier.stop() == 0
 
@@ -471,7 +443,7 @@ def locked_by(db_url: str, event_id: int) -> bool:
 
 @pytest.mark.parametrize("claim_mode", ["status", "lock"])
 def test_a_pending_row_locked_by_another_session_holds_only_its_key(
-        db_url, broker, topic, tmp_path, run_tier, claim_mode):
+        db_url, broker, topic, tmp_path, run_tier, topic_reader, claim_mode):
     # A careless application (or an operator in psql) locks a pending event: SELECT ... FOR UPDATE,
     # an UPDATE of its payload, left open. The claim must neither wait for it (every other key
     # would stall) nor step over it (the later events of its key would overtake it).
@@ -486,15 +458,15 @@ def test_a_pending_row_locked_by_another_session_holds_only_its_key(
         # the event is still pending when the lock is taken.
         locker_pid = locker.execute("SELECT pg_backend_pid()").fetchone()[0]
         locker.execute("SELECT pg_current_xact_id()")
-        (first,) = commit(db_url, topic, 1, keys=1, phase="locked", key_prefix="acct-")
+        (first,) = commit_events(db_url, topic, 1, keys=1, phase="locked", key_prefix="acct-")
         locker.execute("UPDATE outbox_events SET headers = headers WHERE id = %s", (first,))
         with psycopg.connect(db_url, autocommit=True) as conn:
             assert conn.execute("SELECT status FROM outbox_events WHERE id = %s", (first,)).fetchone()[0] == "pending"
-        behind = commit(db_url, topic, 3, keys=1, phase="behind the locked event", key_prefix="acct-")
-        others = commit(db_url, topic, 40, keys=20, phase="other keys", key_prefix="other-")
+        behind = commit_events(db_url, topic, 3, keys=1, phase="behind the locked event", key_prefix="acct-")
+        others = commit_events(db_url, topic, 40, keys=20, phase="other keys", key_prefix="other-")
         wait_published(db_url, others, 1 + TAIL, "the events of other keys published while one event is locked")
         # A further round of claims after those: the events behind the locked one are still held.
-        probe = commit(db_url, topic, 1, keys=1, phase="probe", key_prefix="probe-")
+        probe = commit_events(db_url, topic, 1, keys=1, phase="probe", key_prefix="probe-")
         wait_published(db_url, probe, TAIL, "a later event of another key published")
         assert locked_by(db_url, first)
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -514,7 +486,7 @@ def test_a_pending_row_locked_by_another_session_holds_only_its_key(
     assert len([e for e in tier.logs() if e.get("event") == "event locked by another session"]) == 1
     wait_published(db_url, [first] + behind, TAIL, "the locked event and the events behind it published once "
                                                    "the lock is gone")
-    messages = read_ids(broker.bootstrap, topic, [first] + behind + others + probe, 30)
+    messages = topic_reader(topic).read_ids([first] + behind + others + probe, 30)
     assert_per_key_order(messages)
     assert status_counts(db_url).get("processing", 0) == 0
     wait_for(lambda: metric_value(port, "kaireon_outbox_locked_events") == 0, 10,
@@ -523,21 +495,22 @@ def test_a_pending_row_locked_by_another_session_holds_only_its_key(
     assert tier.stop() == 0
 
 
-def test_with_relaxed_ordering_a_locked_row_lets_its_key_flow_on_counted(db_url, broker, topic, tmp_path, run_tier):
+def test_with_relaxed_ordering_a_locked_row_lets_its_key_flow_on_counted(db_url, broker, topic, tmp_path, run_tier,
+                                                                         topic_reader):
     env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_ORDERING="relaxed", OUTBOX_HORIZON_MAX_WAIT_MS="1000")
     tier = started_tier(run_tier, env, db_url, topic)
     port = tier.http_port()
     with psycopg.connect(db_url, application_name="careless-admin") as locker:
         locker.execute("SELECT pg_current_xact_id()")
-        (first,) = commit(db_url, topic, 1, keys=1, phase="locked", key_prefix="acct-")
+        (first,) = commit_events(db_url, topic, 1, keys=1, phase="locked", key_prefix="acct-")
         locker.execute("SELECT id FROM outbox_events WHERE id = %s FOR UPDATE", (first,))
-        behind = commit(db_url, topic, 3, keys=1, phase="behind the locked event", key_prefix="acct-")
+        behind = commit_events(db_url, topic, 3, keys=1, phase="behind the locked event", key_prefix="acct-")
         wait_published(db_url, behind, 1 + TAIL, "the later events of the locked event's key published (relaxed)")
         assert status_counts(db_url).get("pending") == 1
         assert (metric_value(port, "kaireon_outbox_order_violations_total") or 0) >= 1
         locker.rollback()
     wait_published(db_url, [first], TAIL, "the locked event published once the lock is gone")
-    read_ids(broker.bootstrap, topic, [first] + behind, 30)
+    topic_reader(topic).read_ids([first] + behind, 30)
     assert status_counts(db_url).get("processing", 0) == 0
     assert tier.stop() == 0
 
@@ -545,18 +518,19 @@ def test_with_relaxed_ordering_a_locked_row_lets_its_key_flow_on_counted(db_url,
 # ---- a frozen peer does not pin its shards ----------------------------------------------------------------
 
 
-def test_a_worker_frozen_mid_claim_loses_its_shards_within_twice_the_ttl(db_url, broker, topic, tmp_path, run_tier):
+def test_a_worker_frozen_mid_claim_loses_its_shards_within_twice_the_ttl(db_url, broker, topic, tmp_path, run_tier,
+                                                                         topic_reader):
     ttl = 4
     env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2", OUTBOX_LEASE_TTL_SECONDS=str(ttl),
                    OUTBOX_BATCH_SIZE="10000", OUTBOX_WORKER_TIMEOUT_SECONDS="120")
     tier = run_tier(env)
     with psycopg.connect(db_url, autocommit=True) as db:
         def owners() -> dict[str, int]:
-            return dict(db.execute("SELECT owner::text, count(*) FROM outbox_shard_leases "
-                                   "WHERE owner IS NOT NULL AND expires_at > clock_timestamp() GROUP BY owner").fetchall())
-        wait_for(lambda: sorted(owners().values()) == [128, 128], 30, "256 shards split between 2 workers", interval=0.2)
+            return shard_shares(db)
+        wait_balanced(db_url, 2)
         frozen_id, frozen_pid = db.execute(
-            "SELECT worker_id::text, pid FROM outbox_workers WHERE slot = 1 AND expires_at > clock_timestamp()").fetchone()
+            "SELECT worker_id::text, pid FROM outbox_workers WHERE slot = 1 AND expires_at > clock_timestamp()"
+        ).fetchone()
         assert tier.worker_pids()[1] == frozen_pid
         shards = [r[0] for r in db.execute("SELECT shard FROM outbox_shard_leases WHERE owner = %s ORDER BY shard",
                                            (frozen_id,))]
@@ -618,7 +592,8 @@ def test_a_worker_frozen_mid_claim_loses_its_shards_within_twice_the_ttl(db_url,
             if backend is not None:
                 break
             # Missed (the claim had started before the events committed): let them be published.
-            wait_for(lambda: status_counts(db_url).keys() == {"published"}, 30, "the events of a missed attempt published")
+            wait_for(lambda: status_counts(db_url).keys() == {"published"}, 30,
+                     "the events of a missed attempt published")
         else:
             raise AssertionError(f"worker 1 could not be frozen mid-claim in 3 attempts: {misses}")
         try:
@@ -651,7 +626,7 @@ def test_a_worker_frozen_mid_claim_loses_its_shards_within_twice_the_ttl(db_url,
     assert took <= 2 * ttl
     with psycopg.connect(db_url, autocommit=True) as db:
         ids = [r[0] for r in db.execute("SELECT id FROM outbox_events WHERE topic = %s", (topic,))]
-    read_ids(broker.bootstrap, topic, ids, 60)
+    topic_reader(topic).read_ids(ids, 60)
     assert tier.proc.poll() is None, "the tier stopped"
     assert tier.stop() == 0
 
@@ -684,7 +659,7 @@ def orphan_a_claim(db: psycopg.Connection, proxy, cycle: int) -> datetime:
     raise AssertionError("unreachable")
 
 
-def test_a_lost_claim_reply_leaves_no_row_in_processing(db_url, broker, topic, tmp_path, run_tier):
+def test_a_lost_claim_reply_leaves_no_row_in_processing(db_url, broker, topic, tmp_path, run_tier, topic_reader):
     # Through PgBouncer (KAIREON_TEST_VIA_PGBOUNCER), the proxy stands between the tier and PgBouncer.
     routed = helpers.pooled(db_url)
     proxy, proxied_url = database_proxy(routed.pop("DATABASE_URL", db_url))
@@ -693,7 +668,8 @@ def test_a_lost_claim_reply_leaves_no_row_in_processing(db_url, broker, topic, t
         env = tier_env(proxied_url, broker.bootstrap, tmp_path, OUTBOX_BATCH_SIZE="20",
                        OUTBOX_REAPER_STALENESS_SECONDS="600", OUTBOX_RESCAN_INTERVAL_MS="600000", **routed)
         tier = started_tier(run_tier, env, db_url, topic)
-        with psycopg.connect(db_url, autocommit=True) as db, Load(db_url, topic, per_tx=10, pause=0.02, keys=20) as load:
+        with (psycopg.connect(db_url, autocommit=True) as db,
+              Load(db_url, topic, per_tx=10, pause=0.02, keys=20) as load):
             def published() -> int:
                 return status_counts(db_url).get("published", 0)
 
@@ -719,7 +695,7 @@ def test_a_lost_claim_reply_leaves_no_row_in_processing(db_url, broker, topic, t
         wait_all_published(db_url, len(committed) + 1, 60, "every committed event published after the resets")
         line = tier.wait_log(lambda e: e.get("event") == "orphaned claims reset", 5, "the orphaned claims reset logged")
         assert line["count"] >= 1
-        messages = read_ids(broker.bootstrap, topic, committed, 60)
+        messages = topic_reader(topic).read_ids(committed, 60)
         assert_per_key_order(messages)
         assert tier.proc.poll() is None, "the tier stopped"
         assert tier.stop() == 0
@@ -731,14 +707,14 @@ def test_a_lost_claim_reply_leaves_no_row_in_processing(db_url, broker, topic, t
 
 
 def test_six_worker_deaths_during_a_40s_database_outage_leave_the_tier_running(
-        private_pg, broker, topic, tmp_path, run_tier):
+        private_pg, broker, topic, tmp_path, run_tier, topic_reader):
     db_url = private_pg.outbox_url
     env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="2")
     liveness = env["OUTBOX_LIVENESS_FILE"]
     tier = started_tier(run_tier, env, db_url, topic)
-    before = commit(db_url, topic, 50, keys=10, phase="before")
+    before = commit_events(db_url, topic, 50, keys=10, phase="before")
     wait_published(db_url, before, 30, "the first 50 published")
-    just_before = commit(db_url, topic, 20, keys=10, phase="just-before")
+    just_before = commit_events(db_url, topic, 20, keys=10, phase="just-before")
 
     def spawned(slot: int, pid: int) -> dict:
         return next(line for line in tier.logs()
@@ -787,9 +763,9 @@ def test_six_worker_deaths_during_a_40s_database_outage_leave_the_tier_running(
     assert exited() is None, f"{exited()} (at the end of the outage)"
     private_pg.start_server()
 
-    after = commit(db_url, topic, 30, keys=10, phase="after")
+    after = commit_events(db_url, topic, 30, keys=10, phase="after")
     wait_all_published(db_url, 1 + 50 + 20 + 30, 45, "every event committed before and after the outage published")
-    messages = read_ids(broker.bootstrap, topic, before + just_before + after, 30)
+    messages = topic_reader(topic).read_ids(before + just_before + after, 30)
     assert_per_key_order(messages)
     kills = [line for line in tier.logs() if line.get("event") == "worker exited" and line.get("exitCode") == -9]
     assert len(kills) == 6, kills

@@ -8,12 +8,8 @@ backlog, interpolated between samples, and the database then confirms that no ro
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -23,45 +19,21 @@ import psutil
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
+from kaireon_pub import devtier
+
 SAMPLE_S = 0.2
 
 
-def tier_env(db_url: str, bootstrap: str, run_dir: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "KAFKA_"))}
-    env.update(DATABASE_URL=db_url, KAFKA_BOOTSTRAP_SERVERS=bootstrap, OUTBOX_WORKERS="2",
-               OUTBOX_HTTP_PORT="0", OUTBOX_LIVENESS_FILE=str(run_dir / "alive"),
-               PROMETHEUS_MULTIPROC_DIR=str(run_dir / "prom"), PYTHONUNBUFFERED="1")
-    env.update(overrides)
-    return env
+class Supervisor(devtier.Tier):
+    """One `kaireon-pub run` of the bench (the tests' Tier): its port once logged, its /metrics."""
 
-
-class Supervisor:
     def __init__(self, env: dict[str, str], log_path: Path):
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "kaireon_pub", "run"], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__(env, log_path)
         self.port: int | None = None
-
-    def log_lines(self) -> list[dict]:
-        out = []
-        for raw in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(raw))
-        return out
-
-    def worker_pids(self) -> list[int]:
-        live: dict[int, int] = {}
-        for line in self.log_lines():
-            if line.get("event") == "worker spawned":
-                live[line["slot"]] = line["workerPid"]
-        return list(live.values())
 
     def find_port(self) -> int | None:
         if self.port is None:
-            for line in self.log_lines():
-                if line.get("event") == "http listening":
-                    self.port = int(line["port"])
+            self.port = self.logged_port()
         return self.port
 
     def metrics_text(self) -> str:
@@ -69,18 +41,9 @@ class Supervisor:
             return resp.read().decode()
 
     def stop(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        # Workers die with their supervisor; make sure none outlives the bench.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGTERM, up to `timeout` s for the drain, then whatever is left of it killed."""
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        self._log.close()
+            super().stop(timeout=timeout)
 
 
 @dataclass
@@ -117,28 +80,26 @@ class Tier:
         for i in range(supervisors):
             d = run_dir / f"sup{i}"
             d.mkdir(parents=True, exist_ok=True)
-            env = tier_env(db_url, bootstrap, d, OUTBOX_WORKERS=str(workers), **overrides)
+            env = devtier.tier_env(db_url, bootstrap, d, OUTBOX_WORKERS=str(workers), **overrides)
             self.sups.append(Supervisor(env, d / "tier.log"))
         self.peak_rss: dict[int, int] = {}
         self._procs: dict[int, psutil.Process] = {}
 
     def wait_ready(self, timeout: float = 60, balanced: bool = True) -> None:
-        """Every supervisor serves /metrics and every worker holds its fair share of the shards
-        (a tier that just started has one worker holding all 256 for up to a lease period)."""
+        """Every supervisor serves /metrics and the workers share the shards (devtier.is_balanced; a
+        tier that just started has one worker holding all 256 for up to a lease period). Not
+        `balanced`: every shard is owned, however the owners split them."""
         deadline = time.monotonic() + timeout
-        fair = math.ceil(256 / self.workers_total)
         with psycopg.connect(self.db_url, autocommit=True) as conn:
             while True:
                 for sup in self.sups:
                     if sup.proc.poll() is not None:
                         raise RuntimeError(f"the tier exited with {sup.proc.returncode}; see {sup.log_path}")
                 ports = all(sup.find_port() for sup in self.sups)
-                owners = conn.execute(
-                    "SELECT count(*) FROM outbox_shard_leases WHERE owner IS NOT NULL"
-                    " AND expires_at > clock_timestamp() GROUP BY owner").fetchall()
-                counts = [c for (c,) in owners]
-                fair_share = len(counts) == self.workers_total and max(counts) <= fair
-                if ports and sum(counts) == 256 and (fair_share or not balanced):
+                shares = devtier.shard_shares(conn)
+                counts = sorted(shares.values())
+                fair_share = devtier.is_balanced(shares, self.workers_total)
+                if ports and sum(counts) == devtier.SHARDS and (fair_share or not balanced):
                     return
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the tier did not balance its shards within {timeout} s: {counts}")
@@ -170,7 +131,7 @@ class Tier:
 
     def sample_rss(self) -> None:
         for sup in self.sups:
-            for pid in sup.worker_pids():
+            for pid in sup.worker_pids().values():
                 with contextlib.suppress(psutil.Error):
                     rss = psutil.Process(pid).memory_info().rss
                     self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), rss)

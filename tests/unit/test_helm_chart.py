@@ -199,9 +199,12 @@ RENDER = {
     "subchart-values": SUBCHART_VALUES,
     "monitoring-runbook": {"metrics": {"serviceMonitor": {"enabled": True},
                                        "prometheusRule": {"enabled": True, "runbookUrl": RUNBOOK}}},
+    "monitoring-without-readiness": {"metrics": {"prometheusRule": {"enabled": True}},
+                                     "outboxPublisher": {"readinessProbe": {"enabled": False}}},
 }
 # Variants rendered as on a cluster with the Prometheus Operator's CRDs (helm --api-versions).
-WITH_MONITORING_API = {"full", "monitoring", "monitoring-other-release", "monitoring-runbook"}
+WITH_MONITORING_API = {"full", "monitoring", "monitoring-other-release", "monitoring-runbook",
+                       "monitoring-without-readiness"}
 # Variants rendered as on a cluster with KEDA's CRDs.
 WITH_KEDA_API = {"keda", "keda-postgresql-only"}
 RELEASE_OF = {"monitoring-other-release": "payments"}
@@ -971,7 +974,9 @@ def test_migrate_reads_the_rendered_environment_as_the_tier_does(helm, monkeypat
 
 
 def test_migrate_owner_secret_leaves_the_publisher_on_its_own(helm):
+    """The schema owner's DSN goes to the init container only; the install notes name its Secret."""
     objects = rendered(helm, "migrate-owner")
+    assert "pg-owner  key OWNER_URL" in helm["render:migrate-owner"]["notes"]
     ref = env_of(init_container(objects))["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "pg-owner", "key": "OWNER_URL"}
     own = env_of(publisher(objects))["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
@@ -1259,6 +1264,9 @@ def test_alerts_cover_reaper_failures_and_an_unreachable_database_or_broker(helm
     assert call.func.name == "increase" and f"[{values['reaperFailures']['window']}]" in reaper["expr"]
     assert exported_metrics() >= {"kaireon_outbox_database_up", "kaireon_outbox_broker_up",
                                   "kaireon_outbox_reaper_failures_total"}
+    # /readyz writes the reachability gauges: without its probe they would stay 0, a false alarm.
+    assert set(rules) - set(rules_of(helm, "monitoring-without-readiness")) \
+        == {"OutboxDatabaseUnreachable", "OutboxBrokerUnreachable"}
 
 
 # ---- every rendered object, validated ---------------------------------------------------------

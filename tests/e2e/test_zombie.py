@@ -7,7 +7,6 @@ import psycopg
 
 from kaireon_pub import Event, enqueue, enqueue_many
 from tests.helpers import (
-    event_ids,
     metric_value,
     run_cli,
     status_counts,

@@ -148,3 +148,41 @@ def test_recreate_makes_a_new_producer_and_disposes_of_the_old_one(made):
         await served.close()
     asyncio.run(main())
     assert len(made) == 2
+
+
+class Mortal(Stand):
+    """A stand-in that records the thread it was destroyed on (librdkafka's destroy can block)."""
+
+    destroyed_on: list[str] = []
+
+    def __del__(self):
+        Mortal.destroyed_on.append(threading.current_thread().name)
+
+
+def test_recreate_destroys_the_old_producer_off_the_event_loop(monkeypatch):
+    Mortal.destroyed_on = []
+    monkeypatch.setattr(producer_module, "make_producer", lambda *args: Mortal())  # no reference kept
+
+    async def main():
+        served = ServedProducer(SETTINGS, "test-producer")
+        await served.recreate()
+        destroyed = list(Mortal.destroyed_on)
+        await served.close()
+        return destroyed
+    loop_thread = threading.current_thread().name
+    destroyed = asyncio.run(main())
+    assert len(destroyed) == 1 and destroyed[0] != loop_thread
+
+
+def test_a_missing_topic_is_called_missing_after_a_second_unless_the_operator_says_otherwise(monkeypatch):
+    configs: list[dict] = []
+
+    class Recording:
+        def __init__(self, config):
+            configs.append(config)
+    monkeypatch.setattr(producer_module, "Producer", Recording)
+    producer_module.make_producer(SETTINGS, "test-producer")
+    own = Settings.from_env({"DATABASE_URL": "postgresql:///unused", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+                             "KAFKA_TOPIC_METADATA_PROPAGATION_MAX_MS": "30000"})
+    producer_module.make_producer(own, "test-producer")
+    assert [c["topic.metadata.propagation.max.ms"] for c in configs] == ["1000", "30000"]

@@ -8,7 +8,8 @@ Each event ends the batch in exactly one bucket:
   invalid topic name (mark failed now);
 - retry: a per-event error of unknown kind (attempts + 1, exponential back-off);
 - released: not the event's fault (broker down, timeout, a producer that must be recreated, the
-  drain or lease deadline, or held back behind a rejected event of the same key): back to
+  drain or lease deadline, held back behind a rejected event of the same key, or, in strict
+  order, behind an event of the same key on another topic that is not confirmed yet): back to
   pending, attempts untouched.
 """
 

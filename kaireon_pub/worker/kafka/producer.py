@@ -9,6 +9,20 @@ within a fraction of a second even when no batch is in flight.
 A producer whose own state is wrong (errors.py: fenced, fatal, an unexpected exception from the
 client) is marked broken: every waiting batch gives up, and the worker recreates it.
 
+A topic the broker does not have and will not create (auto-creation off, or refused) fails its
+own events, not the batch they are in: librdkafka waits `topic.metadata.propagation.max.ms` from the
+topic's first produce() before it calls the topic missing, and meanwhile holds that topic's records,
+so the batch that holds one waits with every other key in it (the default 30 s outlives the batch's
+message.timeout.ms: its records time out, a transient error, batch after batch). The tier sets 1 s:
+then the first records fail with UNKNOWN_TOPIC_OR_PART within about a second and later produce()s
+raise _UNKNOWN_TOPIC at once, both per-event retries (errors.py: attempts + 1 and a back-off, then
+`failed`); once the topic is created, librdkafka finds it within a second or so. Chosen over a topic
+list of our own learnt from metadata: the metadata does not say whether the broker would create a
+topic it lacks (Tansu and Kafka's default do), so only librdkafka's produce-time lookup can tell a
+missing topic from one about to be created, and it does so without a request per row. The cost: a
+topic created moments ago that a broker does not know yet within that second (KRaft spreads a new
+topic in milliseconds) has its first events retried once, with a back-off, not lost.
+
 `make_producer` alone uses no metrics and no threads of our own: the supervisor's configuration
 probe uses it in a child before any worker exists.
 """
@@ -35,6 +49,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("kaireon_pub.worker.publisher")  # the name of the module these lines came from
 
 POLL_SLICE_S = 0.1  # the delivery thread's poll timeout: how late a stop of the thread may be
+# How long librdkafka waits, from a topic's first produce(), before it takes a topic the broker
+# does not know for missing (librdkafka's default: 30 s). Until then the topic's records wait in the
+# client, and with them the end of every batch that holds one (module docstring). An operator's
+# KAFKA_TOPIC_METADATA_PROPAGATION_MAX_MS wins.
+TOPIC_PROPAGATION_MS = "1000"
 
 
 def make_producer(settings: Settings, client_id: str,
@@ -43,6 +62,7 @@ def make_producer(settings: Settings, client_id: str,
     KAFKA_ variable."""
     config: dict[str, Any] = dict(settings.producer_config)
     config.setdefault("client.id", client_id)
+    config.setdefault("topic.metadata.propagation.max.ms", TOPIC_PROPAGATION_MS)
     if on_error is not None:
         config["error_cb"] = on_error
     config["logger"] = librdkafka_logger()
@@ -112,14 +132,16 @@ class ServedProducer:
 
     async def recreate(self) -> None:
         """A new producer and delivery thread; the old ones are disposed of off the event loop."""
-        old, stop, thread = self.producer, self._stop, self._thread
+        old, stop, thread = [self.producer], self._stop, self._thread
         stop.set()
         self._start()
+        # The list is the last reference: _dispose takes the producer out of it, so that librdkafka's
+        # destroy (it joins the client's threads, and can block) runs in the worker thread too.
         await asyncio.to_thread(_dispose, old, thread)
 
     async def close(self) -> None:
         self._stop.set()
-        await asyncio.to_thread(_dispose, self.producer, self._thread)
+        await asyncio.to_thread(_dispose, [self.producer], self._thread)
 
     def queue_depth(self) -> int:
         return len(self.producer)
@@ -129,11 +151,14 @@ class ServedProducer:
         return self.producer.list_topics(timeout=timeout).cluster_id
 
 
-def _dispose(producer: Producer, thread: threading.Thread) -> None:
-    """Stop serving an old producer and let it go (runs in a worker thread: it may block)."""
+def _dispose(held: list[Producer], thread: threading.Thread) -> None:
+    """Stop serving an old producer and let it go (runs in a worker thread: it may block). `held`
+    holds it; when that was its last reference, the producer is destroyed here, not on the loop."""
     thread.join(POLL_SLICE_S * 20)
+    producer = held.pop()
     try:
         producer.purge(in_queue=True, in_flight=True, blocking=False)
         producer.flush(0)
     except Exception:  # noqa: BLE001, S110 - a broken client is dropped whatever it says
         pass
+    del producer  # librdkafka's destroy, in this thread

@@ -195,7 +195,8 @@ def test_runbook_has_every_anchor_that_alerts_dashboard_and_docs_link_to():
     rule = (ROOT / "helm" / "kaireon-pub" / "templates" / "prometheusrule.yaml").read_text()
     linked = set(re.findall(r'"%s#([a-z0-9-]+)"', rule))
     assert linked == {"outboxbacklog", "publisher-pod-down", "liveness-stale", "failed-events",
-                      "pending-rows-held-back-by-a-long-transaction"}
+                      "pending-rows-held-back-by-a-long-transaction", "database-down", "broker-down",
+                      "stuck-rows"}
     linked |= set(re.findall(r"runbook #([a-z0-9-]+)", DASHBOARD.read_text()))
     linked |= set(re.findall(r"\]\(#([a-z0-9-]+)\)", runbook))
     linked |= set(re.findall(r"operations\.md#([a-z0-9-]+)", (ROOT / "docs" / "deploying.md").read_text()))

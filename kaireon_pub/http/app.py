@@ -3,7 +3,9 @@
 Routes and methods:
   GET|HEAD  /metrics                     prometheus-client exposition (multiprocess when configured)
   GET|HEAD  /healthz[?maxStaleSeconds=N] 200 while the liveness file is fresher than N s (90)
-  GET|HEAD  /readyz                      200 when every readiness check is true, else 503
+  GET|HEAD  /readyz                      200 when every readiness check is true, else 503 (the
+                                         last check's answer: checks run every few seconds on a
+                                         thread of their own, never per request)
   GET|POST  /api/v1/cron/outbox-reaper   runs the reaper; cron callers differ in the method used
 
 Order of refusals: unknown path 404, method 405 (with Allow), body over 1 KiB or of unknown
@@ -31,7 +33,7 @@ import orjson
 from kaireon_pub.errors import new_error_id
 from kaireon_pub.http.collector import ScrapeSafeCollector
 from kaireon_pub.http.cron_auth import authenticate
-from kaireon_pub.http.readiness import DefaultReadiness
+from kaireon_pub.http.readiness import CachedReadiness, DefaultReadiness
 from kaireon_pub.reaper import RESULT_KEYS, ReaperError, reap
 from kaireon_pub.redact import redact
 from kaireon_pub.settings import Settings
@@ -74,10 +76,12 @@ def _json(status: int, payload: object, *headers: tuple[str, str]) -> Response:
 
 
 def make_app(settings: Settings, *, readiness: Readiness | None = None,
-             reaper: Reaper | None = None) -> Callable[[dict, StartResponse], Iterable[bytes]]:
+             reaper: Reaper | None = None) -> _App:
     """The WSGI application. `readiness() -> {"database": bool, "broker": bool, ...}` defaults
-    to `DefaultReadiness(settings)`; `reaper(settings, *, source)` defaults to `reaper.reap`."""
-    return _App(settings, readiness or DefaultReadiness(settings), reaper or reap)
+    to `DefaultReadiness(settings)` behind a `CachedReadiness` (its thread starts at the app's
+    `start()` or first /readyz, ends at `close()`); `reaper(settings, *, source)` defaults to
+    `reaper.reap`."""
+    return _App(settings, readiness or CachedReadiness(DefaultReadiness(settings)), reaper or reap)
 
 
 class _App:
@@ -93,6 +97,17 @@ class _App:
             "/readyz": (PROBE_METHODS, self.readyz),
             CRON_PATH: (CRON_METHODS, self.cron),
         }
+
+    def start(self) -> None:
+        """Starts what runs beside the requests (the readiness refresh), in the serving process."""
+        start = getattr(self.readiness, "start", None)
+        if start is not None:
+            start()
+
+    def close(self) -> None:
+        stop = getattr(self.readiness, "stop", None)
+        if stop is not None:
+            stop()
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()

@@ -228,8 +228,11 @@ def serve_forever(settings: Settings, stop_event: threading.Event | None = None,
     socket listens. Bind errors (OSError) propagate before `ready` is called."""
     stop_event = stop_event or threading.Event()
     remove_filter = _install_log_filter(settings)
+    owned = make_app(settings) if app is None else None
     try:
-        server, socket_map = make_server(settings, app or make_app(settings), limits)
+        server, socket_map = make_server(settings, app or owned, limits)
+        if owned is not None:
+            owned.start()  # the readiness refresh: a thread of this (forked) process
         try:
             # The stop thread wakes the loop at once instead of at its next poll timeout.
             threading.Thread(target=_wake_when_set, args=(server, stop_event),
@@ -242,6 +245,8 @@ def serve_forever(settings: Settings, stop_event: threading.Event | None = None,
             wasyncore.close_all(socket_map, ignore_all=True)
             server.task_dispatcher.shutdown(cancel_pending=True, timeout=_STOP_GRACE_SECONDS)
     finally:
+        if owned is not None:
+            owned.close()
         remove_filter()
 
 

@@ -180,6 +180,23 @@ def top(url: str, interval: float, once: bool) -> None:
     sys.exit(ops_top.run(url, interval, once=once))
 
 
+@cli.command()
+@click.option("--role", required=True, help="The database role to grant to (it must exist).")
+@click.option("--for", "kind", required=True, type=click.Choice(["runtime", "readonly"]),
+              help="runtime: the tier (run, reap, requeue); readonly: status, check and the KEDA trigger.")
+@click.option("--schema", default="public", show_default=True, help="The schema of the outbox tables.")
+@click.option("--read-all-stats/--no-read-all-stats", default=True, show_default=True,
+              help="Grant pg_read_all_stats: the ages of other roles' transactions (README, \"Database roles\").")
+def grants(role: str, kind: str, schema: str, read_all_stats: bool) -> None:
+    """Print the GRANT statements a least-privilege role needs (run them as the tables' owner or a superuser).
+
+    The owner role is the one `migrate` runs as; it owns the tables and needs nothing from here.
+    """
+    from kaireon_pub.ops import grants as ops_grants
+
+    click.echo(ops_grants.statements(role, kind, schema=schema, read_all_stats=read_all_stats), nl=False)
+
+
 @cli.command("call-reaper")
 @click.option("--url", required=True,
               help="The tier's cron route, e.g. http://kaireon-pub:9464/api/v1/cron/outbox-reaper.")

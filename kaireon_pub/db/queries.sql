@@ -121,12 +121,14 @@ SELECT count(*) AS reset_count FROM reset;
 -- still sending it a large result) keeps the claim's FOR KEY SHARE locks on its lease rows: the
 -- backend waits in ClientWrite, where no timeout acts, and FOR UPDATE SKIP LOCKED never takes
 -- those shards. Only sessions of owners whose lease on some shard has expired are ended (their
--- application_name carries the first 8 hex digits of the worker id) and whose registration has
--- expired too (a live worker renews it), never this worker's own.
+-- application_name carries the first 8 hex digits of the worker id, and which log in as the tier's
+-- own role: any client can take a worker's name) and whose registration has expired too (a live
+-- worker renews it), never this worker's own.
 SELECT a.pid, a.application_name, pg_terminate_backend(a.pid) AS terminated
 FROM pg_stat_activity a
 WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND a.pid <> pg_backend_pid()
+  AND a.usename = session_user  -- a session named like a worker but of another role is not the tier's
   AND a.pid IN (SELECT l.pid FROM pg_locks l
                 WHERE l.locktype = 'relation' AND l.relation = 'outbox_shard_leases'::regclass AND l.granted)
   AND EXISTS (SELECT 1 FROM outbox_shard_leases s
@@ -175,9 +177,10 @@ CROSS JOIN LATERAL (
 -- A row is claimed only once every older transaction that might still commit an outbox row has
 -- ended, so a row that commits late with a lower id is never passed over (the gap-safe horizon).
 -- Not every running transaction can: one of another database of the cluster cannot, nor can the
--- publisher workers' own sessions (kaireon-pub:worker-*: they update and delete outbox rows but
--- never insert one), nor a prepared transaction that holds no lock on outbox_events (prepared, it
--- can write nothing more). Any other transaction of this database may still insert an outbox row
+-- publisher workers' own sessions (named kaireon-pub:worker-* and logged in as the tier's own
+-- role, its session_user: they update and delete outbox rows but never insert one; a session of
+-- another role that takes a worker's name is waited for like any other), nor a prepared
+-- transaction that holds no lock on outbox_events (prepared, it can write nothing more). Any other transaction of this database may still insert an outbox row
 -- however long it has been open, so it is waited for, but at most %(max_wait_ms)s: past that the
 -- horizon moves on without it and it is returned in `bypassed`, for the worker to remember and to
 -- rescan from its xid once it has ended (`ended` lists the remembered ones that have). A running
@@ -205,7 +208,8 @@ snap AS MATERIALIZED (
            a.application_name AS application, coalesce(a.xact_start, p.prepared) AS since,
            CASE
                WHEN a.pid IS NOT NULL THEN
-                   a.datid = (SELECT db FROM snap) AND a.application_name NOT LIKE 'kaireon-pub:worker-%%'
+                   a.datid = (SELECT db FROM snap) AND NOT (a.application_name LIKE 'kaireon-pub:worker-%%'
+                                                           AND a.usename IS NOT DISTINCT FROM session_user)
                WHEN p.gid IS NOT NULL THEN
                    p.database = current_database() AND EXISTS (
                        SELECT 1 FROM pg_locks t
@@ -217,7 +221,7 @@ snap AS MATERIALIZED (
            END AS can_write
     FROM running r
     LEFT JOIN LATERAL (
-        SELECT a.pid, a.datid, a.datname, a.application_name, a.xact_start
+        SELECT a.pid, a.datid, a.datname, a.usename, a.application_name, a.xact_start
         FROM pg_stat_activity a WHERE a.backend_xid = r.x::xid
         ORDER BY a.leader_pid IS NOT NULL, a.pid LIMIT 1
     ) a ON true

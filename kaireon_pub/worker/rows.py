@@ -1,7 +1,7 @@
 """The worker's shared types: a claimed row and the result of one tick.
 
-Kept apart from loop.py so that the publisher, the settle step and the lease keeper can use them
-without importing the loop (and closing an import circle).
+Kept apart from the loop and its parts so that the publisher, the scan and the settle step can
+use them without importing one another (and closing an import circle).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 class Row(NamedTuple):
     """One claimed outbox row, in the column order of claim_locked_batch's SELECT list (which
-    claim_batch returns as it is). The worker loop reads shard and xid by position (7, 8): new
-    columns go at the end."""
+    claim_batch returns as it is). The shard scan (worker/scan.py) reads a claim's tuples by
+    position (id 0, topic 1, key 2, attempts 6, shard 7, xid 8): new columns go at the end."""
 
     id: int
     topic: str

@@ -77,3 +77,32 @@ def test_a_long_transaction_of_another_role_is_seen_by_the_runtime_role(roles, b
         helpers.wait_for(lambda: helpers.status_counts(roles.url()) == {"published": len(ids)}, 30,
                          "published past the other role's transaction once it was waited for long enough")
         holder.rollback()
+
+
+def test_a_partitioned_outbox_publishes_as_the_runtime_role_its_partitions_made_by_the_owner(
+        pg, broker, topic, start_tier, topic_reader, tmp_path):
+    """Partition maintenance needs the ownership of outbox_events: `kaireon-pub partitions
+    maintain` runs as the owner (README, "Database roles"); the runtime role's tier publishes
+    through the parent and its worker 0 makes and drops nothing."""
+    with Roles(pg).create(migrate_schema=False) as roles:
+        owner = {"OUTBOX_PARTITIONING": "hourly"}
+        helpers.run_cli("migrate", env=helpers.tier_env(roles.url(roles.owner), broker.bootstrap, tmp_path, **owner))
+        roles.grant()
+        before = helpers.run_cli("partitions", "list", "--json",
+                                 env=helpers.tier_env(roles.url(roles.readonly), broker.bootstrap, tmp_path))
+        assert before.returncode == 0, before.stderr
+        maintained = helpers.run_cli("partitions", "maintain", "--ahead", "8",
+                                     env=helpers.tier_env(roles.url(roles.owner), broker.bootstrap, tmp_path))
+        assert maintained.returncode == 0, maintained.stderr
+        ids = helpers.commit_events(roles.url(roles.owner), topic, 30, keys=3, phase="partitioned")
+        tier = start_tier(db_url=roles.url(roles.runtime), OUTBOX_WORKERS="2", **owner)
+        helpers.assert_per_key_order(topic_reader(topic).read_ids(ids, timeout=60))
+        helpers.wait_all_published(roles.url(), 30, 30, "every event of the partitioned outbox published")
+        status = helpers.run_cli("status", "--json",
+                                 env=helpers.tier_env(roles.url(roles.readonly), broker.bootstrap, tmp_path))
+        assert status.returncode == 0, status.stderr
+        assert orjson.loads(status.stdout)["partitions"]["count"] >= 9
+        assert tier.stop() == 0
+        denied = [orjson.loads(line) for line in tier.log_path.read_text().splitlines()
+                  if any(d in line for d in DENIED)]
+        assert {d.get("event") for d in denied} <= {"partition maintenance failed"}

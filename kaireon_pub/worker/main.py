@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import uuid
 
@@ -18,6 +17,7 @@ import uvloop
 from kaireon_pub import logs
 from kaireon_pub.errors import ConfigError, ExitCode, new_error_id
 from kaireon_pub.settings import Settings
+from kaireon_pub.supervisor.heartbeat import beater
 from kaireon_pub.worker.loop import Worker
 
 log = logging.getLogger("kaireon_pub.worker")
@@ -31,14 +31,7 @@ def worker_main(settings: Settings, slot: int, worker_id: uuid.UUID, heartbeat_f
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards TERM
 
-    state = {"mode": 0}
-
-    def heartbeat() -> None:
-        # gunicorn's trick: toggling the mode updates ctime, which the supervisor reads by fstat().
-        state["mode"] ^= 1
-        os.fchmod(heartbeat_fd, state["mode"])
-
-    worker = Worker(settings, slot, worker_id, heartbeat, dead_worker_ids)
+    worker = Worker(settings, slot, worker_id, beater(heartbeat_fd), dead_worker_ids)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

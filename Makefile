@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench bench-smoke clean
+.PHONY: run test kafka-classpath lint bench bench-smoke clean
 
 # PYTHONWARNINGS: setuptools announces every editable install with a warning that pip shows even
 # with --quiet (the license is an SPDX string, so no deprecation warning remains).
@@ -15,11 +15,15 @@ $(STAMP): pyproject.toml
 	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# BROKER=kafka: the demo against a real Apache Kafka node (kaireon_pub/devkafka.py; Java 17 and Maven).
+BROKER ?= tansu
 run: $(STAMP)
-	$(PY) -m kaireon_pub.demo
+	$(PY) -m kaireon_pub.demo --broker $(BROKER)
 
 # Then the e2e suite a second time, every tier through a real PgBouncer in pool_mode=transaction
-# (tests/conftest.py, KAIREON_TEST_VIA_PGBOUNCER), when Debian's pgbouncer is installed.
+# (tests/conftest.py, KAIREON_TEST_VIA_PGBOUNCER), when Debian's pgbouncer is installed; and a third
+# time against a real Apache Kafka node instead of Tansu (KAIREON_TEST_BROKER=kafka), when Java 17 and
+# Maven (or the classpath they resolved, .cache/kafka/) are there.
 test: $(STAMP)
 	$(PY) -m ruff check kaireon_pub tests bench
 	$(PY) -m pytest -q
@@ -28,6 +32,23 @@ test: $(STAMP)
 	  KAIREON_TEST_VIA_PGBOUNCER=1 $(PY) -m pytest -q tests/e2e; \
 	else \
 	  echo "SKIPPED the e2e suite through PgBouncer: pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)"; \
+	fi
+	@reason=$$($(PY) -c 'from kaireon_pub import devkafka; print(devkafka.unavailable() or "")'); \
+	if [ -z "$$reason" ]; then \
+	  echo "The e2e suite again, against Apache Kafka (one KRaft node; kaireon_pub/devkafka.py):"; \
+	  start=$$(date +%s); KAIREON_TEST_BROKER=kafka $(PY) -m pytest -q tests/e2e; rc=$$?; \
+	  echo "The e2e suite against Apache Kafka took $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc; \
+	else \
+	  echo "SKIPPED the e2e suite against Apache Kafka: $$reason"; \
+	fi
+
+# The Kafka broker's classpath (kaireon_pub/devkafka.pom.xml), resolved by mvn into .cache/kafka/ once.
+kafka-classpath: $(STAMP)
+	@reason=$$($(PY) -c 'from kaireon_pub import devkafka; print(devkafka.unavailable() or "")'); \
+	if [ -z "$$reason" ]; then \
+	  $(PY) -c 'from kaireon_pub import devkafka as k; print(f"Apache Kafka {k.KAFKA_VERSION}: {len(k.classpath().split(chr(58)))} jars")'; \
+	else \
+	  echo "SKIPPED Apache Kafka's classpath: $$reason"; \
 	fi
 
 lint: $(STAMP)

@@ -1,8 +1,9 @@
 """`make run`: the tier on the embedded defaults, under a demo load, with a progress line.
 
 Starts an embedded PostgreSQL (data kept in .run/pgdata, listening on a unix socket in that
-directory) and a Tansu broker on a free loopback port, migrates, starts `kaireon-pub run` (HTTP
-on 127.0.0.1, cron secret `demo-secret` as in docker-compose.yml) and a load generator that
+directory) and a Tansu broker on a free loopback port (with `--broker kafka`, `make run BROKER=kafka`:
+a real Apache Kafka node instead, kaireon_pub.devkafka, its log in .run/kafka/), migrates, starts `kaireon-pub run` (HTTP
+on 127.0.0.1, cron secret `demo-cron-secret` as in docker-compose.yml) and a load generator that
 commits events through `kaireon_pub.enqueue_many`. Once /readyz answers 200 it prints what to
 paste into a second terminal (the environment, then the `status`, `top`, `curl` commands), then
 one progress line a second. Ctrl-C drains and stops everything. `--load-only` only generates
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from kaireon_pub import Event, enqueue_many
 
 TOPIC = "demo.orders.v1"
 CRON_PATH = "/api/v1/cron/outbox-reaper"
-CRON_SECRET = "demo-secret"  # docker-compose.yml's too; the route listens on 127.0.0.1 only
+CRON_SECRET = "demo-cron-secret"  # docker-compose.yml's too; the route listens on 127.0.0.1 only
 READY_TIMEOUT_SECONDS = 60.0
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the tier is local: no proxy
 
@@ -103,7 +105,9 @@ def wait_ready(port: int, tier: subprocess.Popen, timeout: float = READY_TIMEOUT
 @click.option("--load-only", is_flag=True, help="Only generate load against DATABASE_URL.")
 @click.option("--run-dir", default=".run", show_default=True, type=click.Path(file_okay=False),
               help="Where the database, the logs and the liveness file live.")
-def main(rate: int, workers: int, load_only: bool, run_dir: str) -> None:
+@click.option("--broker", "broker_kind", type=click.Choice(["tansu", "kafka"]), default="tansu", show_default=True,
+              help="Tansu (embedded, starts at once) or a real Apache Kafka node (Java 17 and Maven).")
+def main(rate: int, workers: int, load_only: bool, run_dir: str, broker_kind: str) -> None:
     stop = threading.Event()
     if load_only:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -120,9 +124,22 @@ def main(rate: int, workers: int, load_only: bool, run_dir: str) -> None:
 
     run_path = Path(run_dir).absolute()
     run_path.mkdir(parents=True, exist_ok=True)
-    click.echo(f"starting embedded PostgreSQL ({run_path / 'pgdata'}) and the Tansu broker ...")
+    if broker_kind == "kafka":
+        from kaireon_pub import devkafka
+
+        reason = devkafka.unavailable()
+        if reason is not None:
+            raise click.ClickException(f"no Apache Kafka here: {reason}")
+    name = "an Apache Kafka node" if broker_kind == "kafka" else "the Tansu broker"
+    click.echo(f"starting embedded PostgreSQL ({run_path / 'pgdata'}) and {name} ...")
     pg = Postgres(run_path / "pgdata", keep=True)
-    broker = Broker(log_path=run_path / "broker.log")
+    if broker_kind == "kafka":
+        kafka_dir = run_path / "kafka"
+        shutil.rmtree(kafka_dir, ignore_errors=True)  # a new node each run, as Tansu's memory storage
+        broker = devkafka.KafkaBroker(kafka_dir)
+        click.echo(f"Apache Kafka {devkafka.KAFKA_VERSION}'s log: {kafka_dir / 'node-1' / 'server.log'}")
+    else:
+        broker = Broker(log_path=run_path / "broker.log")
     database_url = pg.ensure_database("kaireon_demo")
     with psycopg.connect(database_url, autocommit=True) as conn:
         applied = migrate(conn)
@@ -174,7 +191,10 @@ def main(rate: int, workers: int, load_only: bool, run_dir: str) -> None:
             code = tier.wait()
         tier_log.close()
         final = counts_safe(database_url)
-        broker.stop()
+        if broker_kind == "kafka":
+            broker.close()
+        else:
+            broker.stop()
         pg.stop()
         click.echo(f"tier exit code {code}; rows by status: {final or 'n/a (database unreachable)'}")
 

@@ -13,8 +13,9 @@ marked `not_via_pgbouncer("why")` is skipped then, with that reason.
 With KAIREON_TEST_BROKER=kafka (or --broker=kafka), the session's `broker` and `restartable_broker`
 are a real Apache Kafka 4.4 node (kaireon_pub.devkafka.KafkaBroker: KRaft, a JVM of its own) instead
 of Tansu, with the same surface; as Tansu's, a Kafka `start()` after `stop()` (and `restart()`) comes
-back empty. A test marked `tansu_only("why")` is skipped then, with that reason; `make test` runs the
-e2e suite a third time that way. Whichever the broker, `kafka_cluster` (three Kafka nodes, replication
+back empty. A test marked `tansu_only("why")` is skipped then, with that reason, and so is an e2e test
+whose broker is not the session's (OWN_BROKERS: it ran the same in the first pass); `make test` runs
+the e2e suite a third time that way. Whichever the broker, `kafka_cluster` (three Kafka nodes, replication
 factor 3, min.insync.replicas=2) and `kafka_sasl` (one node with a SASL_SSL listener, SCRAM-SHA-512
 over TLS) are session fixtures; every Kafka fixture skips, with the reason, without Java or Maven.
 """
@@ -22,8 +23,10 @@ over TLS) are session fixtures; every Kafka fixture skips, with the reason, with
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -57,6 +60,11 @@ def broker_kind(config) -> str:
     return kind
 
 
+def pytest_configure(config) -> None:
+    # The chosen broker, for what a test starts by itself (the demo of test_make_run: --broker).
+    os.environ[TEST_BROKER] = broker_kind(config)
+
+
 def is_e2e(item) -> bool:
     return str(item.path).startswith(E2E)
 
@@ -77,12 +85,21 @@ def pytest_report_header(config) -> list[str]:
     return lines
 
 
+# Fixtures of a broker that is not the session's: a test using one runs the same whichever the session's
+# broker is, so the Kafka pass leaves it to the first (Kafka's own clusters; tests/faults.FaultBroker, Tansu).
+OWN_BROKERS = ("kafka_cluster", "kafka_sasl", "proxied_broker", "fault_broker")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     if broker_kind(config) == "kafka":
         for item in items:
             marker = item.get_closest_marker("tansu_only")
+            own = [name for name in OWN_BROKERS if name in getattr(item, "fixturenames", ())]
             if marker is not None:
                 item.add_marker(pytest.mark.skip(reason=f"Tansu only: {marker.args[0]}"))
+            elif own and is_e2e(item):
+                item.add_marker(pytest.mark.skip(
+                    reason=f"the same as in the first pass: its broker is {own[0]}, not the session's"))
     if not via_pgbouncer(config):
         return
     missing = pgbouncer_binary.binary() is None
@@ -180,36 +197,43 @@ def _broker(request, workdir) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def broker(request, tmp_path_factory) -> Iterator[object]:
-    yield from _broker(request, tmp_path_factory.mktemp("kafka"))
-
-
-@pytest.fixture
-def restartable_broker(request, tmp_path) -> Iterator[object]:
-    """A broker of the test's own, for tests that stop or restart it (with Kafka: started again empty)."""
-    yield from _broker(request, tmp_path / "kafka")
+def kafka_logs() -> Path:
+    """The session's Kafka work directories (data removed at their stop, server.log kept): outside
+    pytest's basetemp, which later sessions on the machine prune while this one may still read it."""
+    return Path(tempfile.mkdtemp(prefix="kaireon-kafka-"))
 
 
 @pytest.fixture(scope="session")
-def kafka_cluster(tmp_path_factory) -> Iterator[object]:
+def broker(request, kafka_logs) -> Iterator[object]:
+    yield from _broker(request, kafka_logs / "broker")
+
+
+@pytest.fixture
+def restartable_broker(request, kafka_logs) -> Iterator[object]:
+    """A broker of the test's own, for tests that stop or restart it (with Kafka: started again empty)."""
+    yield from _broker(request, Path(tempfile.mkdtemp(prefix="restartable-", dir=kafka_logs)))
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(kafka_logs) -> Iterator[object]:
     """Three Kafka nodes (KRaft, each a controller and a broker): replication factor 3,
     min.insync.replicas=2. A test that stops or kills a node starts it again before it ends."""
     from kaireon_pub.devkafka import KafkaCluster
 
     _kafka_or_skip()
-    cluster = KafkaCluster(3, workdir=tmp_path_factory.mktemp("kafka-cluster"))
+    cluster = KafkaCluster(3, workdir=kafka_logs / "cluster")
     yield cluster
     cluster.stop()
 
 
 @pytest.fixture(scope="session")
-def kafka_sasl(tmp_path_factory) -> Iterator[object]:
+def kafka_sasl(kafka_logs) -> Iterator[object]:
     """One Kafka node with a PLAINTEXT and a SASL_SSL listener (SCRAM-SHA-512 over TLS, the CA in
     `ca_file`, the users and their passwords in `users`; `sasl_client_config(user)`)."""
     from kaireon_pub.devkafka import KafkaCluster
 
     _kafka_or_skip()
-    cluster = KafkaCluster(1, sasl_ssl=True, workdir=tmp_path_factory.mktemp("kafka-sasl"))
+    cluster = KafkaCluster(1, sasl_ssl=True, workdir=kafka_logs / "sasl")
     yield cluster
     cluster.stop()
 

@@ -29,7 +29,9 @@ class Demo:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("OUTBOX_", "KAFKA_")) and k not in ("DATABASE_URL", "CRON_SECRET")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kaireon_pub.demo", "--rate", "50", "--workers", "1", "--run-dir", str(run_dir)],
+            [sys.executable, "-m", "kaireon_pub.demo", "--rate", "50", "--workers", "1", "--run-dir", str(run_dir),
+             # `make run BROKER=kafka` in the Kafka pass (tests/conftest.py)
+             "--broker", os.environ.get("KAIREON_TEST_BROKER") or "tansu"],
             cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True)
         self.run_dir = run_dir

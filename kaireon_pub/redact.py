@@ -1,9 +1,11 @@
 """The one redaction of the tier: every log line, `reap`, `check`, `status` and the HTTP child use it.
 
 What is secret is said once, here:
-- `SECRET_SETTINGS`: the environment variables whose value is a secret (CRON_SECRET, libpq's
-  PGPASSWORD) or holds one (the password of DATABASE_URL and OUTBOX_LISTEN_DATABASE_URL);
-- `is_secret_property`: the librdkafka properties (KAFKA_* pass-through) that hold a secret, by
+- `SECRET_SETTINGS`: the environment variables whose value is a secret (CRON_SECRET and
+  CRON_SECRET_PREVIOUS, libpq's PGPASSWORD) or holds one (the password of DATABASE_URL and
+  OUTBOX_LISTEN_DATABASE_URL), whether given inline or as a file (NAME_FILE: the value read from
+  the file is the secret, as is any secret KAFKA_*_FILE's);
+- `is_secret_property` (defined in settings, which reads KAFKA_*_FILE by it): the librdkafka properties (KAFKA_* pass-through) that hold a secret, by
   pattern, after librdkafka's CONFIGURATION.md: every password, passphrase and client secret
   (`sasl.password`, `ssl.key.password`, `ssl.keystore.password`, `sasl.oauthbearer.client.secret`
   and its alias, `sasl.oauthbearer.assertion.private.key.passphrase`), every private key given
@@ -23,7 +25,15 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from kaireon_pub.settings import KAFKA_PREFIX, is_service_link, kafka_property
+from kaireon_pub.errors import ConfigError
+from kaireon_pub.settings import (  # is_secret_property: settings needs it too (KAFKA_*_FILE); said here
+    FILE_SUFFIX,
+    KAFKA_PREFIX,
+    is_secret_property,
+    is_service_link,
+    kafka_property,
+    read_secret_file,
+)
 
 if TYPE_CHECKING:
     from kaireon_pub.settings import Settings
@@ -34,10 +44,10 @@ SECRET_SETTINGS: Mapping[str, tuple[str, str | None]] = {
     "DATABASE_URL": ("password", "database_url"),
     "OUTBOX_LISTEN_DATABASE_URL": ("password", "listen_database_url"),
     "CRON_SECRET": ("value", "cron_secret"),
+    "CRON_SECRET_PREVIOUS": ("value", "cron_secret_previous"),
     "PGPASSWORD": ("value", None),
 }
 
-_SECRET_PROPERTY = re.compile(r"password|passphrase|secret|(?:^|\.)key\.pem$|(?:^|\.)(?:oauthbearer|jaas)\.config$")
 
 # Credentials in connection strings, whatever wrote them: URI userinfo and key=value pairs.
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s\"']*):(?P<password>[^@\s\"']*)@", re.I)
@@ -47,11 +57,6 @@ MIN_SECRET_LENGTH = 3  # shorter values would blank out ordinary text
 HIDDEN = "***"
 
 
-def is_secret_property(prop: str) -> bool:
-    """True for a librdkafka property whose value is a secret (sasl.password, ssl.key.pem, …)."""
-    return bool(_SECRET_PROPERTY.search(prop.strip().lower()))
-
-
 def redacted_producer_config(config: Mapping[str, str]) -> dict[str, str]:
     """The librdkafka configuration with every secret property's value as ***."""
     return {k: (HIDDEN if is_secret_property(k) else v) for k, v in config.items()}
@@ -59,10 +64,27 @@ def redacted_producer_config(config: Mapping[str, str]) -> dict[str, str]:
 
 def secrets_of(env: Mapping[str, str]) -> list[str]:
     """Every secret value in an environment (SECRET_SETTINGS and the secret KAFKA_* properties),
-    longest first; for what must redact before (or without) valid Settings: `check`, the CLI."""
+    longest first; for what must redact before (or without) valid Settings: `check`, the CLI.
+    A secret given as NAME_FILE is read from its file (one that cannot be read is skipped)."""
+    env = with_file_values(env)
     kafka = {kafka_property(name): value for name, value in env.items()
-             if name.startswith(KAFKA_PREFIX) and not is_service_link(name)}
+             if name.startswith(KAFKA_PREFIX) and not is_service_link(name) and not name.endswith(FILE_SUFFIX)}
     return _collect({name: env.get(name) for name in SECRET_SETTINGS}, kafka)
+
+
+def with_file_values(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` plus NAME for every NAME_FILE of a secret setting or a KAFKA_* property, read from its file."""
+    read: dict[str, str] = {}
+    for name, path in env.items():
+        inline = name[: -len(FILE_SUFFIX)]
+        if (not name.endswith(FILE_SUFFIX) or not str(path).strip()
+                or not (inline in SECRET_SETTINGS or inline.startswith(KAFKA_PREFIX))):
+            continue
+        try:
+            read[inline] = read_secret_file(name, str(path).strip())
+        except ConfigError:
+            continue  # settings refuse it (exit 2); nothing of it can be quoted
+    return {**env, **read}
 
 
 def secret_values(settings: Settings) -> list[str]:

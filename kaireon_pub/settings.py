@@ -93,7 +93,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OUTBOX_HTTP_HOST", "0.0.0.0", "Address of /metrics, /healthz, /readyz and the cron route."),
     Setting("OUTBOX_HTTP_PORT", "9464", "Port of the HTTP server; 0 picks a free port (logged as `http listening`). 0..65535."),
     Setting("OUTBOX_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
-    Setting("CRON_SECRET", None, "Shared secret of /api/v1/cron/outbox-reaper. Unset/blank: the route answers 401."),
+    Setting("CRON_SECRET", None, "Shared secret of /api/v1/cron/outbox-reaper, at least 16 bytes (shorter: exit 2). Unset/blank: the route answers 401."),
+    Setting("CRON_SECRET_PREVIOUS", None, "During a rotation, the secret being replaced: accepted beside CRON_SECRET until removed or until CRON_SECRET_PREVIOUS_EXPIRES_AT. At least 16 bytes; requires CRON_SECRET."),
+    Setting("CRON_SECRET_PREVIOUS_EXPIRES_AT", "", "When CRON_SECRET_PREVIOUS stops being accepted: an ISO-8601 time with its offset (2026-05-01T12:00:00Z); empty: until it is removed."),
+    Setting("DATABASE_URL_FILE", "", "A file holding DATABASE_URL (a mounted Secret), read at start; set one of DATABASE_URL and DATABASE_URL_FILE."),
+    Setting("CRON_SECRET_FILE", "", "A file holding CRON_SECRET, read at start and again whenever the file changes (a rotated Kubernetes Secret takes effect without a restart); set one of CRON_SECRET and CRON_SECRET_FILE."),
+    Setting("CRON_SECRET_PREVIOUS_FILE", "", "A file holding CRON_SECRET_PREVIOUS, re-read like CRON_SECRET_FILE; set one of the two."),
+    Setting("KAFKA_SASL_PASSWORD_FILE", "", "A file holding librdkafka's sasl.password, read at start; set one of KAFKA_SASL_PASSWORD and KAFKA_SASL_PASSWORD_FILE. Any other secret librdkafka property may be given the same way (KAFKA_SSL_KEY_PASSWORD_FILE, …)."),
     Setting("PROMETHEUS_MULTIPROC_DIR", "", "Directory for multiprocess metrics; empty = a fresh temporary directory."),
 )
 
@@ -102,11 +108,28 @@ POOL_MODES = ("session", "transaction")
 PARTITIONINGS = ("none", "hourly", "daily")
 SETTING_NAMES = frozenset(s.env for s in SETTINGS)
 DEFAULTS = {s.env: s.default for s in SETTINGS}
+# A variable NAME may instead be given as NAME_FILE: the path of a file holding its value.
+FILE_SUFFIX = "_FILE"
+# The variables that may be given as a file (KAFKA_* ones too: any secret librdkafka property).
+FILE_SETTINGS = ("DATABASE_URL", "CRON_SECRET", "CRON_SECRET_PREVIOUS")
+# A cron secret shorter than this is a configuration error (a guessable shared secret).
+MIN_CRON_SECRET_BYTES = 16
+# Values a template renders for a missing secret; given as a cron secret they mean "unset".
+PLACEHOLDER_SECRETS = frozenset({"none", "null", "undefined", "nil"})
 
 
 def kafka_property(env_name: str) -> str:
     """The librdkafka property a KAFKA_* variable sets (KAFKA_SASL_USERNAME -> sasl.username)."""
     return env_name[len(KAFKA_PREFIX):].lower().replace("_", ".")
+
+
+# The librdkafka properties whose value is a secret; documented in kaireon_pub.redact, which uses it.
+_SECRET_PROPERTY = re.compile(r"password|passphrase|secret|(?:^|\.)key\.pem$|(?:^|\.)(?:oauthbearer|jaas)\.config$")
+
+
+def is_secret_property(prop: str) -> bool:
+    """True for a librdkafka property whose value is a secret (sasl.password, ssl.key.pem, …)."""
+    return bool(_SECRET_PROPERTY.search(prop.strip().lower()))
 
 
 def is_service_link(env_name: str) -> bool:
@@ -132,6 +155,78 @@ def check_database_url(url: str, name: str = "DATABASE_URL") -> None:
             raise ConfigError(name, f"port {port!r} is not a port number", "1..65535")
 
 
+def read_secret_file(variable: str, path: str) -> str:
+    """The value held by the file `variable` names, without its trailing newline; a ConfigError
+    naming `variable` (never the content) when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(variable, f"cannot be read ({reason})", "the path of a readable UTF-8 file") from None
+
+
+def value_or_file(env: Mapping[str, str], name: str) -> tuple[str | None, str]:
+    """NAME's value from NAME or from the file NAME_FILE names: (value, file path or "").
+    Both set is a ConfigError naming both."""
+    file_name = name + FILE_SUFFIX
+    path = (env.get(file_name) or "").strip()
+    if not path:
+        return env.get(name), ""
+    if env.get(name) is not None:
+        raise ConfigError(file_name, f"and {name} are both set", f"one of {name} or {file_name}")
+    return read_secret_file(file_name, path), path
+
+
+def kafka_file_property(env: Mapping[str, str], name: str, path: str) -> str:
+    """The secret librdkafka property a KAFKA_*_FILE variable gives from a file
+    (KAFKA_SASL_PASSWORD_FILE -> sasl.password); ConfigError for a property that is not a secret
+    (give it inline) or one given both ways."""
+    inline = name[: -len(FILE_SUFFIX)]
+    prop = kafka_property(inline)
+    if not is_secret_property(prop):
+        raise ConfigError(name, f"names a file for {prop}, which is not a secret property",
+                          f"{inline} set to the value; files for secret properties only (sasl.password, ...)")
+    if env.get(inline) is not None:
+        raise ConfigError(name, f"and {inline} are both set", f"one of {inline} or {name}")
+    if not path.strip():
+        raise ConfigError(name, "is empty", "the path of a readable UTF-8 file")
+    return prop
+
+
+def cron_secret_problem(value: str | None) -> str | None:
+    """Why a configured cron secret is refused (too short), or None; unset, blank and template
+    placeholders mean "no secret" (the route answers 401), not an error."""
+    text = (value or "").strip()
+    if not text or text.lower() in PLACEHOLDER_SECRETS:
+        return None
+    if len(text.encode("utf-8")) < MIN_CRON_SECRET_BYTES:
+        return f"is shorter than {MIN_CRON_SECRET_BYTES} bytes"
+    return None
+
+
+def is_set_secret(value: str | None) -> bool:
+    text = (value or "").strip()
+    return bool(text) and text.lower() not in PLACEHOLDER_SECRETS
+
+
+def parse_expiry(name: str, text: str) -> float | None:
+    """An ISO-8601 time with its offset as a Unix time; empty is None."""
+    from datetime import datetime
+
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise ConfigError(name, f"{text!r} is not an ISO-8601 time with an offset",
+                          "e.g. 2026-05-01T12:00:00Z or 2026-05-01T14:00:00+02:00")
+    return when.timestamp()
+
+
 def kafka_env_name(prop: str) -> str:
     """The environment variable that sets librdkafka property `prop` (sasl.username -> KAFKA_SASL_USERNAME)."""
     return KAFKA_PREFIX + prop.upper().replace(".", "_")
@@ -139,7 +234,7 @@ def kafka_env_name(prop: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str
+    database_url: str = field(repr=False)  # holds the password
     kafka_bootstrap_servers: str
     poll_interval_ms: int = 2000
     batch_size: int = 1000
@@ -174,6 +269,12 @@ class Settings:
     http_port: int = 9464
     log_level: str = "INFO"
     cron_secret: str | None = field(default=None, repr=False)
+    # The rotation window: the secret being replaced, and when it stops being accepted (Unix time).
+    cron_secret_previous: str | None = field(default=None, repr=False)
+    cron_secret_previous_expires_at: float | None = None
+    # The files the cron secrets were read from ("" when given inline): re-read when they change.
+    cron_secret_file: str = ""
+    cron_secret_previous_file: str = ""
     prometheus_multiproc_dir: str = ""
     # librdkafka producer configuration: defaults overlaid with KAFKA_* pass-through.
     producer_config: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -222,6 +323,17 @@ class Settings:
                 raise ConfigError(name, "is not set", "a non-empty value")
             return value
 
+        # NAME or NAME_FILE (a mounted Secret): from here on the value is the same wherever it came from.
+        files: dict[str, str] = {}
+        file_values: dict[str, str] = {}
+        for name in FILE_SETTINGS:
+            value, path = value_or_file(env, name)
+            files[name] = path
+            if path:
+                file_values[name] = value or ""
+        if file_values:
+            env = {**env, **file_values}
+
         database_url = required("DATABASE_URL")
         check_database_url(database_url)
         listen_database_url = env.get("OUTBOX_LISTEN_DATABASE_URL", "").strip()
@@ -253,8 +365,11 @@ class Settings:
 
         producer = dict(PRODUCER_DEFAULTS)
         for name, value in env.items():
-            if name.startswith(KAFKA_PREFIX) and not is_service_link(name):
+            if name.startswith(KAFKA_PREFIX) and not is_service_link(name) and not name.endswith(FILE_SUFFIX):
                 producer[kafka_property(name)] = value
+        for name, path in env.items():
+            if name.startswith(KAFKA_PREFIX) and name.endswith(FILE_SUFFIX) and not is_service_link(name):
+                producer[kafka_file_property(env, name, path)] = read_secret_file(name, path.strip())
         producer["bootstrap.servers"] = bootstrap
 
         liveness_file = str(raw("OUTBOX_LIVENESS_FILE")).strip()
@@ -262,6 +377,16 @@ class Settings:
             raise ConfigError("OUTBOX_LIVENESS_FILE", "is empty", "a file path")
 
         cron_secret = env.get("CRON_SECRET")
+        cron_secret_previous = env.get("CRON_SECRET_PREVIOUS")
+        for name, value in (("CRON_SECRET", cron_secret), ("CRON_SECRET_PREVIOUS", cron_secret_previous)):
+            problem = cron_secret_problem(value)
+            if problem is not None:
+                variable = name + FILE_SUFFIX if files[name] else name
+                raise ConfigError(variable, problem, f"a random secret of at least {MIN_CRON_SECRET_BYTES} bytes, "
+                                  "e.g. openssl rand -hex 32")
+        if is_set_secret(cron_secret_previous) and not is_set_secret(cron_secret):
+            raise ConfigError("CRON_SECRET_PREVIOUS", "is set while CRON_SECRET is not",
+                              "CRON_SECRET set to the new secret, CRON_SECRET_PREVIOUS to the one it replaces")
 
         settings = cls(
             database_url=database_url,
@@ -299,6 +424,11 @@ class Settings:
             http_port=integer("OUTBOX_HTTP_PORT", 0, 65535),
             log_level=log_level,
             cron_secret=cron_secret,
+            cron_secret_previous=cron_secret_previous,
+            cron_secret_previous_expires_at=parse_expiry(
+                "CRON_SECRET_PREVIOUS_EXPIRES_AT", str(raw("CRON_SECRET_PREVIOUS_EXPIRES_AT"))),
+            cron_secret_file=files["CRON_SECRET"],
+            cron_secret_previous_file=files["CRON_SECRET_PREVIOUS"],
             prometheus_multiproc_dir=str(raw("PROMETHEUS_MULTIPROC_DIR")).strip(),
             producer_config=producer,
             warnings=tuple(warnings),

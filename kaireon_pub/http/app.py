@@ -6,10 +6,11 @@ Routes and methods:
   GET|HEAD  /readyz                      200 when every readiness check is true, else 503 (the
                                          last check's answer: checks run every few seconds on a
                                          thread of their own, never per request)
-  GET|POST  /api/v1/cron/outbox-reaper   runs the reaper; cron callers differ in the method used
+  POST      /api/v1/cron/outbox-reaper   runs the reaper, one run at a time: while one is in
+                                         flight another authenticated call is a 429 with Retry-After
 
 Order of refusals: unknown path 404, method 405 (with Allow), body over 1 KiB or of unknown
-length 413, then (cron route) authentication 401. (Behind waitress a chunked body arrives
+length 413, then (cron route) authentication 401, then a run in flight 429. (Behind waitress a chunked body arrives
 de-chunked, with its length: the server buffers it up to its own limit.) HEAD and OPTIONS never reach the reaper.
 Every refusal and failure logs one line with an errorId; a 500 body holds only that errorId.
 
@@ -32,7 +33,7 @@ import orjson
 
 from kaireon_pub.errors import new_error_id
 from kaireon_pub.http.collector import ScrapeSafeCollector
-from kaireon_pub.http.cron_auth import authenticate
+from kaireon_pub.http.cron_auth import CronSecrets, authenticate
 from kaireon_pub.http.readiness import CachedReadiness, DefaultReadiness
 from kaireon_pub.reaper import RESULT_KEYS, ReaperError, reap
 from kaireon_pub.redact import redact
@@ -42,7 +43,10 @@ from kaireon_pub.supervisor.liveness import file_age
 log = logging.getLogger("kaireon_pub.http")
 
 CRON_PATH = "/api/v1/cron/outbox-reaper"
-CRON_METHODS = ("GET", "POST")
+# POST only: a GET must not change state (a crawler, a prefetch or a proxy may send one).
+CRON_METHODS = ("POST",)
+# What a 429 asks the caller to wait: a run takes milliseconds, at worst a statement timeout.
+CRON_RETRY_AFTER_SECONDS = 5
 PROBE_METHODS = ("GET", "HEAD")
 MAX_BODY_BYTES = 1024
 # A refused body up to this size is read and dropped, so closing the socket does not reset the
@@ -67,7 +71,7 @@ class Response(NamedTuple):
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 413: "Content Too Large", 500: "Internal Server Error",
+            405: "Method Not Allowed", 413: "Content Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
             503: "Service Unavailable"}
 
 
@@ -89,6 +93,9 @@ class _App:
         self.settings = settings
         self.readiness = readiness
         self.reaper = reaper
+        self.cron_secrets = CronSecrets(settings)
+        # One reaper run at a time: a second call is told to come back, not parked on a thread.
+        self._cron_running = threading.Lock()
         self._metrics_app: Callable | None = None
         self._metrics_lock = threading.Lock()
         self.routes: dict[str, tuple[tuple[str, ...], Callable[[dict], Response]]] = {
@@ -270,15 +277,20 @@ class _App:
         return _json(200 if ready else 503, {"status": "ready" if ready else "not ready", "checks": checks})
 
     def cron(self, environ: dict) -> Response:
-        denied = authenticate(environ, self.settings.cron_secret)
+        denied = authenticate(environ, self.cron_secrets.accepted())
         if denied is not None:
             return self.refuse(environ, 401, denied, UNAUTHORIZED,
                                ("WWW-Authenticate", 'Bearer realm="kaireon-pub"'), level=logging.WARNING)
+        if not self._cron_running.acquire(blocking=False):
+            return self.refuse(environ, 429, "a reaper run is in flight", {"error": "a reaper run is in flight"},
+                               ("Retry-After", str(CRON_RETRY_AFTER_SECONDS)))
         try:
             result = self.reaper(self.settings, source="http")
         except ReaperError as exc:
             # Already logged (with the cause) under this id; the client gets the same id.
             return self.failure(environ, exc, exc.error_id)
+        finally:
+            self._cron_running.release()
         return _json(200, {key: result[key] for key in RESULT_KEYS})
 
 

@@ -27,6 +27,8 @@ UNREACHABLE = {"DATABASE_URL": "postgresql://u:pw-sentinel-77@10.255.255.1:1/x",
         ({"OUTBOX_REAPER_STALENESS_SECONDS": "10"}, "OUTBOX_REAPER_STALENESS_SECONDS"),
         ({"KAFKA_ACKS": "0"}, "KAFKA_ACKS"),
         ({"KAFKA_BOOTSTRAP_SERVERS": ""}, "KAFKA_BOOTSTRAP_SERVERS"),
+        ({"CRON_SECRET": "pw-sentinel-77"}, "CRON_SECRET"),  # 14 bytes: under 16
+        ({"CRON_SECRET": "c" * 32, "CRON_SECRET_PREVIOUS": "old"}, "CRON_SECRET_PREVIOUS"),
     ],
 )
 def test_bad_env_exits_2_naming_the_variable(env, variable, tmp_path):

@@ -24,7 +24,7 @@ def exported(port: int) -> set[str]:
 
 
 def test_every_dashboard_metric_is_exported(db_url, restartable_broker, topic, start_tier):
-    tier = start_tier(bootstrap=restartable_broker.bootstrap, OUTBOX_WORKERS="2", CRON_SECRET="dash-secret",
+    tier = start_tier(bootstrap=restartable_broker.bootstrap, OUTBOX_WORKERS="2", CRON_SECRET="dash-cron-secret",
                       KAFKA_MESSAGE_TIMEOUT_MS="2000")
     port = tier.http_port()
     with helpers.Load(db_url, topic):
@@ -34,7 +34,7 @@ def test_every_dashboard_metric_is_exported(db_url, restartable_broker, topic, s
         os.kill(tier.worker_pids()[1], signal.SIGKILL)
         helpers.wait_for(lambda: "kaireon_outbox_worker_restarts_total" in exported(port), 30, "a counted restart")
         request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/cron/outbox-reaper", method="POST",
-                                         headers={"x-cron-secret": "dash-secret"})
+                                         headers={"x-cron-secret": "dash-cron-secret"})
         with urllib.request.urlopen(request, timeout=30) as resp:
             assert resp.status == 200
         # The broker away: ticks fail (transient) until it returns.

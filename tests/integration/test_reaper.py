@@ -293,7 +293,7 @@ def raw_request(base: str, headers: list[tuple[str, bytes]]) -> tuple[int, bytes
     host, port = base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        conn.putrequest("GET", CRON_PATH)
+        conn.putrequest("POST", CRON_PATH)
         for name, value in headers:
             conn.putheader(name, value)
         conn.endheaders()
@@ -308,17 +308,17 @@ def test_cron_route_end_to_end(db, db_url, tmp_path):
     settings = make_settings(db_url, tmp_path)
     with running_server(settings) as base:
         url = base + CRON_PATH
-        # HEAD and OPTIONS never reset rows, even with the right secret.
-        for method in ("HEAD", "OPTIONS"):
+        # GET, HEAD and OPTIONS never reset rows, even with the right secret.
+        for method in ("GET", "HEAD", "OPTIONS"):
             status, headers, _ = request(url, method, {"Authorization": f"Bearer {SECRET}"})
-            assert (status, headers["Allow"]) == (405, "GET, POST")
-        status, _, body = request(url, headers={"Authorization": "Bearer wrong"})
+            assert (status, headers["Allow"]) == (405, "POST")
+        status, _, body = request(url, "POST", headers={"Authorization": "Bearer wrong"})
         assert (status, body) == (401, b'{"error":"unauthorized"}')
         status, _, body = request(url, "POST", {"x-cron-secret": SECRET}, data=b"x" * 2048)
         assert status == 413
         assert statuses(db, stale) == {"processing"}
 
-        status, headers, body = request(url, headers={"Authorization": f"Bearer {SECRET}"})
+        status, headers, body = request(url, "POST", headers={"Authorization": f"Bearer {SECRET}"})
         assert status == 200 and headers["Content-Type"] == "application/json"
         assert set(orjson.loads(body)) == set(RESULT_KEYS)
         assert_result(orjson.loads(body), reset_count=3)
@@ -329,6 +329,35 @@ def test_cron_route_end_to_end(db, db_url, tmp_path):
         # Non-ASCII bytes on the wire are a 401, not a 500.
         assert raw_request(base, [("x-cron-secret", "秘密".encode())])[0] == 401
         assert request(base + "/nope")[0] == 404
+
+
+def test_a_second_run_while_one_is_in_flight_is_429_with_retry_after(db, db_url, tmp_path):
+    """One run at a time per HTTP process: the first run is held by a row lock of another session
+    (its UPDATE waits for it); a second authenticated call is answered at once, not parked."""
+    stale = insert(db, "processing", "1 hour", 2)
+    settings = make_settings(db_url, tmp_path)
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    with running_server(settings) as base, psycopg.connect(db_url) as holder:
+        holder.execute("SELECT 1 FROM outbox_events WHERE id = %s FOR UPDATE", (stale[0],))
+        first: list[tuple[int, dict, bytes]] = []
+        thread = threading.Thread(target=lambda: first.append(request(base + CRON_PATH, "POST", auth)))
+        thread.start()
+        try:
+            wait_for(lambda: db.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                        "AND datname = current_database()").fetchone()[0] == 1,
+                     10, "the first run waiting on the row lock")
+            status, headers, body = request(base + CRON_PATH, "POST", auth)
+            assert (status, headers["Retry-After"], orjson.loads(body)) == (
+                429, "5", {"error": "a reaper run is in flight"})
+            # Not authenticated: a 401 first, whatever is in flight.
+            assert request(base + CRON_PATH, "POST", {"Authorization": "Bearer wrong"})[0] == 401
+            assert statuses(db, stale) == {"processing"}
+        finally:
+            holder.rollback()
+            thread.join(30)
+        assert first[0][0] == 200 and orjson.loads(first[0][2])["resetCount"] == 2
+        # The run is over: the next call runs.
+        assert request(base + CRON_PATH, "POST", auth)[0] == 200
 
 
 def test_non_ascii_secret_is_compared_on_its_bytes(db_url, tmp_path):
@@ -437,7 +466,7 @@ def test_http_child_reports_its_port_serves_and_stops_on_sigterm(db_url, tmp_pat
         assert re.fullmatch(rb"\d+\n", report), report
         base = f"http://127.0.0.1:{int(report)}"
         assert request(base + "/healthz")[0] == 200
-        assert request(base + CRON_PATH, headers={"x-cron-secret": SECRET})[0] == 200
+        assert request(base + CRON_PATH, "POST", headers={"x-cron-secret": SECRET})[0] == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -499,7 +528,7 @@ def test_cron_route_on_an_unmigrated_database_logs_the_migrate_hint(pg, tmp_path
     try:
         settings = make_settings(url, tmp_path)
         with caplog.at_level(logging.ERROR, logger="kaireon_pub.reaper"), running_server(settings) as base:
-            status, _, body = request(base + CRON_PATH, headers={"Authorization": f"Bearer {SECRET}"})
+            status, _, body = request(base + CRON_PATH, "POST", headers={"Authorization": f"Bearer {SECRET}"})
     finally:
         pg.drop_database(name)
     assert status == 500 and orjson.loads(body)["errorId"]

@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from wsgiref.util import setup_testing_defaults
@@ -61,10 +62,11 @@ def settings_with(secret: str | None, tmp_path=None, **changes: object) -> Setti
                     cron_secret=secret, liveness_file=liveness, **changes)
 
 
-def call(app, method: str = "GET", path: str = CRON_PATH, headers: dict[str, str] | None = None,
+def call(app, method: str | None = None, path: str = CRON_PATH, headers: dict[str, str] | None = None,
          body: bytes = b"", query: str = "", validate: bool = True) -> Reply:
     """A request through wsgiref's validator, which checks the app keeps the WSGI contract
     (`validate=False` for requests the validator itself refuses, e.g. a bad Content-Length)."""
+    method = method or ("POST" if path == CRON_PATH else "GET")
     environ: dict[str, object] = {}
     setup_testing_defaults(environ)
     environ.update(REQUEST_METHOD=method, PATH_INFO=path, QUERY_STRING=query,
@@ -140,7 +142,7 @@ MATRIX = [
 
 
 @pytest.mark.parametrize(("case", "secret", "headers", "expected"), MATRIX, ids=[m[0] for m in MATRIX])
-@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("method", ["POST"])
 def test_auth_matrix(case, secret, headers, expected, method):
     reaper = FakeReaper()
     reply = call(make_app(settings_with(secret), reaper=reaper), method, headers=headers)
@@ -210,13 +212,13 @@ def test_a_refusal_logs_an_error_id_and_no_secret(caplog):
 
 # ---- methods, paths, bodies --------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "PUT", "DELETE", "PATCH", "TRACE"])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH", "TRACE"])
 def test_other_methods_get_405_with_allow_and_never_run_the_reaper(method):
     reaper = FakeReaper()
     reply = call(make_app(settings_with(SECRET), reaper=reaper), method,
                  headers={"Authorization": f"Bearer {SECRET}"})
     assert reply.status == 405
-    assert reply.headers["Allow"] == "GET, POST"
+    assert reply.headers["Allow"] == "POST"
     assert reply.body == (b"" if method == "HEAD" else b'{"error":"method not allowed"}')
     assert reaper.calls == []
 
@@ -378,3 +380,125 @@ def test_metrics_scrape_survives_a_process_that_has_not_written_its_file_yet(tmp
     reply = call(app, path="/metrics")
     assert reply.status == 200
     assert b'kaireon_outbox_processed_total{outcome="published"} 7.0' in reply.body
+
+
+# ---- rotation, one run at a time (issue 26) ------------------------------------------------------
+
+NEW = "new-secret-" + "n" * 16
+OLD = "old-secret-" + "o" * 16
+
+
+class Clock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {NEW}"}, {"x-cron-secret": OLD},
+                                     {"Authorization": f"Bearer {OLD}", "x-cron-secret": NEW}])
+def test_during_a_rotation_the_previous_secret_is_accepted_beside_the_new_one(headers):
+    reaper = FakeReaper()
+    app = make_app(settings_with(NEW, cron_secret_previous=OLD), reaper=reaper)
+    assert call(app, headers=headers).status == 200
+    assert call(app, headers={"x-cron-secret": "guess-" + "g" * 16}).status == 401
+    assert reaper.calls == ["http"]
+
+
+def test_the_previous_secret_is_refused_once_its_window_has_passed():
+    clock = Clock(1_000.0)
+    app = make_app(settings_with(NEW, cron_secret_previous=OLD, cron_secret_previous_expires_at=2_000.0),
+                   reaper=FakeReaper())
+    app.cron_secrets.clock = clock
+    assert call(app, headers={"x-cron-secret": OLD}).status == 200
+    clock.now = 2_000.0
+    assert call(app, headers={"x-cron-secret": OLD}).status == 401
+    assert call(app, headers={"x-cron-secret": NEW}).status == 200
+
+
+def test_a_previous_secret_without_a_current_one_opens_nothing():
+    # Settings refuse this (exit 2); the route, given it anyway, stays closed.
+    app = make_app(settings_with(None, cron_secret_previous=OLD), reaper=FakeReaper())
+    assert call(app, headers={"x-cron-secret": OLD}).status == 401
+
+
+def test_a_second_authenticated_call_while_a_run_is_in_flight_is_429_with_retry_after(caplog):
+    caplog.set_level(logging.DEBUG)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_reaper(settings, *, source):
+        entered.set()
+        assert release.wait(10)
+        return dict(RESULT)
+
+    app = make_app(settings_with(SECRET), reaper=slow_reaper)
+    first: list[Reply] = []
+    thread = threading.Thread(target=lambda: first.append(call(app, headers={"x-cron-secret": SECRET})))
+    thread.start()
+    try:
+        assert entered.wait(10)
+        started = time.monotonic()
+        busy = call(app, headers={"x-cron-secret": SECRET})
+        assert time.monotonic() - started < 1  # answered at once, not parked behind the run
+        assert (busy.status, busy.headers["Retry-After"], busy.json()) == (
+            429, "5", {"error": "a reaper run is in flight"})
+        # Authentication comes first: a wrong secret is a 401 whatever is in flight.
+        assert call(app, headers={"x-cron-secret": "wrong"}).status == 401
+    finally:
+        release.set()
+        thread.join(10)
+    assert first[0].status == 200
+    assert call(app, headers={"x-cron-secret": SECRET}).status == 200  # the lock was released
+    refused = [r for r in caplog.records if getattr(r, "event", None) == "http refused" and r.status == 429]
+    assert len(refused) == 1 and re.fullmatch(r"[0-9a-f]{16}", refused[0].errorId)
+
+
+def test_a_failing_run_releases_the_one_run_lock():
+    app = make_app(settings_with(SECRET), reaper=FakeReaper(ReaperError("0123456789abcdef")))
+    assert [call(app, headers={"x-cron-secret": SECRET}).status for _ in range(2)] == [500, 500]
+
+
+def test_get_on_the_cron_route_is_405_allow_post():
+    reaper = FakeReaper()
+    reply = call(make_app(settings_with(SECRET), reaper=reaper), "GET", headers={"x-cron-secret": SECRET})
+    assert (reply.status, reply.headers["Allow"]) == (405, "POST")
+    assert reaper.calls == []
+
+
+# ---- CRON_SECRET_FILE: re-read when the file changes ---------------------------------------------
+
+def rotate(path, value: str) -> None:
+    """As a Kubernetes Secret volume does: a new file swapped in under the same name."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, path)
+
+
+def test_a_rotated_cron_secret_file_takes_effect_without_a_restart(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    secret_file = tmp_path / "cron"
+    secret_file.write_text(OLD + "\n")
+    settings = Settings.from_env({"DATABASE_URL": "postgresql:///x", "KAFKA_BOOTSTRAP_SERVERS": "b:1",
+                                  "CRON_SECRET_FILE": str(secret_file)})
+    assert settings.cron_secret == OLD and settings.cron_secret_file == str(secret_file)
+    app = make_app(settings, reaper=FakeReaper())
+    assert call(app, headers={"x-cron-secret": OLD}).status == 200
+
+    rotate(secret_file, NEW)
+    assert call(app, headers={"x-cron-secret": NEW}).status == 200
+    assert call(app, headers={"x-cron-secret": OLD}).status == 401
+
+    # A rotated value too short (or a file gone) closes the route until the file is fixed.
+    rotate(secret_file, "short")
+    assert call(app, headers={"x-cron-secret": "short"}).status == 401
+    assert call(app, headers={"x-cron-secret": NEW}).status == 401
+    secret_file.unlink()
+    assert call(app, headers={"x-cron-secret": NEW}).status == 401
+    rotate(secret_file, NEW)
+    assert call(app, headers={"x-cron-secret": NEW}).status == 200
+
+    events = [r.event for r in caplog.records if getattr(r, "event", "").startswith("cron secret")]
+    assert events == ["cron secret reloaded", "cron secret refused", "cron secret refused", "cron secret reloaded"]
+    for line in json_lines(caplog):
+        assert OLD not in line and NEW not in line and "short" not in line.replace("shorter", "")

@@ -82,10 +82,11 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def get(port: int, path: str, headers: dict[str, str] | None = None,
+        method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request(method, path, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:
@@ -184,7 +185,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(tmp_path):
             conn.getresponse().read()
             first = conn.sock
             for path in ("/metrics", "/readyz", "/nope", CRON_PATH):
-                conn.request("GET", path, headers={"x-cron-secret": SECRET})
+                conn.request("POST" if path == CRON_PATH else "GET", path, headers={"x-cron-secret": SECRET})
                 resp = conn.getresponse()
                 resp.read()
                 assert resp.status in (200, 404)
@@ -221,8 +222,8 @@ def test_successful_probes_log_at_debug_the_rest_at_info(tmp_path, caplog):
     with serving(settings_for(tmp_path)) as port:
         for path in ("/metrics", "/healthz", "/readyz"):
             assert get(port, path)[0] == 200
-        assert get(port, CRON_PATH, {"x-cron-secret": SECRET})[0] == 200
-        assert get(port, CRON_PATH)[0] == 401
+        assert get(port, CRON_PATH, {"x-cron-secret": SECRET}, "POST")[0] == 200
+        assert get(port, CRON_PATH, method="POST")[0] == 401
         assert get(port, "/nope")[0] == 404
     with serving(settings_for(tmp_path), app=not_ready) as port:
         assert get(port, "/readyz")[0] == 503

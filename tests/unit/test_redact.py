@@ -58,7 +58,7 @@ def secret_env() -> dict[str, str]:
     env = {
         "DATABASE_URL": f"postgresql://app:{sentinel('db')}@127.0.0.1:5432/app",
         "OUTBOX_LISTEN_DATABASE_URL": f"host=127.0.0.1 port=5432 user=app password={sentinel('listen')} dbname=app",
-        "CRON_SECRET": sentinel("cron") + "\n",
+        "CRON_SECRET": sentinel("cron") + "-long-enough\n",
         "PGPASSWORD": sentinel("pgpassword"),
         "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
         "KAFKA_SASL_USERNAME": "svc-user",
@@ -86,7 +86,8 @@ def quoting_everything(env: dict[str, str]) -> str:
 
 
 def test_the_one_list_names_the_database_passwords_pgpassword_and_the_cron_secret():
-    assert set(SECRET_SETTINGS) == {"DATABASE_URL", "OUTBOX_LISTEN_DATABASE_URL", "CRON_SECRET", "PGPASSWORD"}
+    assert set(SECRET_SETTINGS) == {"DATABASE_URL", "OUTBOX_LISTEN_DATABASE_URL", "CRON_SECRET", "CRON_SECRET_PREVIOUS",
+                                    "PGPASSWORD"}
 
 
 @pytest.mark.parametrize("prop", SECRET_PROPERTIES)

@@ -94,3 +94,36 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [s.env for s in SETTINGS if f"| `{s.env}` |" not in readme]
     assert missing == []
+
+
+# ---- the cron secret (issue 26) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["tiny-Secret", "x" * 15, "é" * 7 + "x", "fifteen-bytes!!\n"])
+def test_a_cron_secret_shorter_than_16_bytes_is_a_config_error_naming_it(value):
+    with pytest.raises(ConfigError) as info:
+        parse(CRON_SECRET=value)
+    assert info.value.variable == "CRON_SECRET"
+    assert "16 bytes" in str(info.value) and value.strip() not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["x" * 16, "é" * 8, "0123456789abcdef\n", "", "  ", "None", "null"])
+def test_16_bytes_or_no_secret_at_all_is_accepted(value):
+    assert parse(CRON_SECRET=value).cron_secret == value
+
+
+def test_the_previous_secret_its_length_its_partner_and_its_expiry():
+    s = parse(CRON_SECRET="n" * 16, CRON_SECRET_PREVIOUS="o" * 16,
+              CRON_SECRET_PREVIOUS_EXPIRES_AT="2026-05-01T12:00:00Z")
+    assert (s.cron_secret_previous, s.cron_secret_previous_expires_at) == ("o" * 16, 1777636800.0)
+    assert parse(CRON_SECRET="n" * 16, CRON_SECRET_PREVIOUS_EXPIRES_AT="2026-05-01T14:00:00+02:00"
+                 ).cron_secret_previous_expires_at == 1777636800.0
+    assert "o" * 16 not in repr(s)
+    for env, variable in [({"CRON_SECRET": "n" * 16, "CRON_SECRET_PREVIOUS": "old"}, "CRON_SECRET_PREVIOUS"),
+                          ({"CRON_SECRET_PREVIOUS": "o" * 16}, "CRON_SECRET_PREVIOUS"),
+                          ({"CRON_SECRET": "n" * 16, "CRON_SECRET_PREVIOUS_EXPIRES_AT": "tomorrow"},
+                           "CRON_SECRET_PREVIOUS_EXPIRES_AT"),
+                          ({"CRON_SECRET": "n" * 16, "CRON_SECRET_PREVIOUS_EXPIRES_AT": "2026-05-01T12:00:00"},
+                           "CRON_SECRET_PREVIOUS_EXPIRES_AT")]:
+        with pytest.raises(ConfigError) as info:
+            parse(**env)
+        assert info.value.variable == variable, env

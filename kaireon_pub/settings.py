@@ -100,7 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CRON_SECRET_FILE", "", "A file holding CRON_SECRET, read at start and again whenever the file changes (a rotated Kubernetes Secret takes effect without a restart); set one of CRON_SECRET and CRON_SECRET_FILE."),
     Setting("CRON_SECRET_PREVIOUS_FILE", "", "A file holding CRON_SECRET_PREVIOUS, re-read like CRON_SECRET_FILE; set one of the two."),
     Setting("KAFKA_SASL_PASSWORD_FILE", "", "A file holding librdkafka's sasl.password, read at start; set one of KAFKA_SASL_PASSWORD and KAFKA_SASL_PASSWORD_FILE. Any other secret librdkafka property may be given the same way (KAFKA_SSL_KEY_PASSWORD_FILE, …)."),
-    Setting("PROMETHEUS_MULTIPROC_DIR", "", "Directory for multiprocess metrics; empty = a fresh temporary directory."),
+    Setting("PROMETHEUS_MULTIPROC_DIR", "", "Directory for multiprocess metrics; empty = a fresh temporary directory. At start only prometheus-client's own *.db files in it are removed."),
 )
 
 SYNCHRONOUS_COMMIT_LEVELS = ("off", "local", "remote_write", "on", "remote_apply")

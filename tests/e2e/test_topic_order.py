@@ -77,7 +77,11 @@ def warm(start_tier, db_url: str, topic: str, bootstrap: str, **env: str) -> hel
     """A tier that has published one event of `topic` (claiming, producing, settling)."""
     tier = start_tier(bootstrap=bootstrap, **env)
     first = enqueue(db_url, [Event(topic, "warm-up", {"warm": True})])
-    helpers.wait_for(lambda: rows(db_url, first)[first[0]][0] == "published", 60, "the warm-up event published")
+    try:
+        helpers.wait_for(lambda: rows(db_url, first)[first[0]][0] == "published", 90, "the warm-up event published")
+    except AssertionError as exc:
+        lines = [line for line in tier.logs() if line.get("level") != "DEBUG"][-15:]
+        raise AssertionError(f"{exc}; rows: {helpers.row_summary(db_url)}; the tier's last lines: {lines}") from None
     return tier
 
 

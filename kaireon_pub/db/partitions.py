@@ -90,6 +90,13 @@ def is_partitioned(conn: psycopg.Connection) -> bool:
     return bool(conn.execute(P.is_partitioned).fetchone()[0])
 
 
+def owns_outbox(conn: psycopg.Connection) -> bool:
+    """Whether the session's role may make and drop partitions (it owns outbox_events, or is a
+    member of its owner)."""
+    row = conn.execute(P.owns_outbox).fetchone()
+    return bool(row and row[0])
+
+
 def list_partitions(conn: psycopg.Connection) -> list[Partition]:
     return [Partition(*row) for row in conn.execute(P.list_partitions).fetchall()]
 

@@ -4,6 +4,10 @@
 -- is_partitioned: whether outbox_events is a partitioned table (NULL when it does not exist)
 SELECT (SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass('outbox_events')) AS partitioned;
 
+-- owns_outbox: whether this session's role may make and drop partitions (it is, or is a member of, the owner
+-- of outbox_events); a least-privilege runtime role is not: partition maintenance is the owner's job
+SELECT pg_has_role(session_user, relowner, 'USAGE') AS owns FROM pg_class WHERE oid = to_regclass('outbox_events');
+
 -- list_partitions: every partition of outbox_events with its range, oldest first
 -- A bound is NULL for MINVALUE/MAXVALUE (a converted table attached as one partition has no lower
 -- one). `retiring`: it carries outbox_events_retiring (it refuses new rows, it is being dropped);

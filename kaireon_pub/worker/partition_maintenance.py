@@ -25,11 +25,19 @@ from kaireon_pub.worker.lifecycle import every
 log = logging.getLogger("kaireon_pub.worker.partitions")
 
 
+NOT_OWNER = partitions.Report(kept={"*": "the tier's role does not own outbox_events"})
+
+
 def one_round(settings: Settings, role: str) -> partitions.Report | None:
-    """One maintenance round; None when outbox_events is not partitioned."""
+    """One maintenance round; None when outbox_events is not partitioned. Under a role that does
+    not own the table (the least-privilege runtime role: README, "Database roles") only the gauges:
+    making and dropping partitions is then the owner's `kaireon-pub partitions maintain`."""
     with connect(settings, role, direct=True) as conn:  # DETACH … CONCURRENTLY: not through a transaction pooler
         if not partitions.is_partitioned(conn):
             return None
+        if not partitions.owns_outbox(conn):
+            publish_gauges(partitions.list_partitions(conn), conn.execute("SELECT clock_timestamp()").fetchone()[0])
+            return NOT_OWNER
         interval = partitions.infer_interval(partitions.list_partitions(conn), settings.partitioning)
         report = partitions.maintain(conn, interval=interval, retention_seconds=settings.retention_seconds,
                                      failed_retention_seconds=settings.failed_retention_seconds,
@@ -44,12 +52,20 @@ def publish_gauges(found: list[partitions.Partition], now) -> None:
     metrics.OLDEST_PARTITION_AGE.set(max(0.0, (now - min(starts)).total_seconds()) if starts else 0)
 
 
-async def partitions_once(settings: Settings, role: str) -> float | None:
-    """One round, in a thread; the pause before the next, or None on a plain table."""
+async def partitions_once(settings: Settings, role: str, said: set[str] | None = None) -> float | None:
+    """One round, in a thread; the pause before the next, or None on a plain table. `said` keeps
+    what was logged once per worker (that the tier's role leaves maintenance to the owner)."""
     started = time.monotonic()
     report = await asyncio.to_thread(one_round, settings, role)
     if report is None:
         return None
+    if report is NOT_OWNER:
+        if said is not None and "not owner" not in said:
+            said.add("not owner")
+            log.info("partition maintenance is the owner's job: the tier's role does not own outbox_events; "
+                     "run `kaireon-pub partitions maintain` as the owner (README, Database roles)",
+                     extra={"event": "partition maintenance skipped"})
+        return settings.purge_interval_seconds
     for error in report.errors:
         log.warning(f"partition maintenance: {error}", extra={
             "event": "partition maintenance failed", "errorId": new_error_id(), "isTransient": True})
@@ -69,4 +85,5 @@ async def partitions_loop(settings: Settings, role: str, stopping: Callable[[], 
                          "isTransient": True})
         return settings.purge_interval_seconds
 
-    await every(lambda: partitions_once(settings, role), stopping, on_error=failed)
+    said: set[str] = set()
+    await every(lambda: partitions_once(settings, role, said), stopping, on_error=failed)

@@ -8,6 +8,7 @@ that add up across workers; dead workers' files are dropped with `mark_process_d
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_right
 from collections.abc import Sequence
 
@@ -180,6 +181,30 @@ BROKER_UP = Gauge(
     "1 when the last readiness check reached the broker, else 0 (0 until the first check).",
     multiprocess_mode="livemax",
 )
+# What runs, for a dashboard's version panel and an alert on a mixed rollout. Every process writes
+# the same single series; livemax shows it once, as long as one process of the replica lives.
+BUILD_INFO = Gauge(
+    f"{NS}_build_info",
+    "Always 1; the labels say what runs: the tier's version, Python's and librdkafka's.",
+    ["version", "python", "librdkafka"],
+    multiprocess_mode="livemax",
+)
+
+
+def build_labels() -> dict[str, str]:
+    """The labels of kaireon_outbox_build_info: this package's version, Python's, librdkafka's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from confluent_kafka import libversion
+
+    try:
+        tier = version("kaireon-pub")
+    except PackageNotFoundError:  # a checkout that is not installed
+        tier = "unknown"
+    return {"version": tier, "python": platform.python_version(), "librdkafka": libversion()[0]}
+
+
+BUILD_INFO.labels(**build_labels()).set(1)
 # The group label values are known and few: create them up front so every series exists from
 # the first scrape (the dashboard and alerts need no `or vector(0)`).
 for _group in range(SHARD_GROUPS):

@@ -1,5 +1,11 @@
 """observe_many() must expose exactly what one observe() per value would have exposed."""
 
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from kaireon_pub.metrics import observe_many
@@ -31,3 +37,32 @@ def test_observe_many_equals_one_observe_per_value():
 
 def test_observe_many_of_nothing_changes_nothing():
     assert exposition(lambda h: observe_many(h, [])) == exposition(lambda h: None)
+
+
+
+@pytest.mark.parametrize("multiprocess", [False, True])
+def test_build_info_is_one_series_of_value_1_naming_the_versions(multiprocess, tmp_path):
+    """kaireon_outbox_build_info{version, python, librdkafka} = 1, single-process and merged the
+    way the tier's /metrics merges its processes' files (two processes here: still one series)."""
+    import confluent_kafka
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kaireon_pub import __version__
+
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    if multiprocess:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+        subprocess.run([sys.executable, "-c", "import kaireon_pub.metrics"], check=True, env=env)
+    code = ("import os, kaireon_pub.metrics\n"
+            "from prometheus_client import REGISTRY, CollectorRegistry, generate_latest\n"
+            "from kaireon_pub.http.collector import ScrapeSafeCollector\n"
+            "registry = REGISTRY\n"
+            "if os.environ.get('PROMETHEUS_MULTIPROC_DIR'):\n"
+            "    registry = CollectorRegistry(); registry.register(ScrapeSafeCollector(os.environ['PROMETHEUS_MULTIPROC_DIR']))\n"
+            "print(generate_latest(registry).decode())\n")
+    text = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env).stdout
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = families["kaireon_outbox_build_info"].samples
+    assert [(s.labels, s.value) for s in samples] == [
+        ({"version": __version__, "python": platform.python_version(),
+          "librdkafka": confluent_kafka.libversion()[0]}, 1.0)]

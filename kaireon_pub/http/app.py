@@ -10,8 +10,9 @@ Routes and methods:
                                          flight another authenticated call is a 429 with Retry-After
 
 Order of refusals: unknown path 404, method 405 (with Allow), body over 1 KiB or of unknown
-length 413, then (cron route) authentication 401, then a run in flight 429. (Behind waitress a chunked body arrives
-de-chunked, with its length: the server buffers it up to its own limit.) HEAD and OPTIONS never reach the reaper.
+length 413, then (cron route) authentication 401, then a run in flight 429. (Behind waitress a
+chunked body arrives de-chunked, with its length: the server buffers it up to its own limit.)
+GET, HEAD and OPTIONS never reach the reaper.
 Every refusal and failure logs one line with an errorId; a 500 body holds only that errorId.
 
 The parts beside the routes: cron authentication (cron_auth.py), the default readiness

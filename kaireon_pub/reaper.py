@@ -6,8 +6,9 @@ reset, a NOTIFY so the workers rescan behind their cursors (delivered only on co
 
 Concurrent runs are harmless: the UPDATE re-checks `status = 'processing'` under each row's
 lock, so a row another run has just reset is skipped (READ COMMITTED re-evaluates the WHERE on
-the new row version). Within one process `reap()` is also single-flight, so a burst of cron
-calls does not open a burst of connections.
+the new row version). Within one process `reap()` is also single-flight, and the HTTP route does
+not even wait for it: while a run is in flight another call gets 429 (kaireon_pub/http/app.py),
+so a burst of cron calls opens no burst of connections and parks no request thread.
 
 Both the HTTP route (source "http") and `kaireon-pub reap` (source "cli") call `reap()`.
 """

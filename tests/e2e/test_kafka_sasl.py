@@ -13,7 +13,6 @@ from __future__ import annotations
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +29,9 @@ USER = "kaireon"
 
 
 @pytest.fixture(scope="module")
-def sasl(request) -> Iterator[Any]:
-    """tests/conftest.py's session `kafka_sasl` when it is there, else this module's own."""
-    try:
-        shared = request.getfixturevalue("kafka_sasl")
-    except pytest.FixtureLookupError:
-        from kaireon_pub import devkafka
-
-        reason = devkafka.unavailable()
-        if reason:
-            pytest.skip(reason)
-        cluster = devkafka.KafkaCluster(1, sasl_ssl=True)
-        try:
-            yield cluster
-        finally:
-            cluster.stop()
-        return
-    yield shared
+def sasl(kafka_sasl) -> Any:
+    """tests/conftest.py's session `kafka_sasl` (skips, with the reason, without Java or Maven)."""
+    return kafka_sasl
 
 
 def sasl_env(sasl, db_url: str, tmp_path: Path, *, password: str | None = None, ca: Path | None = None,

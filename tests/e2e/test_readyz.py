@@ -1,10 +1,14 @@
-"""/readyz answers for the database and the broker now: it flips when the broker stops and back."""
+"""/readyz answers for the database and the broker: it flips when the broker stops and back, and
+answers from the last check (refreshed every 5 s), so 100 probes in a second open no connection."""
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
+
+import psycopg
 
 from tests import helpers
 
@@ -33,4 +37,29 @@ def test_readyz_flips_with_the_broker(restartable_broker, start_tier):
     restartable_broker.start()
     helpers.wait_for(lambda: readyz(port)[0] == 200, 60, "/readyz 200 once the broker is back")
     assert readyz(port)[1]["checks"] == {"database": True, "broker": True}
+    assert tier.stop() == 0
+
+
+def test_a_hundred_readyz_in_a_second_open_no_database_connection(pg, db_url, start_tier):
+    """Against the real tier: 100 probes in a second add no session to the database beyond the
+    readiness refresh's own (one every 5 s, whether probed or not). Before, each probe opened one."""
+    database = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+
+    def sessions() -> int:
+        with psycopg.connect(pg.admin_url, autocommit=True) as conn:  # another database: not counted
+            return int(conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s",
+                                    (database,)).fetchone()[0])
+
+    tier = start_tier()
+    port = tier.http_port()
+    helpers.wait_for(lambda: readyz(port)[0] == 200, 30, "/readyz 200")
+    before = sessions()
+    started = time.monotonic()
+    answers = [readyz(port)[0] for _ in range(100)]
+    elapsed = time.monotonic() - started
+    assert answers == [200] * 100 and elapsed < 5, elapsed
+    opened = sessions() - before
+    # At most the refresh that fell in the window (one per 5 s) and one counted late (a session
+    # is counted when it is established, a few ms after the client opened it): never one per probe.
+    assert opened <= 2 + int(elapsed // 5), opened
     assert tier.stop() == 0

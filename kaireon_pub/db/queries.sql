@@ -143,24 +143,42 @@ WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database())
 -- cluster whose counter is lower) keeps its xid; above the counter it would never pass the
 -- horizon. Such rows get small xids (3, 4, …: below every real transaction id) in the order of
 -- their original ones, so they sort before every event written since and keep their order among
--- themselves (rows of one original transaction keep one xid, their ids order them). No visible
--- row of this cluster can have an xid at or above the snapshot's xmax.
+-- themselves (rows of one original transaction keep one xid in a shard, their ids order them).
+-- No visible row of this cluster can have an xid at or above the snapshot's xmax. Every shard:
+-- before a worker's first claim, and by worker 0 every OUTBOX_RESCAN_INTERVAL_MS; each claim
+-- re-stamps its own shards' (claim_horizon_foreign). Numbered per shard (a key's rows are in one
+-- shard), so a pass over every shard and one over a claim's shards give a row the same new xid.
 -- One index range per shard (the claim index), so the look costs nothing without such rows.
-WITH counter AS MATERIALIZED (
+WITH foreign_shards AS (
+    SELECT generate_series(0, 255) AS shard
+), {{foreign_rows_restamp}}
+SELECT count(*) AS restamped FROM restamped;
+
+-- restamp_shards_foreign_rows: restamp_foreign_rows in %(shards)s only (a claim's, claim_horizon_foreign saw some)
+WITH foreign_shards AS (
+    SELECT unnest(%(shards)s::int[]) AS shard
+), {{foreign_rows_restamp}}
+SELECT count(*) AS restamped FROM restamped;
+
+-- foreign_rows_restamp: the re-stamp of the rows above the counter in foreign_shards (a fragment of WITH)
+counter AS MATERIALIZED (
     SELECT pg_snapshot_xmax(pg_current_snapshot()) AS xmax
 ), foreign_rows AS (
-    SELECT e.id, dense_rank() OVER (ORDER BY e.xid) AS n
-    FROM generate_series(0, 255) AS g(shard)
+    SELECT e.id, dense_rank() OVER (PARTITION BY e.shard ORDER BY e.xid) AS n
+    FROM foreign_shards g
     CROSS JOIN LATERAL (
-        SELECT e.id, e.xid FROM outbox_events e
+        SELECT e.id, e.shard, e.xid FROM outbox_events e
         WHERE e.status = 'pending' AND e.shard = g.shard::smallint AND e.xid >= (SELECT xmax FROM counter)
+        OFFSET 0  -- an index range per shard, not one join over the whole index
     ) e
 ), restamped AS (
+    -- By id through arrays: the planner takes the rows' count for a third of the shards' pending
+    -- rows, and would join them by a scan of the whole table.
     UPDATE outbox_events e SET xid = (2 + f.n)::text::xid8, updated_at = clock_timestamp()
-    FROM foreign_rows f WHERE e.id = f.id
+    FROM (SELECT unnest(array_agg(id)) AS id, unnest(array_agg(n)) AS n FROM foreign_rows) f
+    WHERE e.id = f.id
     RETURNING 1
 )
-SELECT count(*) AS restamped FROM restamped;
 
 -- foreign_rows_count: pending rows carrying an xid from another cluster (for check)
 WITH counter AS MATERIALIZED (
@@ -189,13 +207,32 @@ CROSS JOIN LATERAL (
 -- the worker times those itself and passes back the ones it has waited for long enough in
 -- %(pass_over)s. Parallel workers share their leader's xid.
 WITH {{horizon_transactions}}
-SELECT coalesce((SELECT min(xid) FROM holders WHERE NOT bypassed), pg_snapshot_xmax(snap.s))::text::bigint AS horizon,
+SELECT {{horizon_columns}}
+FROM snap;
+
+-- claim_horizon_foreign: claim_horizon, and whether %(shards)s hold pending rows above the counter
+-- The worker's horizon before each claim. A restored row (restamp_foreign_rows) of a claim's
+-- shards is seen in the horizon's snapshot: every newer event of its key the claim may take is
+-- below the horizon, so it committed before that snapshot, and so did the restored row written
+-- before it. The worker then re-stamps them (restamp_shards_foreign_rows) before it claims. One
+-- index probe per shard (the claim index; LIMIT keeps each a probe of its own).
+WITH {{horizon_transactions}}
+SELECT {{horizon_columns}},
+       EXISTS (SELECT 1 FROM unnest(%(shards)s::int[]) AS g(shard)
+               CROSS JOIN LATERAL (
+                   SELECT 1 FROM outbox_events e
+                   WHERE e.status = 'pending' AND e.shard = g.shard::smallint AND e.xid >= pg_snapshot_xmax(snap.s)
+                   LIMIT 1
+               ) e) AS foreign_rows
+FROM snap;
+
+-- horizon_columns: claim_horizon's columns (a fragment of SELECT, over horizon_transactions)
+coalesce((SELECT min(xid) FROM holders WHERE NOT bypassed), pg_snapshot_xmax(snap.s))::text::bigint AS horizon,
        extract(epoch FROM snap.now - (SELECT min(since) FROM holders WHERE NOT bypassed))::float8 AS held_for,
        ARRAY(SELECT xid::text::bigint FROM holders WHERE bypassed) AS bypassed,
        ARRAY(SELECT xid::text::bigint FROM holders WHERE since IS NULL AND NOT bypassed) AS unknown,
        ARRAY(SELECT m.xid FROM unnest(%(remembered)s::bigint[]) AS m(xid)
              WHERE NOT EXISTS (SELECT 1 FROM running r WHERE r.x = m.xid::text::xid8)) AS ended
-FROM snap;
 
 -- horizon_transactions: the running transactions the horizon waits for (a fragment of WITH)
 snap AS MATERIALIZED (

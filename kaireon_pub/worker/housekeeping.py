@@ -131,8 +131,9 @@ async def purge_loop(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
 async def foreign_rows_loop(settings: Settings, pool: psycopg_pool.AsyncConnectionPool,
                             stopping: Callable[[], bool]) -> None:
     """Rows restored from another cluster (their xid above this cluster's counter) are re-stamped
-    so that they publish: by every worker before its first claim, then by worker 0 every
-    OUTBOX_RESCAN_INTERVAL_MS (rows restored into a running tier)."""
+    so that they publish: by every worker before its first claim, by each claim in its own shards
+    (worker/horizon.py: before a newer event of their keys can be claimed), and by worker 0 every
+    OUTBOX_RESCAN_INTERVAL_MS in every shard (one no worker claims from, during a rebalance)."""
     interval = settings.rescan_interval_ms / 1000
 
     async def once() -> float:

@@ -110,11 +110,11 @@ class Tick:
                 return TickResult()  # the leases are about to lapse (renewals failing): claim nothing
             params = claim_params(w.settings, w.scan, shards, w.leases.owned, w.worker_id)
             if w.settings.claim_mode == "lock":
-                return await self._run_once_locked(params)
+                return await self._run_once_locked(params, shards)
             token = uuid.uuid4()
             params.update(token=token, staleness=w.settings.reaper_staleness_seconds)
             async with w.pool.connection() as conn:
-                params["horizon"] = await w.horizon.read(conn)
+                await self._read_horizon(conn, params, shards)
                 try:
                     raw = await w.claimer.claim(conn, params)
                 except (psycopg.OperationalError, psycopg.InterfaceError):
@@ -128,11 +128,17 @@ class Tick:
             outcome = await self._publish(rows)
             return await w.settler.settle(w.pool, token, rows, outcome)
 
-    async def _run_once_locked(self, params: dict) -> TickResult:
+    async def _read_horizon(self, conn: psycopg.AsyncConnection, params: dict, shards: list[int]) -> None:
+        """The claim's horizon (restored rows of its shards re-stamped); the cursors again if it moved them."""
+        params["horizon"] = await self.w.horizon.read(conn, shards)
+        if self.w.horizon.rewound:
+            params.update(self.w.scan.cursor_params(shards))
+
+    async def _run_once_locked(self, params: dict, shards: list[int]) -> TickResult:
         """Lock mode: one transaction per batch; its row locks are the claim, one write per event."""
         w = self.w
         async with w.pool.connection() as conn:
-            params["horizon"] = await w.horizon.read(conn)
+            await self._read_horizon(conn, params, shards)
             careful = w.scan.careful()
             while True:
                 try:

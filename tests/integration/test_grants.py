@@ -25,8 +25,8 @@ from tests.roles import Roles
 
 # The application's statements (enqueue), not the tier's; and the fragments other statements include.
 NOT_THE_TIERS = {"enqueue_one", "enqueue_many"}
-FRAGMENTS = {"horizon_transactions", "claim_mark_processing", "claim_cursors", "claim_processing_look",
-             "claim_shard_scan"}
+FRAGMENTS = {"horizon_transactions", "horizon_columns", "foreign_rows_restamp", "claim_mark_processing",
+             "claim_cursors", "claim_processing_look", "claim_shard_scan"}
 WRITES = {"requeue_failed"}
 
 
@@ -77,6 +77,8 @@ def test_the_runtime_role_runs_every_statement_the_tier_sends(roles):
         run("horizon_holders")
         horizon = str(run("claim_horizon")[0][0])
         shards = sorted(leases)
+        run("claim_horizon_foreign", shards=int_array(shards))
+        run("restamp_shards_foreign_rows", shards=int_array(shards))
         claim = {"shards": int_array(shards), "epochs": int_array(leases[s] for s in shards),
                  "cursor_xids": ["0"] * 256, "cursor_ids": int_array([0] * 256), "horizon": horizon}
 

@@ -67,15 +67,19 @@ class Cursor:
 
 
 class Conn:
-    """Answers claim_horizon with `horizon_row` and horizon_holders with `holders`."""
+    """Answers claim_horizon (and claim_horizon_foreign) with `horizon_row`, horizon_holders with
+    `holders` and restamp_shards_foreign_rows with `restamped`."""
 
-    def __init__(self, horizon_row, holders=()):
-        self.horizon_row, self.holders = horizon_row, list(holders)
+    def __init__(self, horizon_row, holders=(), restamped=0):
+        self.horizon_row, self.holders, self.restamped = horizon_row, list(holders), restamped
         self.calls: list[tuple[str, dict]] = []
 
     async def execute(self, query, params=None):
         self.calls.append((query, params))
-        return Cursor([self.horizon_row] if query == Q.claim_horizon else self.holders)
+        if query == Q.restamp_shards_foreign_rows:
+            return Cursor([(self.restamped,)])
+        horizon = query in (Q.claim_horizon, Q.claim_horizon_foreign)
+        return Cursor([self.horizon_row] if horizon else self.holders)
 
 
 def test_read_passes_its_memory_and_logs_the_holders_of_fresh_bypasses(caplog):
@@ -93,3 +97,91 @@ def test_read_passes_its_memory_and_logs_the_holders_of_fresh_bypasses(caplog):
     conn = Conn(("1300", 0.0, [50], [], []))
     asyncio.run(h.read(conn))
     assert len(conn.calls) == 1 and conn.calls[0][1]["remembered"] == [50]  # known: no second report
+
+
+class RunningXids:
+    """claim_horizon as it answers for transactions whose session the tier cannot see (another
+    role's, without pg_read_all_stats): each is `unknown` until the worker passes it back in
+    pass_over, then `bypassed`; the horizon is the oldest one still waited for."""
+
+    def __init__(self, *xids: int):
+        self.running = list(xids)
+
+    def row(self, pass_over: list[int]) -> tuple:
+        held = [x for x in self.running if x not in pass_over]
+        return (str(min(held, default=1000)), None, [x for x in self.running if x in pass_over], held, [])
+
+
+def test_two_unknown_transactions_a_second_apart_are_both_passed_over_after_the_max_wait():
+    """Issue 25, case 1: a passed-over unknown xid kept its place in the unknown list only while
+    waited for, so its timer started again and the two passed each other's turn for ever."""
+    clock = Clock()
+    h = make(clock)  # max wait 2 s
+    sql = RunningXids(500)
+    horizons = []
+    for step in range(100):  # 10 s in 0.1 s steps
+        clock.now = 1000.0 + step / 10
+        if step == 10:
+            sql.running.append(501)  # the second one, a second later
+        row = sql.row(h.due_to_pass(clock.now))
+        fresh = h.absorb(clock.now, *row[1:])
+        h.remember(fresh)
+        horizons.append((round(clock.now - 1000, 1), row[0]))
+    passed_both = [t for t, horizon in horizons if horizon == "1000"]
+    assert passed_both and passed_both[0] == 3.0  # 501 seen at 1 s, waited for 2 s
+    assert passed_both == [t for t, _ in horizons if t >= 3.0]  # and never waited for again
+    assert set(h.passed_over) == {500, 501} and set(h.unknown_since) == {500, 501}
+    # Both end: their timers go, and every cursor goes back to them.
+    h.scan.cursors = {4: (900, 1)}
+    sql.running = []
+    h.absorb(clock.now, None, [], [], [500, 501])
+    assert h.unknown_since == {} and h.passed_over == {} and h.scan.cursors == {4: (500, 0)}
+
+
+def test_the_horizon_age_counts_an_unknown_transaction_from_its_first_sighting():
+    clock = Clock()
+    h = make(clock)
+    h.absorb(clock.now, None, [], [7], [])
+    assert value(metrics.HORIZON_AGE) == 0.0
+    clock.now += 1.5
+    h.absorb(clock.now, 0.4, [], [7], [])  # a visible holder open 0.4 s, the unknown one 1.5 s
+    assert value(metrics.HORIZON_AGE) == 1.5
+    clock.now += 1.0
+    assert h.due_to_pass(clock.now) == [7]
+    h.absorb(clock.now, None, [7], [], [])  # passed over: the claim waits for nothing
+    assert value(metrics.HORIZON_AGE) == 0.0 and 7 in h.unknown_since
+
+
+def test_read_with_the_claims_shards_restamps_restored_rows_and_rewinds_those_shards(caplog):
+    clock = Clock()
+    h = make(clock)
+    h.scan.cursors = {1: (100, 5), 2: (40, 1), 3: (70, 2)}
+    restamped = value(metrics.FOREIGN_RESTAMPED)
+    conn = Conn(("1234", None, [], [], [], True), restamped=3)
+    assert asyncio.run(h.read(conn, [1, 2])) == "1234"
+    (q1, p1), (q2, p2) = conn.calls
+    assert q1 == Q.claim_horizon_foreign and p1["shards"] == "{1,2}"
+    assert q2 == Q.restamp_shards_foreign_rows and p2 == {"shards": "{1,2}"}
+    assert h.rewound and h.scan.cursors == {1: (0, 0), 2: (0, 0), 3: (70, 2)}
+    assert value(metrics.FOREIGN_RESTAMPED) == restamped + 3
+    line, = [r for r in caplog.records if getattr(r, "event", None) == "foreign rows restamped"]
+    assert line.count == 3
+    # None seen: no second statement, the cursors stay.
+    h.scan.cursors[1] = (90, 1)
+    conn = Conn(("1240", None, [], [], [], False))
+    asyncio.run(h.read(conn, [1, 2]))
+    assert len(conn.calls) == 1 and not h.rewound and h.scan.cursors[1] == (90, 1)
+    # Seen, but another worker's pass re-stamped them first: rewound all the same, nothing counted.
+    conn = Conn(("1250", None, [], [], [], True), restamped=0)
+    asyncio.run(h.read(conn, [1]))
+    assert h.rewound and h.scan.cursors[1] == (0, 0) and value(metrics.FOREIGN_RESTAMPED) == restamped + 3
+
+
+def test_read_reports_rewound_when_a_passed_over_xid_ended():
+    clock = Clock()
+    h = make(clock)
+    h.passed_over = {50: clock.now}
+    h.scan.cursors = {1: (100, 5)}
+    conn = Conn(("1234", None, [], [], [50], False))
+    asyncio.run(h.read(conn, [1]))
+    assert h.rewound and h.scan.cursors == {1: (50, 0)}

@@ -2,10 +2,9 @@
 session's three-node cluster (replication factor 3, min.insync.replicas=2):
 
 - a record larger than its topic's max.message.bytes: the broker refuses it (MESSAGE_TOO_LARGE);
-- a topic whose only replica's broker is down (no leader): its events wait, released, while other
-  topics publish;
-- NOT_ENOUGH_REPLICAS: a topic asking min.insync.replicas=3 while one broker is down: transient,
-  retried, nothing lost;
+- one broker down: a topic whose only replica it held (no leader) and a topic asking
+  min.insync.replicas=3 (NOT_ENOUGH_REPLICAS): their events wait, released, while another topic
+  publishes; transient, retried, nothing lost;
 - the leader frozen (SIGSTOP) mid-batch, which makes librdkafka resend in-flight batches that the
   broker may already have: does an idempotent retry come back as a success with offset -1
   (DUPLICATE_SEQUENCE_NUMBER), and is every event on the topic exactly once.
@@ -26,8 +25,8 @@ from confluent_kafka import Producer
 
 from kaireon_pub import Event, enqueue_many
 from kaireon_pub.settings import PRODUCER_DEFAULTS
-from tests.e2e.test_kafka_faults import create_topic, fully_replicated, leaders, steady, wait_rows
-from tests.helpers import TopicReader, event_ids, status_counts, tier_env, wait_for
+from tests.e2e.test_kafka_faults import create_topic, fully_replicated, leaders, wait_rows
+from tests.helpers import TopicReader, event_ids, metric_value, status_counts, tier_env, wait_for
 
 pytestmark = pytest.mark.not_via_pgbouncer("the broker's answers are the subject; these tests run once, directly")
 
@@ -136,66 +135,54 @@ def test_a_record_too_large_for_the_topic_fails_alone_among_others(db_url, clust
     assert failed == [large], f"{len(failed)} events failed, {len(failed) - (large in failed)} of them small"
 
 
-def test_a_topic_without_a_leader_holds_its_own_events_while_others_publish(db_url, cluster, admin,
-                                                                            all_brokers_back, tmp_path, run_tier):
-    """A topic whose only replica is on a stopped broker has no leader: librdkafka keeps its
-    records until message.timeout.ms (3 s here), then the tier releases them (pending, attempts
-    untouched, counted unconfirmed) and fails the tick, transient. Another topic's events in the
-    same claims are published meanwhile. Once the broker is back, everything is published."""
+def test_one_broker_stopped_leaderless_and_not_enough_replicas_are_transient_and_lose_nothing(
+        db_url, cluster, admin, all_brokers_back, tmp_path, run_tier):
+    """One broker stopped, three topics: `lonely` has its only replica on it (no leader);
+    `strict` asks min.insync.replicas=3 (its leader refuses acks=all writes with
+    NOT_ENOUGH_REPLICAS, which librdkafka retries); `healthy` (RF 3, min.insync.replicas=2) is not
+    concerned. librdkafka keeps the first two topics' records until message.timeout.ms (3 s here):
+    the tier releases them (pending, attempts untouched, counted unconfirmed) and fails the tick,
+    transient, while `healthy`'s events in the same claims are published. Once the broker is back,
+    everything is published: nothing lost, duplicates within what was counted, no attempt spent."""
     victim = cluster.node_ids[-1]
-    lonely = f"ke-lonely-{uuid.uuid4().hex[:8]}"
-    healthy = f"ke-healthy-{uuid.uuid4().hex[:8]}"
+    suffix = uuid.uuid4().hex[:8]
+    lonely, strict, healthy = f"ke-lonely-{suffix}", f"ke-isr-{suffix}", f"ke-healthy-{suffix}"
     create_topic(admin, lonely, assignment=[[victim], [victim]])
+    create_topic(admin, strict, partitions=2, config={"min.insync.replicas": "3"})
     create_topic(admin, healthy, partitions=3)
     tier = run_tier(tier_env(db_url, cluster.bootstrap, tmp_path, KAFKA_MESSAGE_TIMEOUT_MS="3000"))
     port = tier.http_port()
     cluster.stop_node(victim)
-    wait_for(lambda: leaders(admin, healthy) and all(n != victim and n >= 0 for n in leaders(admin, healthy).values()),
-             30, "the healthy topic led by the running brokers")
-    held = commit(db_url, [Event(lonely, f"l{i % 3}", {"i": i}) for i in range(10)])
+    wait_for(lambda: all(n not in (victim, -1) for n in leaders(admin, healthy).values())
+             and all(n not in (victim, -1) for n in leaders(admin, strict).values()), 30,
+             "healthy and strict led by the running brokers")
+    on = {lonely: commit(db_url, [Event(lonely, f"l{i % 3}", {"i": i}) for i in range(10)]),
+          strict: commit(db_url, [Event(strict, f"s{i % 3}", {"i": i}) for i in range(10)])}
+    held = on[lonely] + on[strict]
     flowing = commit(db_url, [Event(healthy, f"h{i % 3}", {"i": i}) for i in range(30)])
     with TopicReader(cluster.bootstrap, healthy) as reader:
         reader.read_until(lambda msgs: set(flowing) <= set(event_ids(msgs)), 60)
     failure = wait_for(lambda: tick_failures(tier), 30, "a failed tick")[0]
     assert failure["isTransient"] is True, failure
     assert {r[0] for r in rows(db_url, held).values()} <= {"pending", "processing"}
-    assert all(r[1] == 0 for r in rows(db_url, held).values()), "a leaderless topic spent attempts"
+    named = [e.get("msg") for e in tier.logs() if "NOT_ENOUGH_REPLICAS" in str(e) or "Not enough" in str(e)]
     cluster.start_node(victim)
-    wait_for(lambda: fully_replicated(admin, lonely), 60, "the lonely topic led again")
-    wait_rows(db_url, {"published": 40}, 60)
-    with TopicReader(cluster.bootstrap, lonely) as reader:
-        messages = reader.read_until(lambda msgs: set(held) <= set(event_ids(msgs)), 30)
-    from tests.helpers import metric_value
+    wait_for(lambda: fully_replicated(admin, lonely) and fully_replicated(admin, strict), 60, "both led and in sync")
+    wait_rows(db_url, {"published": 50}, 60)
+    messages = []
+    for topic, ids in on.items():
+        with TopicReader(cluster.bootstrap, topic) as reader:
+            messages += reader.read_until(lambda msgs, ids=ids: set(ids) <= set(event_ids(msgs)), 30)
+    assert sorted(set(event_ids(messages))) == sorted(held)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        spent = conn.execute("SELECT count(*) FROM outbox_events WHERE attempts > 0").fetchone()[0]
+    assert spent == 0, "a leaderless topic or NOT_ENOUGH_REPLICAS spent attempts: both are transient"
     duplicates = len(event_ids(messages)) - len(set(event_ids(messages)))
     unconfirmed = metric_value(port, "kaireon_outbox_unconfirmed_total") or 0
     assert duplicates <= unconfirmed
     assert tier.proc.poll() is None
-    print(f"\n[kafka-errors] topic without a leader: tick failed with {failure['error']!r}; "
-          f"unconfirmed={unconfirmed}, duplicates={duplicates}")
-
-
-def test_not_enough_replicas_is_transient_retried_and_loses_nothing(db_url, cluster, admin, all_brokers_back,
-                                                                    tmp_path, run_tier):
-    """min.insync.replicas=3 on the topic, one broker stopped: the leader refuses acks=all writes
-    with NOT_ENOUGH_REPLICAS, which librdkafka retries until message.timeout.ms (3 s here); the
-    tier releases the batch and fails the tick, transient, and publishes it all once the broker is
-    back. Under a steady load: nothing lost, per-key order, duplicates within what was counted."""
-    topic = f"ke-isr-{uuid.uuid4().hex[:8]}"
-    create_topic(admin, topic, config={"min.insync.replicas": "3"})
-    victim = cluster.node_ids[0]
-    with steady(db_url, cluster.bootstrap, topic, tmp_path, run_tier, KAFKA_MESSAGE_TIMEOUT_MS="3000") as run:
-        cluster.stop_node(victim)
-        failure = wait_for(lambda: tick_failures(run.tier), 30, "a failed tick")[0]
-        said = [e.get("msg") for e in run.tier.logs() if "NOT_ENOUGH_REPLICAS" in str(e) or "enough" in str(e)]
-        assert failure["isTransient"] is True, failure
-        cluster.start_node(victim)
-        wait_for(lambda: fully_replicated(admin, topic), 60, "the topic in sync again")
-        figures = run.finish()
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        spent = conn.execute("SELECT count(*) FROM outbox_events WHERE attempts > 0").fetchone()[0]
-    assert spent == 0, "NOT_ENOUGH_REPLICAS spent attempts: it is transient"
-    print(f"\n[kafka-errors] NOT_ENOUGH_REPLICAS: tick failed with {failure['error']!r}; lines naming it: {said[:3]}; "
-          f"events={figures['events']}, duplicates={figures['duplicates']}, counted={figures['counted']}")
+    print(f"\n[kafka-errors] one broker stopped: tick failed with {failure['error']!r}; lines naming "
+          f"NOT_ENOUGH_REPLICAS: {named[:2]}; unconfirmed={unconfirmed}, duplicates={duplicates}")
 
 
 def test_a_leader_frozen_mid_batch_the_idempotent_retries_leave_every_record_once(cluster, admin, all_brokers_back):

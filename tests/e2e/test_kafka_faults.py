@@ -316,7 +316,6 @@ def test_a_topic_deleted_and_recreated_under_load(db_url, cluster, admin, all_br
         recreated = wait_for(lambda: _try_create(admin, topic, old_id), 60, "the topic there again")
         recreate_s = time.monotonic() - deleted_at
         mark = run.committed_so_far()
-        partitions = len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
         # The load goes on past the recreation.
         wait_for(lambda: run.committed_so_far() > mark + 500, 30, "500 more events committed")
         committed = run.load.stop()
@@ -333,6 +332,7 @@ def test_a_topic_deleted_and_recreated_under_load(db_url, cluster, admin, all_br
             raise AssertionError(f"{exc}; {explain(db_url, exc, run, messages, read_before)}") from None
         assert run.tier.proc.poll() is None
         retried = metric_value(run.port, "kaireon_outbox_processed_total", {"outcome": "retried"})
+        partitions = len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
     _report("topic deleted and recreated", {
         "recreatedBy": recreated, "partitionsAfter": partitions, "thereAgainAfterS": round(recreate_s, 2),
         "events": len(committed), "onNewTopic": len(on_new), "goneWithTheOldTopicUnread": len(gone),

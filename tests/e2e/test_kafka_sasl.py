@@ -132,6 +132,12 @@ def refused_tier(sasl, db_url, tmp_path, run_tier, **change) -> tuple[Any, dict[
     return run_tier(env), env
 
 
+def unsent(db_url: str) -> int:
+    """Rows pending or claimed (processing); 0 if any was published or failed."""
+    counts = status_counts(db_url)
+    return 0 if set(counts) - {"pending", "processing"} else sum(counts.values())
+
+
 def another_ca(tmp_path: Path) -> Path:
     """A CA certificate that did not sign the broker's."""
     ca = tmp_path / "other-ca.pem"
@@ -150,9 +156,9 @@ def test_a_wrong_password_is_named_publishes_nothing_and_is_in_no_output(db_url,
     wrong = "not-" + uuid.uuid4().hex
     tier, env = refused_tier(sasl, db_url, tmp_path, run_tier, password=wrong)
     librdkafka_says(tier, WRONG_PASSWORD)
-    # A tick failed: the 5 events are still pending, none lost, none failed.
+    # A tick failed: the 5 events are still pending (or claimed again), none published, none failed.
     wait_for(lambda: [e for e in tier.logs() if e.get("event") == "tick failed"], 30, "a failed tick")
-    assert status_counts(db_url) == {"pending": 5}
+    assert unsent(db_url) == 5, status_counts(db_url)
     status = run_cli("status", env=env)
     check = run_cli("check", env=env)
     assert check.returncode != 0, check.stdout
@@ -167,7 +173,7 @@ def test_a_ca_that_does_not_match_is_named_and_publishes_nothing(db_url, sasl, t
     tier, env = refused_tier(sasl, db_url, tmp_path, run_tier, ca=another_ca(tmp_path))
     librdkafka_says(tier, UNKNOWN_CA)
     wait_for(lambda: [e for e in tier.logs() if e.get("event") == "tick failed"], 30, "a failed tick")
-    assert status_counts(db_url) == {"pending": 5}
+    assert unsent(db_url) == 5, status_counts(db_url)
     check = run_cli("check", env=env)
     assert check.returncode != 0, check.stdout
     assert "FAIL  broker" in check.stdout, check.stdout
@@ -175,14 +181,9 @@ def test_a_ca_that_does_not_match_is_named_and_publishes_nothing(db_url, sasl, t
 
 
 @pytest.mark.xfail(strict=True, reason=EXIT_3_BUG)
-@pytest.mark.parametrize("refusal", ["wrong password", "unknown CA"])
-def test_a_refused_connection_exits_3_after_the_streak_naming_the_broker_s_reason(refusal, db_url, sasl, tmp_path,
-                                                                                  run_tier):
-    if refusal == "wrong password":
-        change, reason = {"password": "not-" + uuid.uuid4().hex}, WRONG_PASSWORD
-    else:
-        change, reason = {"ca": another_ca(tmp_path)}, UNKNOWN_CA
-    tier, _ = refused_tier(sasl, db_url, tmp_path, run_tier, **change)
+def test_a_wrong_password_exits_3_after_the_streak_naming_the_broker_s_reason(db_url, sasl, tmp_path, run_tier):
+    """(A CA that does not match goes the same way, through librdkafka's _SSL: seen, not run twice.)"""
+    tier, _ = refused_tier(sasl, db_url, tmp_path, run_tier, password="not-" + uuid.uuid4().hex)
     # Three non-transient ticks of a few seconds each (message.timeout.ms 2 s): well within 15 s.
     try:
         code = tier.wait_exit(15)
@@ -191,7 +192,7 @@ def test_a_refused_connection_exits_3_after_the_streak_naming_the_broker_s_reaso
     failures = [e for e in tier.logs() if e.get("msg") == "outbox-publisher tick failed"]
     assert code == 3, f"exit {code}; tick failures: {sorted({e.get('error') for e in failures})}"
     assert all(e["isTransient"] is False for e in failures[-3:])
-    assert reason in failures[-1]["error"], failures[-1]
+    assert WRONG_PASSWORD in failures[-1]["error"], failures[-1]
 
 
 CHECK_BUG = ("bug in `kaireon-pub check` (kaireon_pub/ops/check.py): a broker that refuses the credentials or the "

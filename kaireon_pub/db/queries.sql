@@ -107,6 +107,7 @@ SELECT (SELECT count(*) FROM reset) AS reset_count, (SELECT count(*) FROM leases
 -- reset_own_claims: this worker's rows in processing go back to pending (a claim's reply was lost)
 -- Called only between batches, after a claim failed with a connection error: the claim may have
 -- committed with a token the worker never learnt, and nothing else of this worker is in flight.
+-- Again before every claim while such a claim may still commit (sessions_alive).
 WITH reset AS (
     UPDATE outbox_events
     SET status = 'pending', claim_token = NULL, claimed_by = NULL, claimed_until = NULL,
@@ -115,6 +116,9 @@ WITH reset AS (
     RETURNING 1
 )
 SELECT count(*) AS reset_count FROM reset;
+
+-- sessions_alive: which of these backends still run (a claim cut off from its client may still commit)
+SELECT pid FROM pg_stat_activity WHERE pid = ANY(%(pids)s::int[]);
 
 -- terminate_frozen_owners: end the sessions of expired owners that still hold lease locks
 -- A worker frozen in the middle of a claim (SIGSTOP, a frozen pod, a partition while the server is
@@ -440,6 +444,34 @@ SET status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'f
     updated_at = clock_timestamp()
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(permanent)s::bool[]) AS u(id, error, permanent)
 WHERE e.id = u.id  -- its row locks keep them pending (mark_published_locked)
+RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid,
+          extract(epoch FROM e.next_attempt_at - clock_timestamp())::float8 AS due_in;
+
+-- mark_published_again: lock mode; a published batch whose marks rolled back with its transaction
+-- Its session ended between delivery and commit (a failover, pg_terminate_backend, a reset): the
+-- worker marks the rows before its next claim, instead of claiming and publishing them again.
+-- Only rows still pending: one that is not was taken by another claim meanwhile (a shard handed
+-- over), or the commit whose reply was lost landed; the worker counts it as may be duplicated.
+UPDATE outbox_events
+SET status = 'published', published_at = clock_timestamp(), updated_at = clock_timestamp(),
+    last_error = NULL
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
+
+-- delete_published_again: mark_published_again with delete-on-publish
+DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
+
+-- mark_retry_again: mark_retry_locked for a batch whose marks rolled back (mark_published_again)
+-- Only rows still as the claim found them: pending, with the attempts it read (not retried twice).
+UPDATE outbox_events e
+SET status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'failed' ELSE 'pending' END,
+    attempts = e.attempts + 1,
+    last_error = left(u.error, 2000),
+    next_attempt_at = clock_timestamp() + make_interval(secs =>
+        least(%(backoff_max_ms)s, %(backoff_base_ms)s * power(2, least(e.attempts, 30))) / 1000.0),
+    updated_at = clock_timestamp()
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(permanent)s::bool[], %(attempts)s::int[])
+    AS u(id, error, permanent, attempts)
+WHERE e.id = u.id AND e.status = 'pending' AND e.attempts = u.attempts
 RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid,
           extract(epoch FROM e.next_attempt_at - clock_timestamp())::float8 AS due_in;
 

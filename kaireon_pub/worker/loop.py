@@ -82,7 +82,7 @@ class Worker:
                                   listen=settings.pool_mode == "session")
         self.listener = Listener(self._connector("listen"), self.scan.rescan_all)
         self.horizon = Horizon(settings.horizon_max_wait_ms, self.scan)
-        self.claimer = Claimer(self.scan)
+        self.claimer = Claimer(self.scan, settings)
         self.health = ProducerHealth(slot)
         self.settler = Settler(settings, self.scan, self.health)
         self.streak = FailureStreak(settings.max_consecutive_failures, settings.poll_interval_ms / 1000,

@@ -5,7 +5,10 @@ Every event of a batch ends delivered (marked published or deleted), rejected (f
 only while the claim's token stands (a reaped or handed-over claim counts as lease lost); in lock
 mode the caller's open transaction holds the rows. A batch whose marks fail after delivery is kept
 (`unsettled`) and settled again before the next claim, instead of being left to the reaper (and to
-duplicates).
+duplicates). In lock mode the marks roll back with the claiming transaction (its session ended
+between delivery and commit): they are made again on the rows still pending as the claim found
+them; a delivered row no longer pending (another claim took it meanwhile, or the commit whose
+reply was lost landed) counts as lease lost, "may be duplicated".
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
+from typing import NamedTuple
 
 import psycopg
 import psycopg_pool
@@ -29,23 +33,39 @@ from kaireon_pub.worker.scan import ShardScan
 log = logging.getLogger("kaireon_pub.worker")
 
 
+class Unsettled(NamedTuple):
+    """A batch published whose marks did not land: settled again before the next claim."""
+
+    token: uuid.UUID | None  # None: lock mode, whose marks rolled back with the claiming transaction
+    rows: list[Row]
+    outcome: BatchOutcome
+
+
 class Settler:
     def __init__(self, settings: Settings, scan: ShardScan, health: ProducerHealth):
         self.settings = settings
         self.scan = scan
         self.health = health
-        self.unsettled: tuple[uuid.UUID, list[Row], BatchOutcome] | None = None
+        self.unsettled: Unsettled | None = None
 
     async def write_outcome(self, conn: psycopg.AsyncConnection, token: uuid.UUID | None,
-                            rows: list[Row], outcome: BatchOutcome) -> tuple[TickResult, list[tuple]]:
+                            rows: list[Row], outcome: BatchOutcome, *,
+                            again: bool = False) -> tuple[TickResult, list[tuple]]:
         """The marks of one batch. With a token (status mode) each lands only while the claim stands;
-        without one (lock mode) the caller's open transaction holds the rows."""
+        without one (lock mode) the caller's open transaction holds the rows, or, `again` (its
+        transaction rolled back), each lands only on a row still as the claim found it."""
         s = self.settings
         locked = token is None
+        if locked and not again:
+            # Until after_settle reports the commit: should the transaction end without one (its
+            # session died, a mark or the commit failed), the batch is settled before the next claim.
+            self.unsettled = Unsettled(None, rows, outcome)
         result = TickResult(claimed=len(rows))
         retry_rows: list[tuple] = []
         if outcome.delivered:
-            if locked:
+            if again:
+                query = Q.delete_published_again if s.delete_on_publish else Q.mark_published_again
+            elif locked:
                 query = Q.delete_published_locked if s.delete_on_publish else Q.mark_published_locked
             else:
                 query = Q.delete_published if s.delete_on_publish else Q.mark_published
@@ -54,12 +74,15 @@ class Settler:
             result.lease_lost = len(outcome.delivered) - cur.rowcount
         failed_ids = list(outcome.rejected) + list(outcome.retry)
         if failed_ids:
-            cur = await conn.execute(Q.mark_retry_locked if locked else Q.mark_retry, {
+            attempts = {r.id: r.attempts for r in rows}
+            retry = Q.mark_retry_again if again else Q.mark_retry_locked if locked else Q.mark_retry
+            cur = await conn.execute(retry, {
                 "ids": failed_ids,
                 "errors": [outcome.rejected.get(i) or outcome.retry.get(i) for i in failed_ids],
                 "permanent": [i in outcome.rejected for i in failed_ids],
                 "max_attempts": s.max_attempts, "backoff_base_ms": s.backoff_base_ms,
                 "backoff_max_ms": s.backoff_max_ms, "token": token,
+                "attempts": [attempts[i] for i in failed_ids],
             })
             retry_rows = await cur.fetchall()
         if outcome.released and not locked:
@@ -77,7 +100,7 @@ class Settler:
         except Exception:
             # Delivered but not marked: keep the outcome and settle it before the next claim,
             # instead of leaving the rows to the reaper (and to duplicates).
-            self.unsettled = (token, rows, outcome)
+            self.unsettled = Unsettled(token, rows, outcome)
             raise
         self.unsettled = None
         self.after_settle(rows, outcome, retry_rows, result)
@@ -85,14 +108,23 @@ class Settler:
 
     async def settle_again(self, pool: psycopg_pool.AsyncConnectionPool, error_id: str | None) -> None:
         token, rows, outcome = self.unsettled
-        log.info("settling a batch left unmarked by a failed tick",
-                 extra={"event": "settle retry", "errorId": error_id, "events": len(rows)})
-        await self.settle(pool, token, rows, outcome)
+        log.info("settling a batch left unmarked by a failed tick", extra={
+            "event": "settle retry", "errorId": error_id, "events": len(rows),
+            "claimMode": "status" if token is not None else "lock"})
+        if token is not None:
+            await self.settle(pool, token, rows, outcome)
+            return
+        async with pool.connection() as conn, conn.transaction():
+            result, retry_rows = await self.write_outcome(conn, None, rows, outcome, again=True)
+        self.unsettled = None
+        self.after_settle(rows, outcome, retry_rows, result)
 
     def after_settle(self, rows: list[Row], outcome: BatchOutcome, retry_rows: list[tuple],
                      result: TickResult) -> None:
         """The marks' consequences: retries counted and rescanned when due, cursors moved back to
-        the rows behind them, the counters, the producer's health; the batch's error raised."""
+        the rows behind them, the counters, the producer's health; the batch's error raised.
+        Called once the marks have landed (in lock mode: committed), so nothing is left unsettled."""
+        self.unsettled = None
         self._note_retries(retry_rows, result)
         self._rewind(rows, outcome)
         result.released = len(outcome.released)

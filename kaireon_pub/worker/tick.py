@@ -37,7 +37,6 @@ class Tick:
     def __init__(self, worker: Worker, dead_worker_ids: list[uuid.UUID]):
         self.w = worker
         self.dead_worker_ids = dead_worker_ids
-        self.claims_orphaned = False  # a claim failed on the connection: its outcome is unknown
         self.foreign_rows_checked = False  # restored rows are re-stamped before this worker's first claim
         w = worker
         self.recoveries = [
@@ -48,7 +47,7 @@ class Tick:
             Recovery("unsettled batch", lambda: w.settler.unsettled,
                      lambda: w.settler.settle_again(w.pool, w.streak.last_error_id)),
             Recovery("crash recovery", lambda: self.dead_worker_ids, self._recover_dead_workers),
-            Recovery("orphaned claims", lambda: self.claims_orphaned, self._reset_orphaned_claims),
+            Recovery("orphaned claims", lambda: w.claimer.orphans, self._reset_orphaned_claims),
             # Before the first claim, by every worker: rows restored from another cluster must sort
             # before the newer events of their keys before any of those is claimed.
             Recovery("foreign rows", lambda: not self.foreign_rows_checked, self._restamp_foreign_rows),
@@ -81,14 +80,15 @@ class Tick:
         self.dead_worker_ids = []
 
     async def _reset_orphaned_claims(self) -> None:
+        """Before every claim while a claim cut off from this worker may still commit (claim.py)."""
+        orphans = self.w.claimer.orphans
         async with self.w.pool.connection() as conn:
-            cur = await conn.execute(Q.reset_own_claims, {"worker_id": self.w.worker_id})
-            reset = (await cur.fetchone())[0]
-        self.claims_orphaned = False
+            reset = await orphans.reset(conn, self.w.worker_id)
         if reset:
             self.w.scan.cursors.clear()  # they are back in pending, behind the cursors
             log.warning("reset this worker's rows left in processing by a claim whose reply was lost",
-                        extra={"event": "orphaned claims reset", "count": reset, "errorId": self.w.streak.last_error_id})
+                        extra={"event": "orphaned claims reset", "count": reset, "stillRunning": len(orphans.claims),
+                               "errorId": self.w.streak.last_error_id})
 
     async def _restamp_foreign_rows(self) -> None:
         async with self.w.pool.connection() as conn:
@@ -115,13 +115,9 @@ class Tick:
             params.update(token=token, staleness=w.settings.reaper_staleness_seconds)
             async with w.pool.connection() as conn:
                 await self._read_horizon(conn, params, shards)
-                try:
-                    raw = await w.claimer.claim(conn, params)
-                except (psycopg.OperationalError, psycopg.InterfaceError):
-                    # The claim may have committed without its reply reaching us: its rows would sit
-                    # in processing under a token we never learnt. Reset them before the next claim.
-                    self.claims_orphaned = True
-                    raise
+                # A claim cut off may commit without its reply reaching us: its rows would sit in
+                # processing under a token we never learnt. Remembered, and reset before each claim.
+                raw = await w.claimer.claim(conn, params)
             rows = w.scan.take_claimed(raw)
             if not rows:
                 return TickResult()

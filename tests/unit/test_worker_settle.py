@@ -124,10 +124,11 @@ class FakeCursor:
 
 
 class FakeConn:
-    def __init__(self, lost: int = 0):
+    def __init__(self, lost: int = 0, fail_on: str | None = None):
         self.statements: list[tuple[str, dict]] = []
         self.transactions = 0
         self.lost = lost
+        self.fail_on = fail_on  # this statement fails as if the session had died
 
     @contextlib.asynccontextmanager
     async def transaction(self):
@@ -136,9 +137,11 @@ class FakeConn:
 
     async def execute(self, query, params=None):
         self.statements.append((query, params))
-        if query == Q.mark_published:
+        if self.fail_on == query:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        if query in (Q.mark_published, Q.mark_published_locked, Q.mark_published_again):
             return FakeCursor(rowcount=params["ids"].count(",") + 1 - self.lost)
-        if query == Q.mark_retry:
+        if query in (Q.mark_retry, Q.mark_retry_locked, Q.mark_retry_again):
             return FakeCursor(rows=[(i, "pending", 1, i, 0.0) for i in params["ids"]])
         return FakeCursor()
 
@@ -184,3 +187,76 @@ def test_a_batch_whose_marks_fail_is_kept_and_settled_again(clock, caplog):
     assert all(p["token"] == token for _, p in conn.statements)
     line = next(r for r in caplog.records if getattr(r, "event", None) == "settle retry")
     assert (line.errorId, line.events) == ("err-1", 2)
+
+
+# ---- lock mode: marks that roll back with the claiming transaction (issue 25, case 2) --------------------
+
+
+def lock_batch():
+    rows = [Row(*raw(1, 1, 1)), Row(*raw(2, 1, 2, attempts=3)), Row(*raw(3, 1, 3))]
+    return rows, BatchOutcome(delivered=[1, 3], retry={2: "x"})
+
+
+def test_lock_mode_marks_that_fail_leave_the_batch_to_settle_before_the_next_claim(clock):
+    st = make_settler(clock, OUTBOX_CLAIM_MODE="lock")
+    rows, outcome = lock_batch()
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(st.write_outcome(FakeConn(fail_on=Q.mark_published_locked), None, rows, outcome))
+    assert st.unsettled == (None, rows, outcome)
+
+
+def test_lock_mode_marks_kept_until_the_commit_is_reported(clock):
+    st = make_settler(clock, OUTBOX_CLAIM_MODE="lock")
+    rows, outcome = lock_batch()
+    result, retry_rows = asyncio.run(st.write_outcome(FakeConn(), None, rows, outcome))
+    # Written in the open transaction: its commit may still fail.
+    assert st.unsettled == (None, rows, outcome)
+    st.after_settle(rows, outcome, retry_rows, result)  # committed
+    assert st.unsettled is None
+
+
+def test_lock_mode_batch_settled_again_marks_only_rows_as_the_claim_found_them(clock, caplog):
+    caplog.set_level(logging.INFO, "kaireon_pub.worker")
+    st = make_settler(clock, OUTBOX_CLAIM_MODE="lock")
+    rows, outcome = lock_batch()
+    st.scan.cursors = {1: (3, 3)}
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(st.write_outcome(FakeConn(fail_on=Q.mark_published_locked), None, rows, outcome))
+    conn = FakeConn()
+    published = value(metrics.PROCESSED.labels("published"))
+    lost = value(metrics.LEASE_LOST)
+    asyncio.run(st.settle_again(FakePool(conn), "err-2"))
+    assert st.unsettled is None
+    assert [q for q, _ in conn.statements] == [Q.mark_published_again, Q.mark_retry_again]
+    assert conn.transactions == 1
+    retry = conn.statements[1][1]
+    assert (retry["ids"], retry["attempts"]) == ([2], [3])  # not retried twice if the first commit landed
+    assert value(metrics.PROCESSED.labels("published")) == published + 2 and value(metrics.LEASE_LOST) == lost
+    assert st.scan.cursors == {1: (2, 2)}  # the settled retry's later rows are scanned again
+    line = next(r for r in caplog.records if getattr(r, "event", None) == "settle retry")
+    assert (line.errorId, line.events, line.claimMode) == ("err-2", 3, "lock")
+
+
+def test_lock_mode_batch_settled_again_counts_rows_another_claim_took_as_may_be_duplicated(clock):
+    st = make_settler(clock, OUTBOX_CLAIM_MODE="lock", OUTBOX_DELETE_ON_PUBLISH="true")
+    rows, outcome = lock_batch()
+    st.unsettled = (None, rows, BatchOutcome(delivered=[1, 3]))
+    conn = FakeConn()
+
+    async def delete(query, params=None):
+        conn.statements.append((query, params))
+        return FakeCursor(rowcount=1)  # one of the two is pending no more
+    conn.execute = delete
+    lost = value(metrics.LEASE_LOST)
+    asyncio.run(st.settle_again(FakePool(conn), None))
+    assert [q for q, _ in conn.statements] == [Q.delete_published_again]
+    assert value(metrics.LEASE_LOST) == lost + 1 and st.unsettled is None
+
+
+def test_lock_mode_settle_again_that_fails_keeps_the_batch(clock):
+    st = make_settler(clock, OUTBOX_CLAIM_MODE="lock")
+    rows, outcome = lock_batch()
+    st.unsettled = (None, rows, outcome)
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(st.settle_again(FakePool(FakeConn(), fail=1), None))
+    assert st.unsettled == (None, rows, outcome)

@@ -8,7 +8,8 @@ test server through a real PgBouncer in pool_mode=transaction, one for the sessi
 package; every e2e test skips, with the reason, when it is not installed): `helpers.tier_env` gives
 them its URL, OUTBOX_POOL_MODE=transaction and the direct URL as OUTBOX_LISTEN_DATABASE_URL; the
 tests' own connections stay direct. `make test` runs the e2e suite a second time that way. A test
-marked `not_via_pgbouncer("why")` is skipped then, with that reason.
+marked `not_via_pgbouncer("why")` is skipped then, with that reason, and so is an e2e test of Kafka's
+own clusters (`kafka_cluster`, `kafka_sasl`: broker faults, not the database path).
 
 With KAIREON_TEST_BROKER=kafka (or --broker=kafka), the session's `broker` and `restartable_broker`
 are a real Apache Kafka 4.4 node (kaireon_pub.devkafka.KafkaBroker: KRaft, a JVM of its own) instead
@@ -87,7 +88,8 @@ def pytest_report_header(config) -> list[str]:
 
 # Fixtures of a broker that is not the session's: a test using one runs the same whichever the session's
 # broker is, so the Kafka pass leaves it to the first (Kafka's own clusters; tests/faults.FaultBroker, Tansu).
-OWN_BROKERS = ("kafka_cluster", "kafka_sasl", "proxied_broker", "fault_broker")
+KAFKA_CLUSTERS = ("kafka_cluster", "kafka_sasl")
+OWN_BROKERS = (*KAFKA_CLUSTERS, "proxied_broker", "fault_broker")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -111,6 +113,11 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.skip(reason=f"{VIA_PGBOUNCER}: {pgbouncer_binary.SKIP_REASON}"))
         elif marker is not None:
             item.add_marker(pytest.mark.skip(reason=f"not through PgBouncer: {marker.args[0]}"))
+        elif any(name in getattr(item, "fixturenames", ()) for name in KAFKA_CLUSTERS):
+            # Minutes of broker faults each, about the broker path; the database path through PgBouncer
+            # is the other tests' (make test stays within its 35 minutes).
+            item.add_marker(pytest.mark.skip(reason="not through PgBouncer: a fault test of Kafka's own "
+                                             "cluster, about the broker path; ran in the first pass"))
 
 
 @pytest.fixture(scope="session")

@@ -73,8 +73,9 @@ def test_broker_down_for_10s_then_back_publishes_everything(db_url, restartable_
 
 def test_broker_restarted_empty_recreates_the_producer(db_url, restartable_broker, topic, start_tier, topic_reader):
     tier, _ = _publish_through_outage(db_url, restartable_broker, topic, start_tier, topic_reader, outage_s=1)
-    # Tansu lost the idempotent producer's state: librdkafka raised a fatal error or timed out;
-    # either way nothing was lost. When it was fatal, the producer was recreated.
+    # The broker came back empty (Tansu's memory storage; in the Kafka pass, a node whose storage was
+    # formatted again) and lost the idempotent producer's state: librdkafka raised a fatal error or
+    # timed out; either way nothing was lost. When it was fatal, the producer was recreated.
     if any(line.get("fatal") for line in tier.logs() if line.get("event") == "kafka error"):
         assert any(line.get("event") == "producer recreated" for line in tier.logs())
     assert tier.stop() == 0

@@ -14,8 +14,13 @@ EARLIER = ("counter_123.db", "gauge_livesum_123.db", "gauge_livemax_9.db", "gaug
 
 
 @pytest.fixture(autouse=True)
-def keep_environment(monkeypatch):
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+def keep_environment():
+    """prepare() exports the directory; the variable is put back as it was (absent, usually)."""
+    saved = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    yield
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if saved is not None:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved
 
 
 def test_a_configured_directory_keeps_every_file_that_is_not_a_metric_file(tmp_path):

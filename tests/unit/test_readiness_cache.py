@@ -30,10 +30,6 @@ class CountingCheck:
         return dict(self.answer)
 
 
-def refresh_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "readyz-refresh"]
-
-
 def test_a_hundred_probes_run_the_check_once():
     check = CountingCheck()
     cached = CachedReadiness(check, interval=3600)
@@ -56,10 +52,11 @@ def test_the_check_runs_again_on_its_own_clock_without_any_request():
         wait_for(lambda: cached() == {"database": True, "broker": True}, 10, "the new answer served")
     finally:
         cached.stop()
-    assert not any(t.is_alive() for t in refresh_threads())
+    thread = cached._thread
+    assert thread is not None and not thread.is_alive()
     calls = check.calls
     cached.start()  # a stopped cache stays stopped
-    assert refresh_threads() == [] and check.calls == calls
+    assert cached._thread is thread and check.calls == calls
 
 
 def test_a_check_that_raised_is_a_503_with_an_error_id_until_it_answers():
@@ -97,8 +94,16 @@ def test_before_the_first_check_ends_the_answer_is_not_ready():
 
 def test_the_server_starts_the_refresh_with_its_default_app_and_stops_it_at_stop(tmp_path, monkeypatch):
     check = CountingCheck()
+    made: list[CachedReadiness] = []
+
+    class Recorded(CachedReadiness):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
     monkeypatch.setattr(readiness_module, "REFRESH_SECONDS", 0.02)
     monkeypatch.setattr(app_module, "DefaultReadiness", lambda settings: check)
+    monkeypatch.setattr(app_module, "CachedReadiness", Recorded)
     settings = settings_with("x" * 16, tmp_path, http_host="127.0.0.1", http_port=0)
     stop, listening = threading.Event(), threading.Event()
     thread = threading.Thread(target=serve_forever, args=(settings, stop, lambda port: listening.set()))
@@ -107,9 +112,10 @@ def test_the_server_starts_the_refresh_with_its_default_app_and_stops_it_at_stop
         assert listening.wait(10)
         # No request: the checks run by themselves.
         wait_for(lambda: check.calls >= 2, 10, "the refresh running without a probe")
-        assert len(refresh_threads()) == 1
+        assert len(made) == 1 and made[0]._thread is not None and made[0]._thread.is_alive()
     finally:
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
-    wait_for(lambda: not refresh_threads(), 5, "the refresh thread ended with the server")
+    refresh = made[0]._thread
+    wait_for(lambda: not refresh.is_alive(), 5, "the refresh thread ended with the server")

@@ -73,6 +73,22 @@ def test_the_wait_ends_when_the_last_report_meets_the_handed_count(loop):
     assert batch.done.done()
 
 
+def test_a_next_wave_waits_for_its_own_count(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, None, None)
+    batch.produced(1)
+    assert batch.done.done()
+    batch.more()  # a second wave: its records' reports do not end the wait before it is produced
+    assert not batch.done.done() and not batch.produced_all
+    batch.report(2, 0.0, None, None)
+    settle(loop)
+    assert not batch.done.done()
+    batch.produced(3)
+    batch.report(3, 0.0, None, None)
+    settle(loop)
+    assert batch.done.done() and batch.out.delivered == [1, 2, 3]
+
+
 def test_every_report_in_before_the_rows_are_all_produced_ends_the_wait_at_once(loop):
     batch = Batch(loop)
     batch.report(1, 0.0, None, None)

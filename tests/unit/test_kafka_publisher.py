@@ -1,6 +1,7 @@
 """Publisher.publish's per-row decisions that span batches or topics, against the stand-in for
 librdkafka of test_publish_accounting: strict order across topics (a key's later event is not
-handed over while an earlier one of its key on another topic is unconfirmed), and a row whose
+handed over while an earlier one of its key on another topic is unconfirmed: it waits for the
+batch's next wave, or for the next claim when the earlier one failed), and a row whose
 produce() raises twice retrying alone across the producer's recreate (issue 25, cases 3 and 5)."""
 
 from __future__ import annotations
@@ -50,17 +51,30 @@ def publish(pub: Publisher, rows: list[Row], strict: bool = True):
     return pub.publish(rows, strict, time.monotonic() + 30, lambda: float("inf"))
 
 
-def test_strict_a_keys_event_on_another_topic_waits_for_the_next_claim_with_the_rest_of_its_key(publisher):
+def test_strict_a_keys_event_on_another_topic_waits_for_the_next_wave_with_the_rest_of_its_key(publisher):
     run, fake = publisher({})
     rows = rows_of([("a", "k"), ("a", "k"), ("b", "k"), ("a", "k"), ("b", "j"), ("a", "j"),
                     ("a", None), ("b", None), ("b", "m")])
     out = run(lambda pub: publish(pub, rows))
-    # k went to a first: its event on b and every later one of k (even back on a) are not handed over;
-    # j went to b first, so its event on a waits; keyless events and other keys flow.
-    assert fake.produced == [1, 2, 5, 7, 8, 9]
-    assert sorted(out.delivered) == [1, 2, 5, 7, 8, 9]
-    assert out.released == [3, 4, 6] and out.unconfirmed == 0
+    # k went to a first: its event on b and every later one of k (even back on a) wait until what was
+    # handed is reported; j went to b first, so its event on a waits; keyless events and other keys
+    # go in the first wave. k changes topic twice: three waves.
+    assert fake.produced == [1, 2, 5, 7, 8, 9, 3, 6, 4]
+    assert sorted(out.delivered) == list(range(1, 10))
+    assert out.released == [] and out.unconfirmed == 0
     assert not (out.rejected or out.retry or out.transient_error or out.producer_error)
+
+
+def test_strict_a_wave_that_ends_at_the_deadline_releases_the_waiting_events_unhanded(publisher):
+    run, fake = publisher({1: "hold"})
+    rows = rows_of([("a", "k"), ("b", "k"), ("b", "j")])
+
+    async def body(pub: Publisher):
+        return await pub.publish(rows, True, time.monotonic() + 0.3, lambda: float("inf"))
+    out = run(body)
+    assert fake.produced == [1, 3] and out.delivered == [3]
+    assert out.released == [1, 2] and out.unconfirmed == 1  # 1 was handed, 2 never was
+    assert out.transient_error == "delivery not confirmed before the deadline"
 
 
 def test_strict_an_event_failed_at_delivery_is_not_overtaken_on_another_topic(publisher):
@@ -71,7 +85,7 @@ def test_strict_an_event_failed_at_delivery_is_not_overtaken_on_another_topic(pu
     out = run(lambda pub: publish(pub, rows))
     assert fake.produced == [1, 3]
     assert list(out.retry) == [1] and out.retry[1].startswith("UNKNOWN_TOPIC_OR_PART")
-    assert out.delivered == [3] and out.released == [2] and out.unconfirmed == 0
+    assert out.delivered == [3] and out.released == [2] and out.unconfirmed == 0  # for the next claim
 
 
 def test_relaxed_hands_every_topic_over(publisher):

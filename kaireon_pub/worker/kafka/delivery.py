@@ -76,6 +76,13 @@ class Batch:
         if finished:
             self._finish()
 
+    def more(self) -> None:
+        """Every record handed so far is reported: more follow (a next wave, strict order across
+        topics); the wait ends again at the next `produced()`'s count."""
+        with self.lock:
+            self.produced_all = False
+        self.done = self.loop.create_future()
+
     def close(self) -> bool:
         """No report counts any more; True when some handed record was not reported (unconfirmed:
         the caller purges them from librdkafka)."""

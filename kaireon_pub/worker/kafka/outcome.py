@@ -9,7 +9,7 @@ Each event ends the batch in exactly one bucket:
 - retry: a per-event error of unknown kind (attempts + 1, exponential back-off);
 - released: not the event's fault (broker down, timeout, a producer that must be recreated, the
   drain or lease deadline, held back behind a rejected event of the same key, or, in strict
-  order, behind an event of the same key on another topic that is not confirmed yet): back to
+  order, behind an event of the same key on another topic that was not delivered): back to
   pending, attempts untouched.
 """
 

@@ -6,24 +6,32 @@ worker/publisher.py; change it only with a measurement before and after.
 
 Strict order across topics. librdkafka keeps the order of one partition only, and one key's
 events on one topic share a partition; a key's events on two topics do not. So, in strict mode, a
-batch hands a key's events to librdkafka only as long as they go to the topic of the key's first
-event in the batch: at the first event of the key on another topic, that event and every later one
-of its key are released (back to `pending`, attempts untouched, not counted as unconfirmed) and the
-next claim takes them, after this batch is settled. By then the earlier event is published, or
-failed, or waits for a retry, and then the claim holds its key (db/queries.sql, claim_shard_scan).
-Without this, an event reported failed at delivery (a missing topic: UNKNOWN_TOPIC_OR_PART after
-the producer's propagation wait) let a later event of its key on another topic go out first. The
-cost in the loop: one dict.setdefault per keyed row (time of `publish` on 1,000 rows with a stand-in
-producer reporting at once, five alternating runs: 1.07-1.16 ms before, 1.06-1.15 ms after, min of
-1,000 calls each; within the noise). The cost in claims: a key whose events change topic within a
-batch takes one claim (and its settle) per change; a key that keeps to one topic, or keys each on
-their own topic, cost nothing (with the same stand-in: 500 keys each written to orders then audit in
-one 1,000-row batch: 500 handed over, 500 to the next claim; a backlog of 50 keys each written ten
-times to orders then audit: 50 of the 1,000 handed over per claim). The alternative, order per topic
-with each crossing counted, would cost nothing here, and was not chosen: strict mode promises that a
-later event of a key waits for an earlier one that fails, and a consumer that joins two topics by key
-is the one that meets the crossing. Relaxed mode hands everything over, as before, and counts an event
-that retries behind which later events of its key went out (kaireon_outbox_order_violations_total).
+batch is handed to librdkafka in waves: a wave hands a key's events over only as long as they go to
+the topic of the key's first event in the wave; at the key's first event on another topic, that event
+and every later one of its key wait. When every record handed so far is reported, the next wave takes
+the waiting events of the keys whose handed events were all delivered; a key with one that was not
+(retry, rejected, timed out) keeps the rest of its events back: released with the batch (back to
+`pending`, attempts untouched, not counted as unconfirmed), for the next claim, which holds the key
+behind a retry (db/queries.sql, claim_shard_scan). A wave that ends at the deadline, or with an error
+that ends the batch, releases the waiting events the same way. Without this, an event reported
+failed at delivery (a missing topic: UNKNOWN_TOPIC_OR_PART after the producer's propagation wait)
+let a later event of its key on another topic, handed over in the same batch, go out first.
+
+The cost, measured (bench/RESULTS.md has the tier's drains; these are this change's own):
+- in the loop, one dict.setdefault per keyed row and one test of an empty set: time of `publish` on
+  1,000 rows with a stand-in producer reporting at once, four alternating runs, min of 1,000 calls
+  each: 1.09-1.12 ms before, 1.09-1.18 ms after: within the noise (load 7);
+- for keys that change topic within a batch, one broker round trip per change (a wave): a backlog of
+  200 keys each written 15 times to orders then audit (6,000 events, one worker, Tansu, first to last
+  publish, three alternating runs): 0.21-0.33 s before, 1.31-1.69 s after (releasing the rest of the
+  key to the next claim instead of a next wave cost more: one claim and settle per change);
+- keys that keep to one topic, or keys each on their own topic, cost nothing (0.26-0.61 s before,
+  0.34-0.47 s after, for 6,000 events of 400 keys on two topics, each key on one).
+The alternative, order per topic with each crossing counted, would cost nothing, and was not
+chosen: strict mode promises that a later event of a key waits for an earlier one that fails, and a
+consumer that joins two topics by key is the one that meets the crossing. Relaxed mode hands
+everything over in one wave, as before, and counts an event that retries behind which later events
+of its key went out (kaireon_outbox_order_violations_total).
 
 Producer-level failures are not the events' fault: a fenced producer, an out-of-order sequence or
 unknown producer id (a broker that lost its idempotence state), any fatal error, an unexpected
@@ -95,67 +103,84 @@ class Publisher(ServedProducer):
         source = self.settings.cloudevents_source if self.settings.cloudevents else None
         legal_topics = self._legal_topics
         held_keys: set[str] = set()
-        # Strict order across topics: the topic of each key's first event in this batch (module docstring)
-        key_topics: dict[str, str] | None = {} if strict else None
         unhanded: set[int] = set()  # rows not handed to librdkafka: refused, held back or not tried
+        # Strict order across topics (module docstring): the topic of each key's first event in this
+        # wave; the keys that wait for the next wave, and their events, in order.
+        key_topics: dict[str, str] | None = {} if strict else None
+        waiting_keys: set[str] = set()
+        later: list[Row] = []
+        wave = rows
         self._open.add(batch)
         try:
-            remaining = iter(rows)
-            for row in remaining:
-                if self.broken or out.producer_error:
-                    unhanded.add(row.id)
-                    break
-                if held_keys and row.key in held_keys:
-                    unhanded.add(row.id)
-                    continue  # strict order: an earlier event of this key failed in this batch
-                topic = row.topic
-                if key_topics is not None and row.key is not None and key_topics.setdefault(row.key, topic) != topic:
-                    # An earlier event of this key went to another topic and is not confirmed yet:
-                    # this one and the rest of its key go back for the next claim.
-                    held_keys.add(row.key)
-                    unhanded.add(row.id)
-                    continue
-                try:
-                    if topic not in legal_topics:
-                        self._check_topic(topic)
-                    headers = record_headers(row, source)
-                    key = record_key(row)
-                except PoisonRow as exc:
-                    out.rejected[row.id] = str(exc)
-                    handed = False
-                except Exception as exc:  # noqa: BLE001 - whatever the row makes go wrong stays on the row
-                    out.rejected[row.id] = f"cannot build the record: {type(exc).__name__}: {exc}"
-                    handed = False
-                else:
-                    if trace is not None:
-                        headers = trace.event(row, headers)  # the event's span; its traceparent on the record
-                    on_delivery = partial(report, row.id, row.created_epoch)
-                    try:
-                        # payload None: a tombstone
-                        produce(topic, row.payload, key, headers=headers, on_delivery=on_delivery)
+            while True:
+                remaining = iter(wave)
+                for row in remaining:
+                    if self.broken or out.producer_error:
+                        unhanded.add(row.id)
+                        break
+                    if held_keys and row.key in held_keys:
+                        unhanded.add(row.id)
+                        continue  # strict order: an earlier event of this key failed in this batch
+                    if waiting_keys and row.key in waiting_keys:
+                        later.append(row)
                         continue
-                    except BufferError:
-                        handed = await self._produce_when_room(
-                            out, row,
-                            partial(produce, topic, row.payload, key, headers=headers, on_delivery=on_delivery),
-                            min(deadline, cut_off()))
-                    except Exception as exc:  # noqa: BLE001 - classified in _refused
-                        self._refused(out, row, exc)
+                    topic = row.topic
+                    if (key_topics is not None and row.key is not None
+                            and key_topics.setdefault(row.key, topic) != topic):
+                        # An earlier event of this key went to another topic and is not confirmed yet:
+                        # this one and the rest of its key wait for the next wave.
+                        waiting_keys.add(row.key)
+                        later.append(row)
+                        continue
+                    try:
+                        if topic not in legal_topics:
+                            self._check_topic(topic)
+                        headers = record_headers(row, source)
+                        key = record_key(row)
+                    except PoisonRow as exc:
+                        out.rejected[row.id] = str(exc)
                         handed = False
-                if handed:
-                    continue
-                unhanded.add(row.id)
-                if strict and row.key is not None and (row.id in out.rejected or row.id in out.retry):
-                    held_keys.add(row.key)
-                if out.producer_error or out.systemic_error or out.transient_error:
+                    except Exception as exc:  # noqa: BLE001 - whatever the row makes go wrong stays on the row
+                        out.rejected[row.id] = f"cannot build the record: {type(exc).__name__}: {exc}"
+                        handed = False
+                    else:
+                        if trace is not None:
+                            headers = trace.event(row, headers)  # the event's span; its traceparent on the record
+                        on_delivery = partial(report, row.id, row.created_epoch)
+                        try:
+                            # payload None: a tombstone
+                            produce(topic, row.payload, key, headers=headers, on_delivery=on_delivery)
+                            continue
+                        except BufferError:
+                            handed = await self._produce_when_room(
+                                out, row,
+                                partial(produce, topic, row.payload, key, headers=headers, on_delivery=on_delivery),
+                                min(deadline, cut_off()))
+                        except Exception as exc:  # noqa: BLE001 - classified in _refused
+                            self._refused(out, row, exc)
+                            handed = False
+                    if handed:
+                        continue
+                    unhanded.add(row.id)
+                    if strict and row.key is not None and (row.id in out.rejected or row.id in out.retry):
+                        held_keys.add(row.key)
+                    if out.producer_error or out.systemic_error or out.transient_error:
+                        break
+                unhanded.update(r.id for r in remaining)  # after a break: the rows never tried
+                batch.produced(len(rows) - len(unhanded) - len(later))
+                while not batch.done.done() and not self.broken:
+                    remaining_s = min(deadline, cut_off()) - time.monotonic()
+                    if remaining_s <= 0:
+                        break
+                    await asyncio.wait((batch.done,), timeout=min(remaining_s, WAIT_SLICE_S))
+                if not later:
                     break
-            unhanded.update(r.id for r in remaining)  # after a break: the rows never tried
-            batch.produced(len(rows) - len(unhanded))
-            while not batch.done.done() and not self.broken:
-                remaining_s = min(deadline, cut_off()) - time.monotonic()
-                if remaining_s <= 0:
+                wave = self._next_wave(batch, rows, later, unhanded, held_keys)
+                later = []
+                if not wave:
                     break
-                await asyncio.wait((batch.done,), timeout=min(remaining_s, WAIT_SLICE_S))
+                key_topics = {}
+                waiting_keys = set()
         finally:
             self._open.discard(batch)
             unconfirmed = batch.close()
@@ -175,6 +200,28 @@ class Publisher(ServedProducer):
         if trace is not None:
             trace.end(out)
         return out
+
+    def _next_wave(self, batch: Batch, rows: list[Row], later: list[Row], unhanded: set[int],
+                   held_keys: set[str]) -> list[Row]:
+        """The events a wave left for the next one, once every record handed so far is reported: those
+        of keys whose handed events were all delivered. A key with one that was not holds the rest of
+        it (released with the batch), as do all of them when the wait ended without every report, or
+        with an error that ends the batch."""
+        out = batch.out
+        if not batch.done.done() or self.broken or out.producer_error or out.systemic_error or out.transient_error:
+            unhanded.update(r.id for r in later)
+            return []
+        waiting = {r.key for r in later}
+        waiting_ids = {r.id for r in later}
+        delivered = set(out.delivered)
+        for r in rows:
+            if r.key in waiting and r.id not in delivered and r.id not in unhanded and r.id not in waiting_ids:
+                held_keys.add(r.key)  # handed and not delivered: its key waits for the next claim
+        wave = [r for r in later if r.key not in held_keys]
+        unhanded.update(r.id for r in later if r.key in held_keys)
+        if wave:
+            batch.more()
+        return wave
 
     def _check_topic(self, topic: str) -> None:
         """PoisonRow for a name Kafka refuses; a legal one is remembered (a handful per tier)."""

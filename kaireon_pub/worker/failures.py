@@ -1,7 +1,9 @@
 """The failure streak: every failed tick classified, logged with an errorId, and acted on.
 
 Transient failures back off (the poll interval, doubling with the transient streak up to 30 s) and
-retry; non-transient ones feed a streak that ends the worker with exit code 3 after
+retry, non-transient ones after the poll interval; no NOTIFY cuts a back-off short (the loop's
+wait_for_work), so enqueues do not make a failing tick retry at their commit rate. Non-transient
+failures feed a streak that ends the worker with exit code 3 after
 OUTBOX_MAX_CONSECUTIVE_FAILURES in a row. Every failed tick logs `outbox-publisher tick failed`
 with `isTransient` and an `errorId` that the next attempt's line repeats.
 """

@@ -118,7 +118,7 @@ class Worker:
                     exit_code = await self.streak.failed(exc)
                     if exit_code is not None:
                         return exit_code
-                    await self.wait_for_work(self.streak.backoff())
+                    await self.wait_for_work(self.streak.backoff(), notified_ends=False)
                     continue
                 finally:
                     metrics.TICK_DURATION.observe(time.monotonic() - started)
@@ -131,19 +131,21 @@ class Worker:
         finally:
             await self.shutdown()
 
-    async def wait_for_work(self, timeout: float) -> None:
+    async def wait_for_work(self, timeout: float, *, notified_ends: bool = True) -> None:
         """Sleep until NOTIFY (enqueue commits), new shards, a stop, or `timeout`; heartbeat at
-        least every second."""
+        least every second. The back-off after a failed tick (`notified_ends=False`) ends only at
+        a stop or its timeout: under enqueue load a failing tick must not retry at the commit rate
+        (nor reach OUTBOX_MAX_CONSECUTIVE_FAILURES within a second)."""
         deadline = time.monotonic() + timeout
         while not self.stop_requested:
-            if self.shards_changed:
+            if self.shards_changed and notified_ends:
                 self.shards_changed = False
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             self.heartbeat()
-            if await self.listener.wait(min(1.0, remaining)):
+            if await self.listener.wait(min(1.0, remaining)) and notified_ends:
                 return
 
     # ---- signals (handlers only record the request) ------------------------------------------

@@ -1,4 +1,5 @@
-"""Marks and claims whose session goes away at the wrong moment (issue 25, cases 2 and 4).
+"""Marks and claims whose session goes away at the wrong moment (issue 25, cases 2 and 4), and a
+failing tick's back-off under enqueue notifications (case 6).
 
 Lock mode: the worker's session is ended (`pg_terminate_backend`) after the batch was delivered
 and before its marks committed; the marks roll back with the claiming transaction. Status mode:
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+from datetime import datetime
 
 import psycopg
 import pytest
@@ -174,3 +177,35 @@ def test_a_claim_that_commits_after_its_connection_broke_leaves_no_row_in_proces
         assert tier.stop() == 0
     finally:
         proxy.close()
+
+
+# ---- case 6: the back-off after a failed tick holds under enqueue notifications ---------------------------
+
+
+def test_a_failing_tick_backs_off_for_its_interval_while_enqueues_notify(pg, start_tier):
+    # A database without the schema: every tick fails, non-transient. The NOTIFY an enqueue's
+    # commit sends keeps coming every 10 ms: it must not cut the back-off (0.5 s) short.
+    url = pg.create_database("kaireon_no_schema_notified")
+    stop = threading.Event()
+
+    def notify() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not stop.wait(0.01):
+                conn.execute("SELECT pg_notify('kaireon_outbox', '')")
+    notifier = threading.Thread(target=notify, daemon=True)
+    try:
+        notifier.start()
+        tier = start_tier(db_url=url, OUTBOX_POLL_INTERVAL_MS="500")
+        assert tier.wait_exit(120) == 3
+        failures = [ts(line) for line in tier.logs() if line.get("msg") == "outbox-publisher tick failed"]
+        assert len(failures) == 30
+        # 29 back-offs of 0.5 s between the first failure and the 30th (a few ms of slack each).
+        assert failures[-1] - failures[0] >= 29 * 0.5 * 0.95, f"30 failures in {failures[-1] - failures[0]:.2f} s"
+    finally:
+        stop.set()
+        notifier.join(5)
+        pg.drop_database("kaireon_no_schema_notified")
+
+
+def ts(line: dict) -> float:
+    return datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).timestamp()

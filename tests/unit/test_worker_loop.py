@@ -12,6 +12,7 @@ import uuid
 from kaireon_pub import metrics
 from kaireon_pub.errors import ExitCode
 from kaireon_pub.worker import housekeeping, lifecycle
+from kaireon_pub.worker import loop as loop_module
 from kaireon_pub.worker.leases import RebalanceResult
 from kaireon_pub.worker.loop import Worker
 from tests.unit.worker_fakes import settings, value
@@ -106,3 +107,37 @@ def test_the_purge_chore_waits_while_a_backlog_drains_and_logs_a_failure_as_befo
     assert pauses == [1.0, 7]
     line = caplog.records[-1]
     assert line.getMessage() == "retention purge failed: OSError: database away" and line.event == "purge failed"
+
+
+class NotifiedListener:
+    """A LISTEN connection under enqueue load: a notification within every wait, after `step` s."""
+
+    def __init__(self, clock: list[float], step: float):
+        self.clock, self.step, self.waits = clock, step, 0
+
+    async def wait(self, timeout: float) -> bool:
+        self.waits += 1
+        self.clock[0] += min(self.step, timeout)
+        return True
+
+
+def test_the_back_off_after_a_failed_tick_holds_under_notifications(monkeypatch):
+    w = make_worker()
+    now = [100.0]
+    monkeypatch.setattr(loop_module.time, "monotonic", lambda: now[0])
+    w.listener = NotifiedListener(now, step=0.01)
+    asyncio.run(w.wait_for_work(0.5, notified_ends=False))
+    assert now[0] >= 100.5 and w.listener.waits == 50  # every notification, and the whole back-off
+    w.shards_changed = True
+    now[0] = 100.0
+    asyncio.run(w.wait_for_work(0.5, notified_ends=False))
+    assert now[0] >= 100.5 and w.shards_changed  # new shards wait for the next idle wait too
+
+
+def test_an_idle_wait_ends_at_the_first_notification(monkeypatch):
+    w = make_worker()
+    now = [100.0]
+    monkeypatch.setattr(loop_module.time, "monotonic", lambda: now[0])
+    w.listener = NotifiedListener(now, step=0.01)
+    asyncio.run(w.wait_for_work(2.0))
+    assert w.listener.waits == 1

@@ -94,6 +94,28 @@ def _local_settings_statement(values: dict[str, str]) -> sql.Composed:
         sql.SQL("set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v)) for k, v in values.items()))
 
 
+def _exit_without_flush(pipeline: Any) -> Any:
+    """psycopg's pipeline exit (3.3's `_exit_gen`), minus the Flush it sends after the closing
+    Sync when replies are still unread: PgBouncer 1.18 hands that Flush to the server connection,
+    which never answers it, and keeps the server with this client ("active", not ready) until the
+    client's next statement, so an idle tier pinned server connections the applications needed.
+    After a Sync the server flushes its output anyway; the Flush is kept only when the Sync could
+    not be sent."""
+    try:
+        pipeline._enqueue_sync()
+        yield from pipeline._communicate_gen()
+    finally:
+        yield from pipeline._fetch_gen(flush=bool(pipeline.command_queue))
+
+
+class _SyncEndedPipeline(psycopg.Pipeline):
+    _exit_gen = _exit_without_flush
+
+
+class _SyncEndedAsyncPipeline(psycopg.AsyncPipeline):
+    _exit_gen = _exit_without_flush
+
+
 class PooledConnection(psycopg.Connection):
     """A connection through a transaction pooler: the session settings in every transaction."""
 
@@ -106,6 +128,7 @@ class PooledConnection(psycopg.Connection):
         if not self.autocommit:
             super().execute(self.local_settings)  # psycopg sends BEGIN first
             return super().execute(query, params, prepare=prepare, binary=binary)
+        self._pipeline = _SyncEndedPipeline(self)  # taken by pipeline(), which makes one only when there is none
         with self.pipeline():  # one implicit transaction, one round trip
             super().execute(self.local_settings)
             cur = super().execute(query, params, prepare=prepare, binary=binary)
@@ -133,6 +156,7 @@ class PooledAsyncConnection(psycopg.AsyncConnection):
         if not self.autocommit:
             await super().execute(self.local_settings)
             return await super().execute(query, params, prepare=prepare, binary=binary)
+        self._pipeline = _SyncEndedAsyncPipeline(self)  # taken by pipeline(), as above
         async with self.pipeline():
             await super().execute(self.local_settings)
             cur = await super().execute(query, params, prepare=prepare, binary=binary)

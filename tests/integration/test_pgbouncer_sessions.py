@@ -164,3 +164,40 @@ def test_partition_maintenance_detaches_on_the_direct_url(single, db_url):
     with psycopg.connect(db_url, autocommit=True) as admin:
         assert [r[0] for r in admin.execute("SELECT inhrelid::regclass::text FROM pg_inherits "
                                             "WHERE inhparent = 'parted'::regclass")] == ["parted_b"]
+
+
+def test_an_autocommit_statement_leaves_its_server_connection_ready_for_the_next_client(single, db_url):
+    """An autocommit statement goes out with the settings in one pipeline. psycopg 3.3 ended a
+    pipeline with a Sync and, when replies were still unread, a Flush; PgBouncer 1.18 hands that
+    Flush to the server connection, which never answers it, and keeps the server with this client
+    ("active") until its next statement: an idle tier pinned server connections (issue 26). The
+    race is a few statements in a hundred here, so the test sends many and looks after each."""
+    url = single.url_for(db_url)
+    settings = pooled_settings(url)
+
+    def active_servers() -> int:
+        return sum(1 for row in single.admin("SHOW SERVERS") if row[3] == "active")
+
+    async def worker_side() -> tuple[int, tuple]:
+        conn = await async_connector(settings, "worker-0.0123abcd", publisher=True)()
+        try:
+            held = 0
+            for _ in range(400):
+                await conn.execute("SELECT %s::int", (1,))
+                if active_servers():
+                    # In flight for a moment is fine; still held while this client sits idle is not.
+                    await asyncio.sleep(0.3)
+                    held += active_servers() > 0
+            # The next client, while this one stays connected and idle.
+            after = await asyncio.wait_for(asyncio.to_thread(next_client), 10)
+            return held, after
+        finally:
+            await conn.close()
+
+    def next_client() -> tuple:
+        with bare(url) as app:
+            return app.execute("SELECT 1").fetchone()
+
+    held, after = asyncio.run(worker_side())
+    assert held == 0, f"{held} of 400 statements left their server connection with the idle client"
+    assert after == (1,)

@@ -3,6 +3,8 @@
 - A producer whose batches keep timing out while nothing is delivered may be wedged on a broker
   that came back without its idempotence state: two such batches in a row and it is recreated.
 - A batch that reports a producer-level error (fenced, a fatal error, the client raised) marks it.
+- A batch that timed out while the broker refuses the client (SASL credentials, a TLS
+  certificate: librdkafka's error callback) fails its tick as non-transient, with the reason.
 - The broker watch: the cluster id behind the bootstrap address, every few seconds; a different
   cluster (a broker replaced, a disaster-recovery switch) gets a new producer, and whatever was in
   flight is treated as unconfirmed and published again.
@@ -34,6 +36,12 @@ class ProducerHealth:
         self.cluster_id: str | None = None
 
     def after_batch(self, outcome: BatchOutcome) -> None:
+        if outcome.delivered:
+            self.publisher.refusal = None  # the connection works (again)
+        elif outcome.transient_error and self.publisher.refusal:
+            # Timed out because the broker refuses our credentials or certificate: no retry mends
+            # that, so the tick is non-transient (the streak, exit 3) and names the broker's reason.
+            outcome.systemic_error = f"the broker refuses the connection: {self.publisher.refusal}"
         # A producer whose batches keep timing out while nothing is delivered may be wedged on
         # a broker that came back without its idempotence state: start afresh after two.
         self.kafka_stalls = self.kafka_stalls + 1 if outcome.transient_error and not outcome.delivered else 0

@@ -116,14 +116,6 @@ def test_the_broker_restarted_with_its_data_the_idempotent_producer_goes_on(db_u
 
 WRONG_PASSWORD = "Authentication failed during authentication due to invalid credentials"
 UNKNOWN_CA = "certificate verify failed"
-EXIT_3_BUG = ("tier bug: a broker that refuses the tier's credentials or certificate is retried for ever. "
-              "librdkafka reports it through the error callback (_AUTHENTICATION / _SSL, logged at DEBUG by "
-              "Publisher._on_error) and its own log line; the delivery reports only say _MSG_TIMED_OUT, which "
-              "classify() takes for transient, so the ticks fail transient (errors 'TransientError: _MSG_TIMED_OUT'), "
-              "the producer is recreated every two batches ('stalled'), the streak never counts and the tier "
-              "never exits 3; the broker's reason is in no `tick failed` line")
-
-
 def refused_tier(sasl, db_url, tmp_path, run_tier, **change) -> tuple[Any, dict[str, str]]:
     topic = new_topic(sasl)
     commit(db_url, topic, 5)
@@ -180,7 +172,6 @@ def test_a_ca_that_does_not_match_is_named_and_publishes_nothing(db_url, sasl, t
     tier.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=EXIT_3_BUG)
 def test_a_wrong_password_exits_3_after_the_streak_naming_the_broker_s_reason(db_url, sasl, tmp_path, run_tier):
     """(A CA that does not match goes the same way, through librdkafka's _SSL: seen, not run twice.)"""
     tier, _ = refused_tier(sasl, db_url, tmp_path, run_tier, password="not-" + uuid.uuid4().hex)

@@ -42,6 +42,25 @@ def test_a_producer_error_is_the_cause_not_a_stall():
     assert (h.publisher.broken, h.publisher.broken_cause) == ("fenced", "producer")
 
 
+def test_a_batch_timed_out_while_the_broker_refuses_the_client_is_not_transient():
+    h = health()
+    h.publisher.refusal = "_AUTHENTICATION: SASL authentication error: Authentication failed"
+    outcome = BatchOutcome(transient_error="_MSG_TIMED_OUT: Local: Message timed out")
+    h.after_batch(outcome)
+    assert outcome.systemic_error == ("the broker refuses the connection: "
+                                      "_AUTHENTICATION: SASL authentication error: Authentication failed")
+
+
+def test_a_delivery_forgets_the_refusal_and_a_timeout_without_one_stays_transient():
+    h = health()
+    h.publisher.refusal = "_SSL: certificate verify failed"
+    h.after_batch(BatchOutcome(delivered=[1]))
+    assert h.publisher.refusal is None
+    outcome = BatchOutcome(transient_error="_MSG_TIMED_OUT")
+    h.after_batch(outcome)
+    assert outcome.systemic_error is None
+
+
 def test_recreate_logs_the_cause_with_the_failures_errorid(caplog):
     h = health()
     h.publisher.mark_broken("fenced", "producer")

@@ -27,6 +27,7 @@ class FakePublisher:
     def __init__(self, cluster_ids=()):
         self.broken: str | None = None
         self.broken_cause: str | None = None
+        self.refusal: str | None = None
         self.recreated = 0
         self.cluster_ids = list(cluster_ids)
 

@@ -77,6 +77,11 @@ def make_producer(settings: Settings, client_id: str,
         raise
 
 
+# The broker refuses this client: the same settings will be refused again (librdkafka reports it
+# through the error callback; the delivery reports only say _MSG_TIMED_OUT).
+REFUSALS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
+
+
 class ServedProducer:
     """One librdkafka producer, the thread that serves it, and whether it must be recreated.
 
@@ -88,6 +93,9 @@ class ServedProducer:
         self.client_id = client_id
         self.broken: str | None = None  # why the producer must be recreated, once it must
         self.broken_cause: str | None = None
+        # The broker's last refusal of this client (SASL credentials, a TLS certificate), until a
+        # delivery shows the connection works: an operator must act (worker/health.py).
+        self.refusal: str | None = None
         self._open: set[Batch] = set()  # the batches waiting for their reports: woken when broken
         self._start()
 
@@ -113,6 +121,9 @@ class ServedProducer:
         if err.fatal():
             level = logging.ERROR
             self.mark_broken(describe(err), "fatal")
+        elif err.code() in REFUSALS:
+            level = logging.ERROR
+            self.refusal = describe(err)
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
             level = logging.WARNING
         else:

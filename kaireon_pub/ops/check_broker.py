@@ -24,14 +24,31 @@ def check_broker_and_topics(report: Report, kafka: Mapping[str, str], secrets: l
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
+    from kaireon_pub.worker.kafka.errors import describe
+    from kaireon_pub.worker.kafka.producer import REFUSALS
+
+    refusals: list[str] = []
+
+    def on_error(err: Any) -> None:
+        if err.code() in REFUSALS:
+            refusals.append(describe(err))
+
     config: dict[str, object] = {k: v for k, v in kafka.items() if k not in _ADMIN_EXCLUDED}
     config["logger"] = logs.librdkafka_logger()
+    config["error_cb"] = on_error
+    admin = None
     try:
         admin = AdminClient(config)
         # No topic named: a metadata request for every topic, which never auto-creates one.
         metadata = admin.list_topics(timeout=TIMEOUT_SECONDS)
     except (KafkaException, ValueError, TypeError) as exc:
-        report.add("broker", "fail", f"unreachable at {bootstrap}: {hide(str(exc), secrets)}")
+        if admin is not None:
+            admin.poll(0)  # serves the error callback: the broker's refusal, if it refused us
+        if refusals:
+            # A timeout or a transport failure says less than the broker's reason for refusing us.
+            report.add("broker", "fail", f"refused at {bootstrap}: {hide(refusals[-1], secrets)}")
+        else:
+            report.add("broker", "fail", f"unreachable at {bootstrap}: {hide(str(exc), secrets)}")
         report.add("topics", "skip", "broker unreachable")
         return
     existing = {name for name, t in metadata.topics.items() if t.error is None}

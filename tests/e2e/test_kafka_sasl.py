@@ -186,13 +186,6 @@ def test_a_wrong_password_exits_3_after_the_streak_naming_the_broker_s_reason(db
     assert WRONG_PASSWORD in failures[-1]["error"], failures[-1]
 
 
-CHECK_BUG = ("bug in `kaireon-pub check` (kaireon_pub/ops/check.py): a broker that refuses the credentials or the "
-             "certificate is reported as 'FAIL broker unreachable at …: _TRANSPORT … Broker transport failure', "
-             "not with the reason librdkafka gives (its error callback and log: 'SASL authentication error: "
-             "Authentication failed …' / 'SSL handshake failed: … certificate verify failed')")
-
-
-@pytest.mark.xfail(strict=True, reason=CHECK_BUG)
 @pytest.mark.parametrize("refusal", ["wrong password", "unknown CA"])
 def test_check_names_the_broker_s_reason_for_refusing(refusal, db_url, sasl, tmp_path):
     if refusal == "wrong password":

@@ -476,14 +476,17 @@ RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid,
           extract(epoch FROM e.next_attempt_at - clock_timestamp())::float8 AS due_in;
 
 -- mark_published: delivered rows; lands only where this batch's claim token still stands
--- The token alone says the row is still in this claim: the claim sets it with status
--- 'processing' and every statement that moves a row out of processing clears it. Naming the
+-- The token alone says the row is still in this claim, or was published by it: the claim sets it
+-- with status 'processing', every other statement that moves a row out of processing clears it,
+-- and this one keeps it, so a mark made again because the first one's reply was lost
+-- (settle_again) lands on the rows the first one marked instead of counting them as lease lost;
+-- a row reaped or handed over meanwhile carries another claim's token, or none. Naming the
 -- status as well would let the planner answer from the partial index of processing rows, walking
 -- all of it (every row marked since the last vacuum leaves a dead entry there) instead of one
 -- primary-key probe per id: the mark's cost grew with the rows published before it.
 UPDATE outbox_events
 SET status = 'published', published_at = clock_timestamp(), updated_at = clock_timestamp(),
-    claim_token = NULL, claimed_by = NULL, claimed_until = NULL, last_error = NULL
+    claimed_by = NULL, claimed_until = NULL, last_error = NULL
 WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s;
 
 -- delete_published: delete-on-publish variant of mark_published (the token alone: see there)

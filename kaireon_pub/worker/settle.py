@@ -2,7 +2,8 @@
 
 Every event of a batch ends delivered (marked published or deleted), rejected (failed), to retry
 (pending again with a back-off), or released (pending again now). In status mode each mark lands
-only while the claim's token stands (a reaped or handed-over claim counts as lease lost); in lock
+only while the claim's token stands (a reaped or handed-over claim counts as lease lost; a published
+row keeps its token, so a mark made again after its reply was lost finds what it marked); in lock
 mode the caller's open transaction holds the rows. A batch whose marks fail after delivery is kept
 (`unsettled`) and settled again before the next claim, instead of being left to the reaper (and to
 duplicates). In lock mode the marks roll back with the claiming transaction (its session ended

@@ -179,6 +179,41 @@ def test_a_claim_that_commits_after_its_connection_broke_leaves_no_row_in_proces
         proxy.close()
 
 
+# ---- case 6: a status-mode mark whose reply was lost -----------------------------------------------------
+
+
+def test_a_mark_whose_reply_was_lost_is_settled_again_without_counting_a_lost_lease(
+        db_url, broker, topic, tmp_path, run_tier, topic_reader):
+    routed = helpers.pooled(db_url)
+    proxy, proxied_url = database_proxy(routed.pop("DATABASE_URL", db_url))
+    try:
+        env = tier_env(proxied_url, broker.bootstrap, tmp_path, **routed)
+        tier = run_tier(env)
+        started(tier, db_url, topic)
+        port = tier.http_port()
+        # The mark reaches the server and commits; its reply never comes back.
+        proxy.drop_replies_after(b"SET status = 'published'")
+        ids = commit_events(db_url, topic, 20, keys=5, phase="lost-mark-reply")
+        wait_for(proxy.triggered.is_set, 10, "the batch's mark, its reply dropped")
+        wait_for(lambda: status_counts(db_url) == {"published": 21}, 10, "the mark committed on the server")
+        proxy.set_mode("reset")
+        proxy.set_mode("pass")
+        line = tier.wait_log(lambda e: e.get("event") == "settle retry", 20, "the batch settled again")
+        assert line["events"] == 20
+        more = commit_events(db_url, topic, 5, keys=5, phase="after")
+        messages = topic_reader(topic).read_ids(ids + more, 30, extra=1.0)
+        copies = len([i for i in event_ids(messages) if i in set(ids)]) - len(ids)
+        assert copies == 0
+        # Nothing was duplicated, nor can be: no lease lost, no "may be duplicated".
+        assert (metric_value(port, "kaireon_outbox_lease_lost_total") or 0) == 0
+        assert not [e for e in tier.logs() if e.get("event") == "lease lost"]
+        assert status_counts(db_url) == {"published": 26}
+        assert tier.proc.poll() is None, "the tier stopped"
+        assert tier.stop() == 0
+    finally:
+        proxy.close()
+
+
 # ---- case 6: the back-off after a failed tick holds under enqueue notifications ---------------------------
 
 

@@ -2,7 +2,8 @@
 and its own connection, beside the claim loop (the leases themselves and their SQL: leases.py).
 
 It renews every TTL/3, rebalances to the fair share, and runs a round at once when another worker
-joins, leaves or releases shards: it LISTENs on `kaireon_outbox_leases` between rounds, or, behind
+joins, leaves or releases shards (worker 0 also deletes, every FORGET_INTERVAL_S, the registrations
+of workers gone for an hour): it LISTENs on `kaireon_outbox_leases` between rounds, or, behind
 a transaction pooler, polls `lease_census` every CENSUS_POLL_S. Giving shards away waits until no
 batch is in flight (the loop holds `batch_lock` from claim to settle).
 """
@@ -19,13 +20,17 @@ import psycopg
 from kaireon_pub import metrics
 from kaireon_pub.db.queries import Q
 from kaireon_pub.errors import new_error_id
-from kaireon_pub.worker.leases import SHARDS, Leases, RebalanceResult
+from kaireon_pub.worker.leases import Leases, RebalanceResult
 
 log = logging.getLogger("kaireon_pub.worker.leases")
 
 CHANNEL_LEASES = "kaireon_outbox_leases"  # a worker joined, left, or released shards
 WAIT_SLICE_S = 0.25  # between rounds: the longest a poke, a stop or a tick's round waits for the keeper
 CENSUS_POLL_S = 0.25  # without LISTEN: how often the keeper looks whether the tier changed
+# How often worker 0 of each replica deletes the registrations of workers gone for an hour (killed,
+# OOM, a lost node: only a drain unregisters). Left, they would pile up one per such exit, and every
+# renewal and census counts live workers over the whole table.
+FORGET_INTERVAL_S = 600.0
 
 
 class LeaseKeeper:
@@ -50,6 +55,7 @@ class LeaseKeeper:
         self.draining = False
         self._poke = asyncio.Event()
         self._round_lock = asyncio.Lock()
+        self.forget_due = 0.0  # monotonic: worker 0's next forget_dead_workers (its first round)
 
     def poke(self) -> None:
         """Rebalance now (a peer left, the loop saw its shards change)."""
@@ -170,11 +176,27 @@ class LeaseKeeper:
         elif len(leases.owned) < fair and not self.draining:
             wanted = fair - len(leases.owned)
             result.acquired, result.reset_rows = await leases.acquire(self.conn, wanted)
-            if len(result.acquired) < wanted:
+            if len(result.acquired) < wanted and await self._shards_left_free():
                 await self._end_frozen_owners()
         self._report(result)
         self.census = (result.live_workers, self.census[1] if self.census else 0)
-        return len(leases.owned) < SHARDS // leases.counted(result.live_workers)
+        if leases.slot == 0 and time.monotonic() >= self.forget_due:
+            await self._forget_dead_workers()
+        return leases.expects_more(result.live_workers)
+
+    async def _forget_dead_workers(self) -> None:
+        """Registrations of workers whose expiry passed an hour ago go (their leases expired long ago)."""
+        self.forget_due = time.monotonic() + FORGET_INTERVAL_S  # a failure is not retried every round
+        cur = await self.conn.execute(Q.forget_dead_workers)
+        if cur.rowcount > 0:
+            log.info("forgot the registrations of workers gone for an hour",
+                     extra={"event": "dead workers forgotten", "count": cur.rowcount})
+
+    async def _shards_left_free(self) -> bool:
+        """Free or expired shards this worker could not take (locked): maybe a frozen owner's. Not
+        when the shares cannot all be equal and the others simply hold theirs (3 workers: 86, 86, 84)."""
+        cur = await self.conn.execute(Q.lease_census)
+        return int((await cur.fetchone())[1]) > 0
 
     async def _end_frozen_owners(self) -> None:
         """Shards this worker wants may be pinned by a frozen owner's lease locks: end those

@@ -76,6 +76,13 @@ class Leases:
     def fair_share(self, live: int) -> int:
         return math.ceil(SHARDS / self.counted(live))
 
+    def expects_more(self, live: int) -> bool:
+        """Below the fair share while the others hold more than theirs (or shards are still free):
+        some will come to this worker soon. Not when the shares cannot all be equal: with 3 live
+        workers two hold 86 and one 84 for good, and that one takes nothing more by looking again."""
+        fair = self.fair_share(live)
+        return len(self.owned) < fair and SHARDS - len(self.owned) > (self.counted(live) - 1) * fair
+
     async def renew(self, conn: psycopg.AsyncConnection) -> RebalanceResult:
         """Register and renew; shards whose lease expired before this renewal are lost. A worker
         that was not registered (its first round, or its registration may have lapsed) tells the

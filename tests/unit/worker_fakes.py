@@ -58,3 +58,70 @@ def raw(event_id: int, shard: int, xid: int, *, topic: str | None = "t", key: st
 
 def value(metric) -> float:
     return metric._value.get()
+
+
+class LeaseTable:
+    """outbox_shard_leases and outbox_workers as the lease keeper's rounds see them: who owns each
+    shard, how many workers are live, and every statement a keeper sent besides the lease SQL."""
+
+    def __init__(self, live: int, shards: int = 256):
+        self.owner: dict[int, object] = dict.fromkeys(range(shards))
+        self.live = live
+        self.locked: set[int] = set()  # free shards whose rows another session holds (SKIP LOCKED)
+        self.sent: list[str] = []
+
+
+class FakeCursor:
+    def __init__(self, rows=(), rowcount: int = 0):
+        self.rows, self.rowcount = list(rows), rowcount
+
+    async def fetchall(self):
+        return self.rows
+
+    async def fetchone(self):
+        return self.rows[0] if self.rows else None
+
+
+class FakeLeaseConn:
+    closed = False
+
+    def __init__(self, table: LeaseTable):
+        self.table = table
+
+    async def execute(self, statement, params=None):
+        from kaireon_pub.db.queries import Q
+
+        self.table.sent.append(statement)
+        if statement == Q.lease_census:
+            return FakeCursor([(self.table.live, sum(o is None for o in self.table.owner.values()))])
+        return FakeCursor()
+
+    async def close(self):
+        pass
+
+
+def fake_leases(table: LeaseTable, slot: int = 0):
+    """A Leases whose SQL runs against `table` (renew, take free shards lowest first, release)."""
+    import uuid
+
+    from kaireon_pub.worker.leases import Leases, RebalanceResult
+
+    class FakeLeases(Leases):
+        async def renew(self, conn):
+            self.counting_siblings_until = 0.0  # past the first lease period
+            return RebalanceResult(live_workers=table.live)
+
+        async def acquire(self, conn, n):
+            free = sorted(s for s, o in table.owner.items() if o is None and s not in table.locked)[:n]
+            for shard in free:
+                table.owner[shard] = self.worker_id
+                self.owned[shard] = 1
+            return free, 0
+
+        async def release(self, conn, shards):
+            for shard in shards:
+                table.owner[shard] = None
+                self.owned.pop(shard, None)
+            return sorted(shards)
+
+    return FakeLeases(uuid.uuid4(), slot, ttl_seconds=10)

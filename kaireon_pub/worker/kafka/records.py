@@ -94,9 +94,18 @@ def _own_headers(row: Row) -> list[tuple[str, bytes]]:
     return headers
 
 
+# A header-control entry of the row's headers, read here and never sent: `own-only` leaves out the
+# tier's event-id, event-type and created-at, so the record carries the event's own headers only.
+# The trigger of an attached Debezium outbox table writes it (kaireon_pub.ops.debezium), so that
+# a consumer written for Debezium's router sees the headers it saw before.
+HEADERS_CONTROL = "kaireon-headers"
+OWN_HEADERS_ONLY = b"own-only"
+
+
 def record_headers(row: Row, cloudevents_source: str | None = None) -> list[tuple[str, bytes]]:
-    """The record's headers: event-id, event-type, created-at, the CloudEvents attributes when
-    `cloudevents_source` is given, then the event's own headers.
+    """The record's headers: event-id, event-type, created-at (unless the row's header-control
+    entry says own-only), the CloudEvents attributes when `cloudevents_source` is given, then the
+    event's own headers.
 
     CloudEvents binary content mode (the Kafka protocol binding): ce_specversion 1.0, ce_id (the
     event id), ce_source, ce_type (the event type, else the topic), ce_time (created-at) and, when
@@ -113,6 +122,12 @@ def record_headers(row: Row, cloudevents_source: str | None = None) -> list[tupl
     if cloudevents_source is None and row.headers == "{}" and row.binary_headers == "{}":
         return headers  # most events: no header of their own, nothing to parse
     own = _own_headers(row)
+    if HEADERS_CONTROL in row.headers:  # a substring test first: most rows do not carry it
+        control = [value for name, value in own if name == HEADERS_CONTROL]
+        if control:
+            own = [(name, value) for name, value in own if name != HEADERS_CONTROL]
+            if control[-1] == OWN_HEADERS_ONLY:
+                headers = []
     if cloudevents_source is not None:
         given = {name.lower() for name, _ in own}
         attributes = [

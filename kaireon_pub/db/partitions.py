@@ -25,6 +25,9 @@ The drop (`retire`), in steps that each leave a safe state behind if interrupted
    attached back and the workers told to rescan).
 An interrupted step 3 leaves the partition "detach pending" (finalized on the next round); an
 interrupted step 4 leaves a detached table carrying the constraint (dropped on the next round).
+Through a transaction pooler (a PooledConnection: OUTBOX_POOL_MODE=transaction without
+OUTBOX_LISTEN_DATABASE_URL) step 3 cannot run, so no partition is frozen there: each one that may go
+is kept with CANNOT_DETACH, and a freeze an earlier round left (a permanent CHECK (false)) is undone.
 A restore that writes old created_at values gets an error for a retiring or dropped range (no
 partition takes the row): nothing is kept where retention would drop it.
 """
@@ -41,6 +44,7 @@ import psycopg
 import psycopg.errors
 from psycopg import sql
 
+from kaireon_pub.db.connect import PooledConnection
 from kaireon_pub.db.queries import load
 
 log = logging.getLogger("kaireon_pub.db.partitions")
@@ -53,6 +57,8 @@ INTERVALS = {"hourly": timedelta(hours=1), "daily": timedelta(days=1)}
 # prune: it does not filter on created_at), so few are kept ahead.
 AHEAD = {"hourly": 6, "daily": 2}
 LOCK_TIMEOUT_MS = 2000  # the freeze's wait for a partition's writers; then it is tried next round
+CANNOT_DETACH = ("DETACH PARTITION … CONCURRENTLY cannot run through a transaction pooler: set "
+                 "OUTBOX_LISTEN_DATABASE_URL to the server itself (README, Through PgBouncer)")
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,12 @@ def verdict(p: Partition, s: State, *, retention_seconds: int, failed_retention_
     return None
 
 
+def can_detach(conn: psycopg.Connection) -> bool:
+    """Whether DETACH … CONCURRENTLY can run on `conn`: not on a transaction pooler's connection,
+    whose autocommit statement shares an implicit transaction with the session settings."""
+    return not isinstance(conn, PooledConnection)
+
+
 def retire(conn: psycopg.Connection, p: Partition, *, retention_seconds: int, failed_retention_seconds: int,
            dry_run: bool = False) -> str | None:
     """Drop `p` if it may go (see the module docstring); returns why it stays, or None when dropped.
@@ -199,7 +211,14 @@ def retire(conn: psycopg.Connection, p: Partition, *, retention_seconds: int, fa
         return verdict(p, state(conn, p.name), retention_seconds=retention_seconds,
                        failed_retention_seconds=failed_retention_seconds)
 
+    detachable = can_detach(conn)
+    if not detachable and p.retiring and not p.detach_pending and not dry_run:
+        with conn.transaction():  # frozen by an earlier round that could not detach it: undone
+            conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+            conn.execute(_q(P.unretire_partition, partition=p.name))
     reason = why()  # 1. without a lock
+    if reason is None and not detachable and not p.detach_pending:
+        return CANNOT_DETACH  # never frozen here: it could not be detached
     if reason is not None or dry_run:
         return reason
     if not p.retiring and not p.detach_pending:

@@ -54,7 +54,8 @@ def publish_gauges(found: list[partitions.Partition], now) -> None:
 
 async def partitions_once(settings: Settings, role: str, said: set[str] | None = None) -> float | None:
     """One round, in a thread; the pause before the next, or None on a plain table. `said` keeps
-    what was logged once per worker (that the tier's role leaves maintenance to the owner)."""
+    what was logged once per worker (that the tier's role leaves maintenance to the owner, that
+    partitions cannot be detached through a transaction pooler)."""
     started = time.monotonic()
     report = await asyncio.to_thread(one_round, settings, role)
     if report is None:
@@ -66,6 +67,11 @@ async def partitions_once(settings: Settings, role: str, said: set[str] | None =
                      "run `kaireon-pub partitions maintain` as the owner (README, Database roles)",
                      extra={"event": "partition maintenance skipped"})
         return settings.purge_interval_seconds
+    cannot = sorted(name for name, why in report.kept.items() if why == partitions.CANNOT_DETACH)
+    if cannot and said is not None and "cannot detach" not in said:
+        said.add("cannot detach")  # said once: the same every round until the setting changes
+        log.warning(f"partition maintenance keeps partitions that may go: {partitions.CANNOT_DETACH}",
+                    extra={"event": "partition maintenance skipped", "partitions": cannot})
     for error in report.errors:
         log.warning(f"partition maintenance: {error}", extra={
             "event": "partition maintenance failed", "errorId": new_error_id(), "isTransient": True})

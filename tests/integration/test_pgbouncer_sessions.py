@@ -201,3 +201,38 @@ def test_an_autocommit_statement_leaves_its_server_connection_ready_for_the_next
     held, after = asyncio.run(worker_side())
     assert held == 0, f"{held} of 400 statements left their server connection with the idle client"
     assert after == (1,)
+
+
+def test_through_the_pooler_without_a_direct_url_no_partition_is_frozen_and_it_is_said_once(single, pdb_url, caplog):
+    """Without OUTBOX_LISTEN_DATABASE_URL the detach cannot run: each droppable partition used to be
+    frozen (CHECK (false), for good) and the detach's failure logged every round. Now none is frozen,
+    one an earlier round froze is thawed, the reason is said once; with the direct URL it is dropped."""
+    import logging
+
+    from kaireon_pub.db import partitions as parts
+    from kaireon_pub.worker.partition_maintenance import partitions_once
+    from tests.integration.test_partitions import insert_old, old_partition
+
+    with psycopg.connect(pdb_url, autocommit=True) as admin:
+        for name, hour in (("outbox_events_p2020010100", "00"), ("outbox_events_p2020010101", "01")):
+            old_partition(admin, name, f"2020-01-01 {hour}:00+00", f"2020-01-01 {hour}:59:59+00")
+            insert_old(admin, f"2020-01-01 {hour}:10+00", "published")
+        admin.execute(parts._q(parts.P.retire_partition, partition="outbox_events_p2020010101"))  # an earlier round's
+
+    def old(url: str) -> dict[str, bool]:  # the old partitions still attached, and whether each refuses rows
+        with psycopg.connect(url, autocommit=True) as conn:
+            return {p.name: p.retiring for p in parts.list_partitions(conn) if p.name.startswith("outbox_events_p2020")}
+
+    pooled = pooled_settings(single.url_for(pdb_url), OUTBOX_RETENTION_SECONDS="60")
+    caplog.set_level(logging.INFO, "kaireon_pub")
+    said: set[str] = set()
+    for _ in range(3):
+        assert asyncio.run(partitions_once(pooled, "worker-0.test", said)) == pooled.purge_interval_seconds
+    assert old(pdb_url) == {"outbox_events_p2020010100": False, "outbox_events_p2020010101": False}
+    lines = [(r.event, r.levelno) for r in caplog.records if getattr(r, "event", "").startswith("partition")]
+    assert lines == [("partition maintenance skipped", logging.WARNING)]
+    assert "OUTBOX_LISTEN_DATABASE_URL" in caplog.records[-1].getMessage()
+
+    direct = pooled_settings(single.url_for(pdb_url), OUTBOX_RETENTION_SECONDS="60", OUTBOX_LISTEN_DATABASE_URL=pdb_url)
+    asyncio.run(partitions_once(direct, "worker-0.test", set()))
+    assert old(pdb_url) == {}

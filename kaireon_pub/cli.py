@@ -220,5 +220,59 @@ def call_reaper(url: str, timeout: float, retries: int, backoff: float) -> None:
     sys.exit(ops_call_reaper.run(url, timeout=timeout, retries=retries, backoff=backoff))
 
 
+# ---- a Debezium outbox table (kaireon_pub.ops.debezium) --------------------------------------
+
+
+@cli.command()
+@click.option("--debezium-table", "table", required=True, metavar="SCHEMA.TABLE",
+              help="The Debezium outbox table to publish from (its columns and indexes are left as they are).")
+@click.option("--field-event-id", default="id", show_default=True, help="table.field.event.id: the `id` header.")
+@click.option("--field-key", default="aggregateid", show_default=True, help="table.field.event.key: the key.")
+@click.option("--field-payload", default="payload", show_default=True,
+              help="table.field.event.payload: the value (jsonb, json, text, varchar, char or bytea).")
+@click.option("--field-type", default="type", show_default=True,
+              help="table.field.event.type: the event type kept in outbox_events ('' for none).")
+@click.option("--route-by-field", default="aggregatetype", show_default=True, help="route.by.field.")
+@click.option("--topic-template", default="outbox.event.${routedByValue}", show_default=True,
+              help="route.topic.replacement: ${routedByValue} is the --route-by-field column's value.")
+@click.option("--tombstone-on-empty-payload", is_flag=True,
+              help="route.tombstone.on.empty.payload: an empty payload gives a tombstone (a null one always does).")
+@click.option("--field-as-header", "headers", multiple=True, metavar="COLUMN[:NAME]",
+              help="table.fields.additional.placement COLUMN:header:NAME (repeatable).")
+@click.option("--tier-headers", is_flag=True, help="Also the tier's own event-id, event-type, created-at headers.")
+@click.option("--lock-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the table's lock (CREATE TRIGGER waits for its open writers).")
+def attach(table: str, field_event_id: str, field_key: str, field_payload: str, field_type: str,
+           route_by_field: str, topic_template: str, tombstone_on_empty_payload: bool, headers: tuple[str, ...],
+           tier_headers: bool, lock_timeout: float) -> None:
+    """Publish each row inserted into a Debezium outbox table, as the Outbox Event Router would
+    (idempotent; no replication slot). Run as the owner of outbox_events."""
+    from kaireon_pub.ops import debezium
+
+    try:
+        mapping = debezium.Mapping(
+            event_id=field_event_id, key=field_key, payload=field_payload, event_type=field_type,
+            route_by=route_by_field, topic_template=topic_template,
+            tombstone_on_empty_payload=tombstone_on_empty_payload,
+            headers=tuple(debezium.parse_header_field(h) for h in headers), tier_headers=tier_headers)
+    except debezium.AttachError as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = load_settings(need_kafka=False)
+    sys.exit(debezium.run(settings, "attach", table, mapping=mapping, lock_timeout_s=lock_timeout, echo=click.echo))
+
+
+@cli.command()
+@click.option("--debezium-table", "table", required=True, metavar="SCHEMA.TABLE", help="An attached table.")
+@click.option("--lock-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the table's lock.")
+def detach(table: str, lock_timeout: float) -> None:
+    """Stop publishing a Debezium outbox table: its trigger and function go; the table is as it was
+    (idempotent). Events already in outbox_events are still published."""
+    settings = load_settings(need_kafka=False)
+    from kaireon_pub.ops import debezium
+
+    sys.exit(debezium.run(settings, "detach", table, lock_timeout_s=lock_timeout, echo=click.echo))
+
+
 def main() -> None:
     cli()

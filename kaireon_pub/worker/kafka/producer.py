@@ -40,7 +40,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from kaireon_pub.errors import ConfigError
 from kaireon_pub.logs import librdkafka_logger
-from kaireon_pub.settings import Settings, kafka_env_name
+from kaireon_pub.settings import PRODUCER_DEFAULTS, Settings, kafka_env_name
 from kaireon_pub.worker.kafka.errors import describe
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ POLL_SLICE_S = 0.1  # the delivery thread's poll timeout: how late a stop of the
 # client, and with them the end of every batch that holds one (module docstring). An operator's
 # KAFKA_TOPIC_METADATA_PROPAGATION_MAX_MS wins.
 TOPIC_PROPAGATION_MS = "1000"
+PRODUCER_ONLY = frozenset(PRODUCER_DEFAULTS)  # not given to the broker watch's admin client
 
 
 def make_producer(settings: Settings, client_id: str,
@@ -97,6 +98,7 @@ class ServedProducer:
         # delivery shows the connection works: an operator must act (worker/health.py).
         self.refusal: str | None = None
         self._open: set[Batch] = set()  # the batches waiting for their reports: woken when broken
+        self._watch: Any = None  # the broker watch's admin client (fetch_cluster_id)
         self._start()
 
     def _start(self) -> None:
@@ -158,8 +160,23 @@ class ServedProducer:
         return len(self.producer)
 
     def fetch_cluster_id(self, timeout: float) -> str | None:
-        """The cluster id the broker reports in a metadata response (blocking: call in a thread)."""
-        return self.producer.list_topics(timeout=timeout).cluster_id
+        """The cluster id the broker reports now (blocking: call in a thread). A metadata request
+        for no topic (DescribeCluster), on an admin client of this publisher's own made on first use:
+        the producer's list_topics() asks for every topic of the cluster (thousands, every 5 s in
+        every worker), and Producer.cluster_id() only reads librdkafka's cache (it sends nothing, so
+        it would not notice a broker that is down)."""
+        if self._watch is None:
+            from confluent_kafka.admin import AdminClient
+
+            config: dict[str, Any] = {k: v for k, v in self.settings.producer_config.items()
+                                      if k not in PRODUCER_ONLY}  # idempotence would ask for a producer id
+            config["client.id"] = f"{self.client_id}-watch"
+            config["logger"] = librdkafka_logger()
+            self._watch = AdminClient(config)
+        try:
+            return self._watch.describe_cluster(request_timeout=timeout).result(timeout).cluster_id
+        finally:
+            self._watch.poll(0)  # hands librdkafka's queued log lines to our logger
 
 
 def _dispose(held: list[Producer], thread: threading.Thread) -> None:

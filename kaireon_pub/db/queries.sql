@@ -426,13 +426,27 @@ LIMIT %(batch)s;
 -- mark_published_locked: lock mode; delivered rows, inside the claiming transaction
 -- Its row locks keep them pending: no status test, which would let the planner walk the partial
 -- index of pending rows and its dead entries instead of probing the primary key (mark_published).
-UPDATE outbox_events
-SET status = 'published', published_at = clock_timestamp(), updated_at = clock_timestamp(),
-    last_error = NULL
-WHERE id = ANY(%(ids)s::bigint[]);
+-- With the count, the transaction's id: should the reply of its commit be lost, the worker asks
+-- the server whether it committed (xact_status) instead of marking the batch again.
+WITH marked AS (
+    UPDATE outbox_events
+    SET status = 'published', published_at = clock_timestamp(), updated_at = clock_timestamp(),
+        last_error = NULL
+    WHERE id = ANY(%(ids)s::bigint[])
+    RETURNING 1
+)
+SELECT count(*) AS marked, pg_current_xact_id()::text::bigint AS xact FROM marked;
 
--- delete_published_locked: lock mode with delete-on-publish (no status test: see above)
-DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[]);
+-- delete_published_locked: lock mode with delete-on-publish (no status test; the id: see above)
+WITH deleted AS (
+    DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[])
+    RETURNING 1
+)
+SELECT count(*) AS marked, pg_current_xact_id()::text::bigint AS xact FROM deleted;
+
+-- xact_status: whether a lock-mode batch's transaction committed (its commit's reply was lost)
+-- committed, aborted, in progress; NULL when the id is too old for the server to know.
+SELECT pg_xact_status(%(xact)s::text::xid8) AS status;
 
 -- mark_retry_locked: lock mode variant of mark_retry, inside the claiming transaction
 UPDATE outbox_events e
@@ -451,7 +465,8 @@ RETURNING e.id, e.status, e.shard, e.xid::text::bigint AS xid,
 -- Its session ended between delivery and commit (a failover, pg_terminate_backend, a reset): the
 -- worker marks the rows before its next claim, instead of claiming and publishing them again.
 -- Only rows still pending: one that is not was taken by another claim meanwhile (a shard handed
--- over), or the commit whose reply was lost landed; the worker counts it as may be duplicated.
+-- over); the worker counts it as may be duplicated. (When only the commit's reply was lost, the
+-- worker asks first whether it landed: xact_status.)
 UPDATE outbox_events
 SET status = 'published', published_at = clock_timestamp(), updated_at = clock_timestamp(),
     last_error = NULL

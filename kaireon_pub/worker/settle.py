@@ -7,9 +7,10 @@ row keeps its token, so a mark made again after its reply was lost finds what it
 mode the caller's open transaction holds the rows. A batch whose marks fail after delivery is kept
 (`unsettled`) and settled again before the next claim, instead of being left to the reaper (and to
 duplicates). In lock mode the marks roll back with the claiming transaction (its session ended
-between delivery and commit): they are made again on the rows still pending as the claim found
-them; a delivered row no longer pending (another claim took it meanwhile, or the commit whose
-reply was lost landed) counts as lease lost, "may be duplicated".
+between delivery and commit): unless the server says that transaction committed (only the commit's
+reply was lost), they are made again on the rows still pending as the claim found them; a
+delivered row no longer pending (another claim took it meanwhile) counts as lease lost, "may be
+duplicated".
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class Unsettled(NamedTuple):
     token: uuid.UUID | None  # None: lock mode, whose marks rolled back with the claiming transaction
     rows: list[Row]
     outcome: BatchOutcome
+    # Lock mode, the marks written and only the commit unreported: its transaction's id and what
+    # the marks wrote, in case the server says it committed.
+    xact: int | None = None
+    written: tuple[TickResult, list[tuple]] | None = None
 
 
 class Settler:
@@ -63,6 +68,7 @@ class Settler:
             self.unsettled = Unsettled(None, rows, outcome)
         result = TickResult(claimed=len(rows))
         retry_rows: list[tuple] = []
+        xact = None
         if outcome.delivered:
             if again:
                 query = Q.delete_published_again if s.delete_on_publish else Q.mark_published_again
@@ -71,8 +77,12 @@ class Settler:
             else:
                 query = Q.delete_published if s.delete_on_publish else Q.mark_published
             cur = await conn.execute(query, {"ids": int_array(outcome.delivered), "token": token})
-            result.published = cur.rowcount
-            result.lease_lost = len(outcome.delivered) - cur.rowcount
+            if locked and not again:
+                marked, xact = await cur.fetchone()
+            else:
+                marked = cur.rowcount
+            result.published = marked
+            result.lease_lost = len(outcome.delivered) - marked
         failed_ids = list(outcome.rejected) + list(outcome.retry)
         if failed_ids:
             attempts = {r.id: r.attempts for r in rows}
@@ -88,6 +98,8 @@ class Settler:
             retry_rows = await cur.fetchall()
         if outcome.released and not locked:
             await conn.execute(Q.release_claimed, {"ids": int_array(outcome.released), "token": token})
+        if locked and not again and xact is not None:
+            self.unsettled = Unsettled(None, rows, outcome, xact, (result, retry_rows))
         return result, retry_rows
 
     async def settle(self, pool: psycopg_pool.AsyncConnectionPool, token: uuid.UUID, rows: list[Row],
@@ -108,16 +120,24 @@ class Settler:
         return result
 
     async def settle_again(self, pool: psycopg_pool.AsyncConnectionPool, error_id: str | None) -> None:
-        token, rows, outcome = self.unsettled
+        token, rows, outcome, xact, written = self.unsettled
         log.info("settling a batch left unmarked by a failed tick", extra={
             "event": "settle retry", "errorId": error_id, "events": len(rows),
             "claimMode": "status" if token is not None else "lock"})
         if token is not None:
             await self.settle(pool, token, rows, outcome)
             return
-        async with pool.connection() as conn, conn.transaction():
-            result, retry_rows = await self.write_outcome(conn, None, rows, outcome, again=True)
-        self.unsettled = None
+        async with pool.connection() as conn:
+            if xact is not None:
+                # Only the commit's reply is missing: the server knows whether the marks landed.
+                status = (await (await conn.execute(Q.xact_status, {"xact": xact})).fetchone())[0]
+                if status == "in progress":
+                    raise TransientError("the batch's transaction is still open on the server (its session lost)")
+                if status == "committed":
+                    self.after_settle(rows, outcome, written[1], written[0])
+                    return
+            async with conn.transaction():
+                result, retry_rows = await self.write_outcome(conn, None, rows, outcome, again=True)
         self.after_settle(rows, outcome, retry_rows, result)
 
     def after_settle(self, rows: list[Row], outcome: BatchOutcome, retry_rows: list[tuple],

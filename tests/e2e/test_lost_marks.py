@@ -123,6 +123,45 @@ def test_lock_mode_batch_whose_marks_are_lost_is_settled_not_published_again(
     assert tier.stop() == 0
 
 
+def test_lock_mode_batch_whose_commit_reply_was_lost_counts_no_lease_lost(
+        db_url, broker, topic, tmp_path, run_tier, topic_reader):
+    # The commit lands on the server and its reply is lost: the batch is settled (its transaction
+    # committed, as the server says), neither published again nor counted as may be duplicated.
+    routed = helpers.pooled(db_url)
+    proxy, proxied_url = database_proxy(routed.pop("DATABASE_URL", db_url))
+    try:
+        # Lease renewals (their own COMMITs) every 20 s: none falls in the moment the gate opens.
+        env = tier_env(proxied_url, broker.bootstrap, tmp_path, OUTBOX_CLAIM_MODE="lock",
+                       OUTBOX_LEASE_TTL_SECONDS="60", **routed)
+        tier = run_tier(env)
+        started(tier, db_url, topic)
+        helpers.wait_balanced(db_url, 1)  # the keeper's first rounds (and their COMMITs) are over
+        port = tier.http_port()
+        marker = "SET status = 'published'"
+        with (psycopg.connect(db_url, autocommit=True) as db, psycopg.connect(db_url, autocommit=True) as holder):
+            install_gate(db, "UPDATE", marker)
+            holder.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+            ids = commit_events(db_url, topic, 20, keys=5, phase="lost-commit-reply")
+            wait_for(lambda: waiting_on_gate(db), 10, "the batch's marks waiting in its transaction")
+            proxy.drop_replies_after(b"COMMIT")
+            holder.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
+            wait_for(proxy.triggered.is_set, 10, "the batch's commit, its reply dropped")
+            wait_for(lambda: status_counts(db_url) == {"published": 21}, 10, "the commit landed on the server")
+            proxy.set_mode("reset")
+            proxy.set_mode("pass")
+            line = tier.wait_log(lambda e: e.get("event") == "settle retry", 20, "the batch settled again")
+            assert line["events"] == 20
+        messages = topic_reader(topic).read_ids(ids, 30, extra=1.0)
+        assert len([i for i in event_ids(messages) if i in set(ids)]) == len(ids)
+        assert (metric_value(port, "kaireon_outbox_lease_lost_total") or 0) == 0
+        assert not [e for e in tier.logs() if e.get("event") == "lease lost"]
+        assert metric_value(port, "kaireon_outbox_processed_total", {"outcome": "published"}) == 21
+        assert tier.proc.poll() is None, "the tier stopped"
+        assert tier.stop() == 0
+    finally:
+        proxy.close()
+
+
 # ---- case 4: the claim commits after the worker's connection broke ------------------------------------------
 
 

@@ -18,7 +18,7 @@ from kaireon_pub.errors import SystemicError, TransientError
 from kaireon_pub.worker.health import ProducerHealth
 from kaireon_pub.worker.kafka.outcome import BatchOutcome
 from kaireon_pub.worker.rows import Row, TickResult
-from kaireon_pub.worker.settle import Settler
+from kaireon_pub.worker.settle import Settler, Unsettled
 from tests.unit.worker_fakes import Clock, FakePublisher, raw, scan, settings, value
 
 
@@ -122,6 +122,9 @@ class FakeCursor:
     async def fetchall(self):
         return self.rows
 
+    async def fetchone(self):
+        return self.rows[0]
+
 
 class FakeConn:
     def __init__(self, lost: int = 0, fail_on: str | None = None):
@@ -129,6 +132,8 @@ class FakeConn:
         self.transactions = 0
         self.lost = lost
         self.fail_on = fail_on  # this statement fails as if the session had died
+        self.xact = 7777  # the lock-mode transaction's id
+        self.xact_status: str | None = "aborted"  # what the server says of it
 
     @contextlib.asynccontextmanager
     async def transaction(self):
@@ -139,7 +144,11 @@ class FakeConn:
         self.statements.append((query, params))
         if self.fail_on == query:
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-        if query in (Q.mark_published, Q.mark_published_locked, Q.mark_published_again):
+        if query == Q.mark_published_locked:  # the count and the transaction's id
+            return FakeCursor(rows=[(params["ids"].count(",") + 1 - self.lost, self.xact)])
+        if query == Q.xact_status:
+            return FakeCursor(rows=[(self.xact_status,)])
+        if query in (Q.mark_published, Q.mark_published_again):
             return FakeCursor(rowcount=params["ids"].count(",") + 1 - self.lost)
         if query in (Q.mark_retry, Q.mark_retry_locked, Q.mark_retry_again):
             return FakeCursor(rows=[(i, "pending", 1, i, 0.0) for i in params["ids"]])
@@ -180,7 +189,7 @@ def test_a_batch_whose_marks_fail_is_kept_and_settled_again(clock, caplog):
     outcome = BatchOutcome(delivered=[1], retry={2: "x"})
     with pytest.raises(psycopg.OperationalError):
         asyncio.run(st.settle(pool, token, rows, outcome))
-    assert st.unsettled == (token, rows, outcome)
+    assert st.unsettled == Unsettled(token, rows, outcome)
     asyncio.run(st.settle_again(pool, "err-1"))
     assert st.unsettled is None
     assert [q for q, _ in conn.statements] == [Q.mark_published, Q.mark_retry] and conn.transactions == 1
@@ -202,7 +211,7 @@ def test_lock_mode_marks_that_fail_leave_the_batch_to_settle_before_the_next_cla
     rows, outcome = lock_batch()
     with pytest.raises(psycopg.OperationalError):
         asyncio.run(st.write_outcome(FakeConn(fail_on=Q.mark_published_locked), None, rows, outcome))
-    assert st.unsettled == (None, rows, outcome)
+    assert st.unsettled == Unsettled(None, rows, outcome)  # no transaction id: it cannot have committed
 
 
 def test_lock_mode_marks_kept_until_the_commit_is_reported(clock):
@@ -210,7 +219,7 @@ def test_lock_mode_marks_kept_until_the_commit_is_reported(clock):
     rows, outcome = lock_batch()
     result, retry_rows = asyncio.run(st.write_outcome(FakeConn(), None, rows, outcome))
     # Written in the open transaction: its commit may still fail.
-    assert st.unsettled == (None, rows, outcome)
+    assert st.unsettled == Unsettled(None, rows, outcome, 7777, (result, retry_rows))
     st.after_settle(rows, outcome, retry_rows, result)  # committed
     assert st.unsettled is None
 
@@ -240,7 +249,7 @@ def test_lock_mode_batch_settled_again_marks_only_rows_as_the_claim_found_them(c
 def test_lock_mode_batch_settled_again_counts_rows_another_claim_took_as_may_be_duplicated(clock):
     st = make_settler(clock, OUTBOX_CLAIM_MODE="lock", OUTBOX_DELETE_ON_PUBLISH="true")
     rows, outcome = lock_batch()
-    st.unsettled = (None, rows, BatchOutcome(delivered=[1, 3]))
+    st.unsettled = Unsettled(None, rows, BatchOutcome(delivered=[1, 3]))
     conn = FakeConn()
 
     async def delete(query, params=None):
@@ -256,7 +265,45 @@ def test_lock_mode_batch_settled_again_counts_rows_another_claim_took_as_may_be_
 def test_lock_mode_settle_again_that_fails_keeps_the_batch(clock):
     st = make_settler(clock, OUTBOX_CLAIM_MODE="lock")
     rows, outcome = lock_batch()
-    st.unsettled = (None, rows, outcome)
+    st.unsettled = Unsettled(None, rows, outcome)
     with pytest.raises(psycopg.OperationalError):
         asyncio.run(st.settle_again(FakePool(FakeConn(), fail=1), None))
-    assert st.unsettled == (None, rows, outcome)
+    assert st.unsettled == Unsettled(None, rows, outcome)
+
+
+def written_batch(st: Settler):
+    """A lock-mode batch whose marks were written and whose commit was not reported."""
+    rows, outcome = lock_batch()
+    asyncio.run(st.write_outcome(FakeConn(), None, rows, outcome))
+    return rows, outcome
+
+
+def test_lock_mode_batch_whose_commit_landed_is_settled_without_marks_or_lease_lost(clock):
+    st = make_settler(clock, OUTBOX_CLAIM_MODE="lock")
+    written_batch(st)
+    conn = FakeConn()
+    conn.xact_status = "committed"
+    published, lost = value(metrics.PROCESSED.labels("published")), value(metrics.LEASE_LOST)
+    asyncio.run(st.settle_again(FakePool(conn), None))
+    assert [q for q, _ in conn.statements] == [Q.xact_status] and conn.statements[0][1] == {"xact": 7777}
+    assert st.unsettled is None
+    assert value(metrics.PROCESSED.labels("published")) == published + 2 and value(metrics.LEASE_LOST) == lost
+
+
+def test_lock_mode_batch_whose_commit_did_not_land_is_marked_again(clock):
+    st = make_settler(clock, OUTBOX_CLAIM_MODE="lock")
+    written_batch(st)
+    conn = FakeConn()  # the server: aborted
+    asyncio.run(st.settle_again(FakePool(conn), None))
+    assert [q for q, _ in conn.statements] == [Q.xact_status, Q.mark_published_again, Q.mark_retry_again]
+    assert st.unsettled is None
+
+
+def test_lock_mode_batch_whose_transaction_still_runs_waits(clock):
+    st = make_settler(clock, OUTBOX_CLAIM_MODE="lock")
+    rows, outcome = written_batch(st)
+    conn = FakeConn()
+    conn.xact_status = "in progress"
+    with pytest.raises(TransientError, match="still open"):
+        asyncio.run(st.settle_again(FakePool(conn), None))
+    assert st.unsettled.rows == rows and [q for q, _ in conn.statements] == [Q.xact_status]

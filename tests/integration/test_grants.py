@@ -95,11 +95,18 @@ def test_the_runtime_role_runs_every_statement_the_tier_sends(roles):
         with conn.transaction():  # lock mode: the claim is the open transaction's row locks
             ids = [r[0] for r in run("claim_locked_batch", **claim, batch=3) if r[1] is not None]
             assert ids
-            run("mark_published_locked", ids=int_array(ids[:1]))
+            xact = run("mark_published_locked", ids=int_array(ids[:1]))[0][1]
             run("mark_retry_locked", ids=int_array(ids[1:2]), errors=["x"], permanent=[False])
             run("delete_published_locked", ids=int_array(ids[2:]))
         with conn.transaction():
             run("claim_careful_locked_batch", **claim, batch=3)
+        # Lock mode, a batch whose marks rolled back or whose commit's reply was lost.
+        assert run("xact_status", xact=xact) == [("committed",)]
+        run("mark_published_again", ids=int_array(ids[:1]))
+        run("mark_retry_again", ids=int_array(ids[1:2]), errors=["x"], permanent=[False], attempts=[0])
+        run("delete_published_again", ids=int_array(ids[2:]))
+        # A claim cut off from its client: is its session still there?
+        assert run("sessions_alive", pids=[conn.info.backend_pid]) == [(conn.info.backend_pid,)]
 
         run("reset_shard_claims", shards=int_array(shards))
         run("reset_own_claims")

@@ -113,6 +113,12 @@ class Publisher(ServedProducer):
         self._open.add(batch)
         try:
             while True:
+                if cut_off() <= time.monotonic():
+                    # The lease (or the drain) ended before this wave was handed over (a claim that
+                    # took that long): the shards' next owner may publish these rows already.
+                    unhanded.update(r.id for r in wave)
+                    out.transient_error = out.transient_error or "the lease ended before the batch was handed over"
+                    break
                 remaining = iter(wave)
                 for row in remaining:
                     if self.broken or out.producer_error:

@@ -235,6 +235,9 @@ def call_reaper(url: str, timeout: float, retries: int, backoff: float) -> None:
 @click.option("--route-by-field", default="aggregatetype", show_default=True, help="route.by.field.")
 @click.option("--topic-template", default="outbox.event.${routedByValue}", show_default=True,
               help="route.topic.replacement: ${routedByValue} is the --route-by-field column's value.")
+@click.option("--topic-regex", default=None, metavar="REGEX",
+              help="route.topic.regex, a PostgreSQL regular expression over the whole value: ${routedByValue} "
+                   "is its first group (a value it does not match is used whole).")
 @click.option("--tombstone-on-empty-payload", is_flag=True,
               help="route.tombstone.on.empty.payload: an empty payload gives a tombstone (a null one always does).")
 @click.option("--field-as-header", "headers", multiple=True, metavar="COLUMN[:NAME]",
@@ -243,8 +246,8 @@ def call_reaper(url: str, timeout: float, retries: int, backoff: float) -> None:
 @click.option("--lock-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for the table's lock (CREATE TRIGGER waits for its open writers).")
 def attach(table: str, field_event_id: str, field_key: str, field_payload: str, field_type: str,
-           route_by_field: str, topic_template: str, tombstone_on_empty_payload: bool, headers: tuple[str, ...],
-           tier_headers: bool, lock_timeout: float) -> None:
+           route_by_field: str, topic_template: str, topic_regex: str | None, tombstone_on_empty_payload: bool,
+           headers: tuple[str, ...], tier_headers: bool, lock_timeout: float) -> None:
     """Publish each row inserted into a Debezium outbox table, as the Outbox Event Router would
     (idempotent; no replication slot). Run as the owner of outbox_events."""
     from kaireon_pub.ops import debezium
@@ -252,7 +255,7 @@ def attach(table: str, field_event_id: str, field_key: str, field_payload: str, 
     try:
         mapping = debezium.Mapping(
             event_id=field_event_id, key=field_key, payload=field_payload, event_type=field_type,
-            route_by=route_by_field, topic_template=topic_template,
+            route_by=route_by_field, topic_template=topic_template, topic_regex=topic_regex,
             tombstone_on_empty_payload=tombstone_on_empty_payload,
             headers=tuple(debezium.parse_header_field(h) for h in headers), tier_headers=tier_headers)
     except debezium.AttachError as exc:

@@ -40,7 +40,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $kair
 BEGIN
     INSERT INTO {outbox} (topic, partition_key, partition_key_bytes, payload, payload_bytes, headers,
                           binary_headers, event_type)
-    VALUES (pg_catalog.replace({topic_template}, {routed_variable}, coalesce(NEW.{route_by}::text, '')),
+    VALUES (pg_catalog.replace({topic_template}, {routed_variable}, {routed_value}),
             {key_text}, {key_bytes}, {payload_jsonb}, {payload_bytes},
             pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object({headers})),
             pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object({binary_headers})),

@@ -61,6 +61,10 @@ class Mapping:
     event_type: str = "type"  # table.field.event.type: outbox_events.event_type ('' for none)
     route_by: str = "aggregatetype"  # route.by.field
     topic_template: str = DEFAULT_TOPIC_TEMPLATE  # route.topic.replacement
+    # route.topic.regex, as a PostgreSQL regular expression matched against the whole value:
+    # ${routedByValue} is then its first capture group (Debezium's default, `(?<routedByValue>.*)`,
+    # is the whole value); a value it does not match is used whole.
+    topic_regex: str | None = None
     tombstone_on_empty_payload: bool = False  # route.tombstone.on.empty.payload
     headers: tuple[tuple[str, str], ...] = ()  # table.fields.additional.placement COLUMN:header:NAME
     tier_headers: bool = False  # the tier's own event-id, event-type, created-at as well
@@ -132,6 +136,14 @@ def _key_expressions(column: Column) -> tuple[sql.Composable, sql.Composable]:
     return sql.SQL("{}::text").format(new), sql.SQL("NULL")
 
 
+def _routed_value(column: Column, regex: str | None) -> sql.Composable:
+    value = sql.SQL("NEW.{}::text").format(sql.Identifier(column.name))
+    if not regex:
+        return sql.SQL("coalesce({}, '')").format(value)
+    anchored = sql.Literal(f"^(?:{regex})$")
+    return sql.SQL("coalesce(pg_catalog.substring({0}, {1}), {0}, '')").format(value, anchored)
+
+
 def _header_pairs(pairs: list[tuple[str, sql.Composable]]) -> sql.Composable:
     return sql.SQL(", ").join(sql.SQL("{}, {}").format(sql.Literal(name), value) for name, value in pairs)
 
@@ -169,7 +181,7 @@ def capture_function(mapping: Mapping, columns: dict[str, Column], *, table: str
         outbox=sql.Identifier(outbox_schema, "outbox_events"),
         topic_template=sql.Literal(mapping.topic_template),
         routed_variable=sql.Literal(ROUTED_BY_VALUE),
-        route_by=sql.Identifier(route_by.name),
+        routed_value=_routed_value(route_by, mapping.topic_regex),
         key_text=key_text, key_bytes=key_bytes,
         payload_jsonb=payload_jsonb, payload_bytes=payload_bytes,
         headers=_header_pairs(text_headers), binary_headers=_header_pairs(binary_headers),
@@ -216,6 +228,8 @@ def attach(conn: psycopg.Connection, table: str, mapping: Mapping,
             return Result(qualified, False, f"{qualified} is already attached with these options: nothing changed")
         names = {"function": sql.Identifier(schema, function), "trigger": sql.Identifier(TRIGGER),
                  "table": sql.Identifier(schema, name)}
+        if mapping.topic_regex:
+            _check_regex(conn, mapping.topic_regex)
         create = capture_function(mapping, _columns(conn, qualified_regclass(schema, name)), table=qualified,
                                   schema=schema, function=function, outbox_schema=outbox_schema[0])
         # Another mapping, or a trigger or function lost since: the trigger is made again, so it
@@ -231,6 +245,15 @@ def attach(conn: psycopg.Connection, table: str, mapping: Mapping,
     how = "re-attached with new options" if existing is not None else "attached"
     return Result(qualified, True, f"{qualified} {how}: each row inserted is published to "
                                    f"{mapping.topic_template.replace(ROUTED_BY_VALUE, '<' + mapping.route_by + '>')}")
+
+
+def _check_regex(conn: psycopg.Connection, regex: str) -> None:
+    try:
+        with conn.transaction():
+            conn.execute("SELECT '' ~ %s", (f"^(?:{regex})$",))
+    except psycopg.errors.InvalidRegularExpression as exc:
+        raise AttachError(f"--topic-regex {regex!r} is not a PostgreSQL regular expression: "
+                          f"{str(exc).strip().splitlines()[0]}") from None
 
 
 def detach(conn: psycopg.Connection, table: str, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Result:

@@ -267,3 +267,13 @@ def test_an_attached_table_survives_pg_dump_and_restore(pg, outbox, db_url):
             assert not again.changed, again.what
     finally:
         pg.drop_database(target_name)
+
+
+def test_a_partitioned_outbox_takes_the_attached_tables_events(pdb_url):
+    with psycopg.connect(pdb_url, autocommit=True) as conn:
+        conn.execute(OUTBOX_TABLE)
+        debezium.attach(conn, TABLE, debezium.Mapping())
+        conn.execute("INSERT INTO inventory.outboxevent VALUES (%s, 'Order', '1', 'OrderCreated', '{}')",
+                     (uuid.uuid4(),))
+        assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'outbox_events'::regclass").fetchone()[0] == "p"
+        assert [(e["topic"], e["key"]) for e in events(conn)] == [("outbox.event.Order", "1")]

@@ -37,6 +37,7 @@ from typing import Any
 
 import psycopg
 from psycopg import pq, sql
+from psycopg.generators import send
 
 from kaireon_pub.settings import Settings
 
@@ -104,6 +105,10 @@ def _exit_without_flush(pipeline: Any) -> Any:
     try:
         pipeline._enqueue_sync()
         yield from pipeline._communicate_gen()
+        # The send loop stops with libpq's output buffer maybe still holding the statement's tail
+        # and the Sync (a statement of a few MB); the Flush message pushed them out too, so send
+        # them without one: the server would wait for them while we wait for its reply.
+        yield from send(pipeline.pgconn)
     finally:
         yield from pipeline._fetch_gen(flush=bool(pipeline.command_queue))
 

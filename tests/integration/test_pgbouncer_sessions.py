@@ -236,3 +236,24 @@ def test_through_the_pooler_without_a_direct_url_no_partition_is_frozen_and_it_i
     direct = pooled_settings(single.url_for(pdb_url), OUTBOX_RETENTION_SECONDS="60", OUTBOX_LISTEN_DATABASE_URL=pdb_url)
     asyncio.run(partitions_once(direct, "worker-0.test", set()))
     assert old(pdb_url) == {}
+
+
+def test_a_statement_of_megabytes_is_sent_whole_by_a_pooled_connection(db_url):
+    """Ending the pipeline without psycopg's Flush must still send all of libpq's output: a
+    large parameter (a mark of many ids) once stayed half in the buffer and the statement hung,
+    the server waiting for the rest and this client for a reply (no statement timeout applies).
+    Seen on the server's unix socket (the pooled connection class, straight to the server)."""
+    settings = pooled_settings(db_url)
+
+    async def sizes() -> list[int]:
+        conn = await async_connector(settings, "worker-0.0123abcd", publisher=True)()
+        try:
+            found = []
+            for size in (1_000_000, 4_000_000):
+                cur = await asyncio.wait_for(conn.execute("SELECT length(%s::text)", ("x" * size,)), 20)
+                found.append((await cur.fetchone())[0])
+            return found
+        finally:
+            await conn.close()
+
+    assert asyncio.run(sizes()) == [1_000_000, 4_000_000]

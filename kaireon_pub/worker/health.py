@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from kaireon_pub import metrics
 from kaireon_pub.errors import new_error_id
@@ -26,6 +27,7 @@ log = logging.getLogger("kaireon_pub.worker")
 BROKER_WATCH_INTERVAL_S = 5.0
 BROKER_WATCH_TIMEOUT_S = 3.0
 STALLS_TO_RECREATE = 2
+RECONNECT_BACKOFF_MAX_MS = 10_000  # librdkafka's default reconnect.backoff.max.ms
 
 
 class ProducerHealth:
@@ -38,7 +40,7 @@ class ProducerHealth:
     def after_batch(self, outcome: BatchOutcome) -> None:
         if outcome.delivered:
             self.publisher.refusal = None  # the connection works (again)
-        elif outcome.transient_error and self.publisher.refusal:
+        elif outcome.transient_error and self.refused_lately():
             # Timed out because the broker refuses our credentials or certificate: no retry mends
             # that, so the tick is non-transient (the streak, exit 3) and names the broker's reason.
             outcome.systemic_error = f"the broker refuses the connection: {self.publisher.refusal}"
@@ -50,6 +52,17 @@ class ProducerHealth:
             self.publisher.mark_broken(f"two batches in a row undelivered: {outcome.transient_error}", "stalled")
         if outcome.producer_error and not self.publisher.broken:
             self.publisher.mark_broken(outcome.producer_error, "producer")
+
+    def refused_lately(self) -> bool:
+        """A refusal seen within the last batch's time: librdkafka tries again at least every
+        reconnect.backoff.max.ms, so a broker that still refuses us says so within that and the
+        batch's message.timeout.ms. An older one (a TLS error while a certificate rotated, a
+        broker restarting) must not turn a later outage into exit 3."""
+        publisher = self.publisher
+        if not publisher.refusal:
+            return False
+        window = (publisher.settings.message_timeout_ms + RECONNECT_BACKOFF_MAX_MS) / 1000
+        return time.monotonic() - publisher.refusal_at <= window
 
     async def recreate(self, error_id: str | None) -> None:
         reason, cause = self.publisher.broken, self.publisher.broken_cause or "producer"
@@ -69,6 +82,7 @@ class ProducerHealth:
             if self.slot == 0:
                 metrics.BROKER_UP.set(0)
         else:
+            self.publisher.refusal = None  # the broker answered this worker's credentials just now
             if self.slot == 0:
                 metrics.BROKER_UP.set(1)
         if cluster_id:

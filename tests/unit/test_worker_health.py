@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from kaireon_pub import metrics
 from kaireon_pub.worker.health import BROKER_WATCH_INTERVAL_S, ProducerHealth
@@ -45,15 +46,33 @@ def test_a_producer_error_is_the_cause_not_a_stall():
 def test_a_batch_timed_out_while_the_broker_refuses_the_client_is_not_transient():
     h = health()
     h.publisher.refusal = "_AUTHENTICATION: SASL authentication error: Authentication failed"
+    h.publisher.refusal_at = time.monotonic()
     outcome = BatchOutcome(transient_error="_MSG_TIMED_OUT: Local: Message timed out")
     h.after_batch(outcome)
     assert outcome.systemic_error == ("the broker refuses the connection: "
                                       "_AUTHENTICATION: SASL authentication error: Authentication failed")
 
 
+def test_an_old_refusal_does_not_make_a_later_outage_systemic():
+    # A TLS error while a certificate rotated, 40 s ago: a broker outage now is transient.
+    h = health()
+    h.publisher.refusal, h.publisher.refusal_at = "_SSL: certificate verify failed", time.monotonic() - 40
+    outcome = BatchOutcome(transient_error="_MSG_TIMED_OUT")
+    h.after_batch(outcome)
+    assert outcome.systemic_error is None
+
+
+def test_a_broker_watch_that_answers_forgets_the_refusal():
+    h = health(cluster_ids=["A"])
+    h.publisher.refusal, h.publisher.refusal_at = "_SSL: certificate verify failed", time.monotonic()
+    asyncio.run(h.watch_once())
+    assert h.publisher.refusal is None
+
+
 def test_a_delivery_forgets_the_refusal_and_a_timeout_without_one_stays_transient():
     h = health()
     h.publisher.refusal = "_SSL: certificate verify failed"
+    h.publisher.refusal_at = time.monotonic()
     h.after_batch(BatchOutcome(delivered=[1]))
     assert h.publisher.refusal is None
     outcome = BatchOutcome(transient_error="_MSG_TIMED_OUT")

@@ -3,6 +3,8 @@ environment, a clock the test moves, a producer's health flags, a claim's tuples
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from kaireon_pub.settings import Settings
 from kaireon_pub.worker.scan import ShardScan
 
@@ -28,6 +30,8 @@ class FakePublisher:
         self.broken: str | None = None
         self.broken_cause: str | None = None
         self.refusal: str | None = None
+        self.refusal_at = 0.0
+        self.settings = SimpleNamespace(message_timeout_ms=10_000)
         self.recreated = 0
         self.cluster_ids = list(cluster_ids)
 

@@ -33,6 +33,7 @@ import asyncio
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +98,7 @@ class ServedProducer:
         # The broker's last refusal of this client (SASL credentials, a TLS certificate), until a
         # delivery shows the connection works: an operator must act (worker/health.py).
         self.refusal: str | None = None
+        self.refusal_at = 0.0  # time.monotonic() of the last refusal
         self._open: set[Batch] = set()  # the batches waiting for their reports: woken when broken
         self._watch: Any = None  # the broker watch's admin client (fetch_cluster_id)
         self._start()
@@ -125,7 +127,7 @@ class ServedProducer:
             self.mark_broken(describe(err), "fatal")
         elif err.code() in REFUSALS:
             level = logging.ERROR
-            self.refusal = describe(err)
+            self.refusal, self.refusal_at = describe(err), time.monotonic()
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
             level = logging.WARNING
         else:

@@ -24,6 +24,7 @@ over TLS) are session fixtures; every Kafka fixture skips, with the reason, with
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -217,8 +218,18 @@ def broker(request, kafka_logs) -> Iterator[object]:
 
 @pytest.fixture
 def restartable_broker(request, kafka_logs) -> Iterator[object]:
-    """A broker of the test's own, for tests that stop or restart it (with Kafka: started again empty)."""
-    yield from _broker(request, Path(tempfile.mkdtemp(prefix="restartable-", dir=kafka_logs)))
+    """A broker of the test's own, for tests that stop, freeze or restart it. With Kafka, the
+    session's node (a JVM starts in 10-20 s on a loaded machine): stopped, it comes back empty,
+    as a Tansu of the test's own would be; thawed and started again, if need be, when the test ends."""
+    if broker_kind(request.config) != "kafka":
+        yield from _broker(request, kafka_logs)
+        return
+    b = request.getfixturevalue("broker")
+    yield b
+    if b.process is not None and b.process.poll() is None:
+        os.kill(b.process.pid, signal.SIGCONT)
+    else:
+        b.start()
 
 
 @pytest.fixture(scope="session")

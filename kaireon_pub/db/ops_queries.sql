@@ -131,11 +131,11 @@ FROM picked
 WHERE e.id = picked.id AND e.status = 'failed'
 RETURNING e.id;
 
--- schema_objects: the tier's tables and the indexes of outbox_events that exist
+-- schema_objects: which of the given tables (those the migrations create), and which indexes of outbox_events, exist
 SELECT 'table' AS kind, c.relname AS name
 FROM pg_class c
 WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
-  AND c.relname IN ('outbox_events', 'outbox_shard_leases', 'outbox_workers', 'outbox_reaper_runs')
+  AND c.relname = ANY(%(tables)s::text[])
 UNION ALL
 SELECT 'index', indexname FROM pg_indexes
 WHERE schemaname = current_schema() AND tablename = 'outbox_events';

@@ -167,7 +167,7 @@ def _check_schema(report: Report, conn: psycopg.Connection) -> bool:
         report.schema_missing = True
         return False
     tables, indexes = expected_objects()
-    present = {(kind, name) for kind, name in conn.execute(OPS.schema_objects).fetchall()}
+    present = {(kind, name) for kind, name in conn.execute(OPS.schema_objects, {"tables": sorted(tables)}).fetchall()}
     missing = sorted({("table", t) for t in tables} - present) + sorted({("index", i) for i in indexes} - present)
     if missing:
         report.add("schema", "fail", "missing " + ", ".join(f"{k} {n}" for k, n in missing)

@@ -180,7 +180,7 @@ def test_check_names_the_features_off_behind_pgbouncer(bouncer, db_url, broker, 
     assert "PgBouncer 1.18" in pooler["detail"]
     assert "prepared statements off" in pooler["detail"]
     assert "poll every 200 ms" in pooler["detail"]
-    assert checks["schema"]["status"] == "ok"
+    assert checks["schema"]["status"] == "ok", checks["schema"]
     assert code == 0
 
     code, checks = check({**polling_env, "OUTBOX_LISTEN_DATABASE_URL": db_url})

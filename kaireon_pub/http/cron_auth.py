@@ -88,6 +88,9 @@ def _matches(value: str | None, expected_digests: Sequence[bytes]) -> bool:
     return any(found)
 
 
+_UNSEEN = (-1, -1, -1)  # no stat of a file is this
+
+
 class _FileSecret:
     """A secret given inline, or read from a file and read again when the file changes."""
 
@@ -95,7 +98,10 @@ class _FileSecret:
         self.variable = variable
         self.value = value
         self.path = path
-        self._seen = self._identity() if path else None
+        # Nothing of the file seen yet: the first current() reads it. The value Settings read may
+        # be stale (read once when the supervisor started; an HTTP child respawned after a
+        # rotation builds its secrets anew and must serve the file as it is now).
+        self._seen: tuple[int, int, int] | None = _UNSEEN
 
     def _identity(self) -> tuple[int, int, int] | None:
         try:
@@ -124,8 +130,9 @@ class _FileSecret:
                       "this secret until the file is fixed",
                       extra={"event": "cron secret refused", "errorId": new_error_id(), "variable": self.variable})
             return None
-        log.info(f"{self.variable} changed; the cron route accepts the new secret",
-                 extra={"event": "cron secret reloaded", "variable": self.variable})
+        if value != self.value:
+            log.info(f"{self.variable} changed; the cron route accepts the new secret",
+                     extra={"event": "cron secret reloaded", "variable": self.variable})
         return value
 
 

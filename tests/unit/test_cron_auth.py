@@ -502,3 +502,27 @@ def test_a_rotated_cron_secret_file_takes_effect_without_a_restart(tmp_path, cap
     assert events == ["cron secret reloaded", "cron secret refused", "cron secret refused", "cron secret reloaded"]
     for line in json_lines(caplog):
         assert OLD not in line and NEW not in line and "short" not in line.replace("shorter", "")
+
+
+def test_secrets_built_after_a_rotation_serve_the_file_as_it_is_now(tmp_path, caplog):
+    """An HTTP child respawned after a rotation builds its CronSecrets from the Settings the
+    supervisor read at its start: the file, not that stale value, decides what is accepted."""
+    caplog.set_level(logging.DEBUG)
+    secret_file = tmp_path / "cron"
+    secret_file.write_text(OLD + "\n")
+    settings = Settings.from_env({"DATABASE_URL": "postgresql:///x", "KAFKA_BOOTSTRAP_SERVERS": "b:1",
+                                  "CRON_SECRET_FILE": str(secret_file)})
+    assert settings.cron_secret == OLD
+    assert cron_auth.CronSecrets(settings).accepted() == [OLD]
+
+    rotate(secret_file, NEW)
+    respawned = cron_auth.CronSecrets(settings)
+    assert respawned.accepted() == [NEW]
+    assert cron_auth.authenticate({"HTTP_X_CRON_SECRET": NEW}, respawned.accepted()) is None
+    assert cron_auth.authenticate({"HTTP_X_CRON_SECRET": OLD}, respawned.accepted()) is not None
+
+    # Rotated to a refused value before the child starts: closed, as for a running child.
+    rotate(secret_file, "short")
+    assert cron_auth.CronSecrets(settings).accepted() == [None]
+    events = [r.event for r in caplog.records if getattr(r, "event", "").startswith("cron secret")]
+    assert events == ["cron secret reloaded", "cron secret refused"]

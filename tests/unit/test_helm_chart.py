@@ -104,7 +104,8 @@ FULL = {
     "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
 }
 MONITORING = {
-    "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True, "horizonAge": {"enabled": True}}},
+    "metrics": {"serviceMonitor": {"enabled": True},
+                "prometheusRule": {"enabled": True, "horizonAge": {"enabled": True}}},
     "dashboards": {"enabled": True},
 }
 REAPER_OFF = {"cron": {"schedules": {"outboxReaper": {"enabled": False}}}}
@@ -130,7 +131,8 @@ KNOBS = {
 SUBCHART_VALUES = {"global": {"imageRegistry": "registry.example", "storageClass": "fast"}, "enabled": True}
 RUNBOOK = "https://wiki.example/runbooks/outbox"
 PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
-KEDA = {"autoscaling": {"keda": {"enabled": True, "prometheus": {"serverAddress": PROMETHEUS_URL, "oldestPendingAgeSeconds": 120},
+KEDA = {"autoscaling": {"keda": {"enabled": True,
+                                 "prometheus": {"serverAddress": PROMETHEUS_URL, "oldestPendingAgeSeconds": 120},
                                  "postgresql": {"enabled": True}}}}
 RENDER = {
     "default": {},
@@ -165,7 +167,8 @@ RENDER = {
     "keda-postgresql-only": {"autoscaling": {"minReplicas": 3, "maxReplicas": 8, "behavior": None,
                                              "keda": {"enabled": True, "prometheus": {"enabled": False},
                                                       "postgresql": {"enabled": True, "pendingPerReplica": 5000,
-                                                                     "existingSecret": "pg-direct", "key": "DIRECT_URL"}}}},
+                                                                     "existingSecret": "pg-direct",
+                                                                     "key": "DIRECT_URL"}}}},
     "keda-without-crds": KEDA,
     **{f"schedule:{macro}": {"cron": {"schedules": {"outboxReaper": {"schedule": macro}}}}
        for macro in ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly", "0 */6 * * 1-5")},
@@ -212,24 +215,35 @@ RELEASE_OF = {"monitoring-other-release": "payments"}
 BAD = {
     "replicas-string": ({"outboxPublisher": {"replicas": "two"}}, "/outboxPublisher/replicas"),
     "poll-negative": ({"outboxPublisher": {"pollIntervalMs": -1}}, "/outboxPublisher/pollIntervalMs"),
-    "drain-too-short": ({"outboxPublisher": {"shutdownDrainTimeoutMs": 10}}, "/outboxPublisher/shutdownDrainTimeoutMs"),
+    "drain-too-short": ({"outboxPublisher": {"shutdownDrainTimeoutMs": 10}},
+                        "/outboxPublisher/shutdownDrainTimeoutMs"),
     "typo": ({"outboxPublisher": {"pollIntervalMS": 500}}, "pollIntervalMS"),
-    "unknown-env": ({"outboxPublisher": {"extraEnv": [{"name": "OUTBOX_POLL_MS", "value": "5"}]}}, "/outboxPublisher/extraEnv/0/name"),
+    "unknown-env": ({"outboxPublisher": {"extraEnv": [{"name": "OUTBOX_POLL_MS", "value": "5"}]}},
+                    "/outboxPublisher/extraEnv/0/name"),
     "kafka-not-prefixed": ({"kafka": {"extraConfig": {"LINGER_MS": "5"}}}, "LINGER_MS"),
-    "cron-relative-path": ({"cron": {"schedules": {"outboxReaper": {"path": "api/v1/cron/outbox-reaper"}}}}, "/cron/schedules/outboxReaper/path"),
+    "cron-relative-path": ({"cron": {"schedules": {"outboxReaper": {"path": "api/v1/cron/outbox-reaper"}}}},
+                           "/cron/schedules/outboxReaper/path"),
     # The root filesystem is read-only: a liveness file outside /tmp crash-loops the pod.
-    "liveness-outside-tmp": ({"outboxPublisher": {"livenessFile": "/var/run/outbox.alive"}}, "/outboxPublisher/livenessFile"),
-    "liveness-escapes-tmp": ({"outboxPublisher": {"livenessFile": "/tmp/../etc/outbox.alive"}}, "/outboxPublisher/livenessFile"),
+    "liveness-outside-tmp": ({"outboxPublisher": {"livenessFile": "/var/run/outbox.alive"}},
+                             "/outboxPublisher/livenessFile"),
+    "liveness-escapes-tmp": ({"outboxPublisher": {"livenessFile": "/tmp/../etc/outbox.alive"}},
+                             "/outboxPublisher/livenessFile"),
     "liveness-is-tmp": ({"outboxPublisher": {"livenessFile": "/tmp/"}}, "/outboxPublisher/livenessFile"),
-    "env-set-by-chart": ({"outboxPublisher": {"extraEnv": [{"name": "DATABASE_URL", "value": "postgresql://x"}]}}, "/outboxPublisher/extraEnv/0/name"),
-    "env-secret-inline": ({"outboxPublisher": {"extraEnv": [{"name": "CRON_SECRET", "value": "s3cret"}]}}, "/outboxPublisher/extraEnv/0/name"),
+    "env-set-by-chart": ({"outboxPublisher": {"extraEnv": [{"name": "DATABASE_URL", "value": "postgresql://x"}]}},
+                         "/outboxPublisher/extraEnv/0/name"),
+    "env-secret-inline": ({"outboxPublisher": {"extraEnv": [{"name": "CRON_SECRET", "value": "s3cret"}]}},
+                          "/outboxPublisher/extraEnv/0/name"),
     "pdb-over-100%": ({"outboxPublisher": {"pdb": {"minAvailable": "150%"}}}, "/outboxPublisher/pdb/minAvailable"),
-    "schedule-words": ({"cron": {"schedules": {"outboxReaper": {"schedule": "every two minutes"}}}}, "/cron/schedules/outboxReaper/schedule"),
-    "schedule-every": ({"cron": {"schedules": {"outboxReaper": {"schedule": "@every 2m"}}}}, "/cron/schedules/outboxReaper/schedule"),
+    "schedule-words": ({"cron": {"schedules": {"outboxReaper": {"schedule": "every two minutes"}}}},
+                       "/cron/schedules/outboxReaper/schedule"),
+    "schedule-every": ({"cron": {"schedules": {"outboxReaper": {"schedule": "@every 2m"}}}},
+                       "/cron/schedules/outboxReaper/schedule"),
     "digest-not-sha256": ({"image": {"digest": "latest"}}, "/image/digest"),
     # Zero replicas publish nothing and export no backlog metric to scale back up on.
-    "autoscaling-min-zero": ({"autoscaling": {"minReplicas": 0, "hpa": {"enabled": True}}}, "/autoscaling/minReplicas"),
-    "keda-server-not-a-url": ({"autoscaling": {"keda": {"enabled": True, "prometheus": {"serverAddress": "prometheus:9090"}}}},
+    "autoscaling-min-zero": ({"autoscaling": {"minReplicas": 0, "hpa": {"enabled": True}}},
+                             "/autoscaling/minReplicas"),
+    "keda-server-not-a-url": ({"autoscaling": {"keda": {"enabled": True,
+                                                        "prometheus": {"serverAddress": "prometheus:9090"}}}},
                               "/autoscaling/keda/prometheus/serverAddress"),
     "hpa-typo": ({"autoscaling": {"hpa": {"enabled": True, "pendingPerPod": 10}}}, "pendingPerPod"),
     # A common label may not replace one of the chart's own (selectors and Helm's bookkeeping read them).
@@ -252,17 +266,21 @@ FAIL = {
                                  "outboxPublisher": {"extraEnv": [{"name": "KAFKA_LINGER_MS", "value": "10"}]}},
                                 "KAFKA_LINGER_MS is already set by kafka.extraConfig"),
     "extra-config-set-by-chart": ({"kafka": {"extraConfig": {"KAFKA_BOOTSTRAP_SERVERS": "b:9092"}}},
-                                  "kafka.extraConfig.KAFKA_BOOTSTRAP_SERVERS: KAFKA_BOOTSTRAP_SERVERS is already set by the chart"),
+                                  "kafka.extraConfig.KAFKA_BOOTSTRAP_SERVERS: "
+                                  "KAFKA_BOOTSTRAP_SERVERS is already set by the chart"),
     "cron-deadline-too-short": ({"cron": {"activeDeadlineSeconds": 60}}, "cron.activeDeadlineSeconds (60) must exceed"),
     # 4 attempts x 20 s fit in 85 s, but not with call-reaper's 2 + 4 + 8 s between them.
     "cron-deadline-without-backoff": ({"cron": {"activeDeadlineSeconds": 85}},
-                                      "cron.activeDeadlineSeconds (85) must exceed (cron.retries + 1) x cron.timeoutSeconds + the back-off between attempts (94 s)"),
-    "autoscalers-both": ({"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True, "prometheus": {"serverAddress": PROMETHEUS_URL}}}},
+                                      "cron.activeDeadlineSeconds (85) must exceed (cron.retries + 1) x "
+                                      "cron.timeoutSeconds + the back-off between attempts (94 s)"),
+    "autoscalers-both": ({"autoscaling": {"hpa": {"enabled": True},
+                                          "keda": {"enabled": True, "prometheus": {"serverAddress": PROMETHEUS_URL}}}},
                          "autoscaling.hpa.enabled and autoscaling.keda.enabled are both true"),
     "autoscaling-min-above-max": ({"autoscaling": {"minReplicas": 5, "maxReplicas": 3, "hpa": {"enabled": True}}},
                                   "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (3)"),
     "autoscaling-more-workers-than-shards": ({"autoscaling": {"maxReplicas": 129, "hpa": {"enabled": True}}},
-                                             "autoscaling.maxReplicas (129) x outboxPublisher.workers (2) is above the 256 shards"),
+                                             "autoscaling.maxReplicas (129) x outboxPublisher.workers (2) "
+                                             "is above the 256 shards"),
     "hpa-without-a-metric": ({"autoscaling": {"hpa": {"enabled": True, "pendingPerReplica": None}}},
                              "pendingPerReplica and oldestPendingAgeSeconds are both null"),
     "keda-without-server-address": ({"autoscaling": {"keda": {"enabled": True}}},
@@ -347,7 +365,8 @@ def helm(tmp_path_factory) -> dict[str, dict]:
     for name, values in RENDER.items():
         jobs[f"render:{name}"] = {"op": "render", "chart": str(CHART), "values": values,
                                   "release": RELEASE_OF.get(name, RELEASE), "namespace": NAMESPACE,
-                                  "api_versions": [MONITORING_API] * (name in WITH_MONITORING_API) + [KEDA_API] * (name in WITH_KEDA_API)}
+                                  "api_versions": ([MONITORING_API] * (name in WITH_MONITORING_API)
+                                                   + [KEDA_API] * (name in WITH_KEDA_API))}
     for name, (values, _) in (BAD | FAIL).items():
         jobs[f"bad:{name}"] = {"op": "render", "chart": str(CHART), "values": values,
                                "api_versions": FAIL_API_VERSIONS.get(name, [])}
@@ -440,8 +459,10 @@ def test_schema_accepts_the_schedules_kubernetes_accepts(helm, variant):
 def test_schema_refuses_in_extra_env_every_name_the_chart_always_sets(helm):
     """The schema's list is exactly the names every publisher pod gets from the chart itself."""
     schema = json.loads((CHART / "values.schema.json").read_text())
-    refused = set(schema["properties"]["outboxPublisher"]["properties"]["extraEnv"]["items"]["properties"]["name"]["not"]["enum"])
-    always = set.intersection(*(set(env_of(publisher(rendered(helm, v)))) for v in ("default", "minimal", "tier-workers")))
+    env_name = schema["properties"]["outboxPublisher"]["properties"]["extraEnv"]["items"]["properties"]["name"]
+    refused = set(env_name["not"]["enum"])
+    always = set.intersection(*(set(env_of(publisher(rendered(helm, v))))
+                                for v in ("default", "minimal", "tier-workers")))
     # CRON_SECRET too, where the chart does not set it: a literal value would put the secret in the pod spec.
     assert refused == always | {"CRON_SECRET"}, (refused, always)
 
@@ -462,10 +483,12 @@ def test_liveness_file_must_be_in_the_writable_tmp_mount(helm):
 def test_schema_env_names_are_the_settings_registry():
     """extraEnv may name a tier setting or a KAFKA_* pass-through, nothing else."""
     schema = json.loads((CHART / "values.schema.json").read_text())
-    pattern = schema["properties"]["outboxPublisher"]["properties"]["extraEnv"]["items"]["properties"]["name"]["pattern"]
+    env_name = schema["properties"]["outboxPublisher"]["properties"]["extraEnv"]["items"]["properties"]["name"]
+    pattern = env_name["pattern"]
     # The tier's settings, then the OpenTelemetry SDK's own OTEL_* variables and librdkafka's KAFKA_*.
     named = set(re.fullmatch(r"\^\((.*)\|OTEL_\[A-Z0-9_\]\+\|KAFKA_\[A-Z0-9_\]\+\)\$", pattern).group(1).split("|"))
-    assert named == SETTING_NAMES, f"update the extraEnv name pattern: missing {SETTING_NAMES - named}, unknown {named - SETTING_NAMES}"
+    assert named == SETTING_NAMES, (f"update the extraEnv name pattern: missing {SETTING_NAMES - named}, "
+                                    f"unknown {named - SETTING_NAMES}")
 
 
 # ---- values.yaml: the spec's knobs, one source of truth ------------------------------------
@@ -524,10 +547,11 @@ def test_publisher_env_carries_the_spec_values(helm):
     assert env["OUTBOX_POLL_INTERVAL_MS"]["value"] == "2000"
     assert env["OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS"]["value"] == "15000"
     assert env["OUTBOX_LIVENESS_FILE"]["value"] == "/tmp/outbox-publisher.alive"
-    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-kaireon-pub-database", "key": "DATABASE_URL"}
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-kaireon-pub-database",
+                                                                "key": "DATABASE_URL"}
     # Optional: publishing needs no cron secret (without it the route answers 401).
-    assert env["CRON_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-kaireon-pub-cron", "key": "CRON_SECRET",
-                                                               "optional": True}
+    assert env["CRON_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-kaireon-pub-cron",
+                                                               "key": "CRON_SECRET", "optional": True}
     assert env["KAFKA_BOOTSTRAP_SERVERS"]["value"]
 
 
@@ -566,7 +590,8 @@ def test_pdb_and_service_select_the_publisher_pods(helm):
     objects = rendered(helm, "replicas-3")
     pod_labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert objects["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
-    for selector in (objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"], objects["Service"]["spec"]["selector"]):
+    for selector in (objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+                     objects["Service"]["spec"]["selector"]):
         assert selector.items() <= pod_labels.items()
     assert rendered(helm, "full")["PodDisruptionBudget"]["spec"]["minAvailable"] == "50%"
 
@@ -625,7 +650,8 @@ def test_replicas_spread_over_nodes_and_zones_without_blocking_a_schedule(helm, 
 def test_pod_labels_carry_version_and_manager_outside_the_selectors(helm):
     objects = rendered(helm, "replicas-3")
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    for template in (objects["Deployment"]["spec"]["template"], objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]):
+    for template in (objects["Deployment"]["spec"]["template"],
+                     objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]):
         labels = template["metadata"]["labels"]
         assert labels["app.kubernetes.io/version"] == chart["appVersion"]
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
@@ -645,7 +671,8 @@ def test_image_has_a_registry_and_takes_a_digest(helm):
         objects = rendered(helm, variant)
         spec = objects["Deployment"]["spec"]["template"]["spec"]
         images = {c["image"] for c in spec["containers"] + spec["initContainers"]}
-        images |= {c["image"] for c in objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]}
+        cron_spec = objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        images |= {c["image"] for c in cron_spec["containers"]}
         assert images == {image}
 
 
@@ -671,7 +698,8 @@ def test_kafka_sasl_and_tls_come_from_existing_secrets(helm):
     assert env["KAFKA_SASL_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "kafka-user"
     assert env["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "kafka-user"
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "kafka-tls"]
-    for name, key in [("KAFKA_SSL_CA_LOCATION", "ca.crt"), ("KAFKA_SSL_CERTIFICATE_LOCATION", "tls.crt"), ("KAFKA_SSL_KEY_LOCATION", "tls.key")]:
+    for name, key in [("KAFKA_SSL_CA_LOCATION", "ca.crt"), ("KAFKA_SSL_CERTIFICATE_LOCATION", "tls.crt"),
+                      ("KAFKA_SSL_KEY_LOCATION", "tls.key")]:
         assert env[name]["value"] == f"{mount['mountPath']}/{key}"
     volumes = objects["Deployment"]["spec"]["template"]["spec"]["volumes"]
     assert {"name": "kafka-tls", "secret": {"secretName": "kafka-tls"}} in volumes
@@ -842,7 +870,8 @@ def secret_refs(objects: dict[str, dict]) -> list[tuple[str, bool]]:
                     refs.append((ref["name"], ref.get("optional", False)))
             refs += [(e["secretRef"]["name"], e["secretRef"].get("optional", False))
                      for e in container.get("envFrom", []) if "secretRef" in e]
-        refs += [(v["secret"]["secretName"], v["secret"].get("optional", False)) for v in spec.get("volumes", []) if "secret" in v]
+        refs += [(v["secret"]["secretName"], v["secret"].get("optional", False))
+                 for v in spec.get("volumes", []) if "secret" in v]
     return refs
 
 
@@ -864,7 +893,8 @@ def test_cron_secret_is_optional_for_the_publisher_and_required_by_the_reaper(he
     (container,) = objects["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     assert env_of(container)["CRON_SECRET"]["valueFrom"]["secretKeyRef"].get("optional", False) is False
     # A Secret named for another caller of the route is passed on with the reaper off.
-    external = env_of(publisher(rendered(helm, "cron-secret-without-reaper")))["CRON_SECRET"]["valueFrom"]["secretKeyRef"]
+    external = env_of(publisher(rendered(helm, "cron-secret-without-reaper")))["CRON_SECRET"]
+    external = external["valueFrom"]["secretKeyRef"]
     assert external == {"name": "external-cron", "key": "CRON_SECRET", "optional": True}
 
 
@@ -1048,13 +1078,15 @@ def test_no_argv_carries_a_secret(helm, variant):
         for container in spec["containers"] + spec.get("initContainers", []):
             secret_env = {n for n, e in env_of(container).items() if "secretKeyRef" in e.get("valueFrom", {})}
             argvs = [container.get("command", []) + container.get("args", [])]
-            argvs += [probe["exec"]["command"] for probe in (container.get("livenessProbe"), container.get("readinessProbe"))
+            argvs += [probe["exec"]["command"]
+                      for probe in (container.get("livenessProbe"), container.get("readinessProbe"))
                       if probe and "exec" in probe]
             for argv in argvs:
                 text = " ".join(argv)
                 assert not {"sh", "/bin/sh", "bash", "/bin/bash"} & set(argv), (container["name"], argv)
                 assert "$(" not in text and "${" not in text, (container["name"], argv)
-                assert not any(name in text for name in secret_env | {"CRON_SECRET", "SASL_PASSWORD"}), (container["name"], argv)
+                assert not any(name in text for name in secret_env | {"CRON_SECRET", "SASL_PASSWORD"}), (
+                    container["name"], argv)
 
 
 class _Route(http.server.BaseHTTPRequestHandler):
@@ -1096,8 +1128,8 @@ def test_reaper_job_argv_runs_against_a_stand_in_route(helm, status, succeeds):
     thread.start()
     try:
         url = args[args.index("--url") + 1]
-        args[args.index("--url") + 1] = url.replace(f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}",
-                                                    f"127.0.0.1:{server.server_port}")
+        in_cluster = f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+        args[args.index("--url") + 1] = url.replace(in_cluster, f"127.0.0.1:{server.server_port}")
         if not succeeds:
             args[args.index("--retries") + 1] = "0"
         done = subprocess.run([sys.executable, "-m", "kaireon_pub", *args],
@@ -1120,7 +1152,8 @@ def test_service_monitor_scrapes_metrics_on_the_service_port(helm):
     objects = rendered(helm, "full")
     (endpoint,) = objects["ServiceMonitor"]["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics" and endpoint["port"] == objects["Service"]["spec"]["ports"][0]["name"]
-    assert objects["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= objects["Service"]["metadata"]["labels"].items()
+    assert (objects["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items()
+            <= objects["Service"]["metadata"]["labels"].items())
 
 
 def test_monitoring_objects_need_their_values_flags_and_the_crds(helm):
@@ -1188,7 +1221,8 @@ def test_every_alert_reads_this_release_only_and_aggregates_per_release(helm, va
             assert {("namespace", NAMESPACE), ("job", job)} <= matchers, (name, rule["expr"])
             aggregations = [a for a in ancestors if isinstance(a, promql_parser.AggregateExpr)]
             in_absent = any(isinstance(a, promql_parser.Call) and a.func.name == "absent" for a in ancestors)
-            assert in_absent or any(sorted(a.modifier.labels) == ["job", "namespace"] and str(a.modifier.type).endswith("By")
+            assert in_absent or any(sorted(a.modifier.labels) == ["job", "namespace"]
+                                    and str(a.modifier.type).endswith("By")
                                     for a in aggregations), (name, rule["expr"])
 
 
@@ -1215,7 +1249,8 @@ def test_prometheus_rule_alerts_link_to_the_runbook_and_read_exported_metrics(he
 
     rules = rules_of(helm, "monitoring")
     anchors = {name: r["annotations"]["runbook_url"].rsplit("#", 1) for name, r in rules.items()}
-    assert {a for _, a in anchors.values()} == {"outboxbacklog", "publisher-pod-down", "liveness-stale", "failed-events",
+    assert {a for _, a in anchors.values()} == {"outboxbacklog", "publisher-pod-down", "liveness-stale",
+                                                "failed-events",
                                                 "pending-rows-held-back-by-a-long-transaction", "database-down",
                                                 "broker-down", "stuck-rows"}
     # Each anchor is a section of the runbook (GitHub's: lower case, spaces to hyphens, no punctuation).
@@ -1279,7 +1314,8 @@ LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 def check_metadata(obj: dict) -> None:
     assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}, set(obj)
     assert set(obj["metadata"]) <= {"name", "labels", "annotations"}
-    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"])
+    assert len(obj["metadata"]["name"]) <= 63
     assert all(isinstance(v, str) for v in obj["metadata"].get("labels", {}).values())
 
 
@@ -1368,7 +1404,8 @@ def test_every_rendered_object_is_valid_for_kubernetes(helm, variant, version):
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{variant}: {obj['kind']} {obj['metadata']['name']} is invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}")
+            pytest.fail(f"{variant}: {obj['kind']} {obj['metadata']['name']} is invalid for Kubernetes {version}: "
+                        f"{exc.message} at {list(exc.path)}")
 
 
 def test_validation_covers_the_variants_the_issue_names(helm):
@@ -1391,8 +1428,10 @@ def test_validation_covers_the_variants_the_issue_names(helm):
 
 def test_validator_catches_what_it_is_for():
     """A control: the strict validator refuses an unknown field and a wrong type."""
-    for bad in ({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": "http"}]}},
-                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"enableServiceLinks": False}}):
+    for bad in ({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+                 "spec": {"ports": [{"port": "http"}]}},
+                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+                 "spec": {"enableServiceLinks": False}}):
         with pytest.raises(kubernetes_validate.ValidationError):
             kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
 
@@ -1443,7 +1482,8 @@ def exported_metrics() -> set[str]:
     return {f.name + ("_total" if f.type == "counter" else "") for f in families}
 
 
-@pytest.mark.parametrize("variant,owner", [("hpa", "HorizontalPodAutoscaler"), ("hpa-age-min-1", "HorizontalPodAutoscaler"),
+@pytest.mark.parametrize("variant,owner", [("hpa", "HorizontalPodAutoscaler"),
+                                           ("hpa-age-min-1", "HorizontalPodAutoscaler"),
                                            ("keda", "ScaledObject"), ("keda-postgresql-only", "ScaledObject"),
                                            ("keda-without-crds", None), ("default", None)])
 def test_deployment_leaves_replicas_to_the_autoscaler(helm, variant, owner):
@@ -1469,18 +1509,22 @@ def test_hpa_scales_on_the_backlog_through_external_metrics(helm):
     objects = rendered(helm, "hpa")
     spec = objects["HorizontalPodAutoscaler"]["spec"]
     values = values_yaml()["autoscaling"]
-    assert (spec["minReplicas"], spec["maxReplicas"], spec["behavior"]) == (values["minReplicas"], values["maxReplicas"], values["behavior"])
+    assert ((spec["minReplicas"], spec["maxReplicas"], spec["behavior"])
+            == (values["minReplicas"], values["maxReplicas"], values["behavior"]))
     (metric,) = spec["metrics"]
     assert metric["type"] == "External"
+    job = objects["Service"]["metadata"]["name"]
     assert metric["external"]["metric"] == {"name": "kaireon_outbox_pending_count",
-                                            "selector": {"matchLabels": {"job": objects["Service"]["metadata"]["name"]}}}
-    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": str(values["hpa"]["pendingPerReplica"])}
+                                            "selector": {"matchLabels": {"job": job}}}
+    assert metric["external"]["target"] == {"type": "AverageValue",
+                                            "averageValue": str(values["hpa"]["pendingPerReplica"])}
     (age,) = rendered(helm, "hpa-age-min-1")["HorizontalPodAutoscaler"]["spec"]["metrics"]
     assert age["external"]["metric"] == {"name": "kaireon_outbox_oldest_pending_age_seconds",
                                          "selector": {"matchLabels": {"service": "outbox"}}}
     assert age["external"]["target"] == {"type": "Value", "value": "60"}
     for variant in ("hpa", "hpa-age-min-1"):
-        names = {m["external"]["metric"]["name"] for m in rendered(helm, variant)["HorizontalPodAutoscaler"]["spec"]["metrics"]}
+        metrics = rendered(helm, variant)["HorizontalPodAutoscaler"]["spec"]["metrics"]
+        names = {m["external"]["metric"]["name"] for m in metrics}
         assert names <= exported_metrics()
 
 
@@ -1533,7 +1577,8 @@ def test_keda_prometheus_triggers_read_this_release_as_one_sample(helm):
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == values["behavior"]
     triggers = {t["name"]: t for t in spec["triggers"]}
     assert set(triggers) == {"pending", "oldest-pending-age", "pending-rows"}
-    expected = {"pending": ("kaireon_outbox_pending_count", "AverageValue", str(values["keda"]["prometheus"]["pendingPerReplica"])),
+    expected = {"pending": ("kaireon_outbox_pending_count", "AverageValue",
+                            str(values["keda"]["prometheus"]["pendingPerReplica"])),
                 "oldest-pending-age": ("kaireon_outbox_oldest_pending_age_seconds", "Value", "120")}
     job = objects["Service"]["metadata"]["name"]
     for name, (metric, metric_type, threshold) in expected.items():
@@ -1566,9 +1611,11 @@ def test_keda_postgresql_trigger_is_bounded_and_reads_the_dsn_from_the_secret(he
     # Bounded by maxReplicas x pendingPerReplica (the most the autoscaler can use), on the rows
     # the claim index covers (its predicate is status = 'pending').
     query = trigger["metadata"]["query"]
-    assert re.fullmatch(r"SELECT count\(\*\) FROM \(SELECT 1 FROM outbox_events WHERE status = 'pending' LIMIT (\d+)\) AS pending",
+    assert re.fullmatch(r"SELECT count\(\*\) FROM \(SELECT 1 FROM outbox_events "
+                        r"WHERE status = 'pending' LIMIT (\d+)\) AS pending",
                         query), query
-    assert int(query.rsplit("LIMIT ", 1)[1].split(")")[0]) == cap == objects["ScaledObject"]["spec"]["maxReplicaCount"] * int(trigger["metadata"]["targetQueryValue"])
+    assert int(query.rsplit("LIMIT ", 1)[1].split(")")[0]) == cap == (
+        objects["ScaledObject"]["spec"]["maxReplicaCount"] * int(trigger["metadata"]["targetQueryValue"]))
     migration = (ROOT / "kaireon_pub" / "db" / "migrations").glob("0001_*.sql")
     assert "ON outbox_events (shard, xid, id) WHERE status = 'pending'" in next(migration).read_text()
     if variant == "keda-postgresql-only":

@@ -33,7 +33,7 @@ from kaireon_pub.ops.check_broker import check_broker_and_topics
 from kaireon_pub.ops.check_database import check_database, check_pooler
 from kaireon_pub.ops.check_report import Report, Result, hide, setting_int
 from kaireon_pub.ops.sql import OPS
-from kaireon_pub.redact import secrets_of
+from kaireon_pub.redact import secrets_of, with_file_values
 from kaireon_pub.settings import (
     KAFKA_PREFIX,
     PRODUCER_DEFAULTS,
@@ -81,14 +81,17 @@ def run_checks(env: Mapping[str, str] | None = None, *, topics: tuple[str, ...] 
     _check_producer(report, kafka)
     _check_timeouts(report, env, settings, kafka)
 
-    conn, refused_options = check_database(report, env, secrets)
+    # DATABASE_URL as the tier reads it: from DATABASE_URL_FILE when given so (Settings reads the
+    # file on its own: it is given env, which must not name both).
+    db_env = with_file_values(env)
+    conn, refused_options = check_database(report, db_env, secrets)
     pending_topics: list[str] = []
     if conn is None:
         report.add("pooler", "skip", "database unreachable")
         report.add("schema", "skip", "database unreachable")
     else:
         with conn:
-            check_pooler(report, env, settings, conn, refused_options, secrets)
+            check_pooler(report, db_env, settings, conn, refused_options, secrets)
             if _check_schema(report, conn):
                 pending_topics = [r[0] for r in conn.execute(OPS.pending_topics_sample,
                                                              {"limit": PENDING_TOPIC_SAMPLE}).fetchall()]

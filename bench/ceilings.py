@@ -126,7 +126,8 @@ def _status_loop(url: str, worker_id: uuid.UUID, leases: dict[int, int], batch: 
             shards = cursors.rotated()
             token = uuid.uuid4()
             # The tier's two statements per claim: the horizon, then the claim below it.
-            horizon = conn.execute(Q.claim_horizon, {"max_wait_ms": 5000, "remembered": [], "pass_over": []}).fetchone()[0]
+            horizon = conn.execute(Q.claim_horizon,
+                                   {"max_wait_ms": 5000, "remembered": [], "pass_over": []}).fetchone()[0]
             rows = conn.execute(Q.claim_batch, {
                 "shards": shards, "epochs": [leases[s] for s in shards], **cursors.params(shards),
                 "worker_id": worker_id, "relaxed": False, "batch": batch, "token": token,

@@ -145,7 +145,8 @@ class Bench:
                if cpu_ceiling else "(no ceiling CPU measured)")
               + (f"; PostgreSQL backends {d.db_cpu_per_1k:.3f}" if d.db_cpu_per_1k is not None else "")
               + (f"; {d.writes_per_event:.2f} row writes/event" if d.writes_per_event is not None else ""))
-        r.add("drain_rss", "  peak worker RSS", d.peak_rss / MB, "MB", f"{d.peak_rss / MB / 150:.2f} × the 150 MB target")
+        r.add("drain_rss", "  peak worker RSS", d.peak_rss / MB, "MB",
+              f"{d.peak_rss / MB / 150:.2f} × the 150 MB target")
         self._peak_rss(d.peak_rss)
         if ceiling:
             r.target("drain ≥ 0.8 × status ceiling", d.rate >= 0.8 * ceiling,
@@ -327,7 +328,8 @@ class Bench:
         for key, label, env in (
             ("status_delete", "status + delete-on-publish", {"OUTBOX_DELETE_ON_PUBLISH": "true"}),
             ("lock", "lock", {"OUTBOX_CLAIM_MODE": "lock"}),
-            ("lock_delete", "lock + delete-on-publish", {"OUTBOX_CLAIM_MODE": "lock", "OUTBOX_DELETE_ON_PUBLISH": "true"}),
+            ("lock_delete", "lock + delete-on-publish",
+             {"OUTBOX_CLAIM_MODE": "lock", "OUTBOX_DELETE_ON_PUBLISH": "true"}),
         ):
             lock_mode = env.get("OUTBOX_CLAIM_MODE") == "lock"
             try:
@@ -353,7 +355,8 @@ class Bench:
         best = max((r.value(k) or 0.0 for k in ("lock", "lock_delete")), default=0.0)
         if best:
             r.add("lock_ratio", "  best lock-mode drain / status drain", best / base, "x", "target ≥ 2.00")
-            r.target("lock mode ≥ 2 × status mode", best / base >= 2.0, f"{best:,.0f} / {base:,.0f} = {best / base:.2f}")
+            r.target("lock mode ≥ 2 × status mode", best / base >= 2.0,
+                     f"{best:,.0f} / {base:,.0f} = {best / base:.2f}")
         else:
             r.add("lock_ratio", "  best lock-mode drain / status drain", None, "x", "not implemented")
             r.target("lock mode ≥ 2 × status mode", None, "lock mode not implemented in the tier yet")
@@ -374,18 +377,22 @@ class Bench:
     def purge(self) -> None:
         r, p = self.r, self.plan
         old = p.backlog
-        r.say(f"\n== purge: drain with {old:,} old published rows, retention purge off vs on (retention 1 s, every 1 s)")
+        r.say(f"\n== purge: drain with {old:,} old published rows, "
+              "retention purge off vs on (retention 1 s, every 1 s)")
         off = self.drain_median("purge-off", published=old, OUTBOX_RETENTION_SECONDS="0")
         r.add("purge_off", "drain, purge off", off.rate, "ev/s",
               r.against(off.rate, r.combined("sql_status_2p"), "status+broker") + spread(off))
-        on = self.drain_median("purge-on", published=old, OUTBOX_RETENTION_SECONDS="1", OUTBOX_PURGE_INTERVAL_SECONDS="1")
+        on = self.drain_median("purge-on", published=old,
+                               OUTBOX_RETENTION_SECONDS="1", OUTBOX_PURGE_INTERVAL_SECONDS="1")
         if not on.purged:
-            r.add("purge_on", "drain, purge on", on.rate, "ev/s", "purge not implemented (nothing purged during the drain)")
+            r.add("purge_on", "drain, purge on", on.rate, "ev/s",
+                  "purge not implemented (nothing purged during the drain)")
             r.add("purge_ratio", "  purge on / off", None, "x", "not implemented")
             r.target("purge does not slow the claim", None, "the tier purged nothing: not implemented yet")
             return
         ratio = on.rate / off.rate
-        r.add("purge_on", "drain, purge on", on.rate, "ev/s", f"{on.purged:,.0f} rows purged during the drain" + spread(on))
+        r.add("purge_on", "drain, purge on", on.rate, "ev/s",
+              f"{on.purged:,.0f} rows purged during the drain" + spread(on))
         r.add("purge_ratio", "  purge on / off", ratio, "x", "target ≥ 0.90 (within noise)")
         r.target("purge does not slow the claim", ratio >= 0.9, f"{ratio:.2f} ({on.purged:,.0f} rows purged meanwhile)")
 

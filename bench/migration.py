@@ -49,7 +49,8 @@ def measure(url: str, rows: int) -> float:
         if rows:
             conn.execute(_LEGACY_INSERT, {"keys": KEYS, "n": rows})
             conn.execute("VACUUM ANALYZE outbox_events")
-            conn.execute("CREATE TABLE published_before AS SELECT id, convert_to(payload::text, 'UTF8') AS v FROM outbox_events")
+            conn.execute("CREATE TABLE published_before AS"
+                         " SELECT id, convert_to(payload::text, 'UTF8') AS v FROM outbox_events")
         started = time.perf_counter()
         migrate(conn, migrations=target)
         seconds = time.perf_counter() - started

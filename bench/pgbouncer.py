@@ -48,7 +48,8 @@ def run(bench) -> None:
         bench._peak_rss(max(d.peak_rss for d in done))
     direct = medians["direct"]
     r.add("pgb_direct", "drain, direct (baseline of this comparison)", direct.rate, "ev/s",
-          f"tier CPU {direct.cpu_per_1k:.3f} s/1k{_db_cpu(runs['direct'])}" + (f"; {direct.spread}" if direct.spread else ""))
+          f"tier CPU {direct.cpu_per_1k:.3f} s/1k{_db_cpu(runs['direct'])}"
+          + (f"; {direct.spread}" if direct.spread else ""))
     for variant, label in (("listen", "through PgBouncer, LISTEN on the direct URL"),
                            ("poll", "through PgBouncer, polling (2 s)")):
         d = medians[variant]

@@ -1,13 +1,14 @@
 """`make run`: the tier on the embedded defaults, under a demo load, with a progress line.
 
 Starts an embedded PostgreSQL (data kept in .run/pgdata, listening on a unix socket in that
-directory) and a Tansu broker on a free loopback port (with `--broker kafka`, `make run BROKER=kafka`:
-a real Apache Kafka node instead, kaireon_pub.devkafka, its log in .run/kafka/), migrates, starts `kaireon-pub run` (HTTP
-on 127.0.0.1, cron secret `demo-cron-secret` as in docker-compose.yml) and a load generator that
-commits events through `kaireon_pub.enqueue_many`. Once /readyz answers 200 it prints what to
-paste into a second terminal (the environment, then the `status`, `top`, `curl` commands), then
-one progress line a second. Ctrl-C drains and stops everything. `--load-only` only generates
-load against DATABASE_URL (used by docker-compose).
+directory) and a Tansu broker on a free loopback port (with `--broker kafka`,
+`make run BROKER=kafka`: a real Apache Kafka node instead, kaireon_pub.devkafka, its log in
+.run/kafka/), migrates, starts `kaireon-pub run` (HTTP on 127.0.0.1, cron secret `demo-cron-secret`
+as in docker-compose.yml) and a load generator that commits events through
+`kaireon_pub.enqueue_many`. Once /readyz answers 200 it prints what to paste into a second terminal
+(the environment, then the `status`, `top`, `curl` commands), then one progress line a second.
+Ctrl-C drains and stops everything. `--load-only` only generates load against DATABASE_URL (used by
+docker-compose).
 """
 
 from __future__ import annotations

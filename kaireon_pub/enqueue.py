@@ -141,7 +141,8 @@ def _payload(topic: str, payload: object) -> bytes | None:
     try:
         return orjson.dumps(payload)
     except TypeError as exc:
-        raise PayloadError(f"payload for topic {topic!r} is not bytes, a str or a JSON-serialisable value: {exc}") from None
+        raise PayloadError(f"payload for topic {topic!r} is not bytes, a str "
+                           f"or a JSON-serialisable value: {exc}") from None
 
 
 def _headers(topic: str, headers: Mapping[str, HeaderValue] | None) -> tuple[str, str]:
@@ -151,7 +152,8 @@ def _headers(topic: str, headers: Mapping[str, HeaderValue] | None) -> tuple[str
         if not isinstance(name, str):
             raise PayloadError(f"header names for topic {topic!r} must be str, not {type(name).__name__}")
         if "\x00" in name:
-            raise PayloadError(f"header {name!r} for topic {topic!r} contains a NUL character, which jsonb cannot store")
+            raise PayloadError(f"header {name!r} for topic {topic!r} contains a NUL character, "
+                               "which jsonb cannot store")
         if isinstance(value, str):
             if "\x00" in value:
                 raise PayloadError(f"header {name!r} for topic {topic!r} contains a NUL character, which jsonb "

@@ -1,9 +1,10 @@
 """Every metric of the tier, in one place, in prometheus-client's multiprocess mode.
 
-PROMETHEUS_MULTIPROC_DIR must be set before this module is first imported (the supervisor does
-it, and clears the earlier processes' metric files from the directory, before forking). Each gauge's multiprocess_mode is chosen on
-purpose: `livemax` for values one process refreshes for the whole replica, `livesum` for values
-that add up across workers; dead workers' files are dropped with `mark_process_dead`.
+PROMETHEUS_MULTIPROC_DIR must be set before this module is first imported (the supervisor does it,
+and clears the earlier processes' metric files from the directory, before forking). Each gauge's
+multiprocess_mode is chosen on purpose: `livemax` for values one process refreshes for the whole
+replica, `livesum` for values that add up across workers; dead workers' files are dropped with
+`mark_process_dead`.
 """
 
 from __future__ import annotations

@@ -5,13 +5,14 @@ What is secret is said once, here:
   CRON_SECRET_PREVIOUS, libpq's PGPASSWORD) or holds one (the password of DATABASE_URL and
   OUTBOX_LISTEN_DATABASE_URL), whether given inline or as a file (NAME_FILE: the value read from
   the file is the secret, as is any secret KAFKA_*_FILE's);
-- `is_secret_property` (defined in settings, which reads KAFKA_*_FILE by it): the librdkafka properties (KAFKA_* pass-through) that hold a secret, by
-  pattern, after librdkafka's CONFIGURATION.md: every password, passphrase and client secret
-  (`sasl.password`, `ssl.key.password`, `ssl.keystore.password`, `sasl.oauthbearer.client.secret`
-  and its alias, `sasl.oauthbearer.assertion.private.key.passphrase`), every private key given
-  inline (`ssl.key.pem`, `sasl.oauthbearer.assertion.private.key.pem`), and
-  `sasl.oauthbearer.config`, whose name=value pairs may carry credentials. Certificates
-  (`ssl.certificate.pem`, `ssl.ca.pem`, `https.ca.pem`) and file paths are public.
+- `is_secret_property` (defined in settings, which reads KAFKA_*_FILE by it): the librdkafka
+  properties (KAFKA_* pass-through) that hold a secret, by pattern, after librdkafka's
+  CONFIGURATION.md: every password, passphrase and client secret (`sasl.password`,
+  `ssl.key.password`, `ssl.keystore.password`, `sasl.oauthbearer.client.secret` and its alias,
+  `sasl.oauthbearer.assertion.private.key.passphrase`), every private key given inline
+  (`ssl.key.pem`, `sasl.oauthbearer.assertion.private.key.pem`), and `sasl.oauthbearer.config`,
+  whose name=value pairs may carry credentials. Certificates (`ssl.certificate.pem`, `ssl.ca.pem`,
+  `https.ca.pem`) and file paths are public.
 
 `Redactor` replaces those values with `***`, and anything shaped like a credential in a
 connection string (`user:password@`, `password=…`), whoever quotes it.

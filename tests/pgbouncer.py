@@ -65,7 +65,8 @@ class PgBouncer:
             **(extra or {}),
         }
         upstream = f"host={host} port={port}" + (f" password={password}" if password else "")
-        ini = "[databases]\n* = " + upstream + "\n\n[pgbouncer]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
+        ini = ("[databases]\n* = " + upstream + "\n\n[pgbouncer]\n"
+               + "".join(f"{k} = {v}\n" for k, v in settings.items()))
         (self.dir / "pgbouncer.ini").write_text(ini)
         (self.dir / "userlist.txt").write_text(f'"{self.user}" ""\n')
         command = [exe, str(self.dir / "pgbouncer.ini")]

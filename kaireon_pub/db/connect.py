@@ -62,7 +62,8 @@ def session_settings(settings: Settings, role: str, *, publisher: bool = False,
     values = {
         "statement_timeout": str(timeout),
         # A stopped worker in lock mode must not hold its row locks (its claim) for ever.
-        "idle_in_transaction_session_timeout": str(settings.message_timeout_ms + settings.shutdown_drain_timeout_ms + 5000),
+        "idle_in_transaction_session_timeout": str(settings.message_timeout_ms
+                                                   + settings.shutdown_drain_timeout_ms + 5000),
     }
     if publisher:
         # A claim, mark or lease write lost in a database crash puts a row back one step, which

@@ -143,9 +143,9 @@ def render(prev: Snapshot, cur: Snapshot, url: str) -> str:
                  + "   ".join(f"{k} {'up' if v else 'DOWN'}" for k, v in sorted(checks.items()))
                  + f"   last successful tick {since}")
 
+    restarts = cur.by_label("kaireon_outbox_worker_restarts_total", "reason")
     lines += ["", f"workers alive   {_num(cur.value('kaireon_outbox_workers_alive'))}   restarts: "
-              + (", ".join(f"{r} {int(n)}" for r, n in sorted(cur.by_label('kaireon_outbox_worker_restarts_total', 'reason').items()))
-                 or "none")]
+              + (", ".join(f"{r} {int(n)}" for r, n in sorted(restarts.items())) or "none")]
     owned = cur.by_label("kaireon_outbox_shards_owned", "worker")
     for worker in sorted(owned, key=lambda w: int(w) if w.isdigit() else 0):
         lines.append(f"  worker {worker:>2}     {int(owned[worker]):>3} shards")

@@ -14,7 +14,8 @@ def test_off_by_default():
 
 
 def test_on_with_a_source():
-    settings = Settings.from_env({**BASE, "OUTBOX_CLOUDEVENTS": "true", "OUTBOX_CLOUDEVENTS_SOURCE": " /orders-service "})
+    settings = Settings.from_env({**BASE, "OUTBOX_CLOUDEVENTS": "true",
+                                  "OUTBOX_CLOUDEVENTS_SOURCE": " /orders-service "})
     assert settings.cloudevents is True and settings.cloudevents_source == "/orders-service"
 
 

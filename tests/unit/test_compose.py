@@ -91,7 +91,8 @@ def test_every_dependency_waits_on_a_real_healthcheck(services):
                 continue  # a one-shot: service_completed_successfully (above)
             assert wait["condition"] == "service_healthy", f"{name} waits on {dependency} only being started"
             assert not services[dependency].get("healthcheck", {}).get("disable"), dependency
-    assert healthcheck(services["postgres"])[1:4] == ["pg_isready", "-U", services["postgres"]["environment"]["POSTGRES_USER"]]
+    assert healthcheck(services["postgres"])[1:4] == ["pg_isready", "-U",
+                                                      services["postgres"]["environment"]["POSTGRES_USER"]]
     assert re.search(r"\brpk cluster health\b.*Healthy:.+true", " ".join(healthcheck(services["redpanda"])[1:]))
     settings = Settings.from_env(env(services["publisher"]))
     check = healthcheck(services["publisher"])
@@ -111,7 +112,8 @@ def test_tier_reaches_postgres_and_redpanda_as_configured(services):
     for name in TIER:
         dsn = urlsplit(env(services[name])["DATABASE_URL"])
         assert (dsn.hostname, dsn.port or 5432) == ("postgres", 5432), name
-        assert (dsn.username, dsn.password, dsn.path.lstrip("/")) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+        assert ((dsn.username, dsn.password, dsn.path.lstrip("/"))
+                == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"]))
     _, advertised = listeners_of(services["redpanda"])
     for name in TIER:
         assert env(services[name])["KAFKA_BOOTSTRAP_SERVERS"] == advertised["internal"], name

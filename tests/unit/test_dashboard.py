@@ -55,8 +55,9 @@ def metric_families() -> dict[str, str]:
 def render(values: dict, release: str = "kaireon", namespace: str = "outbox") -> list[dict]:
     from tests.unit.test_helm_chart import CHART, _helm_python
 
-    done = subprocess.run([_helm_python(), str(ROOT / "scripts" / "helm_lint.py"), "render", str(CHART), json.dumps(values),
-                           "--release", release, "--namespace", namespace], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([_helm_python(), str(ROOT / "scripts" / "helm_lint.py"), "render", str(CHART),
+                           json.dumps(values), "--release", release, "--namespace", namespace],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return [o for o in yaml.safe_load_all(done.stdout) if o]
 

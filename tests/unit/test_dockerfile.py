@@ -34,7 +34,8 @@ DIGEST_PINNED = re.compile(r"(?P<name>[\w.\-/]+):(?P<tag>[\w.\-]+)@sha256:[0-9a-
 
 def instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")))
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
     return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", text, re.M)]
 
 
@@ -144,7 +145,8 @@ def test_dependencies_are_a_layer_of_their_own_before_the_code():
     # Before the dependency layer, only the locks are copied (pyproject.toml or the package there
     # would bust the dependency layer's cache on every change).
     copied_before = [args.split()[:-1] for i, op, args in ops if op == "COPY" and i < max(locked)]
-    assert copied_before and all(src.startswith("requirements") for srcs in copied_before for src in srcs), copied_before
+    assert copied_before and all(src.startswith("requirements")
+                                 for srcs in copied_before for src in srcs), copied_before
     # The code is installed last, without touching the dependencies.
     installs = [words for words in pip_commands(build, "install")]
     code_install = [w for w in installs if "-r" not in w]
@@ -343,7 +345,8 @@ def test_healthcheck_is_the_liveness_check_with_the_chart_budget():
     command = json.loads(health.split(" CMD ", 1)[1])
     assert command[:2] == ["kaireon-pub", "liveness-check"]
     values = yaml.safe_load((ROOT / "helm" / "kaireon-pub" / "values.yaml").read_text())
-    assert command[command.index("--max-stale-seconds") + 1] == str(values["outboxPublisher"]["livenessProbe"]["maxStaleSeconds"])
+    max_stale = values["outboxPublisher"]["livenessProbe"]["maxStaleSeconds"]
+    assert command[command.index("--max-stale-seconds") + 1] == str(max_stale)
 
 
 def test_metrics_dir_on_tmp_and_the_tier_port_exposed():

@@ -58,7 +58,8 @@ def test_build_info_is_one_series_of_value_1_naming_the_versions(multiprocess, t
             "from kaireon_pub.http.collector import ScrapeSafeCollector\n"
             "registry = REGISTRY\n"
             "if os.environ.get('PROMETHEUS_MULTIPROC_DIR'):\n"
-            "    registry = CollectorRegistry(); registry.register(ScrapeSafeCollector(os.environ['PROMETHEUS_MULTIPROC_DIR']))\n"
+            "    registry = CollectorRegistry()\n"
+            "    registry.register(ScrapeSafeCollector(os.environ['PROMETHEUS_MULTIPROC_DIR']))\n"
             "print(generate_latest(registry).decode())\n")
     text = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env).stdout
     families = {f.name: f for f in text_string_to_metric_families(text)}

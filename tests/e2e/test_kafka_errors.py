@@ -75,14 +75,6 @@ def tick_failures(tier) -> list[dict[str, Any]]:
     return [e for e in tier.logs() if e.get("msg") == "outbox-publisher tick failed"]
 
 
-LARGE_BATCH_BUG = (
-    "tier bug: a record too large for its topic's max.message.bytes fails every event of its record batch. "
-    "The broker refuses the whole batch (MESSAGE_TOO_LARGE) and librdkafka reports MSG_SIZE_TOO_LARGE for each "
-    "record in it; classify() takes MSG_SIZE_TOO_LARGE for the event's own permanent fault (PER_EVENT_PERMANENT), "
-    "so the small events that shared the batch become failed too (80 of 81 here), where they should be produced "
-    "again without the large one")
-
-
 def large_event(topic: str, key: str = "k-large") -> Event:
     # Random hex: lz4 (the producer's compression) leaves it near its 16 kB, above the topic's 8000.
     return Event(topic, key, {"blob": os.urandom(8_000).hex()})
@@ -120,7 +112,6 @@ def test_a_record_too_large_for_the_topic_alone_in_its_batch_fails_alone(db_url,
     print(f"\n[kafka-errors] record too large for the topic: last_error={error!r}")
 
 
-@pytest.mark.xfail(strict=True, reason=LARGE_BATCH_BUG)
 def test_a_record_too_large_for_the_topic_fails_alone_among_others(db_url, cluster, admin, tmp_path, run_tier):
     """Everything committed before the tier starts, on one partition: the small events share the
     large one's claim and librdkafka's record batch. Only the large event may fail."""

@@ -38,7 +38,7 @@ def err(code: int, **kwargs) -> KafkaError:
 def test_each_report_fills_its_bucket(loop):
     batch = Batch(loop)
     batch.report(1, 0.0, None, None)
-    batch.report(2, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE, reason="too big"), None)
+    batch.report(2, 0.0, err(KafkaError.INVALID_RECORD, reason="no key"), None)
     batch.report(3, 0.0, err(KafkaError._UNKNOWN_TOPIC, reason="no topic"), None)
     batch.report(4, 0.0, err(KafkaError._MSG_TIMED_OUT, reason="first"), None)
     batch.report(5, 0.0, err(KafkaError._MSG_TIMED_OUT, reason="second"), None)
@@ -46,7 +46,7 @@ def test_each_report_fills_its_bucket(loop):
     batch.report(7, 0.0, err(KafkaError.TOPIC_AUTHORIZATION_FAILED, reason="b"), None)
     out = batch.out
     assert out.delivered == [1] and len(out.ages) == 1 and out.ages[0] > 0
-    assert out.rejected == {2: "MSG_SIZE_TOO_LARGE: too big"}
+    assert out.rejected == {2: "INVALID_RECORD: no key"}
     assert out.retry == {3: "_UNKNOWN_TOPIC: no topic"}
     assert out.transient_error == "_MSG_TIMED_OUT: first"  # the first one says why
     assert out.systemic_error == "TOPIC_AUTHORIZATION_FAILED: b"
@@ -137,7 +137,7 @@ def test_close_when_every_handed_record_was_reported(loop):
 def test_release_puts_back_every_unsettled_row_in_order_and_counts_the_handed_ones_unconfirmed(loop):
     batch = Batch(loop)
     batch.report(2, 0.0, None, None)
-    batch.report(3, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.report(3, 0.0, err(KafkaError.INVALID_RECORD), None)
     batch.report(4, 0.0, err(KafkaError._UNKNOWN_TOPIC), None)
     batch.report(5, 0.0, err(KafkaError._MSG_TIMED_OUT), None)  # handed, reported, released
     batch.produced(5)  # 1 and 6 were handed, never reported; 7 and 8 were not handed
@@ -182,3 +182,101 @@ def test_the_batch_trace_sees_each_report_once_and_none_after_close(loop):
     batch.close()
     batch.report(3, 0.0, None, "late")
     assert seen == [(1, None, "msg-1"), (2, "_MSG_TIMED_OUT", None)]
+
+
+# ---- a record batch the broker refused whole (MSG_SIZE_TOO_LARGE, RECORD_LIST_TOO_LARGE) ----------
+
+
+def test_records_refused_with_a_record_batch_they_shared_are_released_as_suspects_never_unconfirmed(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, None, None)
+    batch.report(2, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.report(3, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.report(4, 0.0, err(KafkaError.RECORD_LIST_TOO_LARGE), None)
+    batch.produced(4)
+    settle(loop)
+    assert batch.done.done()  # a refusal is a report like any other
+    batch.close()
+    batch.release(rows(5), unhanded={5})
+    out = batch.out
+    assert out.rejected == {} and out.retry == {} and out.transient_error is None
+    assert out.suspects == [2, 3, 4] and out.released == [2, 3, 4, 5]
+    assert out.unconfirmed == 0  # the broker refused them: it has none
+
+
+def test_a_record_refused_while_alone_in_its_wave_is_rejected(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, None, None)
+    batch.report(2, 0.0, None, None)
+    batch.produced(2)
+    batch.more()  # the next wave hands one record over: its record batch holds it alone
+    batch.report(3, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE, reason="too big"), None)
+    batch.produced(3)
+    batch.close()
+    batch.release(rows(3), unhanded=set())
+    out = batch.out
+    assert out.rejected == {3: "MSG_SIZE_TOO_LARGE: too big"} and out.suspects == [] and out.released == []
+
+
+def test_a_refusal_reported_before_the_wave_is_counted_waits_for_the_count(loop):
+    alone = Batch(loop)
+    alone.report(1, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)  # before produced(): judged later
+    alone.produced(1)
+    alone.close()
+    shared = Batch(loop)
+    shared.report(1, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    shared.report(2, 0.0, None, None)
+    shared.produced(2)
+    shared.close()
+    assert list(alone.out.rejected) == [1] and alone.out.suspects == []
+    assert shared.out.rejected == {} and shared.out.suspects == [1]
+
+
+def test_each_wave_is_judged_on_its_own(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.report(2, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.produced(2)
+    batch.more()  # wave 1 shared: suspects
+    batch.report(3, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.produced(3)
+    batch.more()  # wave 2 alone: rejected
+    batch.report(4, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.report(5, 0.0, None, None)
+    batch.produced(5)
+    batch.close()  # wave 3 shared
+    assert batch.out.suspects == [1, 2, 4] and list(batch.out.rejected) == [3]
+
+
+def test_a_refusal_before_the_rows_were_all_produced_is_a_suspect(loop):
+    batch = Batch(loop)  # the loop raised before produced(): how many the wave handed is unknown
+    batch.report(1, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.close()
+    assert batch.out.suspects == [1] and batch.out.rejected == {}
+
+
+def test_the_records_librdkafka_says_another_invalid_record_failed_are_released_never_unconfirmed(loop):
+    batch = Batch(loop)
+    batch.report(1, 0.0, err(KafkaError._INVALID_DIFFERENT_RECORD), None)
+    batch.report(2, 0.0, err(KafkaError.INVALID_RECORD, reason="compacted topic: no key"), None)
+    batch.report(3, 0.0, err(KafkaError._INVALID_DIFFERENT_RECORD), None)
+    batch.produced(3)
+    batch.close()
+    batch.release(rows(3), unhanded=set())
+    out = batch.out
+    assert out.rejected == {2: "INVALID_RECORD: compacted topic: no key"} and out.retry == {}
+    assert out.released == [1, 3] and out.unconfirmed == 0 and out.suspects == []
+    assert out.transient_error is None
+
+
+def test_a_refused_records_span_ends_with_the_batch_as_judged(loop):
+    seen = []
+
+    class Trace:
+        def reported(self, event_id, error, msg):
+            seen.append(event_id)
+    batch = Batch(loop)
+    batch.trace = Trace()
+    batch.report(1, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    batch.report(2, 0.0, err(KafkaError._MSG_TIMED_OUT), None)
+    assert seen == [2]  # the span of 1 is ended by trace.end(out), as rejected or released

@@ -14,6 +14,7 @@ TABLES = {
     "retry": errors.PER_EVENT_RETRY,
     "systemic": errors.SYSTEMIC,
     "transient": errors.TRANSIENT,
+    "released": errors.RELEASED,
 }
 
 
@@ -50,3 +51,14 @@ def test_a_missing_topic_holds_its_own_events_not_the_tier():
 def test_describe_names_the_code_and_says_why():
     assert describe(KafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out")) == \
         "_MSG_TIMED_OUT: Local: Message timed out"
+
+
+def test_a_refusal_of_the_whole_record_batch_is_permanent_for_a_record_alone():
+    # delivery.py judges the report by the record's wave: alone, rejected; shared, a suspect.
+    assert errors.BATCH_REFUSALS <= errors.PER_EVENT_PERMANENT
+    assert errors.BATCH_REFUSALS == {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE}
+
+
+def test_a_record_failed_for_another_invalid_record_of_its_batch_is_released():
+    assert classify(KafkaError(KafkaError._INVALID_DIFFERENT_RECORD)) == "released"
+    assert classify(KafkaError(KafkaError.INVALID_RECORD)) == "permanent"  # the one librdkafka names

@@ -1,5 +1,12 @@
 """Whose fault a Kafka error is: the error tables and classify().
 
+The broker judges a record batch, not a record: a batch larger than its topic's max.message.bytes
+(or than a log segment) is refused whole, and librdkafka reports MSG_SIZE_TOO_LARGE (or
+RECORD_LIST_TOO_LARGE) for every record in it, the small ones that only shared it too. Such a report
+is the record's own fault only when the record was alone in its batch (BATCH_REFUSALS: delivery.py
+and publisher.py judge it). An invalid record is named by the broker (INVALID_RECORD, per record);
+librdkafka reports the others of its batch with _INVALID_DIFFERENT_RECORD (RELEASED).
+
 Producer-level failures are not the events' fault: a fenced producer, an out-of-order sequence or
 unknown producer id (a broker that lost its idempotence state), any fatal error. The batch is
 released and the producer recreated (producer.py).
@@ -19,6 +26,14 @@ PER_EVENT_PERMANENT = {
     KafkaError.POLICY_VIOLATION,
     KafkaError._INVALID_ARG,
     KafkaError.TOPIC_EXCEPTION,  # an invalid topic name: the event's own fault
+}
+# Refusals of a whole record batch: permanent for a record alone in its batch; one that shared it is
+# only a suspect (released, then produced alone).
+BATCH_REFUSALS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+# Not the event's fault, nor anyone's to retry: another record of its batch was the cause (released,
+# attempts untouched).
+RELEASED = {
+    KafkaError._INVALID_DIFFERENT_RECORD,
 }
 # Errors of the whole tier's setup: retrying changes nothing until an operator acts.
 SYSTEMIC = {
@@ -74,7 +89,8 @@ def describe(err: KafkaError) -> str:
 
 
 def classify(err: KafkaError) -> str:
-    """'producer', 'permanent', 'systemic', 'transient' or 'retry' for a per-message error."""
+    """'producer', 'permanent', 'systemic', 'transient', 'released' or 'retry' for a per-message error
+    (a BATCH_REFUSALS code is 'permanent': its delivery report is judged further in delivery.py)."""
     code = err.code()
     if err.fatal() or code in PRODUCER_LEVEL:
         return "producer"
@@ -82,6 +98,8 @@ def classify(err: KafkaError) -> str:
         return "permanent"
     if code in PER_EVENT_RETRY:
         return "retry"
+    if code in RELEASED:
+        return "released"
     if code in SYSTEMIC:
         return "systemic"
     if code in TRANSIENT or err.retriable():

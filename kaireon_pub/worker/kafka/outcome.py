@@ -9,8 +9,14 @@ Each event ends the batch in exactly one bucket:
 - retry: a per-event error of unknown kind (attempts + 1, exponential back-off);
 - released: not the event's fault (broker down, timeout, a producer that must be recreated, the
   drain or lease deadline, held back behind a rejected event of the same key, or, in strict
-  order, behind an event of the same key on another topic that was not delivered): back to
+  order, behind an event of the same key on another topic that was not delivered, or refused by
+  the broker with a record batch it shared: another record's fault, or a suspect's): back to
   pending, attempts untouched.
+
+Suspects (a part of released): the broker refused their record batch whole as too large
+(MSG_SIZE_TOO_LARGE, RECORD_LIST_TOO_LARGE) while they shared it; whose size it was, only a record
+handed over alone can tell. The publisher hands each over alone next time: refused alone, it is
+rejected.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class BatchOutcome:
     rejected: dict[int, str] = field(default_factory=dict)
     retry: dict[int, str] = field(default_factory=dict)
     released: list[int] = field(default_factory=list)
+    suspects: list[int] = field(default_factory=list)
     # Released rows that had been handed to librdkafka: the broker may have them already, so a
     # later publish of these may be a duplicate (counted in kaireon_outbox_unconfirmed_total).
     unconfirmed: int = 0

@@ -239,6 +239,13 @@ coalesce((SELECT min(xid) FROM holders WHERE NOT bypassed), pg_snapshot_xmax(sna
              WHERE NOT EXISTS (SELECT 1 FROM running r WHERE r.x = m.xid::text::xid8)) AS ended
 
 -- horizon_transactions: the running transactions the horizon waits for (a fragment of WITH)
+{{horizon_judged}}, holders AS MATERIALIZED (
+    SELECT j.*, {{horizon_bypassed}} AS bypassed
+    FROM judged j, snap
+    WHERE j.can_write AND NOT (j.worker_named AND j.usename IS NOT DISTINCT FROM session_user)
+)
+
+-- horizon_judged: snap, running, and judged: each running xid, its session and whether it may write the outbox
 snap AS MATERIALIZED (
     SELECT pg_current_snapshot() AS s, clock_timestamp() AS now,
            (SELECT oid FROM pg_database WHERE datname = current_database()) AS db
@@ -246,11 +253,10 @@ snap AS MATERIALIZED (
     SELECT DISTINCT x FROM snap, pg_snapshot_xip(snap.s) AS x
 ), judged AS MATERIALIZED (
     SELECT r.x AS xid, a.pid, p.gid, coalesce(a.datname::text, p.database::text) AS database,
-           a.application_name AS application, coalesce(a.xact_start, p.prepared) AS since,
+           a.application_name AS application, coalesce(a.xact_start, p.prepared) AS since, a.usename,
+           coalesce(a.application_name LIKE 'kaireon-pub:worker-%%', false) AS worker_named,
            CASE
-               WHEN a.pid IS NOT NULL THEN
-                   a.datid = (SELECT db FROM snap) AND NOT (a.application_name LIKE 'kaireon-pub:worker-%%'
-                                                           AND a.usename IS NOT DISTINCT FROM session_user)
+               WHEN a.pid IS NOT NULL THEN a.datid = (SELECT db FROM snap)
                WHEN p.gid IS NOT NULL THEN
                    p.database = current_database() AND EXISTS (
                        SELECT 1 FROM pg_locks t
@@ -267,14 +273,36 @@ snap AS MATERIALIZED (
         ORDER BY a.leader_pid IS NOT NULL, a.pid LIMIT 1
     ) a ON true
     LEFT JOIN pg_prepared_xacts p ON p.transaction = r.x::xid
-), holders AS MATERIALIZED (
-    SELECT j.*, ((j.since IS NOT NULL AND j.since <= snap.now - make_interval(secs => %(max_wait_ms)s / 1000.0))
-                 OR j.xid::text::bigint = ANY(%(pass_over)s::bigint[])) AS bypassed
-    FROM judged j, snap WHERE j.can_write
 )
 
+-- horizon_bypassed: whether the horizon passes judged j over (an expression over judged j and snap)
+((j.since IS NOT NULL AND j.since <= snap.now - make_interval(secs => %(max_wait_ms)s / 1000.0))
+ OR j.xid::text::bigint = ANY(%(pass_over)s::bigint[]))
+
 -- horizon_holders: what holds the claim horizon back (or was passed over), for status and check
-WITH {{horizon_transactions}}
+-- The transactions claim_horizon waits for, but judged by whoever runs it: `status` and `check`
+-- run as the read-only role (or the owner), not as the tier's, so session_user cannot tell the
+-- workers' sessions from others. The tier's role is found instead from what another role cannot
+-- fake, a role that is granted INSERT on outbox_workers (it can register a worker: the runtime
+-- role, the owner, a superuser; never an application's role or the read-only one) and has a
+-- session named after a live registered worker (kaireon-pub:worker-<slot>.<first 8 hex digits of
+-- its worker_id>). A session named like a worker but of any other role is a holder as for the
+-- worker. Run by a worker (its report of what it passed over), session_user is such a role and
+-- the only one taken, as in claim_horizon.
+WITH {{horizon_judged}}, workers AS MATERIALIZED (
+    SELECT DISTINCT a.usename AS role
+    FROM pg_stat_activity a
+    JOIN outbox_workers w ON w.expires_at > clock_timestamp()
+     AND a.application_name LIKE 'kaireon-pub:worker-%%.' || left(replace(w.worker_id::text, '-', ''), 8) || '%%'
+    WHERE a.datid = (SELECT db FROM snap) AND has_table_privilege(a.usesysid, 'outbox_workers', 'INSERT')
+), tier AS MATERIALIZED (
+    SELECT role FROM workers
+    WHERE role = session_user OR NOT EXISTS (SELECT 1 FROM workers WHERE role = session_user)
+), holders AS MATERIALIZED (
+    SELECT j.*, {{horizon_bypassed}} AS bypassed
+    FROM judged j, snap
+    WHERE j.can_write AND NOT (j.worker_named AND j.usename IN (SELECT role FROM tier))
+)
 SELECT h.pid, h.gid, h.database, h.application, h.bypassed,
        extract(epoch FROM snap.now - h.since)::float8 AS age_seconds
 FROM holders h, snap

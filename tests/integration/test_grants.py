@@ -19,14 +19,16 @@ import pytest
 from kaireon_pub.db import migrate, partitions
 from kaireon_pub.db.queries import QUERIES, Q, int_array
 from kaireon_pub.ops import status as ops_status
+from kaireon_pub.ops.check import _check_horizon as check_horizon
+from kaireon_pub.ops.check_report import Report
 from kaireon_pub.ops.sql import OPS
 from kaireon_pub.settings import Settings
 from tests.roles import Roles
 
 # The application's statements (enqueue), not the tier's; and the fragments other statements include.
 NOT_THE_TIERS = {"enqueue_one", "enqueue_many"}
-FRAGMENTS = {"horizon_transactions", "horizon_columns", "foreign_rows_restamp", "claim_mark_processing",
-             "claim_cursors", "claim_processing_look", "claim_shard_scan"}
+FRAGMENTS = {"horizon_transactions", "horizon_judged", "horizon_bypassed", "horizon_columns", "foreign_rows_restamp",
+             "claim_mark_processing", "claim_cursors", "claim_processing_look", "claim_shard_scan"}
 WRITES = {"requeue_failed"}
 
 
@@ -147,7 +149,7 @@ def test_the_runtime_role_cannot_drop_alter_or_fill_the_outbox(roles):
 
 def ops_params() -> dict[str, object]:
     return {"cap": 1000, "shards": [0, 1], "sample": 100, "groups": 10, "limit": 10, "ids": None,
-            "topic": None, "error_contains": None, "show": 5}
+            "topic": None, "error_contains": None, "show": 5, "tables": ["outbox_events"]}
 
 
 def test_the_readonly_role_reads_what_status_check_and_keda_read_and_writes_nothing(roles):
@@ -246,6 +248,36 @@ def test_a_session_that_only_names_itself_like_a_worker_still_holds_the_horizon(
             xid = own.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
             assert horizon_of(tier) > xid
             own.rollback()
+
+
+def test_status_and_check_as_another_role_do_not_take_the_workers_for_holders(roles):
+    """`status` and `check` run as the read-only role (or the owner): a transaction of a registered
+    worker's session (the runtime role) holds nothing for them either, while a session of another
+    role named like a worker still does, even one that copies a live worker's name."""
+    worker = uuid.uuid4()
+    name = f"kaireon-pub:worker-0.{worker.hex[:8]}"
+    with psycopg.connect(roles.url(roles.runtime), autocommit=True, application_name=name) as tier:
+        tier.execute(Q.register_worker, params(worker))
+        with (psycopg.connect(roles.url(roles.runtime), application_name=name) as busy,
+              impostor(roles, "kaireon-pub:worker-1.0badc0de") as other,
+              psycopg.connect(roles.url(roles.readonly), application_name=name) as copycat):
+            for conn in (busy, other, copycat):  # an xid each, open
+                conn.execute("SELECT pg_current_xact_id()")
+            tier.execute("SELECT pg_current_xact_id()")  # a later one ends: theirs are below the snapshot's xmax
+            expected = sorted(["kaireon-pub:worker-1.0badc0de", name])  # the owner's and the read-only role's
+            for role in (roles.readonly, roles.owner, roles.runtime):
+                with psycopg.connect(roles.url(role), autocommit=True) as conn:
+                    held = ops_status.horizon_holders(conn, 60_000)["heldBy"]
+                    assert sorted(h["application"] for h in held) == expected, role
+                    assert {h["pid"] for h in held} == {other.info.backend_pid, copycat.info.backend_pid}, role
+                    report = Report()
+                    check_horizon(report, conn, 60_000)
+                    assert f"pid {busy.info.backend_pid} " not in report.results[0].detail, role
+            # The worker's own horizon: unchanged (its own role's worker-named session is not waited for).
+            assert horizon_of(tier) == min(int(c.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+                                           for c in (other, copycat))
+            for conn in (busy, other, copycat):
+                conn.rollback()
 
 
 def frozen_owner(roles: Roles) -> uuid.UUID:

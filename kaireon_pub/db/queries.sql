@@ -377,8 +377,11 @@ FROM scanned WHERE held;
 -- NULL) and its key, for the worker to hold the rest of the key (the busy_* parameters: the busy
 -- rows it met before, one per key) until it can lock that row; in strict order the later rows of
 -- its key in this scan are held too. The worker uses this form while it knows of a busy row, and
--- rescans a busy row's shard every second. (A row updated and committed between the scan and its
--- lock is published as the scan read it.)
+-- rescans a busy row's shard every second. A row another session changed and committed between
+-- the scan (this statement's snapshot) and its lock is not taken as the scan read it: the lock
+-- re-checks the row as it is now (still pending, the attempts the scan read), and one that fails
+-- the check comes back as busy, so the next scan of its shard sees it as it is (marked failed by
+-- an operator, retried, deleted: not claimed, never brought back from failed).
 WITH cursors AS MATERIALIZED (
 {{claim_cursors}}
 ), scanned AS MATERIALIZED (
@@ -388,7 +391,8 @@ WITH cursors AS MATERIALIZED (
     CROSS JOIN LATERAL ({{claim_shard_scan}}) s
     LIMIT %(batch)s
 ), locked AS MATERIALIZED (
-    SELECT e.id FROM outbox_events e WHERE e.id IN (SELECT id FROM scanned)
+    SELECT e.id FROM outbox_events e JOIN scanned s ON s.id = e.id
+    WHERE e.status = 'pending' AND e.attempts = s.attempts
     FOR UPDATE OF e SKIP LOCKED
 ), judged AS MATERIALIZED (
     SELECT s.*, l.id IS NULL AS busy,

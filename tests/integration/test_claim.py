@@ -226,3 +226,70 @@ def test_a_row_another_session_locks_fails_the_fast_claim_and_holds_only_its_key
     # The lock gone, everything is claimed in one careful claim, the key's rows in order.
     assert careful_claim(db, leases) == [(locked, "t", "acct", 0), (behind, "t", "acct", 0),
                                          (locked_unkeyed, "t", None, 0), (later, "t", "acct", 0)]
+
+
+def _careful_claim_with_a_change_between_its_scan_and_its_lock(db_url, db, change: str, *, locked_form: bool):
+    """The careful claim's snapshot taken and its lease row lock waited for (another session holds
+    the shard's lease row FOR UPDATE) while a third session commits `change` to the scanned row:
+    the claim's scan reads the row as it was, its lock step meets the row as it is now. Returns the
+    event's id and the claim's rows (id, topic, key, attempts)."""
+    import threading
+    import time
+
+    leases = lease_all(db)
+    event = insert(db, "acct")
+    shard = db.execute("SELECT shard FROM outbox_events WHERE id = %s", (event,)).fetchone()[0]
+    committed = str(db.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())").fetchone()[0])
+    params = {**claim_params(leases, horizon_xid=committed), "busy_shards": "{}", "busy_keys": [],
+              "busy_xids": "{}", "busy_ids": "{}"}
+    statement = Q.claim_careful_locked_batch if locked_form else Q.claim_careful_batch
+    result: dict = {}
+    with psycopg.connect(db_url) as blocker, psycopg.connect(db_url, autocommit=True) as claimer:
+        blocker.execute("SELECT 1 FROM outbox_shard_leases WHERE shard = %s FOR UPDATE", (shard,))
+        claimer_pid = claimer.info.backend_pid
+
+        def run() -> None:
+            try:
+                with claimer.transaction():
+                    rows = claimer.execute(statement, params).fetchall()
+                    result["rows"] = sorted((r[0], r[1], r[2], r[6]) for r in rows)
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                result["error"] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 10
+        waiting = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
+        while not db.execute(waiting, (claimer_pid,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the careful claim never waited for the lease row"
+            time.sleep(0.01)
+        db.execute(change, (event,))  # committed after the claim's snapshot, before its lock step
+        blocker.rollback()
+        thread.join(10)
+        assert not thread.is_alive()
+    assert "error" not in result, result.get("error")
+    return event, result["rows"]
+
+
+def test_a_row_marked_failed_between_the_careful_scan_and_its_lock_is_not_claimed(db_url, db):
+    event, rows = _careful_claim_with_a_change_between_its_scan_and_its_lock(
+        db_url, db, "UPDATE outbox_events SET status = 'failed' WHERE id = %s", locked_form=False)
+    assert [r for r in rows if r[1] is not None] == [], "claimed as the scan read it"
+    assert db.execute("SELECT status, claim_token FROM outbox_events WHERE id = %s", (event,)).fetchone() == (
+        "failed", None), "brought back from failed"
+
+
+def test_a_row_retried_between_the_careful_scan_and_its_lock_is_not_locked_as_scanned(db_url, db):
+    # Lock mode: the careful form's rows are the claim; a row whose attempts moved on is not one of them.
+    event, rows = _careful_claim_with_a_change_between_its_scan_and_its_lock(
+        db_url, db, "UPDATE outbox_events SET attempts = attempts + 1 WHERE id = %s", locked_form=True)
+    assert [r for r in rows if r[1] is not None] == [], "locked and published as the scan read it"
+    # It comes back like a row another session locks: its key held, its shard scanned again soon.
+    assert rows == [(event, None, "acct", 0)]
+
+
+def test_a_row_deleted_between_the_careful_scan_and_its_lock_is_not_claimed(db_url, db):
+    event, rows = _careful_claim_with_a_change_between_its_scan_and_its_lock(
+        db_url, db, "DELETE FROM outbox_events WHERE id = %s", locked_form=False)
+    assert [r for r in rows if r[1] is not None] == []
+    assert db.execute("SELECT count(*) FROM outbox_events WHERE id = %s", (event,)).fetchone()[0] == 0

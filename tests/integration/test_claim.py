@@ -16,7 +16,8 @@ def lease_all(conn) -> dict[int, int]:
 
 
 def horizon(conn, max_wait_ms=60_000) -> str:
-    return str(conn.execute(Q.claim_horizon, {"max_wait_ms": max_wait_ms, "remembered": [], "pass_over": []}).fetchone()[0])
+    params = {"max_wait_ms": max_wait_ms, "remembered": [], "pass_over": []}
+    return str(conn.execute(Q.claim_horizon, params).fetchone()[0])
 
 
 def claim_params(leases, *, horizon_xid, relaxed=False, cursors=None, batch=100, worker=WORKER) -> dict:
@@ -155,7 +156,8 @@ def test_a_same_database_transaction_holds_the_horizon_only_up_to_the_bound(db_u
         idle.execute("SELECT pg_current_xact_id()")  # has an xid, never writes the outbox
         event = insert(db, "k")
         assert claim(db, leases) == []  # waited for: it might still insert an outbox row
-        held_for, bypassed = db.execute(Q.claim_horizon, {"max_wait_ms": 100_000, "remembered": [], "pass_over": []}).fetchone()[1:3]
+        held_for, bypassed = db.execute(Q.claim_horizon,
+                                        {"max_wait_ms": 100_000, "remembered": [], "pass_over": []}).fetchone()[1:3]
         assert held_for >= 0 and bypassed == []
         db.execute("SELECT pg_sleep(0.3)")
         row = db.execute(Q.claim_horizon, {"max_wait_ms": 200, "remembered": [], "pass_over": []}).fetchone()
@@ -167,9 +169,10 @@ def test_a_same_database_transaction_holds_the_horizon_only_up_to_the_bound(db_u
             "cursor_ids": [0] * len(shards), "worker_id": WORKER, "relaxed": False, "batch": 10,
             "token": uuid.uuid4(), "staleness": 300, "horizon": str(row[0])}).fetchall()
         assert [r[0] for r in claimed] == [event]
-        assert db.execute(Q.claim_horizon, {"max_wait_ms": 200, "remembered": [xid], "pass_over": []}).fetchone()[4] == []
+        remembering = {"max_wait_ms": 200, "remembered": [xid], "pass_over": []}
+        assert db.execute(Q.claim_horizon, remembering).fetchone()[4] == []
         idle.rollback()
-    assert db.execute(Q.claim_horizon, {"max_wait_ms": 200, "remembered": [xid], "pass_over": []}).fetchone()[4] == [xid]
+    assert db.execute(Q.claim_horizon, remembering).fetchone()[4] == [xid]
 
 
 def test_rows_from_another_cluster_are_restamped_before_the_newer_events(db):

@@ -148,7 +148,8 @@ def test_a_held_key_with_100000_later_events_leaves_the_claim_o_batch(db):
     assert work["buffers"] <= 10 * BATCH, f"{work['buffers']} shared buffers for a batch of {BATCH}; {detail}"
     # Nothing of the held key was claimed: the retrying event still comes first.
     assert db.execute("SELECT count(*) FROM outbox_events WHERE status = 'processing'").fetchone()[0] == 0
-    assert db.execute("SELECT status, attempts FROM outbox_events WHERE id = %s", (retrying,)).fetchone() == ("pending", 1)
+    assert db.execute("SELECT status, attempts FROM outbox_events WHERE id = %s",
+                      (retrying,)).fetchone() == ("pending", 1)
 
     # The claim returns the rows it held back (NULL topic), so the worker's cursor moves past them.
     rows = db.execute(Q.claim_batch, claim_params(leases, [hot])).fetchall()

@@ -17,7 +17,8 @@ from tests.helpers import wait_for
 
 def produce(config: dict[str, str], topic: str, value: bytes, timeout: float = 30) -> None:
     errors: list[KafkaError] = []
-    producer = Producer(config | {"acks": "all", "enable.idempotence": True, "message.timeout.ms": str(int(timeout * 1000))})
+    producer = Producer(config | {"acks": "all", "enable.idempotence": True,
+                                  "message.timeout.ms": str(int(timeout * 1000))})
     producer.produce(topic, value, key=b"k", on_delivery=lambda err, _msg: err and errors.append(err))
     assert producer.flush(timeout + 5) == 0, "the record is still queued"
     assert errors == [], errors
@@ -42,7 +43,8 @@ def read_values(config: dict[str, str], topic: str, n: int, timeout: float = 30)
 
 def create_topic(bootstrap: str, topic: str, partitions: int, replicas: int) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=replicas)]).values():
+    new_topic = NewTopic(topic, num_partitions=partitions, replication_factor=replicas)
+    for future in admin.create_topics([new_topic]).values():
         future.result(30)
 
 
@@ -80,7 +82,8 @@ def test_sasl_ssl_with_scram_publishes_and_a_wrong_password_is_refused(kafka_sas
         AdminClient(bad).list_topics(timeout=10)
     assert refused.value.args[0].code() in (KafkaError._AUTHENTICATION, KafkaError._TRANSPORT, KafkaError._TIMED_OUT)
     log = (kafka_sasl.workdir / "node-1" / "server.log").read_text(errors="replace")
-    wait_for(lambda: "Failed authentication" in (kafka_sasl.workdir / "node-1" / "server.log").read_text(errors="replace"),
+    server_log = kafka_sasl.workdir / "node-1" / "server.log"
+    wait_for(lambda: "Failed authentication" in server_log.read_text(errors="replace"),
              10, "the broker logging the failed authentication")
     assert kafka_sasl.users["kaireon"] not in log
 

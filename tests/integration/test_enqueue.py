@@ -237,7 +237,8 @@ def test_on_an_async_connection_nothing_is_written_until_awaited(db_url, db):
             assert isinstance(pending, PendingWrite)
             await conn.commit()
             assert count(db) == 0  # not awaited: not written
-            with pytest.warns(RuntimeWarning, match=r"enqueue\(topic='orders.v1'\) .* never awaited, so nothing was written"):
+            with pytest.warns(RuntimeWarning,
+                              match=r"enqueue\(topic='orders.v1'\) .* never awaited, so nothing was written"):
                 del pending
                 gc.collect()
             event_id = await enqueue(conn, topic="orders.v1", key="a", payload={"n": 2})

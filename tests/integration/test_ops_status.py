@@ -25,7 +25,8 @@ def insert(db: psycopg.Connection, topic: str, key: str | None, n: int = 1) -> l
 def mixed(db) -> dict[str, object]:
     """5 pending (the first an hour old), 2 processing, 4 published (3 in the last minute), 4 failed."""
     pending = insert(db, "orders", "k-old") + [insert(db, "orders", f"k-{i}")[0] for i in range(4)]
-    db.execute("UPDATE outbox_events SET created_at = clock_timestamp() - interval '1 hour' WHERE id = %s", (pending[0],))
+    db.execute("UPDATE outbox_events SET created_at = clock_timestamp() - interval '1 hour' WHERE id = %s",
+               (pending[0],))
     processing = insert(db, "orders", None, 2)
     db.execute("UPDATE outbox_events SET status = 'processing' WHERE id = ANY(%s)", (processing,))
     published = insert(db, "orders", None, 4)
@@ -43,9 +44,10 @@ def mixed(db) -> dict[str, object]:
     worker = uuid.uuid4()
     db.execute("INSERT INTO outbox_workers (worker_id, hostname, pid, slot, expires_at) "
                "VALUES (%s, 'pod-a', 4242, 0, clock_timestamp() + interval '1 minute')", (worker,))
-    db.execute("UPDATE outbox_shard_leases SET owner = %s, epoch = 1, expires_at = clock_timestamp() + interval '1 minute' "
-               "WHERE shard < 10", (worker,))
-    db.execute("INSERT INTO outbox_reaper_runs (source, reset_count, duration_ms) VALUES ('http', 2, 14), ('cli', 0, 3)")
+    db.execute("UPDATE outbox_shard_leases SET owner = %s, epoch = 1, "
+               "expires_at = clock_timestamp() + interval '1 minute' WHERE shard < 10", (worker,))
+    db.execute("INSERT INTO outbox_reaper_runs (source, reset_count, duration_ms) "
+               "VALUES ('http', 2, 14), ('cli', 0, 3)")
     return {"pending": pending, "too_large": too_large, "unknown": unknown, "worker": worker}
 
 
@@ -76,7 +78,8 @@ def test_status_reports_every_figure(db, mixed):
     shards = doc["shards"]
     assert (shards["owned"], shards["unowned"], shards["liveWorkers"]) == (10, 246, 1)
     (owner,) = shards["owners"]
-    assert (owner["workerId"], owner["shards"], owner["hostname"], owner["pid"]) == (str(mixed["worker"]), 10, "pod-a", 4242)
+    assert ((owner["workerId"], owner["shards"], owner["hostname"], owner["pid"])
+            == (str(mixed["worker"]), 10, "pod-a", 4242))
 
     reaper = doc["reaper"]
     assert (reaper["runsLastHour"], reaper["resetLastHour"]) == (2, 2)
@@ -88,7 +91,8 @@ def test_status_cli_text_and_json(db_url, mixed, tmp_path):
     done = helpers.run_cli("status", "--json", env=env)
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
-    assert {n: f["count"] for n, f in doc["backlog"].items()} == {"pending": 5, "processing": 2, "published": 4, "failed": 4}
+    assert {n: f["count"] for n, f in doc["backlog"].items()} == {"pending": 5, "processing": 2,
+                                                                  "published": 4, "failed": 4}
 
     done = helpers.run_cli("status", env=env)
     assert done.returncode == 0, done.stderr

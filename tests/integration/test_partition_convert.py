@@ -143,7 +143,8 @@ def drain(conn: psycopg.Connection) -> tuple[list[int], list[int]]:
     cursors: dict[int, tuple[int, int]] = {}
     claimed, held = [], []
     for _ in range(100):
-        horizon = conn.execute(Q.claim_horizon, {"max_wait_ms": 60_000, "remembered": [], "pass_over": []}).fetchone()[0]
+        horizon = conn.execute(Q.claim_horizon,
+                               {"max_wait_ms": 60_000, "remembered": [], "pass_over": []}).fetchone()[0]
         token = uuid.uuid4()
         with conn.cursor(row_factory=dict_row) as cur:
             batch = cur.execute(Q.claim_batch, {
@@ -223,7 +224,8 @@ def test_the_documented_conversion_keeps_every_row_and_the_claim_order(db_url, d
     legacy_files = index_files(db, "outbox_events_legacy")
     assert sorted(legacy_files.values()) == sorted(files.values()) and old_pkey not in legacy_files.values()
     assert db.execute("""SELECT count(*) FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid
-                         WHERE i.inhparent IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'outbox_events'::regclass)
+                         WHERE i.inhparent IN (SELECT indexrelid FROM pg_index
+                                               WHERE indrelid = 'outbox_events'::regclass)
                            AND x.indrelid = 'outbox_events_legacy'::regclass""").fetchone()[0] == len(legacy_files)
     assert any("outbox_events_legacy" in n and "is implied by existing constraints" in n for n in notices), notices
 
@@ -265,7 +267,8 @@ def test_the_documented_conversion_keeps_every_row_and_the_claim_order(db_url, d
     # The claim: new rows before T (the old table) and after it (a new partition) join their keys.
     late = db.execute("INSERT INTO outbox_events (topic, partition_key, payload_bytes, created_at) "
                       "VALUES ('orders', 'k0', 'after T', %s) RETURNING id", (t + timedelta(minutes=30),)).fetchone()[0]
-    assert db.execute("SELECT tableoid::regclass::text FROM outbox_events WHERE id = %s", (late,)).fetchone()[0] == first_new
+    assert db.execute("SELECT tableoid::regclass::text FROM outbox_events WHERE id = %s",
+                      (late,)).fetchone()[0] == first_new
     everything = rows(db)
     pending = {i: r for i, r in everything.items() if r["status"] == "pending"}
     claimed, held = drain(db)

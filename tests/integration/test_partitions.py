@@ -47,7 +47,8 @@ def test_a_fresh_database_is_partitioned_with_partitions_ahead_and_migrates_agai
     now = pdb.execute("SELECT clock_timestamp()").fetchone()[0]
     assert len(found) == 1 + parts.AHEAD["hourly"]
     assert found[0].lower <= now < found[0].upper
-    assert all(b.lower == a.upper and b.upper - b.lower == timedelta(hours=1) for a, b in zip(found, found[1:], strict=False))
+    assert all(b.lower == a.upper and b.upper - b.lower == timedelta(hours=1)
+               for a, b in zip(found, found[1:], strict=False))
     assert migrations.migrate(pdb, partitioning="hourly") == []  # checksums of the partitioned flavour
     assert migrations.migrate(pdb) == []  # the database says which flavour it is, not the setting
     assert parts.create_ahead(pdb, "hourly") == []  # nothing twice

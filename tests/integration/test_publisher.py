@@ -111,9 +111,11 @@ def test_cloudevents_attributes_in_binary_content_mode():
 
 
 def test_cloudevents_content_type_is_the_events_own_else_json_or_octet_stream():
-    avro = rows_for("t", ["k"], headers={1: '{"Content-Type": "application/avro"}'})[0]._replace(payload=b"\x00\xff\x0e")
+    avro = rows_for("t", ["k"], headers={1: '{"Content-Type": "application/avro"}'})[0]
+    avro = avro._replace(payload=b"\x00\xff\x0e")
     names = [name.lower() for name, _ in record_headers(avro, CE_SOURCE)]
-    assert names.count("content-type") == 1 and dict(record_headers(avro, CE_SOURCE))["Content-Type"] == b"application/avro"
+    assert names.count("content-type") == 1
+    assert dict(record_headers(avro, CE_SOURCE))["Content-Type"] == b"application/avro"
     binary = avro._replace(headers="{}")
     assert dict(record_headers(binary, CE_SOURCE))["content-type"] == b"application/octet-stream"
     assert parsed(binary).get_data() == b"\x00\xff\x0e"

@@ -278,7 +278,8 @@ def running_server(settings: Settings, caplog=None) -> Iterator[str]:
         assert not thread.is_alive(), "serve_forever did not return after stop_event"
 
 
-def request(url: str, method: str = "GET", headers: dict | None = None, data: bytes | None = None) -> tuple[int, dict, bytes]:
+def request(url: str, method: str = "GET", headers: dict | None = None,
+            data: bytes | None = None) -> tuple[int, dict, bytes]:
     req = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:

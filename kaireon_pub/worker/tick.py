@@ -101,6 +101,8 @@ class Tick:
         """Claim one batch of the owned shards, publish it, settle every event. O(batch)."""
         w = self.w
         w.scan.last_claim_full = False
+        # A busy worker never waits for work: the rescan notices are taken in before each claim.
+        await w.listener.take_notices()
         async with w.keeper.batch_lock:
             w.scan.apply_rescans()
             shards = w.scan.rotated(w.leases.owned)

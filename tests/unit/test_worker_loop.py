@@ -141,3 +141,67 @@ def test_an_idle_wait_ends_at_the_first_notification(monkeypatch):
     w.listener = NotifiedListener(now, step=0.01)
     asyncio.run(w.wait_for_work(2.0))
     assert w.listener.waits == 1
+
+
+def test_a_busy_worker_takes_in_a_rescan_notice_before_its_next_claim():
+    # A worker that never idles never waited on its LISTEN connection: a row reset to pending
+    # behind its cursor (the reaper's or a requeue's NOTIFY) must still rewind the scan before
+    # the next claim, not at the periodic full rescan.
+    from kaireon_pub.worker.wake import CHANNEL_RESCAN, CHANNEL_WORK
+    from tests.unit.worker_fakes import FakeListenConn
+
+    w = make_worker()
+    conn = FakeListenConn()
+
+    async def connect():
+        return conn
+
+    w.listener.connect = connect
+
+    async def tick_with(arrived):
+        conn.arrived = list(arrived)
+        w.scan.cursors = {3: (10, 5)}
+        await w.tick.run_once()  # owns no shard: the tick stops right after the rescans
+
+    async def scenario():
+        await tick_with([])
+        assert conn.listening == [f"LISTEN {CHANNEL_WORK}", f"LISTEN {CHANNEL_RESCAN}"]
+        assert w.scan.cursors == {}, "what was notified before anything listened is looked at once"
+        await tick_with([CHANNEL_WORK, CHANNEL_WORK])
+        assert w.scan.cursors == {3: (10, 5)}, "a work notice rewinds nothing"
+        await tick_with([CHANNEL_WORK, CHANNEL_RESCAN])
+        assert w.scan.cursors == {}, "the rescan notice reached the scan before the claim"
+        assert conn.read_timeouts == [0, 0, 0]  # read without waiting, once per tick
+        assert len(conn.listening) == 2  # one connection, kept
+
+    asyncio.run(scenario())
+
+
+def test_a_lost_listen_connection_does_not_fail_the_tick_and_is_tried_again_after_a_pause():
+    import psycopg
+
+    from kaireon_pub.worker import wake
+    from tests.unit.worker_fakes import Clock, FakeListenConn
+
+    clock, rescans, attempts = Clock(), [], []
+    conn = FakeListenConn([wake.CHANNEL_RESCAN])
+
+    async def connect():
+        attempts.append(clock.now)
+        if len(attempts) == 1:
+            raise psycopg.OperationalError("database away")
+        return conn
+
+    listener = wake.Listener(connect, lambda: rescans.append(clock.now), clock=clock)
+
+    async def scenario():
+        await listener.take_notices()  # fails: the tick goes on
+        clock.now += wake.RECONNECT_PAUSE_S - 0.1
+        await listener.take_notices()  # not tried again yet
+        assert attempts == [1000.0] and rescans == []
+        clock.now += 0.1
+        await listener.take_notices()
+        # Connected: notices sent meanwhile were lost (one rescan), then the arrived one.
+        assert len(attempts) == 2 and len(rescans) == 2 and listener.conn is conn
+
+    asyncio.run(scenario())

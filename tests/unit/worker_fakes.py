@@ -129,3 +129,27 @@ def fake_leases(table: LeaseTable, slot: int = 0):
             return sorted(shards)
 
     return FakeLeases(uuid.uuid4(), slot, ttl_seconds=10)
+
+
+class FakeListenConn:
+    """The LISTEN connection: what it was asked (LISTEN statements), notifications that have
+    arrived (channel names), and the timeout of every read of them."""
+
+    def __init__(self, arrived=()):
+        self.closed = False
+        self.listening: list[str] = []
+        self.arrived = list(arrived)
+        self.read_timeouts: list[float | None] = []
+
+    async def execute(self, statement, params=None):
+        self.listening.append(statement)
+
+    async def notifies(self, *, timeout=None, stop_after=None):
+        from types import SimpleNamespace as Note
+
+        self.read_timeouts.append(timeout)
+        while self.arrived:
+            yield Note(channel=self.arrived.pop(0))
+
+    async def close(self):
+        self.closed = True

@@ -65,42 +65,89 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OUTBOX_BATCH_SIZE", "1000", "Events claimed per batch. 1..10000."),
     Setting("OUTBOX_WORKERS", "", "Publisher worker processes per supervisor; empty = CPU count. 1..64."),
     Setting("OUTBOX_SHUTDOWN_DRAIN_TIMEOUT_MS", "15000", "SIGTERM drain budget. 1000..600000."),
-    Setting("OUTBOX_LIVENESS_FILE", "/tmp/outbox-publisher.alive", "File the supervisor touches while every worker is healthy."),
-    Setting("OUTBOX_WORKER_TIMEOUT_SECONDS", "30", "A worker whose heartbeat is older is killed and respawned. 2..3600."),
-    Setting("OUTBOX_REAPER_STALENESS_SECONDS", "300", "Rows in processing longer than this are reset by the reaper. Invalid or non-positive: default, with a warning."),
+    Setting("OUTBOX_LIVENESS_FILE", "/tmp/outbox-publisher.alive",
+            "File the supervisor touches while every worker is healthy."),
+    Setting("OUTBOX_WORKER_TIMEOUT_SECONDS", "30",
+            "A worker whose heartbeat is older is killed and respawned. 2..3600."),
+    Setting("OUTBOX_REAPER_STALENESS_SECONDS", "300",
+            "Rows in processing longer than this are reset by the reaper. Invalid or non-positive: default, with a "
+            "warning."),
     Setting("OUTBOX_MAX_ATTEMPTS", "10", "Delivery attempts before an event becomes failed. 1..1000."),
     Setting("OUTBOX_BACKOFF_BASE_MS", "1000", "First retry delay; doubles per attempt. 1..3600000."),
     Setting("OUTBOX_BACKOFF_MAX_MS", "300000", "Retry delay cap. >= OUTBOX_BACKOFF_BASE_MS."),
     Setting("OUTBOX_MAX_PAYLOAD_BYTES", "1000000", "enqueue() refuses larger payloads. 1..104857600."),
-    Setting("OUTBOX_CLOUDEVENTS", "false", "Add the CloudEvents attributes to every record (binary content mode of the Kafka binding: ce_specversion, ce_id, ce_source, ce_type, ce_time, content-type)."),
-    Setting("OUTBOX_CLOUDEVENTS_SOURCE", "", "The CloudEvents source of every record (a URI-reference, e.g. /orders-service); required when OUTBOX_CLOUDEVENTS is true."),
+    Setting("OUTBOX_CLOUDEVENTS", "false",
+            "Add the CloudEvents attributes to every record (binary content mode of the Kafka binding: "
+            "ce_specversion, ce_id, ce_source, ce_type, ce_time, content-type)."),
+    Setting("OUTBOX_CLOUDEVENTS_SOURCE", "",
+            "The CloudEvents source of every record (a URI-reference, e.g. /orders-service); required when "
+            "OUTBOX_CLOUDEVENTS is true."),
     Setting("OUTBOX_MAX_CONSECUTIVE_FAILURES", "30", "Non-transient tick failures in a row before exit 3. 1..10000."),
-    Setting("OUTBOX_ORDERING", "strict", "strict: a key waits while its earlier event is retrying; relaxed: later events flow, violations counted."),
-    Setting("OUTBOX_CLAIM_MODE", "status", "status: pending->processing->published; lock: row lock of a short transaction is the claim (one write per event)."),
+    Setting("OUTBOX_ORDERING", "strict",
+            "strict: a key waits while its earlier event is retrying; relaxed: later events flow, violations counted."),
+    Setting("OUTBOX_CLAIM_MODE", "status",
+            "status: pending->processing->published; lock: row lock of a short transaction is the claim (one write "
+            "per event)."),
     Setting("OUTBOX_DELETE_ON_PUBLISH", "false", "Delete rows once delivered instead of marking them published."),
     Setting("OUTBOX_LEASE_TTL_SECONDS", "10", "Shard lease lifetime; renewed every TTL/3. 2..600."),
-    Setting("OUTBOX_HORIZON_MAX_WAIT_MS", "5000", "How long the claim waits for a transaction of the outbox's database that is still open (it might yet insert an outbox row); past that, publishing goes on and the transaction's rows are found when it ends. 100..3600000."),
-    Setting("OUTBOX_RESCAN_INTERVAL_MS", "30000", "Periodic full rescan of owned shards (rows released behind the cursor). 1000..3600000."),
+    Setting("OUTBOX_HORIZON_MAX_WAIT_MS", "5000",
+            "How long the claim waits for a transaction of the outbox's database that is still open (it might yet "
+            "insert an outbox row); past that, publishing goes on and the transaction's rows are found when it ends. "
+            "100..3600000."),
+    Setting("OUTBOX_RESCAN_INTERVAL_MS", "30000",
+            "Periodic full rescan of owned shards (rows released behind the cursor). 1000..3600000."),
     Setting("OUTBOX_RETENTION_SECONDS", "604800", "Published rows older than this are purged; 0 disables the purge."),
-    Setting("OUTBOX_FAILED_RETENTION_SECONDS", "2592000", "Partitioned outbox: a partition holding failed rows is dropped only once the newest of them failed longer ago than this; 0 keeps such partitions. 0..315360000."),
-    Setting("OUTBOX_PARTITIONING", "none", "none: the plain outbox table. hourly | daily: `migrate` makes outbox_events range-partitioned on created_at on a fresh database, and retention drops whole partitions (see docs/operations.md). none | hourly | daily."),
+    Setting("OUTBOX_FAILED_RETENTION_SECONDS", "2592000",
+            "Partitioned outbox: a partition holding failed rows is dropped only once the newest of them failed "
+            "longer ago than this; 0 keeps such partitions. 0..315360000."),
+    Setting("OUTBOX_PARTITIONING", "none",
+            "none: the plain outbox table. hourly | daily: `migrate` makes outbox_events range-partitioned on "
+            "created_at on a fresh database, and retention drops whole partitions (see docs/operations.md). none | "
+            "hourly | daily."),
     Setting("OUTBOX_PURGE_BATCH_SIZE", "5000", "Rows deleted per purge statement. 1..100000."),
     Setting("OUTBOX_PURGE_INTERVAL_SECONDS", "60", "Pause between purge passes. 1..86400."),
     Setting("OUTBOX_STATEMENT_TIMEOUT_MS", "30000", "statement_timeout of the tier's database sessions. 100..600000."),
-    Setting("OUTBOX_SYNCHRONOUS_COMMIT", "off", "synchronous_commit of the workers' sessions (claims, marks, leases). off: a database crash may undo the last moments of marks, and those events are published again; on: every batch waits for two WAL flushes. off | local | remote_write | on | remote_apply."),
-    Setting("OUTBOX_POOL_MODE", "session", "session: DATABASE_URL reaches PostgreSQL or a session pooler (session settings, LISTEN, prepared statements); transaction: DATABASE_URL is a transaction pooler such as PgBouncer pool_mode=transaction (no prepared statements, session settings re-applied in every transaction, LISTEN only on OUTBOX_LISTEN_DATABASE_URL). session | transaction."),
-    Setting("OUTBOX_LISTEN_DATABASE_URL", "", "Connection string of a session to the server itself, for LISTEN (and `migrate`) when DATABASE_URL is a transaction pooler; empty: LISTEN on DATABASE_URL in session mode, polling every OUTBOX_POLL_INTERVAL_MS in transaction mode."),
+    Setting("OUTBOX_SYNCHRONOUS_COMMIT", "off",
+            "synchronous_commit of the workers' sessions (claims, marks, leases). off: a database crash may undo the "
+            "last moments of marks, and those events are published again; on: every batch waits for two WAL flushes. "
+            "off | local | remote_write | on | remote_apply."),
+    Setting("OUTBOX_POOL_MODE", "session",
+            "session: DATABASE_URL reaches PostgreSQL or a session pooler (session settings, LISTEN, prepared "
+            "statements); transaction: DATABASE_URL is a transaction pooler such as PgBouncer pool_mode=transaction "
+            "(no prepared statements, session settings re-applied in every transaction, LISTEN only on "
+            "OUTBOX_LISTEN_DATABASE_URL). session | transaction."),
+    Setting("OUTBOX_LISTEN_DATABASE_URL", "",
+            "Connection string of a session to the server itself, for LISTEN (and `migrate`) when DATABASE_URL is a "
+            "transaction pooler; empty: LISTEN on DATABASE_URL in session mode, polling every OUTBOX_POLL_INTERVAL_MS "
+            "in transaction mode."),
     Setting("OUTBOX_HTTP_HOST", "0.0.0.0", "Address of /metrics, /healthz, /readyz and the cron route."),
-    Setting("OUTBOX_HTTP_PORT", "9464", "Port of the HTTP server; 0 picks a free port (logged as `http listening`). 0..65535."),
+    Setting("OUTBOX_HTTP_PORT", "9464",
+            "Port of the HTTP server; 0 picks a free port (logged as `http listening`). 0..65535."),
     Setting("OUTBOX_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
-    Setting("CRON_SECRET", None, "Shared secret of /api/v1/cron/outbox-reaper, at least 16 bytes (shorter: exit 2). Unset/blank: the route answers 401."),
-    Setting("CRON_SECRET_PREVIOUS", None, "During a rotation, the secret being replaced: accepted beside CRON_SECRET until removed or until CRON_SECRET_PREVIOUS_EXPIRES_AT. At least 16 bytes; requires CRON_SECRET."),
-    Setting("CRON_SECRET_PREVIOUS_EXPIRES_AT", "", "When CRON_SECRET_PREVIOUS stops being accepted: an ISO-8601 time with its offset (2026-05-01T12:00:00Z); empty: until it is removed."),
-    Setting("DATABASE_URL_FILE", "", "A file holding DATABASE_URL (a mounted Secret), read at start; set one of DATABASE_URL and DATABASE_URL_FILE."),
-    Setting("CRON_SECRET_FILE", "", "A file holding CRON_SECRET, read at start and again whenever the file changes (a rotated Kubernetes Secret takes effect without a restart); set one of CRON_SECRET and CRON_SECRET_FILE."),
-    Setting("CRON_SECRET_PREVIOUS_FILE", "", "A file holding CRON_SECRET_PREVIOUS, re-read like CRON_SECRET_FILE; set one of the two."),
-    Setting("KAFKA_SASL_PASSWORD_FILE", "", "A file holding librdkafka's sasl.password, read at start; set one of KAFKA_SASL_PASSWORD and KAFKA_SASL_PASSWORD_FILE. Any other secret librdkafka property may be given the same way (KAFKA_SSL_KEY_PASSWORD_FILE, …)."),
-    Setting("PROMETHEUS_MULTIPROC_DIR", "", "Directory for multiprocess metrics; empty = a fresh temporary directory. At start only prometheus-client's own *.db files in it are removed."),
+    Setting("CRON_SECRET", None,
+            "Shared secret of /api/v1/cron/outbox-reaper, at least 16 bytes (shorter: exit 2). Unset/blank: the route "
+            "answers 401."),
+    Setting("CRON_SECRET_PREVIOUS", None,
+            "During a rotation, the secret being replaced: accepted beside CRON_SECRET until removed or until "
+            "CRON_SECRET_PREVIOUS_EXPIRES_AT. At least 16 bytes; requires CRON_SECRET."),
+    Setting("CRON_SECRET_PREVIOUS_EXPIRES_AT", "",
+            "When CRON_SECRET_PREVIOUS stops being accepted: an ISO-8601 time with its offset (2026-05-01T12:00:00Z); "
+            "empty: until it is removed."),
+    Setting("DATABASE_URL_FILE", "",
+            "A file holding DATABASE_URL (a mounted Secret), read at start; set one of DATABASE_URL and "
+            "DATABASE_URL_FILE."),
+    Setting("CRON_SECRET_FILE", "",
+            "A file holding CRON_SECRET, read at start and again whenever the file changes (a rotated Kubernetes "
+            "Secret takes effect without a restart); set one of CRON_SECRET and CRON_SECRET_FILE."),
+    Setting("CRON_SECRET_PREVIOUS_FILE", "",
+            "A file holding CRON_SECRET_PREVIOUS, re-read like CRON_SECRET_FILE; set one of the two."),
+    Setting("KAFKA_SASL_PASSWORD_FILE", "",
+            "A file holding librdkafka's sasl.password, read at start; set one of KAFKA_SASL_PASSWORD and "
+            "KAFKA_SASL_PASSWORD_FILE. Any other secret librdkafka property may be given the same way "
+            "(KAFKA_SSL_KEY_PASSWORD_FILE, …)."),
+    Setting("PROMETHEUS_MULTIPROC_DIR", "",
+            "Directory for multiprocess metrics; empty = a fresh temporary directory. At start only "
+            "prometheus-client's own *.db files in it are removed."),
 )
 
 SYNCHRONOUS_COMMIT_LEVELS = ("off", "local", "remote_write", "on", "remote_apply")
@@ -361,7 +408,8 @@ class Settings:
 
         log_level = str(raw("OUTBOX_LOG_LEVEL")).strip().upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError("OUTBOX_LOG_LEVEL", f"{raw('OUTBOX_LOG_LEVEL')!r} is not a log level", "DEBUG | INFO | WARNING | ERROR")
+            raise ConfigError("OUTBOX_LOG_LEVEL", f"{raw('OUTBOX_LOG_LEVEL')!r} is not a log level",
+                              "DEBUG | INFO | WARNING | ERROR")
 
         producer = dict(PRODUCER_DEFAULTS)
         for name, value in env.items():
@@ -447,11 +495,13 @@ class Settings:
         for key, accepted in SAFE_PRODUCER_SETTINGS.items():
             value = str(self.producer_config.get(key, "")).strip().lower()
             if value not in accepted:
-                raise ConfigError(kafka_env_name(key), f"{value!r} would weaken at-least-once, in-order delivery", " | ".join(sorted(accepted)))
+                raise ConfigError(kafka_env_name(key), f"{value!r} would weaken at-least-once, in-order delivery",
+                                  " | ".join(sorted(accepted)))
         try:
             timeout = self.message_timeout_ms
         except ValueError:
-            raise ConfigError("KAFKA_MESSAGE_TIMEOUT_MS", f"{self.producer_config.get('message.timeout.ms')!r} is not an integer", "1000..300000") from None
+            timeout = self.producer_config.get("message.timeout.ms")
+            raise ConfigError("KAFKA_MESSAGE_TIMEOUT_MS", f"{timeout!r} is not an integer", "1000..300000") from None
         if not 1000 <= timeout <= 300_000:
             raise ConfigError("KAFKA_MESSAGE_TIMEOUT_MS", f"{timeout} is out of range", "1000..300000")
         if self.cloudevents and not self.cloudevents_source:

@@ -152,7 +152,8 @@ def render(chart: str, values: dict | None, release: str = "kaireon", namespace:
     try:
         config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=_kubeconfig(server.server_port, namespace))
         try:
-            rel = asyncio.run(helm_sdkpy.Install(config).run(release, chart, values=values or None, wait=False, timeout=30))
+            install = helm_sdkpy.Install(config)
+            rel = asyncio.run(install.run(release, chart, values=values or None, wait=False, timeout=30))
         except helm_sdkpy.HelmError as exc:
             return {"ok": False, "error": str(exc)}
         # An empty manifest (everything disabled) is left out of the release.

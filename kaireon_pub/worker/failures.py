@@ -132,7 +132,8 @@ class FailureStreak:
 
     def succeeded(self) -> None:
         if self.last_error_id:
-            log.info("outbox-publisher tick recovered", extra={"event": "tick recovered", "errorId": self.last_error_id})
+            log.info("outbox-publisher tick recovered",
+                     extra={"event": "tick recovered", "errorId": self.last_error_id})
         self.streak = 0
         self.streak_transient = 0
         self.last_error_id = None

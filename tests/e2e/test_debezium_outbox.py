@@ -176,7 +176,8 @@ def test_two_writers_of_one_aggregate_committing_in_reverse_xid_order_publish_in
 
         # The claim has waited a second and a half for A (several polls after B's commit), or B went out.
         helpers.wait_for(lambda: b_status() != "pending" or (
-            helpers.metric_value(port, "kaireon_outbox_horizon_age_seconds") or 0) >= 1.5, 30, "the claim to wait for A")
+            helpers.metric_value(port, "kaireon_outbox_horizon_age_seconds") or 0) >= 1.5,
+            30, "the claim to wait for A")
         assert b_status() == "pending", "B's event went out while A, with the lower xid, was still open"
         a.commit()
 

@@ -178,7 +178,8 @@ def read_ids(reader: TopicReader, ids: list[int], timeout: float) -> list[Any]:
         raise AssertionError(f"{exc}; {len(missing)} of {len(wanted)} events missing, e.g. {missing[:10]}") from None
 
 
-def explain(db_url: str, exc: AssertionError, run: Steady, messages: list[Any] = (), before: set[int] = frozenset()) -> str:
+def explain(db_url: str, exc: AssertionError, run: Steady, messages: list[Any] = (),
+            before: set[int] = frozenset()) -> str:
     """The rows and the tier's log lines of the events an order assertion names."""
     import re
 
@@ -186,7 +187,8 @@ def explain(db_url: str, exc: AssertionError, run: Steady, messages: list[Any] =
 
     ids = [int(x) for x in re.findall(r"event (\d+) after (\d+)", str(exc))[0]] if "event" in str(exc) else []
     with psycopg.connect(db_url, autocommit=True) as conn:
-        rows = conn.execute("SELECT id, partition_key, status, attempts, left(last_error, 200), created_at, published_at"
+        rows = conn.execute("SELECT id, partition_key, status, attempts, left(last_error, 200), created_at, "
+                            "published_at"
                             " FROM outbox_events WHERE id = ANY(%s)", (ids,)).fetchall()
     lines = [e for e in run.tier.logs() if e.get("eventId") in ids or e.get("level") in ("WARNING", "ERROR")]
     records = [(int(dict(m.headers())["event-id"]), m.partition(), m.offset(), m.timestamp()[1]) for m in messages
@@ -273,7 +275,8 @@ def test_kill_9_of_the_busiest_leader_loses_nothing_and_publishing_resumes(
         figures = run.finish()
     _report("kill -9 of the busiest leader", {
         "victim": victim, "itsPartitions": sorted(moved), "resumeOnItsPartitionsS": round(moved_s, 2),
-        "resumeEverywhereS": round(everywhere_s, 2), **{k: v for k, v in figures.items() if k not in ("fatal", "recreated")},
+        "resumeEverywhereS": round(everywhere_s, 2),
+        **{k: v for k, v in figures.items() if k not in ("fatal", "recreated")},
         "fatalErrors": len(figures["fatal"]), "producerRecreated": [e.get("cause") for e in figures["recreated"]]})
 
 

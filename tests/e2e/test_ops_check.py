@@ -37,7 +37,8 @@ def test_check_passes_on_a_good_setup(tier_env, broker, topic, db):
     code, checks, _ = check(tier_env, "--topic", topic, "--no-auto-create")
     assert code == 0, checks
     assert [c["status"] for c in checks.values()] == ["ok"] * 9
-    assert list(checks) == ["settings", "producer", "timeouts", "database", "pooler", "schema", "horizon", "broker", "topics"]
+    assert list(checks) == ["settings", "producer", "timeouts", "database", "pooler", "schema", "horizon", "broker",
+                            "topics"]
     assert topic in checks["topics"]["detail"]
 
     done = helpers.run_cli("check", "--topic", topic, "--no-auto-create", env=tier_env)
@@ -116,7 +117,8 @@ def test_check_reports_inconsistent_timeouts(tier_env):
     code, checks, _ = check({**tier_env, "OUTBOX_REAPER_STALENESS_SECONDS": "20"})
     assert code == 1
     assert checks["timeouts"]["status"] == "fail"
-    assert "OUTBOX_REAPER_STALENESS_SECONDS=20 must be above KAFKA_MESSAGE_TIMEOUT_MS 10 s" in checks["timeouts"]["detail"]
+    assert ("OUTBOX_REAPER_STALENESS_SECONDS=20 must be above KAFKA_MESSAGE_TIMEOUT_MS 10 s"
+            in checks["timeouts"]["detail"])
 
 
 def test_check_fails_on_an_unreachable_broker(tier_env):

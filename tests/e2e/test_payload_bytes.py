@@ -131,10 +131,12 @@ def test_rows_written_before_the_migration_reach_the_topic_unchanged(db_before_0
     with psycopg.connect(db_before_0003) as conn:
         conn.execute(
             """INSERT INTO outbox_events (topic, partition_key, payload, headers, event_type)
-               SELECT %s, 'k' || (g %% 3), jsonb_build_object('zeta', g, 'alpha', 'x' || g, 'nested', '{"b": 1, "a": [1, 2.50]}'::jsonb),
+               SELECT %s, 'k' || (g %% 3),
+                      jsonb_build_object('zeta', g, 'alpha', 'x' || g, 'nested', '{"b": 1, "a": [1, 2.50]}'::jsonb),
                       '{"traceparent": "00-ab", "meta": {"n": 1}, "n": 7}', 'legacy.event'
                FROM generate_series(1, 20) g""", (topic,))
-        conn.execute("INSERT INTO outbox_events (topic, partition_key, payload) VALUES (%s, 'k-null', 'null')", (topic,))
+        conn.execute("INSERT INTO outbox_events (topic, partition_key, payload) VALUES (%s, 'k-null', 'null')",
+                     (topic,))
         before = dict(conn.execute("SELECT id, convert_to(payload::text, 'UTF8') FROM outbox_events").fetchall())
         conn.commit()
     with psycopg.connect(db_before_0003, autocommit=True) as conn:

@@ -37,7 +37,8 @@ def held(conn: psycopg.Connection) -> dict[str, int]:
 
 
 def registered(conn: psycopg.Connection) -> set[str]:
-    return {str(w) for (w,) in conn.execute("SELECT worker_id FROM outbox_workers WHERE expires_at > clock_timestamp()")}
+    live = conn.execute("SELECT worker_id FROM outbox_workers WHERE expires_at > clock_timestamp()")
+    return {str(w) for (w,) in live}
 
 
 def until(condition, timeout: float, what: str) -> float:
@@ -79,7 +80,8 @@ def test_scale_out_and_in_times(db_url, topic, start_tier):
             until(lambda: b_workers & registered(conn), 30, "tier B registered")  # noqa: B023
             times["start_to_registered"].append(time.monotonic() - started)
             times["registered_to_share"].append(until(
-                lambda: share(b_workers) == 128 and share(a_workers) == 128, 4 * TTL, "a fair share each"))  # noqa: B023
+                lambda: share(b_workers) == 128 and share(a_workers) == 128,  # noqa: B023
+                4 * TTL, "a fair share each"))
             if round_ < ROUNDS:
                 b.proc.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
@@ -91,7 +93,8 @@ def test_scale_out_and_in_times(db_url, topic, start_tier):
                 times["sigterm_to_exit"].append(time.monotonic() - signalled)
             else:
                 os.killpg(b.proc.pid, signal.SIGKILL)
-                times["sigkill_to_taken"].append(until(lambda: share(a_workers) == 256, 4 * TTL, "tier A holding all 256"))
+                times["sigkill_to_taken"].append(
+                    until(lambda: share(a_workers) == 256, 4 * TTL, "tier A holding all 256"))
         committed = load.stop()
     wait_for(lambda: status_counts(db_url) == {"published": len(committed)}, 120, "every committed event published")
     assert a.stop() == 0

@@ -46,12 +46,14 @@ def checking_pg() -> Iterator[str]:
         # The harness itself: the server now checks app's password.
         def refuses_a_wrong_password() -> bool:
             try:
-                psycopg.connect(psycopg.conninfo.make_conninfo(admin, user="app", dbname="app", password="wrong")).close()
+                wrong = psycopg.conninfo.make_conninfo(admin, user="app", dbname="app", password="wrong")
+                psycopg.connect(wrong).close()
             except psycopg.OperationalError as exc:
                 return "password authentication failed" in str(exc)
             return False
         wait_for(refuses_a_wrong_password, 10, "the private server checking passwords", interval=0.2)
-        psycopg.connect(psycopg.conninfo.make_conninfo(admin, user="app", dbname="app", password=RIGHT_PASSWORD)).close()
+        right = psycopg.conninfo.make_conninfo(admin, user="app", dbname="app", password=RIGHT_PASSWORD)
+        psycopg.connect(right).close()
         yield admin
     finally:
         server._cleanup()

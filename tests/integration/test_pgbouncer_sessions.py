@@ -17,7 +17,8 @@ from kaireon_pub.db.queries import Q
 from kaireon_pub.settings import Settings
 from tests.pgbouncer import SKIP_REASON, PgBouncer, binary
 
-PROBE = ("SELECT (SELECT setting FROM pg_settings WHERE name = 'statement_timeout'), current_setting('synchronous_commit'), "
+PROBE = ("SELECT (SELECT setting FROM pg_settings WHERE name = 'statement_timeout'), "
+         "current_setting('synchronous_commit'), "
          "(SELECT setting FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'), "
          "current_setting('application_name'), "
          "(SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()), pg_backend_pid()")

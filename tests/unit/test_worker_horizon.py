@@ -86,7 +86,8 @@ def test_read_passes_its_memory_and_logs_the_holders_of_fresh_bypasses(caplog):
     clock = Clock()
     h = make(clock)
     h.unknown_since = {9: clock.now - 5}
-    conn = Conn(("1234", 7.0, [50], [9], []), holders=[(11, None, "db", "app", True, 7.04), (12, None, "db", "x", False, 1)])
+    conn = Conn(("1234", 7.0, [50], [9], []),
+                holders=[(11, None, "db", "app", True, 7.04), (12, None, "db", "x", False, 1)])
     assert asyncio.run(h.read(conn)) == "1234"
     (q1, p1), (q2, p2) = conn.calls
     assert q1 == Q.claim_horizon and p1 == {"max_wait_ms": 2000, "remembered": [], "pass_over": [9]}

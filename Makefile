@@ -46,7 +46,7 @@ test: $(STAMP)
 kafka-classpath: $(STAMP)
 	@reason=$$($(PY) -c 'from kaireon_pub import devkafka; print(devkafka.unavailable() or "")'); \
 	if [ -z "$$reason" ]; then \
-	  $(PY) -c 'from kaireon_pub import devkafka as k; print(f"Apache Kafka {k.KAFKA_VERSION}: {len(k.classpath().split(chr(58)))} jars")'; \
+	  $(PY) -c 'from kaireon_pub import devkafka as k; print(f"Apache Kafka {k.KAFKA_VERSION}: {k.classpath().count(chr(58)) + 1} jars")'; \
 	else \
 	  echo "SKIPPED Apache Kafka's classpath: $$reason"; \
 	fi

@@ -44,12 +44,7 @@ test: $(STAMP)
 
 # The Kafka broker's classpath (kaireon_pub/devkafka.pom.xml), resolved by mvn into .cache/kafka/ once.
 kafka-classpath: $(STAMP)
-	@reason=$$($(PY) -c 'from kaireon_pub import devkafka; print(devkafka.unavailable() or "")'); \
-	if [ -z "$$reason" ]; then \
-	  $(PY) -c 'from kaireon_pub import devkafka as k; print(f"Apache Kafka {k.KAFKA_VERSION}: {k.classpath().count(chr(58)) + 1} jars")'; \
-	else \
-	  echo "SKIPPED Apache Kafka's classpath: $$reason"; \
-	fi
+	$(PY) -m kaireon_pub.devkafka
 
 lint: $(STAMP)
 	$(PY) -m ruff check kaireon_pub tests bench

@@ -498,3 +498,17 @@ class KafkaBroker:
 
     def close(self) -> None:
         self.cluster.stop()
+
+
+def main() -> None:
+    """`python -m kaireon_pub.devkafka` (make kafka-classpath): resolves the classpath now, or says why not."""
+    reason = unavailable()
+    if reason is not None:
+        print(f"SKIPPED Apache Kafka's classpath: {reason}")
+        return
+    jars = classpath().split(os.pathsep)
+    print(f"Apache Kafka {KAFKA_VERSION}: {len(jars)} jars ({cache_dir() / 'classpath.txt'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ run: $(STAMP)
 # Maven (or the classpath they resolved, .cache/kafka/) are there.
 test: $(STAMP)
 	$(PY) -m ruff check kaireon_pub tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	@if $(PY) -c 'from tests.pgbouncer import binary; raise SystemExit(binary() is None)'; then \
 	  echo "The e2e suite again, the tiers through PgBouncer (pool_mode=transaction):"; \
 	  KAIREON_TEST_VIA_PGBOUNCER=1 $(PY) -m pytest -q tests/e2e; \

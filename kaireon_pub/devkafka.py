@@ -12,6 +12,9 @@ listener (`bootstrap`); with `sasl_ssl=True` a SASL_SSL listener too (`sasl_boot
 over TLS, a CA and a broker certificate made by openssl, the SCRAM users added by StorageTool's
 `format --add-scram` (Kafka's own tool). Each node's log is `node-<id>/server.log` in the work
 directory, kept after `stop()`; the data directories are removed then.
+
+One job past 300 lines (dev only): a Kafka node's whole life here, from its classpath and its
+configuration to its stop, which the tests drive node by node.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ The drop (`retire`), in steps that each leave a safe state behind if interrupted
 3. `DETACH PARTITION … CONCURRENTLY` (no lock that blocks enqueue or the claim);
 4. the state read a third time, then `DROP TABLE` (if the impossible happened, the table is
    attached back and the workers told to rescan).
+
+One job past 300 lines: these steps and the verdict are one safety argument, read best in one file.
 An interrupted step 3 leaves the partition "detach pending" (finalized on the next round); an
 interrupted step 4 leaves a detached table carrying the constraint (dropped on the next round).
 Through a transaction pooler (a PooledConnection: OUTBOX_POOL_MODE=transaction without

@@ -16,7 +16,8 @@ GET, HEAD and OPTIONS never reach the reaper.
 Every refusal and failure logs one line with an errorId; a 500 body holds only that errorId.
 
 The parts beside the routes: cron authentication (cron_auth.py), the default readiness
-(readiness.py), the multiprocess metrics collector (collector.py).
+(readiness.py), the multiprocess metrics collector (collector.py). What stays here is the routing
+and each route's answer, one job (just past 300 lines, most of it the refusals' answers).
 """
 
 from __future__ import annotations

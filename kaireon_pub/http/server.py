@@ -20,6 +20,9 @@ to the JSON logger: method, path (the tier's own paths only, never the query str
 size, remote address; successful probe requests (/metrics, /healthz, /readyz) at DEBUG, the
 rest at INFO. Headers are never logged: they carry the cron secret. waitress's loggers
 (`waitress`, `waitress.queue`) reach the same JSON handler, with the tier's secrets redacted.
+
+One job past 300 lines: waitress set up as the tier needs it (limits, its own answers and log
+lines, the child process's signals and stop), each part small and tied to the others.
 """
 
 from __future__ import annotations

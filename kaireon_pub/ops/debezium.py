@@ -15,6 +15,9 @@ named blocks of db/debezium.sql; the column expressions are chosen here from the
 By default the record carries the router's headers only (`id` and the --field-as-header ones): the
 trigger writes the header-control entry `kaireon-headers: own-only` (read, and not sent, by
 worker/kafka/records.py); `tier_headers=True` keeps the tier's event-id, event-type, created-at.
+
+One job past 300 lines: the router's mapping is one set of rules (columns, topic routing, headers,
+tombstones) checked against the table's catalogue types; attach and detach share all of it.
 """
 
 from __future__ import annotations

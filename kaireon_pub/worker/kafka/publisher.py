@@ -1,54 +1,31 @@
 """One claimed batch produced with confluent-kafka: the per-row loop, and every event's fate
-(outcome.py names the buckets).
+(outcome.py names the buckets). The loop is the tier's hottest code: moved here whole from
+worker/publisher.py; change it only with a measurement before and after (bench/RESULTS.md).
 
-The loop is the tier's hottest code (bench/RESULTS.md): it was moved here whole from
-worker/publisher.py; change it only with a measurement before and after.
+Strict order across topics. librdkafka keeps the order of one partition only; a key's events on two
+topics do not share one. So, in strict mode, a batch goes to librdkafka in waves: a wave hands a
+key's events over while they go to the topic of its first event in the wave; the key's first event
+on another topic, and every later one of the key, wait. When everything handed is reported, the
+next wave takes the waiting events of keys whose handed events were all delivered; a key with one
+that was not keeps the rest back: released (pending, attempts untouched, not counted unconfirmed)
+for the next claim, which holds the key behind the retry. A wave that ends at the deadline or with
+an error that ends the batch releases them the same way. Relaxed mode hands everything over in one
+wave and counts an event that retries while later events of its key went out
+(kaireon_outbox_order_violations_total). Order per topic, counted, would cost nothing; it was not
+chosen because strict mode promises that a later event waits for an earlier one that fails. Cost
+(bench/RESULTS.md, "Strict order across topics"): none in the loop beyond the noise; one broker
+round trip per change of topic of a key within a batch.
 
-Strict order across topics. librdkafka keeps the order of one partition only, and one key's
-events on one topic share a partition; a key's events on two topics do not. So, in strict mode, a
-batch is handed to librdkafka in waves: a wave hands a key's events over only as long as they go to
-the topic of the key's first event in the wave; at the key's first event on another topic, that event
-and every later one of its key wait. When every record handed so far is reported, the next wave takes
-the waiting events of the keys whose handed events were all delivered; a key with one that was not
-(retry, rejected, timed out) keeps the rest of its events back: released with the batch (back to
-`pending`, attempts untouched, not counted as unconfirmed), for the next claim, which holds the key
-behind a retry (db/queries.sql, claim_shard_scan). A wave that ends at the deadline, or with an error
-that ends the batch, releases the waiting events the same way. Without this, an event reported
-failed at delivery (a missing topic: UNKNOWN_TOPIC_OR_PART after the producer's propagation wait)
-let a later event of its key on another topic, handed over in the same batch, go out first.
+A record too large for its topic: the broker refuses the whole record batch, and librdkafka reports
+MSG_SIZE_TOO_LARGE for each record in it (errors.py: BATCH_REFUSALS). A record reported so while
+alone in its wave is rejected; records that shared their wave are size suspects, released and
+remembered here, and in its next publish each is handed over alone (`_cut_at_suspect`), for the
+broker to judge it alone. The tier cannot size records against max.message.bytes: the broker judges
+the batch as compressed. Suspects cost a round trip each; the loop is untouched (bench/RESULTS.md).
 
-The cost, measured (bench/RESULTS.md has the tier's drains; these are this change's own):
-- in the loop, one dict.setdefault per keyed row and one test of an empty set: time of `publish` on
-  1,000 rows with a stand-in producer reporting at once, four alternating runs, min of 1,000 calls
-  each: 1.09-1.12 ms before, 1.09-1.18 ms after: within the noise (load 7);
-- for keys that change topic within a batch, one broker round trip per change (a wave): a backlog of
-  200 keys each written 15 times to orders then audit (6,000 events, one worker, Tansu, first to last
-  publish, three alternating runs): 0.21-0.33 s before, 1.31-1.69 s after (releasing the rest of the
-  key to the next claim instead of a next wave cost more: one claim and settle per change);
-- keys that keep to one topic, or keys each on their own topic, cost nothing (0.26-0.61 s before,
-  0.34-0.47 s after, for 6,000 events of 400 keys on two topics, each key on one).
-The alternative, order per topic with each crossing counted, would cost nothing, and was not
-chosen: strict mode promises that a later event of a key waits for an earlier one that fails, and a
-consumer that joins two topics by key is the one that meets the crossing. Relaxed mode hands
-everything over in one wave, as before, and counts an event that retries behind which later events
-of its key went out (kaireon_outbox_order_violations_total).
-
-A record too large for its topic: the broker refuses the whole record batch it travelled in, and
-librdkafka reports MSG_SIZE_TOO_LARGE for every record in it (errors.py: BATCH_REFUSALS). A record
-reported so while alone in its wave is rejected; records that shared their wave are size suspects
-(outcome.py), released, and remembered here; in its next publish each suspect is handed over alone,
-in a wave of its own (`_cut_at_suspect`: the wave before it ends, it is handed, its report awaited),
-so that its record batch holds it only: refused alone, it is rejected; delivered, it is delivered.
-The cost falls on suspects only (a round trip each); the loop over the rows is untouched, and a
-batch looks at the suspects once per wave, when there are any: `publish` on 1,000 rows as above,
-twelve alternating runs, min of 1,000 calls each: 1.06-1.18 ms before, 1.07-1.18 ms after (load 4-8).
-Chosen over learning each topic's max.message.bytes and sizing records against it: the broker
-judges the batch as compressed, which the tier cannot size before librdkafka builds it.
-
-Producer-level failures are not the events' fault: a fenced producer, an out-of-order sequence or
-unknown producer id (a broker that lost its idempotence state), any fatal error, an unexpected
-exception from the client. The batch is released and `Publisher.broken` tells the worker to
-recreate the producer.
+Producer-level failures are not the events' fault (a fenced producer, an out-of-order sequence or
+unknown producer id, any fatal error, an exception from the client): the batch is released and
+`Publisher.broken` tells the worker to recreate the producer.
 """
 
 from __future__ import annotations

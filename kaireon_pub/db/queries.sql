@@ -482,11 +482,7 @@ SELECT pg_xact_status(%(xact)s::text::xid8) AS status;
 
 -- mark_retry_locked: lock mode variant of mark_retry, inside the claiming transaction
 UPDATE outbox_events e
-SET status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'failed' ELSE 'pending' END,
-    attempts = e.attempts + 1,
-    last_error = left(u.error, 2000),
-    next_attempt_at = clock_timestamp() + make_interval(secs =>
-        least(%(backoff_max_ms)s, %(backoff_base_ms)s * power(2, least(e.attempts, 30))) / 1000.0),
+SET {{retry_set}}
     updated_at = clock_timestamp()
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(permanent)s::bool[]) AS u(id, error, permanent)
 WHERE e.id = u.id  -- its row locks keep them pending (mark_published_locked)
@@ -510,11 +506,7 @@ DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pendin
 -- mark_retry_again: mark_retry_locked for a batch whose marks rolled back (mark_published_again)
 -- Only rows still as the claim found them: pending, with the attempts it read (not retried twice).
 UPDATE outbox_events e
-SET status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'failed' ELSE 'pending' END,
-    attempts = e.attempts + 1,
-    last_error = left(u.error, 2000),
-    next_attempt_at = clock_timestamp() + make_interval(secs =>
-        least(%(backoff_max_ms)s, %(backoff_base_ms)s * power(2, least(e.attempts, 30))) / 1000.0),
+SET {{retry_set}}
     updated_at = clock_timestamp()
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(permanent)s::bool[], %(attempts)s::int[])
     AS u(id, error, permanent, attempts)
@@ -540,13 +532,16 @@ WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s;
 DELETE FROM outbox_events
 WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s;
 
--- mark_retry: a failed delivery; back off exponentially, or fail for good after max attempts
-UPDATE outbox_events e
-SET status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'failed' ELSE 'pending' END,
+-- retry_set: a failed delivery's status, attempts, error and back-off (mark_retry's three forms)
+status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'failed' ELSE 'pending' END,
     attempts = e.attempts + 1,
     last_error = left(u.error, 2000),
     next_attempt_at = clock_timestamp() + make_interval(secs =>
         least(%(backoff_max_ms)s, %(backoff_base_ms)s * power(2, least(e.attempts, 30))) / 1000.0),
+
+-- mark_retry: a failed delivery; back off exponentially, or fail for good after max attempts
+UPDATE outbox_events e
+SET {{retry_set}}
     claim_token = NULL, claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp()
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(permanent)s::bool[]) AS u(id, error, permanent)
 WHERE e.id = u.id AND e.claim_token = %(token)s  -- the token alone: see mark_published

@@ -28,7 +28,7 @@ from tests.roles import Roles
 # The application's statements (enqueue), not the tier's; and the fragments other statements include.
 NOT_THE_TIERS = {"enqueue_one", "enqueue_many"}
 FRAGMENTS = {"horizon_transactions", "horizon_judged", "horizon_bypassed", "horizon_columns", "foreign_rows_restamp",
-             "claim_mark_processing", "claim_cursors", "claim_processing_look", "claim_shard_scan"}
+             "claim_mark_processing", "claim_cursors", "claim_processing_look", "claim_shard_scan", "retry_set"}
 WRITES = {"requeue_failed"}
 
 

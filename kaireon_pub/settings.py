@@ -104,6 +104,13 @@ SETTINGS: tuple[Setting, ...] = (
             "none: the plain outbox table. hourly | daily: `migrate` makes outbox_events range-partitioned on "
             "created_at on a fresh database, and retention drops whole partitions (see docs/operations.md). none | "
             "hourly | daily."),
+    Setting("OUTBOX_DEAD_LETTER_TOPIC", "",
+            "Opt-in dead-letter topic: an event that turns failed is also published there, with headers naming its "
+            "topic, key, event id, attempts and error; the row records it (dead_lettered_at). Empty: off. A legal "
+            "Kafka topic name."),
+    Setting("OUTBOX_AUDIT_SAMPLE_PER_MINUTE", "0",
+            "Continuous auditor: published events per minute each worker reads back from the broker at their "
+            "recorded offsets and compares with their rows (kaireon_outbox_audit_* metrics). 0: off. 0..6000."),
     Setting("OUTBOX_PURGE_BATCH_SIZE", "5000", "Rows deleted per purge statement. 1..100000."),
     Setting("OUTBOX_PURGE_INTERVAL_SECONDS", "60", "Pause between purge passes. 1..86400."),
     Setting("OUTBOX_STATEMENT_TIMEOUT_MS", "30000", "statement_timeout of the tier's database sessions. 100..600000."),
@@ -274,6 +281,19 @@ def parse_expiry(name: str, text: str) -> float | None:
     return when.timestamp()
 
 
+# A legal Kafka topic name (as the broker checks it: 1..249 of these characters, not "." or "..").
+LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+
+def dead_letter_topic(value: str) -> str:
+    """OUTBOX_DEAD_LETTER_TOPIC: empty (off) or a topic name the broker would accept."""
+    topic = value.strip()
+    if topic and (not LEGAL_TOPIC.fullmatch(topic) or topic in (".", "..")):
+        raise ConfigError("OUTBOX_DEAD_LETTER_TOPIC", f"{topic!r} is not a legal Kafka topic name",
+                          "1..249 characters of a-z A-Z 0-9 . _ -, not '.' or '..'")
+    return topic
+
+
 def kafka_env_name(prop: str) -> str:
     """The environment variable that sets librdkafka property `prop` (sasl.username -> KAFKA_SASL_USERNAME)."""
     return KAFKA_PREFIX + prop.upper().replace(".", "_")
@@ -306,6 +326,8 @@ class Settings:
     retention_seconds: int = 604800
     failed_retention_seconds: int = 2592000
     partitioning: str = "none"
+    dead_letter_topic: str = ""
+    audit_sample_per_minute: int = 0
     purge_batch_size: int = 5000
     purge_interval_seconds: int = 60
     statement_timeout_ms: int = 30000
@@ -462,6 +484,8 @@ class Settings:
             retention_seconds=integer("OUTBOX_RETENTION_SECONDS", 0, 10 * 365 * 86400),
             failed_retention_seconds=integer("OUTBOX_FAILED_RETENTION_SECONDS", 0, 10 * 365 * 86400),
             partitioning=choice("OUTBOX_PARTITIONING", PARTITIONINGS),
+            dead_letter_topic=dead_letter_topic(env.get("OUTBOX_DEAD_LETTER_TOPIC", "")),
+            audit_sample_per_minute=integer("OUTBOX_AUDIT_SAMPLE_PER_MINUTE", 0, 6000),
             purge_batch_size=integer("OUTBOX_PURGE_BATCH_SIZE", 1, 100_000),
             purge_interval_seconds=integer("OUTBOX_PURGE_INTERVAL_SECONDS", 1, 86400),
             statement_timeout_ms=integer("OUTBOX_STATEMENT_TIMEOUT_MS", 100, 600_000),

@@ -15,10 +15,12 @@ With KAIREON_TEST_BROKER=kafka (or --broker=kafka), the session's `broker` and `
 are a real Apache Kafka 4.4 node (kaireon_pub.devkafka.KafkaBroker: KRaft, a JVM of its own) instead
 of Tansu, with the same surface; as Tansu's, a Kafka `start()` after `stop()` (and `restart()`) comes
 back empty. A test marked `tansu_only("why")` is skipped then, with that reason, and so is an e2e test
-whose broker is not the session's (OWN_BROKERS: it ran the same in the first pass); `make test` runs
-the e2e suite a third time that way. Whichever the broker, `kafka_cluster` (three Kafka nodes, replication
-factor 3, min.insync.replicas=2) and `kafka_sasl` (one node with a SASL_SSL listener, SCRAM-SHA-512
-over TLS) are session fixtures; every Kafka fixture skips, with the reason, without Java or Maven.
+whose broker is not the session's (OWN_BROKERS: it ran the same in the first pass) or one marked
+`broker_agnostic("why")` (the database path, the processes: what it proves is not the broker's);
+`make test` runs the e2e suite a third time that way. Whichever the broker, `kafka_cluster` (three
+Kafka nodes, replication factor 3, min.insync.replicas=2) and `kafka_sasl` (one node with a SASL_SSL
+listener, SCRAM-SHA-512 over TLS) are session fixtures; every Kafka fixture skips, with the reason,
+without Java or Maven.
 """
 
 from __future__ import annotations
@@ -98,9 +100,15 @@ def pytest_collection_modifyitems(config, items) -> None:
     if broker_kind(config) == "kafka":
         for item in items:
             marker = item.get_closest_marker("tansu_only")
+            agnostic = item.get_closest_marker("broker_agnostic")
             own = [name for name in OWN_BROKERS if name in getattr(item, "fixturenames", ())]
             if marker is not None:
                 item.add_marker(pytest.mark.skip(reason=f"Tansu only: {marker.args[0]}"))
+            elif agnostic is not None and is_e2e(item):
+                # What it proves does not depend on the broker: the pass would only repeat the first
+                # one's run (make test stays within its 35 minutes).
+                item.add_marker(pytest.mark.skip(
+                    reason=f"ran in the first pass, whatever the broker: {agnostic.args[0]}"))
             elif own and is_e2e(item):
                 item.add_marker(pytest.mark.skip(
                     reason=f"the same as in the first pass: its broker is {own[0]}, not the session's"))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.broker_agnostic("the bench chooses its own broker (Tansu unless --broker kafka)")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -47,6 +47,9 @@ from tests.helpers import (
 )
 from tests.pgbouncer import PgBouncer
 
+pytestmark = pytest.mark.broker_agnostic(
+    "the claim's edges are the database's (locks, lost replies, frozen peers, outages)")
+
 # A committed event reaches the topic within this when nothing holds the claim back (poll 200 ms).
 TAIL = 5.0
 HORIZON_MAX_WAIT_MS = 6000  # status and check (~0.5 s, 4 s seen on a loaded machine) must answer inside it

@@ -10,6 +10,8 @@ import pytest
 from kaireon_pub import enqueue
 from tests.helpers import event_ids, pooled, run_cli, status_counts, wait_for
 
+pytestmark = pytest.mark.broker_agnostic("a bad environment exits before any connection")
+
 # An address where nothing listens: the process must not even try it.
 UNREACHABLE = {"DATABASE_URL": "postgresql://u:pw-sentinel-77@10.255.255.1:1/x",
                "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}

@@ -11,7 +11,11 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from tests.helpers import tier_env, wait_for
+
+pytestmark = pytest.mark.broker_agnostic("the HTTP child's stop")
 
 # An idle tier stops in well under a second here; the bound leaves room for a loaded machine
 # and is far below the 15 s drain budget that the failure used up.

@@ -13,8 +13,11 @@ import pytest
 from tests import helpers
 from tests.roles import Roles
 
-pytestmark = pytest.mark.not_via_pgbouncer(
-    "the session's PgBouncer knows one user (its userlist): these roles log in to the server directly")
+pytestmark = [
+    pytest.mark.not_via_pgbouncer(
+    "the session's PgBouncer knows one user (its userlist): these roles log in to the server directly"),
+    pytest.mark.broker_agnostic("the roles and grants are the database's"),
+]
 
 DENIED = ("permission denied", "InsufficientPrivilege", "must be owner")
 

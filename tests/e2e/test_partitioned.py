@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import psycopg
+import pytest
 
 from kaireon_pub import Event, enqueue_many
 from kaireon_pub.db import partitions as parts
@@ -19,6 +20,8 @@ from tests.helpers import (
     metric_value,
     wait_for,
 )
+
+pytestmark = pytest.mark.broker_agnostic("the partitioned table's claim and retention are the database's")
 
 
 def test_drain_across_a_partition_boundary_keeps_key_order_and_retention_drops_only_what_may_go(

@@ -7,10 +7,13 @@ went out)."""
 from __future__ import annotations
 
 import psycopg
+import pytest
 
 from kaireon_pub import Event, enqueue_many
 from tests import helpers
 from tests.helpers import status_counts, wait_for
+
+pytestmark = pytest.mark.broker_agnostic("rescan notices are the database's (NOTIFY)")
 
 BACKLOG = 60_000  # keeps one worker claiming full batches, never idle, for well over the test's span
 KEY = "agg-7"  # one of preload()'s keys

@@ -23,8 +23,11 @@ import subprocess
 import time
 
 import psycopg
+import pytest
 
 from tests.helpers import Load, shard_shares, status_counts, wait_for
+
+pytestmark = pytest.mark.broker_agnostic("shard leases are the database's")
 
 ROUNDS = 3
 TTL = 10  # the tier's default OUTBOX_LEASE_TTL_SECONDS

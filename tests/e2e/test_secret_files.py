@@ -12,9 +12,13 @@ import urllib.request
 import uuid
 
 import psycopg
+import pytest
 
 from tests import helpers
 from tests.e2e.test_secrets import checking_pg  # noqa: F401  (a module's own private server)
+
+pytestmark = pytest.mark.broker_agnostic(
+    "secrets read from files; no broker authenticates here (SASL is test_kafka_sasl's)")
 
 CRON_PATH = "/api/v1/cron/outbox-reaper"
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests import helpers
 
+pytestmark = pytest.mark.broker_agnostic("`top` reads the tier's metrics, not the broker")
+
 
 @pytest.fixture
 def tmux():

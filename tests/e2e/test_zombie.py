@@ -4,6 +4,7 @@ import os
 import signal
 
 import psycopg
+import pytest
 
 from kaireon_pub import Event, enqueue, enqueue_many
 from tests.helpers import (
@@ -12,6 +13,8 @@ from tests.helpers import (
     status_counts,
     wait_for,
 )
+
+pytestmark = pytest.mark.broker_agnostic("fencing of a stale claim is the database's")
 
 
 def test_zombie_worker_mark_changes_nothing(db_url, restartable_broker, topic, start_tier, topic_reader):

@@ -100,6 +100,26 @@ ORDER_VIOLATIONS = Counter(
     "Relaxed ordering only: events that went into a retry, or that another session kept locked, while "
     "later events of their key flowed on.",
 )
+# The dead-letter sweep (OUTBOX_DEAD_LETTER_TOPIC, worker/deadletter.py).
+DEAD_LETTERED = Counter(
+    f"{NS}_dead_lettered_total", "Failed events whose dead-letter record was acknowledged and whose row was marked."
+)
+DEAD_LETTER_ERRORS = Counter(
+    f"{NS}_dead_letter_errors_total",
+    "Dead-letter records not acknowledged (refused, timed out, purged) and dead-letter sweeps that failed; "
+    "their events are produced again at the next sweep.",
+)
+DEAD_LETTER_UNMARKED = Counter(
+    f"{NS}_dead_letter_unmarked_total",
+    "Dead-letter records acknowledged whose row was no longer waiting at the mark (dead-lettered by another "
+    "worker across a handover, requeued or purged meanwhile): the event may have two dead-letter records.",
+)
+DEAD_LETTER_WAITING = Gauge(
+    f"{NS}_dead_letter_waiting",
+    "Failed events the last dead-letter sweep of each worker found and could not dead-letter (at most a "
+    "sweep's batch per worker); above 0 for long: the dead-letter topic refuses them.",
+    multiprocess_mode="livesum",
+)
 WORKER_RESTARTS = Counter(
     f"{NS}_worker_restarts_total", "Workers respawned by the supervisor, by reason.", ["reason"]
 )

@@ -1,0 +1,241 @@
+"""The dead-letter sweep (OUTBOX_DEAD_LETTER_TOPIC, off when empty): every `failed` event of the
+worker's own shards gets one record on the dead-letter topic, and its row `dead_lettered_at`.
+
+Not in the publish path: a batch settles as it always did (a failed row is failed whatever the
+dead-letter topic does), and a side task of each worker sweeps its own leased shards for failed rows
+with no dead-letter record yet (db/deadletter.sql, a bounded batch, oldest failure first), produces
+one record each with the worker's producer, waits for the delivery reports, and marks the
+acknowledged rows only (fenced: still failed, not yet dead-lettered). A record the broker did not
+acknowledge (refused, timed out, purged, the producer recreated) leaves its row as it was: the next
+sweep produces it again (logged `dead letter failed` with an errorId, counted in
+kaireon_outbox_dead_letter_errors_total, its row in kaireon_outbox_dead_letter_waiting). Nothing is
+lost; what can be duplicated: a crash (or a lost mark) between the acknowledgement and the mark
+produces the record again at the next sweep, uncounted (the `event-id` header tells them apart), and
+two workers sweeping one shard across a handover both produce it; the second mark finds the row
+marked and counts it in kaireon_outbox_dead_letter_unmarked_total (so does a row requeued or purged
+between produce and mark).
+
+When: at the worker's start, promptly (within WATCH_S) after this worker's settle turned rows
+`failed` (the `failed` count of kaireon_outbox_processed_total grew: no hook in the settle step),
+again at once while a sweep fills its batch, RETRY_S after a sweep with an error, and otherwise
+every IDLE_S (rows failed by another worker before a handover, or by an operator).
+
+The worker's producer, not one of its own: the same connections, credentials and idempotence, no
+second client per worker. The cost: a batch the publisher gives up purges librdkafka's whole queue,
+dead-letter records with it; those are not acknowledged, so they are produced again next sweep.
+
+The record: the event's key; its value, or none when the event failed for its size (the broker's
+or librdkafka's MSG_SIZE_TOO_LARGE / RECORD_LIST_TOO_LARGE / INVALID_MSG_SIZE, or a value larger
+than OUTBOX_MAX_PAYLOAD_BYTES), then `kaireon-dlq-truncated: true`; the headers the event's own
+record carries (kafka/records.py: event-id, event-type, created-at, its own headers) and
+kaireon-dlq-topic, -key, -attempts, -error (at most ERROR_BYTES), -at (when it was produced).
+
+Ordering: a failed event does not hold its key in strict order (README, "Ordering"): the later events
+of its key are published while it waits to be dead-lettered, so its dead-letter record can come after
+them. A dead-lettered one holds nothing either; the claim is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from kaireon_pub import metrics
+from kaireon_pub.db.queries import int_array, load
+from kaireon_pub.errors import new_error_id
+from kaireon_pub.settings import Settings
+from kaireon_pub.worker.kafka.errors import describe
+from kaireon_pub.worker.kafka.records import PoisonRow, record_headers, record_key
+from kaireon_pub.worker.lifecycle import TaskSet, every
+from kaireon_pub.worker.rows import Row
+
+log = logging.getLogger("kaireon_pub.worker")
+
+DLQ = load("deadletter.sql")
+BATCH = 50  # failed rows per sweep (their values are read: bounded memory)
+WATCH_S = 1.0  # how often the sweep looks for rows this worker just failed (in memory, no query)
+RETRY_S = 5.0  # the next sweep after one with an error
+IDLE_S = 30.0  # a sweep at least this often
+ERROR_BYTES = 1000  # the kaireon-dlq-error header, at most
+# The event failed for its size: its dead-letter record carries no value (it would be refused again).
+SIZE_ERRORS = ("MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_MSG_SIZE")
+TRUE = b"true"
+
+
+def truncated(row: Row, error: str | None, max_payload_bytes: int) -> bool:
+    """Whether the event's value stays out of its dead-letter record: it failed for its size."""
+    if error is not None and error.startswith(SIZE_ERRORS):
+        return True
+    return row.payload is not None and len(row.payload) > max_payload_bytes
+
+
+def dead_letter_record(row: Row, error: str | None, settings: Settings,
+                       now: datetime.datetime) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """(key, value, headers) of the event's dead-letter record."""
+    source = settings.cloudevents_source if settings.cloudevents else None
+    try:
+        headers = record_headers(row, source)
+    except PoisonRow:
+        # Its headers are what failed it (not a JSON object): the record names the event without them.
+        headers = [("event-id", b"%d" % row.id), ("created-at", row.created_iso.encode())]
+    key = record_key(row)
+    headers += [
+        ("kaireon-dlq-topic", row.topic.encode()),
+        ("kaireon-dlq-attempts", b"%d" % row.attempts),
+        ("kaireon-dlq-error", (error or "").encode()[:ERROR_BYTES]),
+        ("kaireon-dlq-at", now.isoformat(timespec="microseconds").replace("+00:00", "Z").encode()),
+    ]
+    if key is not None:
+        headers.append(("kaireon-dlq-key", key))
+    value = row.payload
+    if truncated(row, error, settings.max_payload_bytes):
+        value = None
+        headers.append(("kaireon-dlq-truncated", TRUE))
+    return key, value, headers
+
+
+def failed_so_far() -> float:
+    """This process's count of events settled `failed` (kaireon_outbox_processed_total)."""
+    for family in metrics.PROCESSED.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("outcome") == "failed":
+                return sample.value
+    return 0.0
+
+
+class DeadLetters:
+    """One worker's sweep. `owned()` gives its leased shards; `publisher()` its current producer
+    (None before boot made it); `pool` its connections."""
+
+    def __init__(self, settings: Settings, pool: Any, owned: Callable[[], list[int]],
+                 publisher: Callable[[], Any], *, clock: Callable[[], float] = time.monotonic,
+                 failed_count: Callable[[], float] = failed_so_far):
+        self.settings = settings
+        self.topic = settings.dead_letter_topic
+        self.pool = pool
+        self.owned = owned
+        self.publisher = publisher
+        self.clock = clock
+        self.failed_count = failed_count
+        self.due = 0.0  # the next sweep, on the clock; 0: at once
+        self.failed_seen = failed_count()
+        self.wait_s = settings.message_timeout_ms / 1000 + 1.0
+
+    async def once(self) -> float:
+        """One look: a sweep when one is due or this worker failed rows since the last one."""
+        failed = self.failed_count()
+        if self.clock() < self.due and failed == self.failed_seen:
+            return WATCH_S
+        self.failed_seen = failed
+        self.due = self.clock() + await self.sweep()
+        return 0.0 if self.due <= self.clock() else WATCH_S
+
+    def on_error(self, exc: Exception) -> float:
+        """A sweep that raised (the database, the client): logged, counted, tried again in RETRY_S."""
+        metrics.DEAD_LETTER_ERRORS.inc()
+        log.error(f"dead-letter sweep failed: {type(exc).__name__}: {exc}; trying again in {RETRY_S:g} s",
+                  extra={"event": "dead letter failed", "errorId": new_error_id(), "isTransient": True})
+        self.due = self.clock() + RETRY_S
+        return WATCH_S
+
+    async def sweep(self) -> float:
+        """Dead-letter one batch of this worker's failed rows; the pause before the next sweep."""
+        shards = sorted(self.owned())
+        publisher = self.publisher()
+        if not shards or publisher is None:
+            return IDLE_S
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(DLQ.dead_letter_due, {"shards": int_array(shards), "limit": BATCH})
+            due = [(Row(*r[:13]), r[13]) for r in await cur.fetchall()]
+        if not due:
+            metrics.DEAD_LETTER_WAITING.set(0)
+            return IDLE_S
+        acked, errors = await self.produce(publisher, due)
+        marked: list[int] = []
+        if acked:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(DLQ.mark_dead_lettered, {"ids": int_array(acked)})
+                marked = [r[0] for r in await cur.fetchall()]
+            metrics.DEAD_LETTERED.inc(len(marked))
+            if len(marked) < len(acked):
+                metrics.DEAD_LETTER_UNMARKED.inc(len(acked) - len(marked))
+                log.warning("dead-letter records acknowledged for rows no longer waiting (requeued, purged, or "
+                            "dead-lettered by another worker): those events may have two dead-letter records",
+                            extra={"event": "dead letter unmarked", "events": len(acked) - len(marked)})
+        metrics.DEAD_LETTER_WAITING.set(len(due) - len(acked))
+        if marked:
+            log.info(f"dead-lettered {len(marked)} failed events to {self.topic}",
+                     extra={"event": "dead lettered", "events": len(marked), "topic": self.topic})
+        if errors:
+            metrics.DEAD_LETTER_ERRORS.inc(len(errors))
+            first_id, first_error = next(iter(errors.items()))
+            log.error(f"dead-letter records not acknowledged: {first_error}; their events stay failed and "
+                      f"are produced again in {RETRY_S:g} s",
+                      extra={"event": "dead letter failed", "errorId": new_error_id(), "isTransient": True,
+                             "events": len(errors), "eventId": first_id, "topic": self.topic,
+                             "error": first_error})
+            return RETRY_S
+        return 0.0 if len(due) == BATCH else IDLE_S
+
+    async def produce(self, publisher: Any, due: list[tuple[Row, str | None]]) -> tuple[list[int], dict[int, str]]:
+        """Produce each row's record and wait for the reports: (acknowledged ids, {id: error})."""
+        loop = asyncio.get_running_loop()
+        reports: dict[int, asyncio.Future] = {}
+        errors: dict[int, str] = {}
+        now = datetime.datetime.now(datetime.UTC)
+        producer = publisher.producer
+        for row, error in due:
+            if publisher.broken:
+                errors[row.id] = f"producer must be recreated: {publisher.broken}"
+                continue
+            key, value, headers = dead_letter_record(row, error, self.settings, now)
+            future = loop.create_future()
+            try:
+                producer.produce(self.topic, value, key, headers=headers,
+                                 on_delivery=partial(_report, loop, future))
+            except BufferError:
+                errors[row.id] = "librdkafka's local queue is full"
+                continue
+            except Exception as exc:  # noqa: BLE001 - the row stays failed and is produced again next sweep
+                errors[row.id] = describe(exc.args[0]) if exc.args and hasattr(exc.args[0], "name") else str(exc)
+                continue
+            reports[row.id] = future
+        deadline = self.clock() + self.wait_s
+        pending = set(reports.values())
+        while pending and not publisher.broken and self.clock() < deadline:
+            _, pending = await asyncio.wait(pending, timeout=min(0.5, max(0.0, deadline - self.clock())))
+        acked = []
+        for event_id, future in reports.items():
+            if not future.done():
+                errors[event_id] = "delivery not confirmed before the deadline"
+                future.cancel()
+            elif future.result() is None:
+                acked.append(event_id)
+            else:
+                errors[event_id] = future.result()
+        return acked, errors
+
+
+def _report(loop: asyncio.AbstractEventLoop, future: asyncio.Future, err: Any, _msg: Any) -> None:
+    """librdkafka's delivery callback (the delivery thread): None when acknowledged, else the error."""
+    loop.call_soon_threadsafe(_settle, future, None if err is None else describe(err))
+
+
+def _settle(future: asyncio.Future, result: str | None) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def start(worker: Any, stopping: Callable[[], bool], tasks: TaskSet | None = None) -> DeadLetters | None:
+    """Start the worker's sweep when OUTBOX_DEAD_LETTER_TOPIC is set (loop.py's boot)."""
+    if not worker.settings.dead_letter_topic:
+        return None
+    sweep = DeadLetters(worker.settings, worker.pool, lambda: list(worker.leases.owned),
+                        lambda: worker.publisher)
+    (tasks or worker.tasks).start("dead-letter", lambda: every(sweep.once, stopping, on_error=sweep.on_error))
+    return sweep

@@ -157,6 +157,21 @@ OLDEST_PARTITION_AGE = Gauge(
     multiprocess_mode="livemax",
 )
 PARTITIONS_DROPPED = Counter(f"{NS}_partitions_dropped_total", "Partitions dropped by partition retention.")
+# The continuous auditor (OUTBOX_AUDIT_SAMPLE_PER_MINUTE, worker/auditor.py): each worker's samples.
+AUDIT_CHECKED = Counter(
+    f"{NS}_audit_checked_total",
+    "Published events the continuous auditor read back at their recorded partition and offset and compared.",
+)
+AUDIT_FINDINGS = Counter(
+    f"{NS}_audit_findings_total",
+    "Continuous auditor findings, by kind: missing (no record at the recorded position), altered (the event's "
+    "key or value differs), other_event (another event's record at the position).",
+    ["kind"],
+)
+AUDIT_ERRORS = Counter(
+    f"{NS}_audit_errors_total",
+    "Continuous auditor passes that could not read the broker or the database (not findings; retried a minute later).",
+)
 
 # ---- operator gauges -----------------------------------------------------------------------
 # The backlog figures are refreshed by worker slot 0 through kaireon_pub.ops.gauges (one process
@@ -246,6 +261,8 @@ for _direction in ("acquired", "released"):
 for _source in ("http", "cli"):
     REAPER_RUNS.labels(_source)
     REAPER_FAILURES.labels(_source)
+for _kind in ("missing", "altered", "other_event"):
+    AUDIT_FINDINGS.labels(_kind)
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:

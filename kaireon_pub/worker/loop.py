@@ -42,7 +42,7 @@ from kaireon_pub.db.connect import (
 )
 from kaireon_pub.errors import ExitCode, new_error_id
 from kaireon_pub.settings import Settings
-from kaireon_pub.worker import deadletter, housekeeping
+from kaireon_pub.worker import auditor, deadletter, housekeeping
 from kaireon_pub.worker.claim import Claimer
 from kaireon_pub.worker.failures import FailureStreak, classify_db_error, database_refusal
 from kaireon_pub.worker.health import ProducerHealth
@@ -212,6 +212,7 @@ class Worker:
         stopping = lambda: self.stop_requested  # noqa: E731
         self.tasks.start("lease-keeper", self.keeper.run, restart=False)
         self.tasks.start("broker-watch", lambda: every(self.health.watch_once, stopping))
+        auditor.start(self.tasks, s, self.pool, lambda: self.leases.owned, stopping)  # OUTBOX_AUDIT_SAMPLE_PER_MINUTE
         deadletter.start(self, stopping)  # OUTBOX_DEAD_LETTER_TOPIC: failed events to the dead-letter topic
         if self.slot == 0:
             housekeeping.start(self.tasks, s, self.pool, self.session_tag, stopping,

@@ -1,0 +1,169 @@
+"""The audit's judgement of one partition: its rows (with their recorded offsets) beside the records
+read back from the range of those offsets. No I/O: rows and records are given as iterables, each
+in offset order, and walked side by side once (ops/audit.py streams both).
+
+Findings, per row of the window (`Tally`):
+- missing: the recorded offset is not stored (below the log start, past its end, a gap) or holds
+  another event, and the event is nowhere in the range read;
+- altered: the record of this event (at its recorded offset, else the first copy found in the
+  range) has another key or value than the tier produced for the row (compare.py);
+- duplicated: the event's id at more than one offset of the range read (`extra` counts the copies
+  beyond the first);
+- out of order: among the rows of one key whose record sits at its recorded offset, one whose
+  table order (xid, id) is before that of a row of the key at a lower offset.
+Not findings: `relocated` (the recorded offset holds something else, the event is stored at another
+offset of the range: a replay that kept the first positions, a position recorded wrong) and
+`unverifiable` (rows without a recorded position, counted by the caller).
+
+A row whose record carries no event id (an own-only Debezium row without CloudEvents: compare.py)
+is judged at its recorded offset only. Memory: one small entry per event id met in the range read,
+one per key of the partition, and the rows found out of place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kaireon_pub.audit.broker import StoredRecord
+from kaireon_pub.audit.compare import ALTERED, compare, has_event_id, record_event_id
+from kaireon_pub.worker.kafka.records import record_key
+from kaireon_pub.worker.rows import Row
+
+KINDS = ("missing", "altered", "duplicated", "outOfOrder")
+SAMPLE = 1000  # the events listed per kind (the counts are exact)
+
+
+@dataclass
+class Tally:
+    """The audit's counts and, per kind of finding, the first SAMPLE events."""
+
+    rows: int = 0  # rows with a recorded position, judged
+    equal: int = 0  # at their recorded offset, byte-equal
+    relocated: int = 0
+    unverifiable: int = 0
+    extra_copies: int = 0  # duplicated: the copies beyond the first, over all duplicated events
+    partitions: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {kind: [] for kind in KINDS})
+
+    def add(self, kind: str, event: dict[str, Any]) -> None:
+        self.counts[kind] += 1
+        if len(self.events[kind]) < SAMPLE:
+            self.events[kind].append(event)
+
+    @property
+    def findings(self) -> int:
+        return sum(self.counts.values())
+
+    def as_json(self) -> dict[str, Any]:
+        findings: dict[str, Any] = {kind: {"count": self.counts[kind], "events": self.events[kind],
+                                           "truncated": self.counts[kind] > len(self.events[kind])} for kind in KINDS}
+        findings["duplicated"]["extraCopies"] = self.extra_copies
+        return {"clean": self.findings == 0, "rows": self.rows, "equal": self.equal, "relocated": self.relocated,
+                "unverifiable": self.unverifiable, "partitions": self.partitions, "findings": findings}
+
+    def summary(self) -> str:
+        found = ", ".join(f"{self.counts[kind]} {label}" for kind, label in (
+            ("missing", "missing"), ("altered", "altered"), ("duplicated", "duplicated"),
+            ("outOfOrder", "out of order")))
+        extra = f" ({self.extra_copies} extra copies)" if self.extra_copies else ""
+        verdict = "clean" if self.findings == 0 else f"{self.findings} findings"
+        return (f"audit: {verdict}: {self.rows} events checked in {self.partitions} partitions, "
+                f"{found}{extra}; {self.relocated} relocated, {self.unverifiable} unverifiable (no recorded position)")
+
+
+class _Seen:
+    """What the range read holds of one event id."""
+
+    __slots__ = ("copies", "first_offset", "content", "audited")
+
+    def __init__(self) -> None:
+        self.copies = 0
+        self.first_offset = -1
+        self.content = 0  # hash((key, value)) of the first copy
+        self.audited = False  # a row of the window has this id
+
+
+def audit_partition(topic: str, partition: int, rows: Iterable[tuple[Row, int]], records: Iterable[StoredRecord],
+                    tally: Tally, *, cloudevents_source: str | None = None, stored: str = "",
+                    on_row: Callable[[], None] | None = None) -> None:
+    """Judge one partition into `tally`. `rows`: (row, recorded offset) by offset then id; `records`:
+    the records read back from [min, max] of those offsets, by offset. `stored`, when not empty, says
+    why nothing could be read (the topic or partition is unknown to the broker), for the missing."""
+    seen: dict[int, _Seen] = {}
+    last_of_key: dict[str, tuple[int, int, int]] = {}  # key -> (xid, id, offset) of its latest row in offset order
+    suspects: list[tuple[int, int, int, str]] = []  # (id, recorded offset, hash of the expected content, reason)
+    tally.partitions += 1
+
+    def note(record: StoredRecord) -> StoredRecord:
+        event_id = record_event_id(record)
+        if event_id is not None:
+            entry = seen.get(event_id)
+            if entry is None:
+                entry = seen[event_id] = _Seen()
+            entry.copies += 1
+            if entry.copies == 1:
+                entry.first_offset = record.offset
+                entry.content = hash((record.key, record.value))
+        return record
+
+    reading: Iterator[StoredRecord] = map(note, records)
+    current = next(reading, None)
+    for row, offset in rows:
+        tally.rows += 1
+        while current is not None and current.offset < offset:
+            current = next(reading, None)
+        if has_event_id(row, cloudevents_source):
+            entry = seen.get(row.id)
+            if entry is None:
+                entry = seen[row.id] = _Seen()
+            entry.audited = True
+        where = {"id": row.id, "topic": topic, "partition": partition, "offset": offset}
+        if current is None or current.offset != offset:
+            reason = stored or "offset not stored"
+            suspects.append((row.id, offset, hash((record_key(row), row.payload)), reason))
+        else:
+            finding = compare(row, current, cloudevents_source)
+            if finding is not None and finding.kind != ALTERED:
+                other = finding.found_event_id
+                reason = f"holds event {other}" if other is not None else "holds a record without an event id"
+                suspects.append((row.id, offset, hash((record_key(row), row.payload)), reason))
+            else:
+                if finding is None:
+                    tally.equal += 1
+                else:
+                    tally.add("altered", where | {"differs": list(finding.differs)})
+                _check_order(row, offset, last_of_key, tally, topic, partition)
+        if on_row is not None:
+            on_row()
+    for _ in reading:  # the rest of the range: copies beyond the last recorded offset
+        pass
+
+    for event_id, offset, content, reason in suspects:
+        entry = seen.get(event_id)
+        where = {"id": event_id, "topic": topic, "partition": partition, "offset": offset}
+        if entry is None or entry.copies == 0:
+            tally.add("missing", where | {"reason": reason})
+            continue
+        tally.relocated += 1
+        if entry.content != content:
+            tally.add("altered", where | {"storedAt": entry.first_offset, "differs": ["key or value"]})
+    for event_id, entry in seen.items():
+        if entry.audited and entry.copies > 1:
+            tally.add("duplicated", {"id": event_id, "topic": topic, "partition": partition,
+                                     "copies": entry.copies, "firstOffset": entry.first_offset})
+            tally.extra_copies += entry.copies - 1
+
+
+def _check_order(row: Row, offset: int, last_of_key: dict[str, tuple[int, int, int]], tally: Tally,
+                 topic: str, partition: int) -> None:
+    if row.key is None:
+        return
+    last = last_of_key.get(row.key)
+    if last is not None and (row.xid, row.id) < last[:2]:
+        tally.add("outOfOrder", {"id": row.id, "topic": topic, "partition": partition, "offset": offset,
+                                 "key": row.key, "after": last[1], "afterOffset": last[2]})
+        return  # the key's latest stays the one it came after
+    last_of_key[row.key] = (row.xid, row.id, offset)

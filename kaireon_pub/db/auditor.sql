@@ -2,20 +2,23 @@
 
 -- audit_sample: up to %(n)s published rows of %(shards)s with a recorded position, from a random point of the window
 -- The window: rows published in the last %(window)s s. The point: %(at)s (0..1) of the way from
--- the window's oldest published row to now; when the worker's shards have no row after it, the
--- second branch starts again at the oldest. Each branch walks at most %(scan)s entries of the
--- partial index of published rows (outbox_events_published_idx) in published_at order, whatever
--- the shards hold, so its cost is bounded: the caller sizes %(scan)s to find %(n)s rows of its
--- shards among the others' (its share of the 256 shards). The inner rows carry plain columns
--- only; the record's expressions (claim_shard_scan's, in Row order) are computed for the rows kept.
--- Rows may repeat across the two branches (the caller drops the repeats).
-WITH oldest AS (
-    SELECT min(published_at) AS t FROM outbox_events
+-- the window's oldest published row to its newest (both read off the index's ends); when the
+-- worker's shards have no row after it, the second branch starts again at the oldest. Each branch
+-- walks at most %(scan)s entries of the partial index of published rows (outbox_events_published_idx)
+-- in published_at order, whatever the shards hold, so its cost is bounded: the caller sizes
+-- %(scan)s to find %(n)s rows of its shards among the others' (its share of the 256 shards). The
+-- inner rows carry plain columns only; the record's expressions (claim_shard_scan's, in Row order)
+-- are computed for the rows kept. Rows may repeat across the two branches (the caller drops them).
+-- now(), not clock_timestamp(): a stable bound is an index condition (a volatile one a filter
+-- over every older row). EXPLAIN ANALYZE, 200k rows of the last 30 min and 100k older ones:
+-- 0.1 ms and 18 buffers for one row of 16 shards, 0.6 ms for ten, about 2 ms for ten of one shard.
+WITH span AS (
+    SELECT min(published_at) AS lo, max(published_at) AS hi FROM outbox_events
     WHERE status = 'published' AND published_at >= now() - make_interval(secs => %(window)s)
 ), starts AS (
-    SELECT 1 AS branch, t + (now() - t) * %(at)s AS t FROM oldest WHERE t IS NOT NULL
+    SELECT 1 AS branch, lo + (hi - lo) * %(at)s AS t FROM span WHERE lo IS NOT NULL
     UNION ALL
-    SELECT 2, t FROM oldest WHERE t IS NOT NULL
+    SELECT 2, lo FROM span WHERE lo IS NOT NULL
 )
 SELECT e.id, e.topic, e.partition_key,
        coalesce(e.payload_bytes, convert_to(e.payload::text, 'UTF8')) AS payload,

@@ -136,7 +136,9 @@ def _status_loop(url: str, worker_id: uuid.UUID, leases: dict[int, int], batch: 
             if not rows:
                 return total
             cursors.advance(rows)
-            cur = conn.execute(Q.mark_published, {"ids": [r[0] for r in rows], "token": token})
+            ids = sorted(r[0] for r in rows)  # the tier marks each id with a partition and offset, ids sorted
+            cur = conn.execute(Q.mark_published, {"ids": ids, "partitions": [0] * len(ids), "offsets": ids,
+                                                  "token": token})
             total += cur.rowcount
 
 

@@ -1,5 +1,9 @@
 """Settling a published batch: its marks, then what they mean for the scan and the counters.
 
+A published row's mark records where its record landed (published_partition, published_offset,
+from the delivery report: `landed`; NULL when librdkafka gave no offset: nullable_int_array); a row
+deleted on publish keeps nothing.
+
 Every event of a batch ends delivered (marked published or deleted), rejected (failed), to retry
 (pending again with a back-off), or released (pending again now). In status mode each mark lands
 only while the claim's token stands (a reaped or handed-over claim counts as lease lost; a published
@@ -76,7 +80,11 @@ class Settler:
                 query = Q.delete_published_locked if s.delete_on_publish else Q.mark_published_locked
             else:
                 query = Q.delete_published if s.delete_on_publish else Q.mark_published
-            cur = await conn.execute(query, {"ids": int_array(outcome.delivered), "token": token})
+            if s.delete_on_publish:  # a deleted row keeps nothing of where it landed
+                params = {"ids": int_array(outcome.delivered), "token": token}
+            else:
+                params = {**landed(outcome), "token": token}
+            cur = await conn.execute(query, params)
             if locked and not again:
                 marked, xact = await cur.fetchone()
             else:
@@ -196,6 +204,34 @@ class Settler:
                         extra={"event": "lease lost", "leaseLost": result.lease_lost})
         for event_id, error in outcome.rejected.items():
             log.warning(f"event rejected: {error}", extra={"event": "event failed", "eventId": event_id})
+
+
+def landed(outcome: BatchOutcome) -> dict[str, str]:
+    """The marks' ids, partitions and offsets (queries.sql, landed_set): the delivered ids sorted
+    ascending, each position in the same order. An outcome whose positions do not match its ids
+    (none the tier makes: delivery.py fills them together) marks them NULL: never a row unmarked."""
+    ids = outcome.delivered
+    partitions, offsets = outcome.partitions, outcome.offsets
+    if not len(partitions) == len(offsets) == len(ids):
+        partitions = offsets = [None] * len(ids)
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return {"ids": int_array([ids[i] for i in order]),
+            "partitions": nullable_int_array([partitions[i] for i in order]),
+            "offsets": nullable_int_array([offsets[i] for i in order])}
+
+
+def nullable_int_array(values: list[int | None]) -> str:
+    """int_array for the positions of delivered events: None, or a negative number, is NULL.
+
+    The NULL rule of published_partition / published_offset: an offset librdkafka reports as
+    negative (OFFSET_INVALID -1001, or -1 for a retry the broker recognised as a duplicate,
+    DUPLICATE_SEQUENCE_NUMBER: the record is stored, its offset unknown to the client) is no
+    position; confluent-kafka's Message.offset() gives None for it. Most batches have none: one scan
+    of the formatted text, and the slow path only when it holds one."""
+    text = int_array(values)
+    if "N" in text or "-" in text:
+        return "{" + ",".join("NULL" if v is None or v < 0 else str(v) for v in values) + "}"
+    return text
 
 
 def raise_for(outcome: BatchOutcome) -> None:

@@ -99,8 +99,9 @@ def test_mark_lands_only_with_the_claim_token(db):
         "shards": shards, "epochs": [leases[s] for s in shards], "cursor_xids": ["0"] * len(shards),
         "cursor_ids": [0] * len(shards), "worker_id": WORKER, "relaxed": False, "batch": 10,
         "token": token, "staleness": 300, "horizon": horizon(db)})
-    assert db.execute(Q.mark_published, {"ids": [event], "token": uuid.uuid4()}).rowcount == 0
-    assert db.execute(Q.mark_published, {"ids": [event], "token": token}).rowcount == 1
+    landed = {"partitions": [0], "offsets": [0]}
+    assert db.execute(Q.mark_published, {"ids": [event], **landed, "token": uuid.uuid4()}).rowcount == 0
+    assert db.execute(Q.mark_published, {"ids": [event], **landed, "token": token}).rowcount == 1
 
 
 def test_the_workers_array_literals_and_binary_rows_claim_and_mark_as_lists_do(db):
@@ -121,7 +122,8 @@ def test_the_workers_array_literals_and_binary_rows_claim_and_mark_as_lists_do(d
     row = Row(*rows[0])
     assert (row.topic, row.key, row.payload, row.headers, row.shard) == ("t", "a", b"{}", "{}", shard)
     assert row.position > (xid, first)
-    assert db.execute(Q.mark_published, {"ids": int_array([first, second]), "token": token}).rowcount == 1
+    assert db.execute(Q.mark_published, {"ids": int_array([first, second]), "partitions": "{0,0}",
+                                         "offsets": "{0,1}", "token": token}).rowcount == 1
     assert int_array([]) == "{}" and int_array([2**62, -1]) == "{4611686018427387904,-1}"
 
 

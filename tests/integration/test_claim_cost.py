@@ -294,7 +294,7 @@ def test_the_mark_does_not_walk_the_rows_published_before(db):
               "cursor_ids": [PAST] * len(shards)}
     claimed = [r[0] for r in db.execute(Q.claim_batch, params).fetchall() if r[1] is not None]
     assert len(claimed) == BATCH
-    mark = {"ids": claimed, "token": params["token"]}
+    mark = {"ids": sorted(claimed), "partitions": [0] * BATCH, "offsets": list(range(BATCH)), "token": params["token"]}
     indexes = outbox_indexes(db)
 
     def mark_work(sql: str) -> dict:

@@ -28,7 +28,8 @@ from tests.roles import Roles
 # The application's statements (enqueue), not the tier's; and the fragments other statements include.
 NOT_THE_TIERS = {"enqueue_one", "enqueue_many"}
 FRAGMENTS = {"horizon_transactions", "horizon_judged", "horizon_bypassed", "horizon_columns", "foreign_rows_restamp",
-             "claim_mark_processing", "claim_cursors", "claim_processing_look", "claim_shard_scan", "retry_set"}
+             "claim_mark_processing", "claim_cursors", "claim_processing_look", "claim_shard_scan", "retry_set",
+             "landed_set"}
 WRITES = {"requeue_failed"}
 
 
@@ -87,7 +88,7 @@ def test_the_runtime_role_runs_every_statement_the_tier_sends(roles):
         token = uuid.uuid4()
         ids = [r[0] for r in run("claim_batch", **claim, token=token, batch=4) if r[1] is not None]
         assert ids, "the runtime role claims"
-        run("mark_published", ids=int_array(ids[:1]), token=token)
+        run("mark_published", ids=int_array(ids[:1]), partitions="{0}", offsets="{0}", token=token)
         run("mark_retry", ids=int_array(ids[1:2]), errors=["x"], permanent=[True], token=token)
         run("release_claimed", ids=int_array(ids[2:]), token=token)
         token = uuid.uuid4()
@@ -97,14 +98,14 @@ def test_the_runtime_role_runs_every_statement_the_tier_sends(roles):
         with conn.transaction():  # lock mode: the claim is the open transaction's row locks
             ids = [r[0] for r in run("claim_locked_batch", **claim, batch=3) if r[1] is not None]
             assert ids
-            xact = run("mark_published_locked", ids=int_array(ids[:1]))[0][1]
+            xact = run("mark_published_locked", ids=int_array(ids[:1]), partitions="{0}", offsets="{1}")[0][1]
             run("mark_retry_locked", ids=int_array(ids[1:2]), errors=["x"], permanent=[False])
             run("delete_published_locked", ids=int_array(ids[2:]))
         with conn.transaction():
             run("claim_careful_locked_batch", **claim, batch=3)
         # Lock mode, a batch whose marks rolled back or whose commit's reply was lost.
         assert run("xact_status", xact=xact) == [("committed",)]
-        run("mark_published_again", ids=int_array(ids[:1]))
+        run("mark_published_again", ids=int_array(ids[:1]), partitions="{0}", offsets="{NULL}")
         run("mark_retry_again", ids=int_array(ids[1:2]), errors=["x"], permanent=[False], attempts=[0])
         run("delete_published_again", ids=int_array(ids[2:]))
         # A claim cut off from its client: is its session still there?

@@ -158,7 +158,8 @@ def drain(conn: psycopg.Connection) -> tuple[list[int], list[int]]:
         for row in batch:
             cursors[row["shard"]] = max(cursors.get(row["shard"], (0, 0)), (row["xid"], row["id"]))
             (held if row["topic"] is None else claimed).append(row["id"])
-        conn.execute(Q.mark_published, {"ids": [r["id"] for r in batch if r["topic"] is not None], "token": token})
+        ids = sorted(r["id"] for r in batch if r["topic"] is not None)
+        conn.execute(Q.mark_published, {"ids": ids, "partitions": [0] * len(ids), "offsets": ids, "token": token})
     raise AssertionError("the claim did not run dry in 100 rounds")
 
 

@@ -8,7 +8,7 @@ import asyncio
 import threading
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, Message
 
 from kaireon_pub.worker.kafka.delivery import Batch
 from kaireon_pub.worker.rows import Row
@@ -31,13 +31,18 @@ def rows(n: int) -> list[Row]:
             for i in range(1, n + 1)]
 
 
+def landed(event_id: int, partition: int = 0) -> Message:
+    """The message of a delivery report: the event delivered at offset `event_id`."""
+    return Message(topic="t", partition=partition, offset=event_id)
+
+
 def err(code: int, **kwargs) -> KafkaError:
     return KafkaError(code, **kwargs)
 
 
 def test_each_report_fills_its_bucket(loop):
     batch = Batch(loop)
-    batch.report(1, 0.0, None, None)
+    batch.report(1, 0.0, None, landed(1))
     batch.report(2, 0.0, err(KafkaError.INVALID_RECORD, reason="no key"), None)
     batch.report(3, 0.0, err(KafkaError._UNKNOWN_TOPIC, reason="no topic"), None)
     batch.report(4, 0.0, err(KafkaError._MSG_TIMED_OUT, reason="first"), None)
@@ -64,34 +69,34 @@ def test_the_first_producer_error_is_kept_and_ends_the_wait_before_every_row_is_
 
 def test_the_wait_ends_when_the_last_report_meets_the_handed_count(loop):
     batch = Batch(loop)
-    batch.report(1, 0.0, None, None)
+    batch.report(1, 0.0, None, landed(1))
     batch.produced(2)  # two handed, one reported: not done
     settle(loop)
     assert not batch.done.done()
-    batch.report(2, 0.0, None, None)
+    batch.report(2, 0.0, None, landed(2))
     settle(loop)
     assert batch.done.done()
 
 
 def test_a_next_wave_waits_for_its_own_count(loop):
     batch = Batch(loop)
-    batch.report(1, 0.0, None, None)
+    batch.report(1, 0.0, None, landed(1))
     batch.produced(1)
     assert batch.done.done()
     batch.more()  # a second wave: its records' reports do not end the wait before it is produced
     assert not batch.done.done() and not batch.produced_all
-    batch.report(2, 0.0, None, None)
+    batch.report(2, 0.0, None, landed(2))
     settle(loop)
     assert not batch.done.done()
     batch.produced(3)
-    batch.report(3, 0.0, None, None)
+    batch.report(3, 0.0, None, landed(3))
     settle(loop)
     assert batch.done.done() and batch.out.delivered == [1, 2, 3]
 
 
 def test_every_report_in_before_the_rows_are_all_produced_ends_the_wait_at_once(loop):
     batch = Batch(loop)
-    batch.report(1, 0.0, None, None)
+    batch.report(1, 0.0, None, landed(1))
     batch.produced(1)
     assert batch.done.done()  # no round trip through the loop
 
@@ -100,7 +105,7 @@ def test_reports_on_the_delivery_thread_wake_the_waiting_loop():
     async def main() -> Batch:
         batch = Batch(asyncio.get_running_loop())
         batch.produced(50)
-        threads = [threading.Thread(target=batch.report, args=(i, 0.0, None, None)) for i in range(1, 51)]
+        threads = [threading.Thread(target=batch.report, args=(i, 0.0, None, landed(i, i % 3))) for i in range(1, 51)]
         for t in threads:
             t.start()
         await asyncio.wait_for(batch.done, 5)
@@ -109,21 +114,23 @@ def test_reports_on_the_delivery_thread_wake_the_waiting_loop():
         return batch
     batch = asyncio.run(main())
     assert sorted(batch.out.delivered) == list(range(1, 51)) and batch.reported == 50
+    out = batch.out  # each event's position stays in step with it, whatever thread reported it
+    assert out.offsets == out.delivered and out.partitions == [i % 3 for i in out.delivered]
 
 
 def test_close_says_unconfirmed_when_a_handed_record_was_not_reported_and_later_reports_change_nothing(loop):
     batch = Batch(loop)
-    batch.report(1, 0.0, None, None)
+    batch.report(1, 0.0, None, landed(1))
     batch.produced(3)
     assert batch.close() is True
     batch.report(2, 0.0, err(KafkaError._PURGE_QUEUE), None)  # the purge reports the rest: ignored
-    batch.report(3, 0.0, None, None)
+    batch.report(3, 0.0, None, landed(3))
     assert batch.reported == 1 and batch.out.delivered == [1] and batch.out.transient_error is None
 
 
 def test_close_before_the_rows_were_all_produced_is_not_unconfirmed(loop):
     batch = Batch(loop)  # the loop raised (say, cancelled) before produced()
-    batch.report(1, 0.0, None, None)
+    batch.report(1, 0.0, None, landed(1))
     assert batch.close() is False
 
 
@@ -136,7 +143,7 @@ def test_close_when_every_handed_record_was_reported(loop):
 
 def test_release_puts_back_every_unsettled_row_in_order_and_counts_the_handed_ones_unconfirmed(loop):
     batch = Batch(loop)
-    batch.report(2, 0.0, None, None)
+    batch.report(2, 0.0, None, landed(2))
     batch.report(3, 0.0, err(KafkaError.INVALID_RECORD), None)
     batch.report(4, 0.0, err(KafkaError._UNKNOWN_TOPIC), None)
     batch.report(5, 0.0, err(KafkaError._MSG_TIMED_OUT), None)  # handed, reported, released
@@ -151,7 +158,7 @@ def test_release_puts_back_every_unsettled_row_in_order_and_counts_the_handed_on
 def test_a_poison_row_is_rejected_not_released_and_not_unconfirmed(loop):
     batch = Batch(loop)
     batch.out.rejected[2] = "headers are not valid JSON"  # the loop's own verdict: never handed
-    batch.report(1, 0.0, None, None)
+    batch.report(1, 0.0, None, landed(1))
     batch.produced(1)
     batch.close()
     batch.release(rows(3), unhanded={2, 3})
@@ -161,11 +168,34 @@ def test_a_poison_row_is_rejected_not_released_and_not_unconfirmed(loop):
 def test_release_when_every_row_is_delivered_releases_nothing(loop):
     batch = Batch(loop)
     for i in (1, 2):
-        batch.report(i, 0.0, None, None)
+        batch.report(i, 0.0, None, landed(i))
     batch.produced(2)
     batch.close()
     batch.release(rows(2), unhanded=set())
     assert batch.out.released == [] and batch.out.unconfirmed == 0
+
+
+def test_a_delivered_event_keeps_where_it_landed_in_step_with_its_id(loop):
+    batch = Batch(loop)
+    batch.report(7, 0.0, None, landed(70, partition=2))
+    batch.report(3, 0.0, err(KafkaError._MSG_TIMED_OUT), None)  # not delivered: no position
+    batch.report(5, 0.0, None, landed(0, partition=11))
+    batch.report(4, 0.0, err(KafkaError.INVALID_RECORD), None)
+    batch.report(6, 0.0, None, landed(2**40, partition=0))
+    out = batch.out
+    assert list(zip(out.delivered, out.partitions, out.offsets, strict=True)) == [(7, 2, 70), (5, 11, 0), (6, 0, 2**40)]
+
+
+@pytest.mark.parametrize("reported", [-1001, -1], ids=["OFFSET_INVALID", "DUPLICATE_SEQUENCE_NUMBER"])
+def test_an_offset_librdkafka_reports_negative_is_no_offset(loop, reported):
+    # librdkafka reports OFFSET_INVALID (-1001) for a record acknowledged without an offset, and -1
+    # for a retry the broker recognised as a duplicate: delivered, its offset unknown. The client's
+    # Message.offset() gives None for both; the row's published_offset is NULL (test_worker_settle).
+    batch = Batch(loop)
+    batch.report(1, 0.0, None, Message(topic="t", partition=4, offset=reported))
+    batch.report(2, 0.0, None, landed(9, partition=4))
+    out = batch.out
+    assert (out.delivered, out.partitions, out.offsets) == ([1, 2], [4, 4], [None, 9])
 
 
 def test_the_batch_trace_sees_each_report_once_and_none_after_close(loop):
@@ -176,12 +206,13 @@ def test_the_batch_trace_sees_each_report_once_and_none_after_close(loop):
             seen.append((event_id, error.name() if error else None, msg))
     batch = Batch(loop)
     batch.trace = Trace()
-    batch.report(1, 0.0, None, "msg-1")
+    msg = landed(1)
+    batch.report(1, 0.0, None, msg)
     batch.report(2, 0.0, err(KafkaError._MSG_TIMED_OUT), None)
     batch.produced(3)
     batch.close()
-    batch.report(3, 0.0, None, "late")
-    assert seen == [(1, None, "msg-1"), (2, "_MSG_TIMED_OUT", None)]
+    batch.report(3, 0.0, None, landed(3))
+    assert seen == [(1, None, msg), (2, "_MSG_TIMED_OUT", None)]
 
 
 # ---- a record batch the broker refused whole (MSG_SIZE_TOO_LARGE, RECORD_LIST_TOO_LARGE) ----------
@@ -189,7 +220,7 @@ def test_the_batch_trace_sees_each_report_once_and_none_after_close(loop):
 
 def test_records_refused_with_a_record_batch_they_shared_are_released_as_suspects_never_unconfirmed(loop):
     batch = Batch(loop)
-    batch.report(1, 0.0, None, None)
+    batch.report(1, 0.0, None, landed(1))
     batch.report(2, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
     batch.report(3, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
     batch.report(4, 0.0, err(KafkaError.RECORD_LIST_TOO_LARGE), None)
@@ -206,8 +237,8 @@ def test_records_refused_with_a_record_batch_they_shared_are_released_as_suspect
 
 def test_a_record_refused_while_alone_in_its_wave_is_rejected(loop):
     batch = Batch(loop)
-    batch.report(1, 0.0, None, None)
-    batch.report(2, 0.0, None, None)
+    batch.report(1, 0.0, None, landed(1))
+    batch.report(2, 0.0, None, landed(2))
     batch.produced(2)
     batch.more()  # the next wave hands one record over: its record batch holds it alone
     batch.report(3, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE, reason="too big"), None)
@@ -225,7 +256,7 @@ def test_a_refusal_reported_before_the_wave_is_counted_waits_for_the_count(loop)
     alone.close()
     shared = Batch(loop)
     shared.report(1, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
-    shared.report(2, 0.0, None, None)
+    shared.report(2, 0.0, None, landed(2))
     shared.produced(2)
     shared.close()
     assert list(alone.out.rejected) == [1] and alone.out.suspects == []
@@ -242,7 +273,7 @@ def test_each_wave_is_judged_on_its_own(loop):
     batch.produced(3)
     batch.more()  # wave 2 alone: rejected
     batch.report(4, 0.0, err(KafkaError.MSG_SIZE_TOO_LARGE), None)
-    batch.report(5, 0.0, None, None)
+    batch.report(5, 0.0, None, landed(5))
     batch.produced(5)
     batch.close()  # wave 3 shared
     assert batch.out.suspects == [1, 2, 4] and list(batch.out.rejected) == [3]

@@ -48,7 +48,7 @@ class RecordBatches(FakeProducer):
         event_id = int(dict(headers)["event-id"])
         with self.cond:
             self.produced.append(event_id)
-            self.pending.append((event_id, on_delivery))
+            self.pending.append((event_id, on_delivery, self.landed(topic)))
             self.cond.notify()
 
     def poll(self, timeout):
@@ -57,11 +57,11 @@ class RecordBatches(FakeProducer):
             batch, self.pending = self.pending, []
         if not batch:
             return 0
-        ids = [event_id for event_id, _ in batch]
+        ids = [event_id for event_id, _, _ in batch]
         self.batches.append(ids)
         err = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if self.large & set(ids) else None
-        for _, callback in batch:
-            callback(err, None)
+        for _, callback, msg in batch:
+            callback(err, msg if err is None else None)
         return len(batch)
 
 

@@ -11,7 +11,7 @@ import queue
 import time
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from kaireon_pub.settings import Settings
 from kaireon_pub.worker.kafka import producer as producer_module
@@ -22,7 +22,8 @@ from kaireon_pub.worker.rows import Row
 class FakeProducer:
     """produce() decides each record's fate by its event id: `fates[id]` is "ok" (reported
     delivered), a KafkaError code (reported with that error), "hold" (never reported until a
-    purge), an exception to raise, or a list of those, one per produce() attempt."""
+    purge), an exception to raise, or a list of those, one per produce() attempt. A delivered
+    record lands in partition 0 at the next offset of its topic."""
 
     def __init__(self, fates: dict):
         self.fates = fates
@@ -32,6 +33,7 @@ class FakeProducer:
         self.purges = 0
         self.purges_by_publish = 0
         self.served = 0  # reports served, by the delivery thread or serve_the_rest()
+        self.next_offset: dict[str, int] = {}
 
     def produce(self, topic, value=None, key=None, headers=None, on_delivery=None):
         event_id = int(dict(headers)["event-id"])
@@ -44,7 +46,13 @@ class FakeProducer:
         if fate == "hold":
             self.held.append(on_delivery)
         else:
-            self.reports.put((on_delivery, None if fate == "ok" else KafkaError(fate)))
+            self.reports.put((on_delivery, None if fate == "ok" else KafkaError(fate), self.landed(topic)))
+
+    def landed(self, topic: str) -> Message:
+        """The message of a delivery report: the topic's next offset, in partition 0."""
+        offset = self.next_offset.get(topic, 0)
+        self.next_offset[topic] = offset + 1
+        return Message(topic=topic, partition=0, offset=offset)
 
     def serve_the_rest(self) -> None:
         """Serve what is still queued (on the caller's thread, once the delivery thread stopped)."""
@@ -53,17 +61,17 @@ class FakeProducer:
 
     def poll(self, timeout):
         try:
-            callback, err = self.reports.get(timeout=timeout)
+            callback, err, msg = self.reports.get(timeout=timeout)
         except queue.Empty:
             return 0
-        callback(err, None)
+        callback(err, msg)
         self.served += 1
         return 1
 
     def purge(self, in_queue=True, in_flight=True, blocking=True):
         self.purges += 1
         for callback in self.held:
-            self.reports.put((callback, KafkaError(KafkaError._PURGE_QUEUE)))
+            self.reports.put((callback, KafkaError(KafkaError._PURGE_QUEUE), None))
         self.held.clear()
 
     def flush(self, timeout=None):
@@ -105,6 +113,9 @@ def run(monkeypatch):
 def test_every_event_reported_delivered(run):
     out, fake = run({}, ["a", "b", "a", None])
     assert sorted(out.delivered) == [1, 2, 3, 4] and len(out.ages) == 4
+    # where each landed, from its own delivery report (the stand-in: produce order, partition 0)
+    landed = sorted(zip(out.delivered, out.partitions, out.offsets, strict=True))
+    assert landed == [(1, 0, 0), (2, 0, 1), (3, 0, 2), (4, 0, 3)]
     assert out.released == [] and out.unconfirmed == 0 and fake.purges_by_publish == 0
     assert not (out.rejected or out.retry or out.transient_error or out.producer_error)
 
@@ -146,6 +157,7 @@ def test_a_refused_event_holds_its_key_and_the_others_are_delivered(run):
 def test_a_transient_report_releases_a_handed_event_as_unconfirmed(run):
     out, fake = run({2: KafkaError._MSG_TIMED_OUT}, ["a", "b", "c"])
     assert sorted(out.delivered) == [1, 3]
+    assert sorted(zip(out.delivered, out.offsets, strict=True)) == [(1, 0), (3, 2)]  # 2 took offset 1 and failed: none
     assert out.released == [2] and out.unconfirmed == 1
     assert out.transient_error.startswith("_MSG_TIMED_OUT")
     assert fake.purges_by_publish == 0  # every handed record was reported

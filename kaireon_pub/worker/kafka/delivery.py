@@ -56,6 +56,11 @@ class Batch:
             out = self.out
             if err is None:
                 out.delivered.append(event_id)
+                # Where it landed (outcome.py). confluent-kafka gives None for an offset librdkafka
+                # reports as negative (OFFSET_INVALID -1001; -1 for a retry the broker recognised as
+                # a duplicate, DUPLICATE_SEQUENCE_NUMBER): the mark stores NULL (settle.py, nullable).
+                out.partitions.append(msg.partition())
+                out.offsets.append(msg.offset())
                 out.ages.append(time.time() - created)
             else:
                 kind = classify(err)

@@ -2,7 +2,8 @@
 and the spans all read it).
 
 Each event ends the batch in exactly one bucket:
-- delivered: the broker acknowledged it (mark published);
+- delivered: the broker acknowledged it (mark published, with where it landed: `partitions` and
+  `offsets`, parallel to `delivered`, from its delivery report);
 - rejected: the event's own permanent fault, e.g. too large for the broker, headers (or
   binary_headers) that are not a JSON object, a binary header value that is not base64, an
   invalid topic name (mark failed now);
@@ -27,6 +28,10 @@ from dataclasses import dataclass, field
 @dataclass
 class BatchOutcome:
     delivered: list[int] = field(default_factory=list)
+    # Where each delivered event landed, parallel to `delivered`: its delivery report's partition and
+    # offset. An offset librdkafka reports as negative is None here, NULL in the row (delivery.py).
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int | None] = field(default_factory=list)
     ages: list[float] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     retry: dict[int, str] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""`python -m bench [drain|cold|latency|ceilings|scale|purge|lock|retention|all ...] [options]`: runs the
+"""`python -m bench [drain|cold|latency|ceilings|scale|purge|lock|retention|debezium-write|all ...] [options]`: runs the
 scenarios in order against one PostgreSQL and one broker, prints every figure as it is measured,
 the targets of issues 5 and 6, and one SUMMARY line, also when interrupted with Ctrl-C."""
 
@@ -30,7 +30,8 @@ from bench.report import Figure, Report
 from bench.tier import Tier, drain, row_writes
 from kaireon_pub.settings import DEFAULTS, SYNCHRONOUS_COMMIT_LEVELS
 
-SCENARIOS = ("ceilings", "drain", "cold", "lock", "scale", "purge", "retention", "latency", "pgbouncer")
+SCENARIOS = ("ceilings", "drain", "cold", "lock", "scale", "purge", "retention", "latency", "pgbouncer",
+             "debezium-write")
 MB = 1024 * 1024
 
 
@@ -49,6 +50,7 @@ class Plan:
     balanced: bool  # wait for the fair share before timing (the smoke run only waits for ownership)
     cold_big: bool  # the cold start also at the big backlog (not in --quick)
     retention_old: int  # published rows past their retention in the retention scenario
+    write_transactions: int  # one-event transactions per form in debezium-write (ten-event: half as many)
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
@@ -69,6 +71,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         balanced=not quick,
         cold_big=not quick,
         retention_old=args.retention_old or (6_000 if quick else 1_000_000),
+        write_transactions=args.write_transactions or (100 if quick else 5_000),
     )
 
 
@@ -406,6 +409,11 @@ class Bench:
 
         pgbouncer.run(self)
 
+    def debezium_write(self) -> None:
+        from bench import debezium_write
+
+        debezium_write.run(self)
+
     def latency(self) -> None:
         r, p = self.r, self.plan
         r.say(f"\n== latency: {p.rate:,.0f} events/s offered through kaireon_pub.enqueue for {p.latency_seconds:g} s"
@@ -518,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ceiling-rows", type=int, help="rows per SQL ceiling loop (default 300,000)")
     ap.add_argument("--retention-old", type=int,
                     help="old published rows to purge in the retention scenario (default 1,000,000)")
+    ap.add_argument("--write-transactions", type=int,
+                    help="one-event transactions per form in debezium-write (default 5,000; ten-event: half)")
     ap.add_argument("--produce-messages", type=int, help="messages of the produce ceiling (default 500,000)")
     ap.add_argument("--batch", type=int, default=1000, help="OUTBOX_BATCH_SIZE, also the ceiling loops' batch")
     ap.add_argument("--rate", type=float, help="offered events/s in the latency scenario (default 2,000)")
@@ -554,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             try:
                 services.settle()
-                getattr(bench, name)()
+                getattr(bench, name.replace("-", "_"))()
                 report.say(f"  ({name}: {time.monotonic() - started:.0f} s)")
             except (RuntimeError, psycopg.Error, OSError, subprocess.SubprocessError) as exc:
                 failed.append(name)

@@ -117,6 +117,8 @@ class Report:
         part("purge/nopurge", "purge_ratio", "x")
         part("retention_drop/delete", "ret_ratio", "x")
         part("2x1/1x2", "scale_ratio", "x")
+        part("debezium/enqueue", "dbz_attached_1", "x")
+        part("debezium_idiom/enqueue", "dbz_idiom_1", "x")
         if not parts:
             parts.append("nothing measured")
         tail = []

@@ -15,10 +15,14 @@ two workers sweeping one shard across a handover both produce it; the second mar
 marked and counts it in kaireon_outbox_dead_letter_unmarked_total (so does a row requeued or purged
 between produce and mark).
 
-When: at the worker's start, promptly (within WATCH_S) after this worker's settle turned rows
-`failed` (the `failed` count of kaireon_outbox_processed_total grew: no hook in the settle step),
-again at once while a sweep fills its batch, RETRY_S after a sweep with an error, and otherwise
-every IDLE_S (rows failed by another worker before a handover, or by an operator).
+When: a full sweep (every failed row of the shards not yet dead-lettered, oldest failure first) at
+the worker's start, when its shards change, every FULL_S, RETRY_S after a sweep with an error, and
+again at once while one fills its batch; a recent sweep (the rows failed in the last LOOKBACK_S: a
+range of the failed rows' index, whatever number of them is kept) within WATCH_S after this
+worker's settle turned rows `failed` (the `failed` count of kaireon_outbox_processed_total grew: no
+hook in the settle step). A full sweep passes over every failed row already dead-lettered before the
+first due one: 100,000 such rows cost 80 ms (db/deadletter.sql), every FULL_S; failed rows are
+kept until requeued or deleted, so the prompt path does not walk them.
 
 The worker's producer, not one of its own: the same connections, credentials and idempotence, no
 second client per worker. The cost: a batch the publisher gives up purges librdkafka's whole queue,
@@ -59,8 +63,9 @@ log = logging.getLogger("kaireon_pub.worker")
 DLQ = load("deadletter.sql")
 BATCH = 50  # failed rows per sweep (their values are read: bounded memory)
 WATCH_S = 1.0  # how often the sweep looks for rows this worker just failed (in memory, no query)
-RETRY_S = 5.0  # the next sweep after one with an error
-IDLE_S = 30.0  # a sweep at least this often
+RETRY_S = 5.0  # the next (full) sweep after one with an error
+FULL_S = 300.0  # a full sweep at least this often (rows failed elsewhere: another worker, an operator)
+LOOKBACK_S = 300  # a recent sweep looks at the rows failed this long ago at most
 ERROR_BYTES = 1000  # the kaireon-dlq-error header, at most
 # The event failed for its size: its dead-letter record carries no value (it would be refused again).
 SIZE_ERRORS = ("MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_MSG_SIZE")
@@ -122,39 +127,56 @@ class DeadLetters:
         self.publisher = publisher
         self.clock = clock
         self.failed_count = failed_count
-        self.due = 0.0  # the next sweep, on the clock; 0: at once
+        self.full_due = 0.0  # the next full sweep, on the clock; 0: at once
+        self.full_shards: set[int] = set()  # the shards the last full sweep looked at
+        self.recent_more = False  # the last recent sweep filled its batch: another at once
         self.failed_seen = failed_count()
         self.wait_s = settings.message_timeout_ms / 1000 + 1.0
 
     async def once(self) -> float:
-        """One look: a sweep when one is due or this worker failed rows since the last one."""
+        """One look (every WATCH_S, in memory): a full sweep when one is due or the shards changed,
+        a recent one when this worker failed rows since the last look; the pause before the next."""
+        now = self.clock()
+        shards = sorted(self.owned())
         failed = self.failed_count()
-        if self.clock() < self.due and failed == self.failed_seen:
+        if now >= self.full_due or set(shards) != self.full_shards:
+            self.full_shards = set(shards)
+            self.failed_seen = failed  # a full sweep sees them too
+            outcome = await self.sweep(shards, recent=False)
+            self.full_due = self.clock() + {"more": 0.0, "error": RETRY_S}.get(outcome, FULL_S)
+            return 0.0 if outcome == "more" else WATCH_S
+        if failed == self.failed_seen and not self.recent_more:
             return WATCH_S
         self.failed_seen = failed
-        self.due = self.clock() + await self.sweep()
-        return 0.0 if self.due <= self.clock() else WATCH_S
+        outcome = await self.sweep(shards, recent=True)
+        self.recent_more = outcome == "more"
+        if outcome == "error":
+            self.full_due = min(self.full_due, self.clock() + RETRY_S)
+        return 0.0 if self.recent_more else WATCH_S
 
     def on_error(self, exc: Exception) -> float:
-        """A sweep that raised (the database, the client): logged, counted, tried again in RETRY_S."""
+        """A sweep that raised (the database, the client): logged, counted, a full one in RETRY_S."""
         metrics.DEAD_LETTER_ERRORS.inc()
         log.error(f"dead-letter sweep failed: {type(exc).__name__}: {exc}; trying again in {RETRY_S:g} s",
                   extra={"event": "dead letter failed", "errorId": new_error_id(), "isTransient": True})
-        self.due = self.clock() + RETRY_S
+        self.full_due = self.clock() + RETRY_S
         return WATCH_S
 
-    async def sweep(self) -> float:
-        """Dead-letter one batch of this worker's failed rows; the pause before the next sweep."""
-        shards = sorted(self.owned())
+    async def sweep(self, shards: list[int], *, recent: bool) -> str:
+        """Dead-letter one batch of this worker's failed rows (the recent ones only, or all): "more"
+        when the batch was full, "error" when a record was not acknowledged, else "done"."""
         publisher = self.publisher()
         if not shards or publisher is None:
-            return IDLE_S
+            metrics.DEAD_LETTER_WAITING.set(0)
+            return "done"
+        query = DLQ.dead_letter_due_recent if recent else DLQ.dead_letter_due
         async with self.pool.connection() as conn:
-            cur = await conn.execute(DLQ.dead_letter_due, {"shards": int_array(shards), "limit": BATCH})
+            cur = await conn.execute(query, {"shards": int_array(shards), "limit": BATCH, "lookback_s": LOOKBACK_S})
             due = [(Row(*r[:13]), r[13]) for r in await cur.fetchall()]
         if not due:
-            metrics.DEAD_LETTER_WAITING.set(0)
-            return IDLE_S
+            if not recent:
+                metrics.DEAD_LETTER_WAITING.set(0)
+            return "done"
         acked, errors = await self.produce(publisher, due)
         marked: list[int] = []
         if acked:
@@ -167,7 +189,7 @@ class DeadLetters:
                 log.warning("dead-letter records acknowledged for rows no longer waiting (requeued, purged, or "
                             "dead-lettered by another worker): those events may have two dead-letter records",
                             extra={"event": "dead letter unmarked", "events": len(acked) - len(marked)})
-        metrics.DEAD_LETTER_WAITING.set(len(due) - len(acked))
+        metrics.DEAD_LETTER_WAITING.set(len(errors))
         if marked:
             log.info(f"dead-lettered {len(marked)} failed events to {self.topic}",
                      extra={"event": "dead lettered", "events": len(marked), "topic": self.topic})
@@ -179,8 +201,8 @@ class DeadLetters:
                       extra={"event": "dead letter failed", "errorId": new_error_id(), "isTransient": True,
                              "events": len(errors), "eventId": first_id, "topic": self.topic,
                              "error": first_error})
-            return RETRY_S
-        return 0.0 if len(due) == BATCH else IDLE_S
+            return "error"
+        return "more" if len(due) == BATCH else "done"
 
     async def produce(self, publisher: Any, due: list[tuple[Row, str | None]]) -> tuple[list[int], dict[int, str]]:
         """Produce each row's record and wait for the reports: (acknowledged ids, {id: error})."""

@@ -149,6 +149,77 @@ def requeue(ids: tuple[int, ...], topic: str | None, error_contains: str | None,
     sys.exit(ops_requeue.run(settings, selection, dry_run=dry_run, yes=yes, confirm=confirm, echo=click.echo))
 
 
+def _time_option(_ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+    from kaireon_pub.ops.replay import parse_time
+
+    try:
+        return None if value is None else parse_time(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time (2026-12-06T12:00:00Z)", param=param) from None
+
+
+@cli.command()
+@click.option("--key", "keys", multiple=True, help="Events of this key (repeatable).")
+@click.option("--id-from", type=click.IntRange(min=1), default=None, help="Events with id >= N.")
+@click.option("--id-to", type=click.IntRange(min=1), default=None, help="Events with id <= N.")
+@click.option("--since", callback=_time_option, default=None, metavar="TIME",
+              help="Events published at or after TIME (published_at; ISO 8601, UTC when no zone).")
+@click.option("--until", callback=_time_option, default=None, metavar="TIME",
+              help="Events published before TIME (published_at); default: when the run starts.")
+@click.option("--topic", "topics", multiple=True, help="Events of this topic (repeatable).")
+@click.option("--to-topic", default=None, help="Publish every record to this topic (default: each event's own).")
+@click.option("--rate", type=click.FloatRange(min=0), default=None,
+              help="Events per second at most (default 1000; 0: no cap; a resumed run keeps its own unless given).")
+@click.option("--dry-run", is_flag=True, help="Count the selection and list its first ids; publish nothing.")
+@click.option("--resume", "run_id", type=click.IntRange(min=1), default=None, metavar="RUN_ID",
+              help="Continue an interrupted run after its last acknowledged event (its own selection and target).")
+@click.option("--by", "operator", default=None, help="Who runs it, for the run's row and log line (default: $USER).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation of a selection over 10,000 events.")
+def replay(keys: tuple[str, ...], id_from: int | None, id_to: int | None, since: object, until: object,
+           topics: tuple[str, ...], to_topic: str | None, rate: float | None, dry_run: bool, run_id: int | None,
+           operator: str | None, yes: bool) -> None:
+    """Re-publish retained events (status published, kept OUTBOX_RETENTION_SECONDS) in per-key order.
+
+    Filters combine with AND; none selects every retained event. Each record is built as the
+    workers built it (key, value, headers, event-id included) plus a `kaireon-replay: RUN_ID`
+    header: consumers choose to deduplicate on event-id. Replayed to its own topic, a row then
+    records the new record's partition and offset.
+
+    Interrupted (Ctrl-C, SIGTERM, a kill, a failed delivery), the run is resumed with
+    `--resume RUN_ID` after its last acknowledged event: the only records sent twice are those that
+    were in flight at the interruption. Exit 0 when finished, 1 on a failure, 130/143 after
+    SIGINT/SIGTERM.
+    """
+    from kaireon_pub.ops import replay as ops_replay
+
+    selection = ops_replay.Selection(keys=keys, id_from=id_from, id_to=id_to, since=since, until=until,  # type: ignore[arg-type]
+                                     topics=topics)
+    if run_id is not None and (selection != ops_replay.Selection() or to_topic is not None or dry_run):
+        raise click.UsageError("--resume continues a run with its own selection and target: "
+                               "give no --key, --id-from, --id-to, --since, --until, --topic, --to-topic or --dry-run")
+    problem = selection.validate()
+    if problem:
+        raise click.UsageError(problem)
+    if to_topic is not None:
+        from kaireon_pub.worker.kafka.records import PoisonRow, check_topic
+
+        try:
+            check_topic(to_topic, set())
+        except PoisonRow as exc:
+            raise click.BadParameter(str(exc), param_hint="--to-topic") from None
+    settings = load_settings()
+    plan = ops_replay.Plan(selection=selection, to_topic=to_topic, rate=rate, run_id=run_id, operator=operator)
+
+    def confirm(question: str) -> bool:
+        try:
+            return click.confirm(question, default=False, err=True)
+        except click.Abort:  # no answer (stdin closed)
+            return False
+
+    sys.exit(ops_replay.run(settings, plan, dry_run=dry_run, yes=yes, confirm=confirm, echo=click.echo,
+                            tty=sys.stderr.isatty()))
+
+
 @cli.command()
 @click.option("--topic", "topics", multiple=True, help="A topic the tier must be able to publish to (repeatable).")
 @click.option("--auto-create/--no-auto-create", default=None,
@@ -183,7 +254,7 @@ def top(url: str, interval: float, once: bool) -> None:
 @cli.command()
 @click.option("--role", required=True, help="The database role to grant to (it must exist).")
 @click.option("--for", "kind", required=True, type=click.Choice(["runtime", "readonly"]),
-              help="runtime: the tier (run, reap, requeue); readonly: status, check and the KEDA trigger.")
+              help="runtime: the tier (run, reap, requeue, replay); readonly: status, check and the KEDA trigger.")
 @click.option("--schema", default="public", show_default=True, help="The schema of the outbox tables.")
 @click.option("--read-all-stats/--no-read-all-stats", default=True, show_default=True,
               help="Grant pg_read_all_stats: the ages of other roles' transactions (README, \"Database roles\").")

@@ -7,7 +7,7 @@
 -- Every object below is read from the SQL the role's commands send (queries.sql, ops_queries.sql,
 -- partitions.sql, the migrations); tests/integration/test_grants.py runs those statements as it.
 
--- grants_runtime: the publisher tier (`run`, `reap`, the cron route, `requeue`): its DML, no DDL
+-- grants_runtime: the publisher tier (`run`, `reap`, the cron route, `requeue`, `replay`): its DML, no DDL
 -- The tier never inserts an outbox row (applications do), so no INSERT on outbox_events: the
 -- horizon's exclusion of the workers' own sessions rests on that. Inserts into the two tables it
 -- writes take their ids from identity columns, which need no privilege on their sequences.
@@ -24,11 +24,16 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.outbox_workers TO {role};
 GRANT SELECT, INSERT ON {schema}.outbox_reaper_runs TO {role};
 -- the schema version the tier checks at start
 GRANT SELECT ON {schema}.kaireon_schema_migrations TO {role};
+-- `replay` (db/replay.sql): its runs; the rows it replays to their own topic get their new position
+-- (UPDATE of outbox_events, granted above)
+GRANT SELECT, INSERT, UPDATE ON {schema}.outbox_replay_runs TO {role};
 
 -- grants_readonly: `status`, `check`, `top` (no database) and the KEDA PostgreSQL trigger: SELECT only
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT ON {schema}.outbox_events, {schema}.outbox_shard_leases, {schema}.outbox_workers,
     {schema}.outbox_reaper_runs, {schema}.kaireon_schema_migrations, {schema}.outbox_events_json TO {role};
+-- the replay runs, for an operator who looks (`replay` itself runs as the runtime role)
+GRANT SELECT ON {schema}.outbox_replay_runs TO {role};
 -- A partitioned outbox: `status` reads each partition's state from the partition itself, so SELECT
 -- on the partitions there are, and on the tables the outbox's owner makes from now on in this
 -- schema (the partitions made ahead). Nothing on a plain outbox.

@@ -118,8 +118,8 @@ class RecordReader:
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
                         return
-                    if error.code() == KafkaError.OFFSET_OUT_OF_RANGE:
-                        return  # below the log start (deleted, a recreated topic) or past its end
+                    if error.code() in (KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
+                        return  # below the log start (deleted, a recreated topic) or past its end (reset=error)
                     if error.retriable() or not error.fatal():
                         if time.monotonic() > deadline:
                             raise KafkaException(error)

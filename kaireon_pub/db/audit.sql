@@ -13,7 +13,9 @@ e.binary_headers::text AS binary_headers, e.partition_key_bytes AS key_bytes
 
 -- locate_row: one event by id: the row as the tier produced it, then its state and where it landed
 SELECT {{audit_row_columns}},
-       e.status, e.last_error, e.created_at, e.published_at, e.next_attempt_at, e.dead_lettered_at,
+       e.status, e.last_error, e.created_at, e.published_at,
+       CASE WHEN isfinite(e.next_attempt_at) THEN e.next_attempt_at END,  -- '-infinity': due at once
+       e.dead_lettered_at,
        e.published_partition, e.published_offset
 FROM outbox_events e
 WHERE e.id = %(id)s;

@@ -159,6 +159,7 @@ class Tick:
         try:
             deadline = time.monotonic() + w.settings.message_timeout_ms / 1000 + 1.0
             try:
+                await w.publisher.warm_up(rows, min(deadline, w.cut_off()))  # a new topic's metadata, once
                 return await w.publisher.publish(rows, w.scan.strict, deadline, w.cut_off)
             except Exception as exc:  # noqa: BLE001 - never leave claimed rows behind
                 reason = f"publish raised {type(exc).__name__}: {exc}"

@@ -23,6 +23,18 @@ missing topic from one about to be created, and it does so without a request per
 topic created moments ago that a broker does not know yet within that second (KRaft spreads a new
 topic in milliseconds) has its first events retried once, with a back-off, not lost.
 
+A fresh producer is warmed before its first batch (`warm_up`): one metadata request for each
+topic it has not been asked about, made by the application before the batch's first produce(). The
+idempotent producer cannot send before it has a producer id, and librdkafka asks for one only from
+a broker it is connected to, trying again on a 500 ms timer; against Tansu, whose first metadata
+answer already names every topic, a fresh producer opened no connection of its own before that
+timer: its first record was delivered 1,005 ms after its creation (5 of 5), 57-60 ms with
+list_topics(topic) just before the produce() (6 of 6), 57 ms with idempotence off (bench/RESULTS.md,
+"The Tansu cold-start regression"). The broker watch's list_topics() did this by chance until it
+became a DescribeCluster on an admin client of its own. Never a request for every topic (the
+watch's reason), once per topic per producer (again after a recreate), bounded, and a warm-up that
+fails or times out does not fail the batch: the produce() then looks the topic up itself.
+
 `make_producer` alone uses no metrics and no threads of our own: the supervisor's configuration
 probe uses it in a child before any worker exists.
 """
@@ -34,7 +46,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -43,9 +55,11 @@ from kaireon_pub.errors import ConfigError
 from kaireon_pub.logs import librdkafka_logger
 from kaireon_pub.settings import PRODUCER_DEFAULTS, Settings, kafka_env_name
 from kaireon_pub.worker.kafka.errors import describe
+from kaireon_pub.worker.kafka.records import PoisonRow, check_topic
 
 if TYPE_CHECKING:
     from kaireon_pub.worker.kafka.delivery import Batch
+    from kaireon_pub.worker.rows import Row
 
 log = logging.getLogger("kaireon_pub.worker.publisher")  # the name of the module these lines came from
 
@@ -56,6 +70,8 @@ POLL_SLICE_S = 0.1  # the delivery thread's poll timeout: how late a stop of the
 # KAFKA_TOPIC_METADATA_PROPAGATION_MAX_MS wins.
 TOPIC_PROPAGATION_MS = "1000"
 PRODUCER_ONLY = frozenset(PRODUCER_DEFAULTS)  # not given to the broker watch's admin client
+WARM_UP_TIMEOUT_S = 1.0  # the longest a batch waits for the metadata of its topics new to the producer
+WARMED_KEPT = 10_000  # topics a producer was warmed for (forgotten beyond this: warmed again)
 
 
 def make_producer(settings: Settings, client_id: str,
@@ -107,6 +123,7 @@ class ServedProducer:
         self.broken = None
         self.broken_cause = None
         self.producer = make_producer(self.settings, self.client_id, self._on_error)
+        self._warmed: set[str] = set()  # the topics this producer was asked about (warm_up)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(self.producer, self._stop),
                                         name=f"{self.client_id}-delivery", daemon=True)
@@ -158,6 +175,23 @@ class ServedProducer:
         self._stop.set()
         await asyncio.to_thread(_dispose, [self.producer], self._thread)
 
+    async def warm_up(self, rows: Iterable[Row], limit: float) -> None:
+        """Before a batch's first produce(): ask the producer for the metadata of each topic of `rows`
+        it was not asked about yet, one topic per request, in a thread, until `limit` (monotonic) and
+        WARM_UP_TIMEOUT_S at most (module docstring). Never raises; a topic is asked about once per
+        producer, whether its answer came in time or not."""
+        topics = {row.topic for row in rows}
+        warmed = self._warmed
+        if topics <= warmed:
+            return
+        new = [topic for topic in topics - warmed if _legal(topic)]  # an illegal name is rejected per row
+        if len(warmed) + len(topics) > WARMED_KEPT:
+            warmed.clear()
+        warmed.update(topics)
+        if new:
+            deadline = min(limit, time.monotonic() + WARM_UP_TIMEOUT_S)
+            await asyncio.to_thread(_ask_metadata, self.producer, new, deadline)
+
     def queue_depth(self) -> int:
         return len(self.producer)
 
@@ -179,6 +213,28 @@ class ServedProducer:
             return self._watch.describe_cluster(request_timeout=timeout).result(timeout).cluster_id
         finally:
             self._watch.poll(0)  # hands librdkafka's queued log lines to our logger
+
+
+def _legal(topic: str) -> bool:
+    try:
+        check_topic(topic, set())
+    except PoisonRow:
+        return False
+    return True
+
+
+def _ask_metadata(producer: Producer, topics: list[str], deadline: float) -> None:
+    """One metadata request per topic (never one for all topics), until `deadline` (runs in a thread)."""
+    for topic in topics:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            log.debug("topic metadata warm-up: out of time", extra={"event": "warm-up timeout", "topic": topic})
+            return
+        try:
+            producer.list_topics(topic, timeout=remaining)
+        except Exception as exc:  # noqa: BLE001 - the produce() looks the topic up itself
+            log.debug(f"topic metadata warm-up failed: {type(exc).__name__}: {exc}",
+                      extra={"event": "warm-up failed", "topic": topic})
 
 
 def _dispose(held: list[Producer], thread: threading.Thread) -> None:

@@ -17,7 +17,7 @@ import psycopg.errors
 import pytest
 
 from kaireon_pub.db import migrate, partitions
-from kaireon_pub.db.queries import QUERIES, Q, int_array
+from kaireon_pub.db.queries import QUERIES, Q, int_array, load
 from kaireon_pub.ops import status as ops_status
 from kaireon_pub.ops.check import _check_horizon as check_horizon
 from kaireon_pub.ops.check_report import Report
@@ -120,6 +120,10 @@ def test_the_runtime_role_runs_every_statement_the_tier_sends(roles):
         run("notify_rescan")
         run("pending_count")
         run("pending_estimate")
+        # The continuous auditor's statements (auditor.sql; worker/auditor.py, OUTBOX_AUDIT_SAMPLE_PER_MINUTE).
+        sampled = [conn.execute(text, {"n": 2, "scan": 64, "shards": int_array(shards), "window": 3600, "at": 0.5})
+                   .fetchall() for text in vars(load("auditor.sql")).values()]
+        assert sampled[0], "the auditor's sample finds the row published at (0, 0) above (before the purge)"
         run("purge_published")
         run("release_leases", shards=int_array(shards))
         run("forget_dead_workers")

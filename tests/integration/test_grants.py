@@ -185,6 +185,39 @@ def test_the_readonly_role_reads_what_status_check_and_keda_read_and_writes_noth
     assert ops_status.run(settings, as_json=True, echo=lambda _: None) == 0
 
 
+class _NoBroker:
+    """A RecordReader whose broker knows no topic (the statements are the subject here)."""
+
+    def __enter__(self) -> _NoBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def partitions(self, topic: str) -> None:
+        return None
+
+
+def test_locate_and_audit_read_as_the_readonly_role(roles):
+    from kaireon_pub.audit.sql import AUDIT
+    from kaireon_pub.ops import audit as ops_audit
+    from kaireon_pub.ops import locate as ops_locate
+
+    events(roles, 4)
+    with roles.admin() as admin:
+        admin.execute("UPDATE outbox_events SET status = 'published', published_at = clock_timestamp(), "
+                      "published_partition = 0, published_offset = id WHERE id <= 3")
+    with psycopg.connect(roles.url(roles.readonly), autocommit=True) as conn:
+        params = {"id": 1, "since": None, "until": None, "topic": None}
+        for name, text in vars(AUDIT).items():
+            if name not in {"audit_row_columns", "audit_window"}:  # fragments, included by the others
+                conn.execute(text, params).fetchall()
+        tally = ops_audit.audit(conn, _NoBroker(), ops_audit.Window())  # type: ignore[arg-type]
+        assert (tally.rows, tally.counts["missing"], tally.unverifiable) == (3, 3, 0)
+        assert ops_locate.locate(conn, _NoBroker, 2)[0] == ops_locate.MISSING  # type: ignore[arg-type]
+        assert ops_locate.locate(conn, _NoBroker, 4)[0] == ops_locate.NOT_PUBLISHED  # type: ignore[arg-type]
+
+
 def test_the_grants_are_idempotent_and_leave_pg_read_all_stats_out_on_request(pg):
     with Roles(pg).create(migrate_schema=False) as roles:
         with psycopg.connect(roles.url(roles.owner), autocommit=True) as conn:

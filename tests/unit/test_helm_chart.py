@@ -204,10 +204,15 @@ RENDER = {
                                        "prometheusRule": {"enabled": True, "runbookUrl": RUNBOOK}}},
     "monitoring-without-readiness": {"metrics": {"prometheusRule": {"enabled": True}},
                                      "outboxPublisher": {"readinessProbe": {"enabled": False}}},
+    # The continuous auditor on (issue 27), its alert's window changed; and its alert turned off.
+    "auditor": {"outboxPublisher": {"auditSamplePerMinute": 60},
+                "metrics": {"prometheusRule": {"enabled": True, "auditFindings": {"window": "30m"}}}},
+    "monitoring-audit-alert-off": {"metrics": {"prometheusRule": {"enabled": True,
+                                                                  "auditFindings": {"enabled": False}}}},
 }
 # Variants rendered as on a cluster with the Prometheus Operator's CRDs (helm --api-versions).
 WITH_MONITORING_API = {"full", "monitoring", "monitoring-other-release", "monitoring-runbook",
-                       "monitoring-without-readiness"}
+                       "monitoring-without-readiness", "auditor", "monitoring-audit-alert-off"}
 # Variants rendered as on a cluster with KEDA's CRDs.
 WITH_KEDA_API = {"keda", "keda-postgresql-only"}
 RELEASE_OF = {"monitoring-other-release": "payments"}
@@ -254,6 +259,7 @@ BAD = {
                       "/securityContext/readOnlyRootFilesystem"),
     "enabled-not-a-boolean": ({"enabled": "yes"}, "/enabled"),
     "network-policy-typo": ({"networkPolicy": {"enabled": True, "egress": {"postgres": {"to": []}}}}, "postgres"),
+    "audit-too-fast": ({"outboxPublisher": {"auditSamplePerMinute": 6001}}, "/outboxPublisher/auditSamplePerMinute"),
 }
 # Each must fail the render in a template (`fail`), naming the problem: what the schema cannot see.
 FAIL = {
@@ -291,6 +297,9 @@ FAIL = {
     "pooler-without-a-session-for-migrate": (
         {"outboxPublisher": {"extraEnv": PGBOUNCER_ENV[:1]}},
         "OUTBOX_POOL_MODE is transaction and OUTBOX_LISTEN_DATABASE_URL is not set"),
+    "env-audit-twice": ({"outboxPublisher": {"auditSamplePerMinute": 60, "extraEnv": [
+        {"name": "OUTBOX_AUDIT_SAMPLE_PER_MINUTE", "value": "30"}]}},
+        "outboxPublisher.extraEnv: OUTBOX_AUDIT_SAMPLE_PER_MINUTE is already set by the chart"),
 }
 # FAIL cases rendered as on a cluster with these CRDs.
 FAIL_API_VERSIONS = {"keda-without-server-address": [KEDA_API], "keda-without-a-trigger": [KEDA_API]}
@@ -1252,7 +1261,7 @@ def test_prometheus_rule_alerts_link_to_the_runbook_and_read_exported_metrics(he
     assert {a for _, a in anchors.values()} == {"outboxbacklog", "publisher-pod-down", "liveness-stale",
                                                 "failed-events",
                                                 "pending-rows-held-back-by-a-long-transaction", "database-down",
-                                                "broker-down", "stuck-rows"}
+                                                "broker-down", "stuck-rows", "prove-nothing-was-lost"}
     # Each anchor is a section of the runbook (GitHub's: lower case, spaces to hyphens, no punctuation).
     headings = re.findall(r"^#+ (.+)$", (ROOT / "docs" / "operations.md").read_text(), re.M)
     slugs = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-") for h in headings}
@@ -1302,6 +1311,28 @@ def test_alerts_cover_reaper_failures_and_an_unreachable_database_or_broker(helm
     # /readyz writes the reachability gauges: without its probe they would stay 0, a false alarm.
     assert set(rules) - set(rules_of(helm, "monitoring-without-readiness")) \
         == {"OutboxDatabaseUnreachable", "OutboxBrokerUnreachable"}
+
+
+def test_the_auditor_is_a_value_and_its_findings_an_alert(helm):
+    """outboxPublisher.auditSamplePerMinute is OUTBOX_AUDIT_SAMPLE_PER_MINUTE (not rendered at its
+    default, 0: off); OutboxAuditFindings fires on any increase of the findings within its window."""
+    assert str(values_yaml()["outboxPublisher"]["auditSamplePerMinute"]) == DEFAULTS["OUTBOX_AUDIT_SAMPLE_PER_MINUTE"]
+    assert "OUTBOX_AUDIT_SAMPLE_PER_MINUTE" not in env_of(publisher(rendered(helm, "default")))
+    assert env_of(publisher(rendered(helm, "auditor")))["OUTBOX_AUDIT_SAMPLE_PER_MINUTE"]["value"] == "60"
+    window = values_yaml()["metrics"]["prometheusRule"]["auditFindings"]["window"]
+    for variant, expected_window in (("monitoring", window), ("auditor", "30m")):
+        rule = rules_of(helm, variant)["OutboxAuditFindings"]
+        expr = promql_parser.parse(rule["expr"])
+        assert str(expr.op) == ">" and isinstance(expr.rhs, promql_parser.NumberLiteral) and expr.rhs.val == 0
+        (call,) = [n for n, _ in walk(expr) if isinstance(n, promql_parser.Call)]
+        assert call.func.name == "increase" and f"[{expected_window}]" in rule["expr"]
+        assert [s.name for s, _ in selectors(expr)] == ["kaireon_outbox_audit_findings_total"]
+        assert rule["labels"]["severity"] == "critical" and "for" not in rule
+        assert rule["annotations"]["runbook_url"].endswith("#prove-nothing-was-lost")
+        assert expected_window in rule["annotations"]["description"]
+    assert "kaireon_outbox_audit_findings_total" in exported_metrics()
+    assert set(rules_of(helm, "monitoring")) - set(rules_of(helm, "monitoring-audit-alert-off")) \
+        == {"OutboxAuditFindings"}
 
 
 # ---- every rendered object, validated ---------------------------------------------------------

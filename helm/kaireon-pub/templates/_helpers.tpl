@@ -228,6 +228,10 @@ registry). Numbers go through `int` so large values never render in exponent for
 - name: OUTBOX_WORKERS
   value: {{ $p.workers | int | quote }}
 {{- end }}
+{{- if gt ($p.auditSamplePerMinute | int) 0 }}
+- name: OUTBOX_AUDIT_SAMPLE_PER_MINUTE
+  value: {{ $p.auditSamplePerMinute | int | quote }}
+{{- end }}
 {{- $k := .Values.kafka }}
 {{- if and $k.sasl.enabled $k.tls.enabled }}
 - name: KAFKA_SECURITY_PROTOCOL

@@ -69,8 +69,9 @@ class Tally:
             ("missing", "missing"), ("altered", "altered"), ("duplicated", "duplicated"),
             ("outOfOrder", "out of order")))
         extra = f" ({self.extra_copies} extra copies)" if self.extra_copies else ""
-        verdict = "clean" if self.findings == 0 else f"{self.findings} findings"
-        return (f"audit: {verdict}: {self.rows} events checked in {self.partitions} partitions, "
+        verdict = "clean" if self.findings == 0 else f"{self.findings} finding{'s' * (self.findings != 1)}"
+        partitions = f"{self.partitions} partition{'s' * (self.partitions != 1)}"
+        return (f"audit: {verdict}: {self.rows} events checked in {partitions}, "
                 f"{found}{extra}; {self.relocated} relocated, {self.unverifiable} unverifiable (no recorded position)")
 
 

@@ -18,6 +18,10 @@ subprocesses, as an operator runs them (exit code, --json document):
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -115,6 +119,32 @@ def read_back(bootstrap: str, topic: str, partition: int, offset: int) -> Any:
         consumer.close()
 
 
+def on_terminal(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The command run with its stderr on a pseudo-terminal (stdout piped): .stderr is what the terminal got."""
+    main, terminal = pty.openpty()
+    chunks = []
+    try:
+        with open(os.devnull) as stdin, subprocess.Popen([sys.executable, "-m", "kaireon_pub", *args], env=env,
+                                                         stdin=stdin, stdout=subprocess.PIPE, stderr=terminal,
+                                                         text=True) as process:
+            os.close(terminal)
+            terminal = -1
+            while True:  # read while it writes: a full terminal buffer would block it
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # EIO: the command's end of the terminal is closed, all read
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            stdout, _ = process.communicate(timeout=120)
+    finally:
+        os.close(main)
+        if terminal != -1:
+            os.close(terminal)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, b"".join(chunks).decode(errors="replace"))
+
+
 def produce(bootstrap: str, records: list[dict[str, Any]]) -> list[tuple[int, int]]:
     """Produce `records` (topic, partition, key, value, headers) in order, one at a time; their positions."""
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "log_level": 0})
@@ -206,6 +236,14 @@ def test_a_keys_records_produced_out_of_order_are_reported(db_url, kafka_broker,
     assert {(e["key"], e["after"]) for e in out_of_order} == {("late-key", third)}
     assert doc["findings"]["missing"]["count"] == doc["findings"]["duplicated"]["count"] == 0
     assert doc["findings"]["altered"]["count"] == 0 and doc["equal"] == 63
+
+    # On a terminal, a progress bar on stderr (stdout keeps the document); not otherwise (run_cli: pipes).
+    env = tier_env(db_url, kafka_broker.bootstrap, tmp_path)
+    bar = on_terminal(["audit", "--topic", topic], env)
+    assert bar.returncode == 10 and "audit  [" in bar.stderr and "100%" in bar.stderr, bar.stderr
+    assert bar.stdout.splitlines()[-1].startswith("audit: 2 findings: 63 events checked in 3 partitions")
+    piped = run_cli("audit", "--topic", topic, env=env)
+    assert piped.returncode == 10 and "100%" not in piped.stderr
 
     since = run_cli("audit", "--since", "1h", "--until", "2999-01-01T00:00:00", "--topic", "no-such-topic", "--json",
                     env=tier_env(db_url, kafka_broker.bootstrap, tmp_path))

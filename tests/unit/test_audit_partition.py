@@ -36,7 +36,7 @@ def test_every_row_at_its_recorded_offset_is_clean():
     rows = [(row(i), i - 1) for i in range(1, 6)]
     tally = judge(rows, [record(r, o) for r, o in rows])
     assert tally.findings == 0 and tally.equal == 5 and tally.rows == 5
-    assert tally.summary().startswith("audit: clean: 5 events checked in 1 partitions")
+    assert tally.summary().startswith("audit: clean: 5 events checked in 1 partition,")
     assert tally.as_json()["clean"] is True
 
 

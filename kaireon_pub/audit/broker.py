@@ -48,8 +48,10 @@ class StoredRecord:
 
     @property
     def event_id(self) -> int | None:
-        """The tier's `event-id` header as an integer (None when absent or not a number)."""
-        raw = self.header("event-id")
+        """The tier's `event-id` header as an integer (None when absent or not a number): the first
+        one, since the tier's own headers come before the event's (which may hold one of that name).
+        audit/compare.py's record_event_id also takes `ce_id` when there is no `event-id`."""
+        raw = next((value for key, value in self.headers if key == "event-id"), None)
         try:
             return int(raw) if raw is not None else None
         except ValueError:

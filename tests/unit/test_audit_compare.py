@@ -85,3 +85,9 @@ def test_an_own_only_row_without_cloudevents_is_known_by_its_header_list():
     assert compare(own_only, record) is None
     assert compare(own_only, as_produced(own_only, headers=(("id", b"uuid-2"),))).kind == NOT_THIS_EVENT
     assert compare(own_only, as_produced(own_only, value=b"x")).kind == ALTERED
+
+
+def test_the_stored_records_event_id_is_the_tiers_first_header_too():
+    r = row(headers=json.dumps({"event-id": "999"}))
+    record = as_produced(r)
+    assert record.event_id == 7 and record.header("event-id") == b"999"  # header(): the last, as before

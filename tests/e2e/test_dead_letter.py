@@ -72,7 +72,7 @@ def rows(db_url: str, ids: list[int]) -> dict[int, dict[str, Any]]:
     with psycopg.connect(db_url, autocommit=True) as conn:
         found = conn.execute("SELECT id, status, attempts, last_error, dead_lettered_at, payload::text "
                              "FROM outbox_events WHERE id = ANY(%s)", (ids,)).fetchall()
-    return {r[0]: dict(zip(("status", "attempts", "last_error", "dead_lettered_at", "payload"), r[1:]))
+    return {r[0]: dict(zip(("status", "attempts", "last_error", "dead_lettered_at", "payload"), r[1:], strict=True))
             for r in found}
 
 

@@ -115,6 +115,7 @@ WHERE status = 'failed'
 
 -- requeue_failed: the selected failed events back to pending, attempts reset, due at once
 -- The rows keep their xid, so they sit behind the workers' cursors: the caller sends notify_rescan.
+-- dead_lettered_at is cleared: an event requeued that fails again is dead-lettered again.
 WITH picked AS (
     SELECT id FROM outbox_events
     WHERE status = 'failed'
@@ -125,7 +126,7 @@ WITH picked AS (
     FOR UPDATE
 )
 UPDATE outbox_events e
-SET status = 'pending', attempts = 0, next_attempt_at = '-infinity',
+SET status = 'pending', attempts = 0, next_attempt_at = '-infinity', dead_lettered_at = NULL,
     claim_token = NULL, claimed_by = NULL, claimed_until = NULL, updated_at = clock_timestamp()
 FROM picked
 WHERE e.id = picked.id AND e.status = 'failed'

@@ -128,8 +128,18 @@ def test_the_runtime_role_runs_every_statement_the_tier_sends(roles):
         run("release_leases", shards=int_array(shards))
         run("forget_dead_workers")
         run("unregister_worker")
+        # The dead-letter sweep's statements (worker/deadletter.py), on the row mark_retry failed above.
+        dead_letters = load("deadletter.sql")
+        sweep = {"shards": int_array(shards), "limit": 10, "lookback_s": 300}
+        due = conn.execute(dead_letters.dead_letter_due, sweep).fetchall()
+        assert due and due == conn.execute(dead_letters.dead_letter_due_recent, sweep).fetchall()
+        assert conn.execute(dead_letters.mark_dead_lettered, {"ids": int_array([due[0][0]])}).fetchall()
+        assert {"dead_letter_due", "dead_letter_due_recent", "mark_dead_lettered", "dead_letter_columns"} == set(
+            vars(dead_letters)), "a statement added to deadletter.sql is run here too"
         # `requeue` runs as the tier's role too.
         assert conn.execute(OPS.requeue_failed, {"ids": None, "topic": None, "error_contains": None}).fetchall()
+        assert conn.execute("SELECT dead_lettered_at FROM outbox_events WHERE id = %s", (due[0][0],)).fetchone() == (
+            None,), "requeue clears dead_lettered_at: failed again, the event is dead-lettered again"
 
     assert ran == set(QUERIES) - NOT_THE_TIERS - FRAGMENTS
 

@@ -36,8 +36,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from kaireon_pub import Event, enqueue_many
 from tests.helpers import run_cli, tier_env, wait_all_published, wait_for
 
-pytestmark = pytest.mark.not_via_pgbouncer("the broker's records are the subject; the tier's database path is "
-                                           "the same as the other e2e tests'")
+# The big ones once, directly; the small ones (locate, the out-of-order audit) run through PgBouncer too:
+# the audit's transaction and server-side cursor through a transaction pooler.
+LARGE = pytest.mark.not_via_pgbouncer("the broker's records are the subject; the commands' way through "
+                                      "PgBouncer is the smaller tests' of this file")
 
 PARTITIONS = 3
 
@@ -157,6 +159,7 @@ def produce(bootstrap: str, records: list[dict[str, Any]]) -> list[tuple[int, in
     return [(msg.partition(), msg.offset()) for _, msg in landed]
 
 
+@LARGE
 def test_after_100k_events_published_through_kafka_the_audit_finds_nothing(db_url, kafka_broker, admin,
                                                                              start_tier, tmp_path):
     topic = create_topic(admin, f"audit-{uuid.uuid4().hex[:8]}")
@@ -173,6 +176,7 @@ def test_after_100k_events_published_through_kafka_the_audit_finds_nothing(db_ur
     assert all(doc["findings"][kind]["count"] == 0 for kind in doc["findings"])
 
 
+@LARGE
 def test_exactly_the_rows_marked_by_hand_are_missing_and_the_records_produced_again_duplicated(
         db_url, kafka_broker, admin, start_tier, tmp_path):
     topic = create_topic(admin, f"audit-{uuid.uuid4().hex[:8]}")
@@ -317,6 +321,7 @@ def test_locate_finds_a_byte_equal_record_and_says_when_it_differs(db_url, kafka
     assert cli(env, "locate", str(pending + 1000))[0] == 10
 
 
+@LARGE
 def test_a_topic_lost_after_10k_events_is_flagged_and_after_replay_the_audit_is_clean(
         db_url, kafka_broker, admin, start_tier, tmp_path: Path):
     topic = create_topic(admin, f"audit-lost-{uuid.uuid4().hex[:8]}")

@@ -1261,7 +1261,8 @@ def test_prometheus_rule_alerts_link_to_the_runbook_and_read_exported_metrics(he
     assert {a for _, a in anchors.values()} == {"outboxbacklog", "publisher-pod-down", "liveness-stale",
                                                 "failed-events",
                                                 "pending-rows-held-back-by-a-long-transaction", "database-down",
-                                                "broker-down", "stuck-rows", "prove-nothing-was-lost"}
+                                                "broker-down", "stuck-rows", "prove-nothing-was-lost",
+                                                "dead-letters"}
     # Each anchor is a section of the runbook (GitHub's: lower case, spaces to hyphens, no punctuation).
     headings = re.findall(r"^#+ (.+)$", (ROOT / "docs" / "operations.md").read_text(), re.M)
     slugs = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-") for h in headings}
@@ -1659,3 +1660,9 @@ def test_install_notes_name_the_autoscaler_or_why_there_is_none(helm):
     notes = helm["render:keda-without-crds"]["notes"]
     assert "WARNING: keda.sh/v1alpha1" in notes and "(1 replica(s))" in notes
     assert "No PodDisruptionBudget: with 1 replica(s) at the fewest" in helm["render:hpa-age-min-1"]["notes"]
+
+
+def test_failed_events_the_dead_letter_topic_refuses_raise_an_alert(helm):
+    rule = rules_of(helm, "monitoring")["OutboxDeadLetterStalled"]
+    assert {s.name for s, _ in selectors(promql_parser.parse(rule["expr"]))} == {"kaireon_outbox_dead_letter_waiting"}
+    assert rule["for"] == "15m" and rule["annotations"]["runbook_url"].endswith("#dead-letters")

@@ -92,3 +92,10 @@ def test_a_batch_settled_again_in_status_mode_sends_the_positions_again(clock):
     conn = FakeConn()
     asyncio.run(st.settle_again(FakePool(conn), None))
     assert conn.statements == [(Q.mark_published, {**SENT, "token": token})]
+
+
+def test_one_delivered_event_and_none_format_as_arrays_too():
+    assert landed(BatchOutcome(delivered=[5], partitions=[2], offsets=[9])) == {
+        "ids": "{5}", "partitions": "{2}", "offsets": "{9}"}
+    assert landed(BatchOutcome(delivered=[5], partitions=[2], offsets=[None]))["offsets"] == "{NULL}"
+    assert landed(BatchOutcome()) == {"ids": "{}", "partitions": "{}", "offsets": "{}"}

@@ -21,12 +21,13 @@ again at once while one fills its batch; a recent sweep (the rows failed in the 
 range of the failed rows' index, whatever number of them is kept) within WATCH_S after this
 worker's settle turned rows `failed` (the `failed` count of kaireon_outbox_processed_total grew: no
 hook in the settle step). A full sweep passes over every failed row already dead-lettered before the
-first due one: 100,000 such rows cost 80 ms (db/deadletter.sql), every FULL_S; failed rows are
-kept until requeued or deleted, so the prompt path does not walk them.
+first due one: 100,000 such rows cost 20-80 ms (db/deadletter.sql), every FULL_S; failed rows are
+kept until requeued or deleted, so the prompt path does not walk them (0.4 ms beside those 100,000).
 
 The worker's producer, not one of its own: the same connections, credentials and idempotence, no
 second client per worker. The cost: a batch the publisher gives up purges librdkafka's whole queue,
-dead-letter records with it; those are not acknowledged, so they are produced again next sweep.
+dead-letter records with it; those are not acknowledged, so they are produced again next sweep (one
+that was in flight may have landed: a duplicate, uncounted).
 
 The record: the event's key; its value, or none when the event failed for its size (the broker's
 or librdkafka's MSG_SIZE_TOO_LARGE / RECORD_LIST_TOO_LARGE / INVALID_MSG_SIZE, or a value larger

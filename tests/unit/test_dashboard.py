@@ -197,7 +197,7 @@ def test_runbook_has_every_anchor_that_alerts_dashboard_and_docs_link_to():
     linked = set(re.findall(r'"%s#([a-z0-9-]+)"', rule))
     assert linked == {"outboxbacklog", "publisher-pod-down", "liveness-stale", "failed-events",
                       "pending-rows-held-back-by-a-long-transaction", "database-down", "broker-down",
-                      "stuck-rows", "prove-nothing-was-lost"}
+                      "stuck-rows", "prove-nothing-was-lost", "dead-letters"}
     linked |= set(re.findall(r"runbook #([a-z0-9-]+)", DASHBOARD.read_text()))
     linked |= set(re.findall(r"\]\(#([a-z0-9-]+)\)", runbook))
     linked |= set(re.findall(r"operations\.md#([a-z0-9-]+)", (ROOT / "docs" / "deploying.md").read_text()))

@@ -4,7 +4,7 @@
 -- A replay re-publishes retained rows (status 'published', kept OUTBOX_RETENTION_SECONDS) in the
 -- table's (xid, id) order, the order the workers published them in (a key is in one shard).
 
--- replay_where: the selection's filter (a fragment); a NULL parameter filters nothing
+-- replay_where: the selection's filter after the cursor (a fragment); a NULL parameter filters nothing
 -- The window is over published_at (the published index serves it); %(until)s is always set: the
 -- run fixes it at its start, so rows published while it runs are not taken in.
 e.status = 'published'
@@ -14,11 +14,12 @@ e.status = 'published'
   AND (%(id_to)s::bigint IS NULL OR e.id <= %(id_to)s::bigint)
   AND (%(keys)s::text[] IS NULL OR e.partition_key = ANY(%(keys)s::text[]))
   AND (%(topics)s::text[] IS NULL OR e.topic = ANY(%(topics)s::text[]))
+  AND (e.xid, e.id) > (%(cursor_xid)s::text::xid8, %(cursor_id)s::bigint)
 
 -- replay_now: the database's clock, the end of a window the operator left open
 SELECT clock_timestamp();
 
--- replay_count: how many retained events the selection holds, and the first of their ids
+-- replay_count: how many retained events the selection holds after the cursor, and the first of their ids
 SELECT count(*)::bigint AS n, (array_agg(e.id ORDER BY e.xid, e.id))[1:%(show)s::int] AS ids
 FROM outbox_events e
 WHERE {{replay_where}};
@@ -33,7 +34,6 @@ SELECT e.id, e.topic, e.partition_key,
        e.binary_headers::text AS binary_headers, e.partition_key_bytes AS key_bytes
 FROM outbox_events e
 WHERE {{replay_where}}
-  AND (e.xid, e.id) > (%(cursor_xid)s::text::xid8, %(cursor_id)s::bigint)
 ORDER BY e.xid, e.id
 LIMIT %(page)s;
 

@@ -166,8 +166,8 @@ class TokenBucket:
             now = self.clock()
             self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
             self.last = now
-            if self.tokens >= 1:
-                self.tokens -= 1
+            if self.tokens >= 1 - 1e-9:  # a rounding error's worth short is a whole token
+                self.tokens = max(0.0, self.tokens - 1)
                 return
             self.wait((1 - self.tokens) / self.rate)
 
@@ -303,13 +303,17 @@ class Replay:
 
     def __init__(self, settings: Settings, conn: psycopg.Connection, plan: Plan, run_id: int,
                  cursor: tuple[str, int], holder: str, progress: Progress, stop: Stop,
-                 show: Callable[[Progress], None]):
-        from kaireon_pub.worker.kafka.producer import make_producer
-
+                 show: Callable[[Progress], None], producer: Any = None):
         self.settings, self.conn, self.plan, self.run_id, self.holder = settings, conn, plan, run_id, holder
         self.progress, self.stop, self.show = progress, stop, show
         self.cursor = Cursor(cursor)
-        self.producer = make_producer(settings, f"kaireon-pub-replay-{run_id}")
+        if producer is None:
+            from kaireon_pub.worker.kafka.producer import make_producer
+
+            # The tier's KAFKA_* settings: enable.idempotence stays on (a key's records keep their
+            # order in their partition through librdkafka's retries).
+            producer = make_producer(settings, f"kaireon-pub-replay-{run_id}")
+        self.producer = producer
         self.source = settings.cloudevents_source if settings.cloudevents else None
         self.header = (REPLAY_HEADER, str(run_id).encode())
         self.positions: list[tuple[int, int | None, int | None]] = []  # own-topic records acknowledged
@@ -320,7 +324,10 @@ class Replay:
         self.saved_at = time.monotonic()
 
     def _serve(self, seconds: float) -> None:
-        self.producer.poll(seconds)
+        """The token bucket's wait: delivery reports are served meanwhile; a signal ends it."""
+        if self.stop.signal is not None:
+            raise _Stopped
+        self.producer.poll(min(seconds, 0.2))
 
     def _report(self, seq: int, row_id: int, own: bool, err: Any, msg: Any) -> None:
         """librdkafka's delivery report (inside poll/flush, this thread)."""
@@ -341,6 +348,8 @@ class Replay:
         flight is waited for (at most message.timeout.ms and a little) and the cursor saved."""
         try:
             self._publish()
+        except _Stopped:
+            pass
         finally:
             deadline = time.monotonic() + self.settings.message_timeout_ms / 1000 + 5
             while len(self.producer) > 0 and time.monotonic() < deadline:
@@ -420,6 +429,10 @@ class Replay:
 
 class Lost(Exception):
     """The run's hold was taken over by another process."""
+
+
+class _Stopped(Exception):
+    """A signal came while the token bucket waited."""
 
 
 # ---- the command -----------------------------------------------------------------------------

@@ -162,6 +162,41 @@ def test_the_runtime_role_cannot_drop_alter_or_fill_the_outbox(roles):
         assert admin.execute("SELECT to_regclass('outbox_events_copy')").fetchone()[0] is None
 
 
+def test_the_runtime_role_runs_every_statement_of_replay(roles):
+    """`kaireon-pub replay` runs as the tier's role (db/replay.sql); the read-only role may read its runs."""
+    from kaireon_pub.ops.replay import R
+
+    events(roles, 4)
+    with roles.admin() as admin:
+        admin.execute("UPDATE outbox_events SET status = 'published', published_at = clock_timestamp()")
+    ran: set[str] = set()
+    with psycopg.connect(roles.url(roles.runtime), autocommit=True) as conn:
+        def run(name: str, **given: object) -> list[tuple]:
+            ran.add(name)
+            cur = conn.execute(getattr(R, name), given)
+            return cur.fetchall() if cur.description else []
+
+        [(now,)] = run("replay_now")
+        where = {"keys": ["k1"], "id_from": 1, "id_to": None, "since": None, "until": now, "topics": ["t"],
+                 "cursor_xid": "0", "cursor_id": 0}
+        assert run("replay_count", **where, show=5)[0][0] > 0
+        rows = run("replay_page", **where, page=10)
+        [(run_id, db_user)] = run("replay_start", operator="op", host="h", selection='{"keys": ["k1"]}',
+                                  to_topic=None, rate=500.0, selected=len(rows), holder="h:1", hold=30)
+        assert db_user == roles.runtime
+        assert run("replay_take", run_id=run_id, holder="h:2", hold=30, stale_holder="h:1") == [(run_id,)]
+        run("replay_positions", ids=[rows[0][0]], partitions=[0], offsets=[7])
+        assert run("replay_advance", run_id=run_id, holder="h:2", hold=30, cursor_xid=str(rows[0][8]),
+                   cursor_id=rows[0][0], published=1, skipped=0) == [(run_id,)]
+        run("replay_end", run_id=run_id, holder="h:2", state="finished", error=None)
+        assert run("replay_get", run_id=run_id)[0][11] == "finished"
+    assert ran == set(vars(R)) - {"replay_where"}
+    with psycopg.connect(roles.url(roles.readonly), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox_replay_runs").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(R.replay_end, {"run_id": 1, "holder": "h:2", "state": "failed", "error": None})
+
+
 def ops_params() -> dict[str, object]:
     return {"cap": 1000, "shards": [0, 1], "sample": 100, "groups": 10, "limit": 10, "ids": None,
             "topic": None, "error_contains": None, "show": 5, "tables": ["outbox_events"]}

@@ -243,3 +243,29 @@ def test_the_reader_is_made_on_first_use_in_its_thread_and_closed_there_when_the
         threading.Event().wait(0.01)
     assert reader.closed_in is not None and reader.closed_in.startswith("kaireon-audit")
     assert len(reader.reads) == 3
+
+
+def test_a_finding_sampled_again_is_checked_but_counted_and_logged_once(caplog):
+    lost = row(2)
+    audit, _ = make(6000, FakePool([(lost, 0, 20)]), FakeReader({}))
+    before = counts()
+    with caplog.at_level(logging.INFO, logger="kaireon_pub.worker.auditor"):
+        for _ in range(3):
+            asyncio.run(audit.once())
+    audit.close()
+    assert delta(before) == {"checked": 3, "missing": 1}
+    assert len([r for r in caplog.records if getattr(r, "event", None) == "audit finding"]) == 1
+
+
+def test_the_reader_is_the_tiers_consumer_with_a_short_fetch_wait(monkeypatch):
+    """read_at with librdkafka's 500 ms fetch.wait.max.ms took 0.5 s a record (measured): 10 ms."""
+    made = {}
+
+    class Reader:
+        def __init__(self, config, client_id):
+            made.update(config=config, client_id=client_id)
+    monkeypatch.setattr("kaireon_pub.audit.broker.RecordReader", Reader)
+    s = settings(OUTBOX_AUDIT_SAMPLE_PER_MINUTE=60, KAFKA_SASL_MECHANISM="PLAIN")
+    auditor._record_reader(s)
+    assert made["config"] == {**s.producer_config, "fetch.wait.max.ms": "10"}
+    assert made["client_id"] == "kaireon-pub-audit"

@@ -215,6 +215,9 @@ def replay(keys: tuple[str, ...], id_from: int | None, id_to: int | None, since:
             return click.confirm(question, default=False, err=True)
         except click.Abort:  # no answer (stdin closed)
             return False
+        finally:
+            if not sys.stdin.isatty():
+                click.echo("", err=True)  # a piped answer is not echoed: end the prompt's line
 
     sys.exit(ops_replay.run(settings, plan, dry_run=dry_run, yes=yes, confirm=confirm, echo=click.echo,
                             tty=sys.stderr.isatty()))

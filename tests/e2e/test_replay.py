@@ -213,6 +213,60 @@ def test_a_killed_run_resumed_publishes_every_event_duplicating_only_those_in_fl
     assert {header(m, "kaireon-replay") for m in messages} == {str(run_id).encode()}
     row = run_row(db_url, run_id)
     assert (row["state"], row["cursor_id"]) == ("finished", ids[-1])
+    left = len(ids) - ids.index(cursor) - 1
+    assert f"{left:,} of {left:,} events published" in resumed.stdout
     [line] = replay_lines(resumed.stderr)
-    assert line["resumed"] is True and line["outcome"] == "finished"
-    assert line["published"] == len(ids) - ids.index(cursor) - 1
+    assert line["resumed"] is True and line["outcome"] == "finished" and line["published"] == left
+    again = run_cli("replay", "--resume", str(run_id), env=env)
+    assert again.returncode == 0 and "nothing to resume" in again.stdout
+
+
+def test_sigterm_stops_after_the_records_in_flight_and_the_resume_sends_no_duplicate(db_url, kafka_broker, admin,
+                                                                                     tmp_path):
+    topic = create_topic(admin, f"replay-{uuid.uuid4().hex[:8]}")
+    ids = published_events(db_url, topic, 1000, keys=20)
+    env = replay_env(db_url, kafka_broker, tmp_path)
+    with open(tmp_path / "first.out", "w+") as out, open(tmp_path / "first.err", "w+") as err:
+        first = subprocess.Popen([sys.executable, "-m", "kaireon_pub", "replay", "--topic", topic, "--rate", "400"],
+                                 env=env, stdout=out, stderr=err, text=True)
+        try:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                run_id = wait_for(lambda: (conn.execute("SELECT id FROM outbox_replay_runs WHERE published >= 200")
+                                           .fetchone() or [None])[0], 30, "the run past 200 acknowledged events")
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(20) == 143
+        finally:
+            if first.poll() is None:
+                first.kill()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    assert f"replay run {run_id} interrupted" in stdout and f"--resume {run_id}" in stdout
+    [line] = replay_lines(stderr)
+    assert line["outcome"] == "interrupted" and 200 <= line["published"] < 1000
+    row = run_row(db_url, run_id)
+    assert row["state"] == "interrupted" and row["holder"] is None and row["published"] == line["published"]
+    assert row["cursor_id"] == ids[row["published"] - 1]  # everything in flight was waited for: no gap
+
+    resumed = run_cli("replay", "--resume", str(run_id), "--rate", "0", env=env, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with TopicReader(kafka_broker.bootstrap, topic) as reader:
+        messages = reader.read_ids(ids, timeout=60, extra=1.0)
+    assert sorted(event_ids(messages)) == ids  # each exactly once
+    assert_per_key_order(messages)
+
+
+def test_a_large_selection_asks_first_and_a_no_replays_nothing(db_url, kafka_broker, tmp_path):
+    topic = f"replay-large-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO outbox_events (topic, partition_key, payload, status, published_at) "
+                     "SELECT %s, 'k' || (g %% 7), '{}', 'published', clock_timestamp() "
+                     "FROM generate_series(1, 10001) g", (topic,))
+    result = run_cli("replay", "--topic", topic, env=replay_env(db_url, kafka_broker, tmp_path), input="n\n")
+    assert result.returncode == 1 and "Replay 10,001 events to their own topics?" in result.stderr
+    assert "nothing replayed" in result.stdout
+    assert [line["outcome"] for line in replay_lines(result.stderr)] == ["declined"]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox_replay_runs").fetchone() == (0,)
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap, "log_level": 0})
+    assert topic not in admin.list_topics(timeout=10).topics

@@ -155,7 +155,8 @@ def _time_option(_ctx: click.Context, param: click.Parameter, value: str | None)
     try:
         return None if value is None else parse_time(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 time (2026-12-06T12:00:00Z)", param=param) from None
+        raise click.BadParameter(f"{value!r} is neither an ISO 8601 time (2026-12-06T12:00:00Z) nor a duration "
+                                 "ago (90s, 30m, 6h, 7d)", param=param) from None
 
 
 @cli.command()
@@ -163,9 +164,9 @@ def _time_option(_ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--id-from", type=click.IntRange(min=1), default=None, help="Events with id >= N.")
 @click.option("--id-to", type=click.IntRange(min=1), default=None, help="Events with id <= N.")
 @click.option("--since", callback=_time_option, default=None, metavar="TIME",
-              help="Events published at or after TIME (published_at; ISO 8601, UTC when no zone).")
+              help="Events published at or after TIME (published_at; ISO 8601, UTC when no zone; or 30m, 6h, 7d ago).")
 @click.option("--until", callback=_time_option, default=None, metavar="TIME",
-              help="Events published before TIME (published_at); default: when the run starts.")
+              help="Events published before TIME (published_at, as --since); default: when the run starts.")
 @click.option("--topic", "topics", multiple=True, help="Events of this topic (repeatable).")
 @click.option("--to-topic", default=None, help="Publish every record to this topic (default: each event's own).")
 @click.option("--rate", type=click.FloatRange(min=0), default=None,

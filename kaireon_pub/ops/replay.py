@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -74,10 +74,12 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def parse_time(text: str) -> datetime:
-    """An ISO 8601 time (`2026-12-06T12:00:00Z`, `2026-12-06 12:00+01:00`, a date); UTC when it
-    names no zone. ValueError otherwise."""
-    value = datetime.fromisoformat(text.strip())
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    """`audit`'s times, so that a window found there is given here as it was: an ISO 8601 time
+    (`2026-12-06T12:00:00Z`, `2026-12-06 12:00+01:00`, a date; UTC when it names no zone) or a
+    duration ago (90s, 30m, 6h, 7d), made absolute now. ValueError otherwise."""
+    from kaireon_pub.ops.audit import parse_when
+
+    return parse_when(text)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ def test_times_are_iso_8601_and_utc_unless_they_say_otherwise():
     assert parse_time("2026-12-06 12:00") == T0
     assert parse_time("2026-12-06T13:00:00+01:00") == T0
     assert parse_time("2026-12-06").tzinfo is UTC
+    before = datetime.now(UTC)
+    assert before - timedelta(hours=6, seconds=5) < parse_time("6h") <= datetime.now(UTC) - timedelta(hours=6)
     with pytest.raises(ValueError):
         parse_time("yesterday")
 
@@ -100,7 +102,7 @@ def test_the_options_become_the_selection(captured):
     (["--resume", "4", "--key", "a"], "--resume continues a run with its own selection"),
     (["--resume", "4", "--to-topic", "x"], "--resume continues a run with its own selection"),
     (["--id-from", "9", "--id-to", "2"], "--id-from 9 is after --id-to 2"),
-    (["--since", "last tuesday"], "is not an ISO 8601 time"),
+    (["--since", "last tuesday"], "is neither an ISO 8601 time"),
     (["--to-topic", "no spaces"], "is not a valid Kafka topic name"),
     (["--rate", "-1"], "-1"),
 ])

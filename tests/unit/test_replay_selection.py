@@ -257,3 +257,11 @@ def test_a_resume_starts_after_its_cursor_and_a_signal_stops_it():
     run.stop.signal = 15
     run.run()
     assert producer.produced == [] and conn.advances[-1]["cursor_id"] is None
+
+
+def test_the_progress_bar_is_one_line_on_a_terminal_and_nothing_otherwise(capsys):
+    ops_replay.progress_printer(False, 3, 10)(Progress(published=5))
+    assert capsys.readouterr().err == ""
+    ops_replay.progress_printer(True, 3, 10)(Progress(published=4, skipped=1))
+    err = capsys.readouterr().err
+    assert err.startswith("\rreplay run 3 [###############") and " 5/10 " in err and "\n" not in err

@@ -20,9 +20,9 @@ e.status = 'published'
 SELECT clock_timestamp();
 
 -- replay_count: how many retained events the selection holds after the cursor, and the first of their ids
-SELECT count(*)::bigint AS n, (array_agg(e.id ORDER BY e.xid, e.id))[1:%(show)s::int] AS ids
-FROM outbox_events e
-WHERE {{replay_where}};
+-- The first ids come from a top-N sort, not from an array of the whole selection.
+SELECT (SELECT count(*) FROM outbox_events e WHERE {{replay_where}})::bigint AS n,
+       ARRAY(SELECT e.id FROM outbox_events e WHERE {{replay_where}} ORDER BY e.xid, e.id LIMIT %(show)s) AS ids;
 
 -- replay_page: the selection's next rows after the cursor, in (xid, id) order, as worker.rows.Row
 -- The columns are claim_shard_scan's, so that records.py builds the very record the worker built.

@@ -28,4 +28,7 @@ def test_bench_quick_runs_every_scenario_and_prints_the_summary():
     assert re.search(r"drain=[\d,]+/s", summary[0]), summary[0]
     assert re.search(r"ceil_status=[\d,]+/s", summary[0]), summary[0]
     assert re.search(r"p99=[\d.]+ms", summary[0]), summary[0]
+    # debezium-write (issue 28), a tiny run inside `all --quick`: an attached table and enqueue() both wrote
+    assert re.search(r"debezium/enqueue=[\d.]+ debezium_idiom/enqueue=[\d.]+", summary[0]), summary[0]
+    assert "each captured once" in out, out[-4000:]
     assert "targets (issues 5 and 6):" in out

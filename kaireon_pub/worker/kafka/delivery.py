@@ -58,7 +58,7 @@ class Batch:
                 out.delivered.append(event_id)
                 # Where it landed (outcome.py). confluent-kafka gives None for an offset librdkafka
                 # reports as negative (OFFSET_INVALID -1001; -1 for a retry the broker recognised as
-                # a duplicate, DUPLICATE_SEQUENCE_NUMBER): the mark stores NULL (settle.py, nullable).
+                # a duplicate, DUPLICATE_SEQUENCE_NUMBER): the mark stores NULL (settle.nullable_int_array).
                 out.partitions.append(msg.partition())
                 out.offsets.append(msg.offset())
                 out.ages.append(time.time() - created)

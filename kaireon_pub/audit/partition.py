@@ -95,7 +95,8 @@ def audit_partition(topic: str, partition: int, rows: Iterable[tuple[Row, int]],
     why nothing could be read (the topic or partition is unknown to the broker), for the missing."""
     seen: dict[int, _Seen] = {}
     last_of_key: dict[str, tuple[int, int, int]] = {}  # key -> (xid, id, offset) of its latest row in offset order
-    suspects: list[tuple[int, int, int, str]] = []  # (id, recorded offset, hash of the expected content, reason)
+    # (id, recorded offset, hash of the expected content, reason, whether its record carries its id)
+    suspects: list[tuple[int, int, int, str, bool]] = []
     tally.partitions += 1
 
     def note(record: StoredRecord) -> StoredRecord:
@@ -116,7 +117,8 @@ def audit_partition(topic: str, partition: int, rows: Iterable[tuple[Row, int]],
         tally.rows += 1
         while current is not None and current.offset < offset:
             current = next(reading, None)
-        if has_event_id(row, cloudevents_source):
+        identified = has_event_id(row, cloudevents_source)
+        if identified:
             entry = seen.get(row.id)
             if entry is None:
                 entry = seen[row.id] = _Seen()
@@ -124,13 +126,13 @@ def audit_partition(topic: str, partition: int, rows: Iterable[tuple[Row, int]],
         where = {"id": row.id, "topic": topic, "partition": partition, "offset": offset}
         if current is None or current.offset != offset:
             reason = stored or "offset not stored"
-            suspects.append((row.id, offset, hash((record_key(row), row.payload)), reason))
+            suspects.append((row.id, offset, hash((record_key(row), row.payload)), reason, identified))
         else:
             finding = compare(row, current, cloudevents_source)
             if finding is not None and finding.kind != ALTERED:
                 other = finding.found_event_id
                 reason = f"holds event {other}" if other is not None else "holds a record without an event id"
-                suspects.append((row.id, offset, hash((record_key(row), row.payload)), reason))
+                suspects.append((row.id, offset, hash((record_key(row), row.payload)), reason, identified))
             else:
                 if finding is None:
                     tally.equal += 1
@@ -142,8 +144,8 @@ def audit_partition(topic: str, partition: int, rows: Iterable[tuple[Row, int]],
     for _ in reading:  # the rest of the range: copies beyond the last recorded offset
         pass
 
-    for event_id, offset, content, reason in suspects:
-        entry = seen.get(event_id)
+    for event_id, offset, content, reason, identified in suspects:
+        entry = seen.get(event_id) if identified else None  # without its id, a record is judged where recorded only
         where = {"id": event_id, "topic": topic, "partition": partition, "offset": offset}
         if entry is None or entry.copies == 0:
             tally.add("missing", where | {"reason": reason})

@@ -127,3 +127,13 @@ def test_on_row_is_called_once_per_row():
     calls = []
     judge([(row(1), 0), (row(2), 1)], [], on_row=lambda: calls.append(1))
     assert len(calls) == 2
+
+
+def test_a_row_whose_record_carries_no_event_id_is_judged_at_its_recorded_offset_only():
+    own_only = row(5)._replace(headers='{"id": "uuid-5", "kaireon-headers": "own-only"}')
+    stored = record(own_only, 0)
+    assert stored.headers == (("id", b"uuid-5"),)
+    assert judge([(own_only, 0)], [stored]).equal == 1
+    # Not at its offset: missing, even when a record elsewhere carries an event-id equal to its row id.
+    tally = judge([(own_only, 0)], [record(row(9), 0), record(row(5), 1)])
+    assert ids(tally, "missing") == [5] and tally.relocated == 0 and tally.counts["duplicated"] == 0

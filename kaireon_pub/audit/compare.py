@@ -23,7 +23,8 @@ a replayed record carries a replay header of its own and is still the event.
 An event's identity on the broker (`record_event_id`): the tier's `event-id` header (the row id),
 else the CloudEvents `ce_id` header (the same id). A row whose header control says own-only (the
 Debezium trigger's `kaireon-headers: own-only`) without CloudEvents gets neither: its record is
-recognised by its full header list (`record_headers(row)`), and the audit can check it at its
+recognised by its full header list (`record_headers(row)`, less the `traceparent` and
+`tracestate` a traced publish adds or replaces and the `kaireon-replay` of a replay), and the audit can check it at its
 recorded position only (`has_event_id(row, source)` is False for it).
 
 H5 (the continuous auditor) and the `locate` / `audit` commands use this module; it does no I/O.
@@ -31,6 +32,7 @@ H5 (the continuous auditor) and the `locate` / `audit` commands use this module;
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kaireon_pub.audit.broker import StoredRecord
@@ -40,6 +42,10 @@ from kaireon_pub.worker.rows import Row
 NOT_THIS_EVENT = "not-this-event"
 ALTERED = "altered"
 _ID_HEADERS = ("event-id", "ce_id")
+# Headers a publish may add or replace on the tier's record of an own-only row: a traced publish's
+# context (worker/kafka/spans.py: a recorded event span replaces the row's traceparent and drops its
+# tracestate) and a replay's header (ops/replay.py). Left out of both lists when they are compared.
+_ADDED_ON_PUBLISH = frozenset({"traceparent", "tracestate", "kaireon-replay"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,11 @@ def _expected_headers(row: Row, cloudevents_source: str | None) -> list[tuple[st
         return None
 
 
+def _own_headers(headers: Iterable[tuple[str, bytes | None]]) -> tuple[tuple[str, bytes | None], ...]:
+    """The headers the tier's record of an own-only row always carries as they are (_ADDED_ON_PUBLISH left out)."""
+    return tuple((name, value) for name, value in headers if name not in _ADDED_ON_PUBLISH)
+
+
 def has_event_id(row: Row, cloudevents_source: str | None = None) -> bool:
     """Whether the tier's record for this row carries its event id (event-id or ce_id)."""
     if "kaireon-headers" not in row.headers:  # the header control: most rows do not carry it
@@ -101,7 +112,7 @@ def compare(row: Row, record: StoredRecord, cloudevents_source: str | None = Non
         return Finding(NOT_THIS_EVENT, row.id, record.topic, record.partition, record.offset)
     else:
         expected = _expected_headers(row, cloudevents_source)
-        if expected is None or tuple(expected) != tuple(record.headers):
+        if expected is None or _own_headers(expected) != _own_headers(record.headers):
             return Finding(NOT_THIS_EVENT, row.id, record.topic, record.partition, record.offset)
     differs = tuple(name for name, same in (("key", record.key == record_key(row)),
                                             ("value", record.value == row.payload)) if not same)

@@ -87,6 +87,26 @@ def test_an_own_only_row_without_cloudevents_is_known_by_its_header_list():
     assert compare(own_only, as_produced(own_only, value=b"x")).kind == ALTERED
 
 
+def test_an_own_only_rows_record_is_still_its_event_when_traced_or_replayed():
+    """A traced publish adds the event span's traceparent (or replaces the row's, dropping its
+    tracestate: worker/kafka/spans.py); a replay adds kaireon-replay: neither makes it another event."""
+    own_only = row(headers=json.dumps({"id": "uuid-1", HEADERS_CONTROL: "own-only"}))
+    traced = as_produced(own_only, headers=(("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"),
+                                            ("id", b"uuid-1")))
+    assert compare(own_only, traced) is None
+    replayed = as_produced(own_only, headers=(("id", b"uuid-1"), ("kaireon-replay", b"run-7")))
+    assert compare(own_only, replayed) is None
+    written_in = row(headers=json.dumps({"id": "uuid-1", "traceparent": "00-" + "c" * 32 + "-" + "d" * 16 + "-01",
+                                         "tracestate": "v=1", HEADERS_CONTROL: "own-only"}))
+    replaced = as_produced(written_in, headers=(("id", b"uuid-1"),
+                                                ("traceparent", b"00-" + b"e" * 32 + b"-" + b"f" * 16 + b"-01")))
+    assert compare(written_in, replaced) is None
+    # The other headers still tell the event: another id is another event, a header lost too.
+    assert compare(own_only, as_produced(own_only, headers=(("traceparent", b"00-x"), ("id", b"uuid-2")))).kind \
+        == NOT_THIS_EVENT
+    assert compare(written_in, as_produced(written_in, headers=(("traceparent", b"00-x"),))).kind == NOT_THIS_EVENT
+
+
 def test_the_stored_records_event_id_is_the_tiers_first_header_too():
     r = row(headers=json.dumps({"event-id": "999"}))
     record = as_produced(r)

@@ -24,8 +24,11 @@ SELECT clock_timestamp();
 SELECT (SELECT count(*) FROM outbox_events e WHERE {{replay_where}})::bigint AS n,
        ARRAY(SELECT e.id FROM outbox_events e WHERE {{replay_where}} ORDER BY e.xid, e.id LIMIT %(show)s) AS ids;
 
--- replay_page: the selection's next rows after the cursor, in (xid, id) order, as worker.rows.Row
+-- replay_rows: the selection's rows after the cursor, in (xid, id) order, as worker.rows.Row
 -- The columns are claim_shard_scan's, so that records.py builds the very record the worker built.
+-- Read once through a server-side cursor in a read-only transaction of its own connection: no
+-- index serves this order on published rows, so the selection is sorted once (not once a page);
+-- the transaction takes no transaction id, so it never holds the workers' claim horizon back.
 SELECT e.id, e.topic, e.partition_key,
        coalesce(e.payload_bytes, convert_to(e.payload::text, 'UTF8')) AS payload,
        e.headers::text AS headers, e.event_type, e.attempts, e.shard, e.xid::text::bigint AS xid,
@@ -34,8 +37,7 @@ SELECT e.id, e.topic, e.partition_key,
        e.binary_headers::text AS binary_headers, e.partition_key_bytes AS key_bytes
 FROM outbox_events e
 WHERE {{replay_where}}
-ORDER BY e.xid, e.id
-LIMIT %(page)s;
+ORDER BY e.xid, e.id;
 
 -- replay_start: a new run (its who, what and how many); its id
 INSERT INTO outbox_replay_runs (operator, host, selection, to_topic, rate, selected, holder, held_until)

@@ -22,7 +22,15 @@ another, in per-key order, at a rate cap, resumably.
 - The window is over published_at; its end is fixed when the run starts (the database's clock when
   --until is not given), so events published while it runs are not taken in, and a resume replays
   the same selection.
+- The reading: the selection after the cursor is read once, through a server-side cursor in a
+  read-only transaction of a second connection, FETCH_ROWS rows per fetch between sends (no index
+  serves (xid, id) on published rows: the selection is sorted once, not once per page). That
+  transaction takes no transaction id, so the workers' claim horizon never waits for it; it holds
+  back vacuum of the outbox while the run lasts.
+- The hold: renewed with each save (every SAVE_EVERY_S), also while the rate cap waits and while
+  the last records are drained, so a slow run keeps it and a `--resume` elsewhere is refused.
 - One log line per run (event "replay"), whatever its outcome: who, the selection, the counts.
+  An unexpected error still ends the run's row (state failed, cursor saved) with an error line.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -63,7 +71,7 @@ REPLAY_HEADER = "kaireon-replay"
 DEFAULT_RATE = 1000.0  # events/s when --rate is not given
 CONFIRM_ABOVE = 10_000  # a larger selection asks for confirmation (or --yes)
 SHOW_IDS = 20
-PAGE = 2000  # rows read per query
+FETCH_ROWS = 2000  # rows per fetch of the server-side cursor
 SAVE_EVERY_S = 0.5  # how often the cursor, the counts and the positions are written
 HOLD_S = 30  # a run's hold lasts this long without a renewal (another process may then resume it)
 START = ("0", 0)  # the cursor before any event: (xid, id)
@@ -300,13 +308,31 @@ class Stop:
                 signal.signal(signum, handler)
 
 
+def stream(conn: psycopg.Connection, selection: Selection, cursor: tuple[str, int]) -> Iterator[tuple]:
+    """The selection's rows after `cursor` in (xid, id) order, read once (`conn`: autocommit, idle,
+    this stream's alone). A read-only transaction: no transaction id, so the claim horizon never
+    waits for it; no statement or idle timeout (the first fetch sorts the selection, and a slow
+    rate leaves it idle between fetches)."""
+    conn.read_only = True
+    with conn.transaction():
+        conn.execute("SELECT set_config('statement_timeout', '0', true), "
+                     "set_config('idle_in_transaction_session_timeout', '0', true)")
+        with conn.cursor(name="kaireon_pub_replay") as rows:
+            rows.itersize = FETCH_ROWS
+            rows.execute(R.replay_rows, selection.params(cursor))
+            yield from rows
+
+
 class Replay:
-    """Publishes one run's rows after its cursor; the database writes go through `conn`."""
+    """Publishes one run's rows after its cursor; the database writes go through `conn`, the rows
+    come from `read(cursor)` (`stream` on a connection of its own)."""
 
     def __init__(self, settings: Settings, conn: psycopg.Connection, plan: Plan, run_id: int,
                  cursor: tuple[str, int], holder: str, progress: Progress, stop: Stop,
-                 show: Callable[[Progress], None], producer: Any = None):
+                 show: Callable[[Progress], None], read: Callable[[tuple[str, int]], Iterable[tuple]],
+                 producer: Any = None):
         self.settings, self.conn, self.plan, self.run_id, self.holder = settings, conn, plan, run_id, holder
+        self.read = read
         self.progress, self.stop, self.show = progress, stop, show
         self.cursor = Cursor(cursor)
         if producer is None:
@@ -330,20 +356,32 @@ class Replay:
         if self.stop.signal is not None:
             raise _Stopped
         self.producer.poll(min(seconds, 0.2))
+        self._save_due()
+
+    def _save_due(self) -> None:
+        """Saves (and so renews the hold) when SAVE_EVERY_S has passed since the last save."""
+        if time.monotonic() - self.saved_at >= SAVE_EVERY_S:
+            self._save()
 
     def _report(self, seq: int, row_id: int, own: bool, err: Any, msg: Any) -> None:
-        """librdkafka's delivery report (inside poll/flush, this thread)."""
-        if err is not None:
+        """librdkafka's delivery report (inside poll/flush, this thread). Never raises: poll()
+        would pass the exception on in the middle of the run."""
+        try:
+            if err is not None:
+                if self.progress.failed is None:
+                    self.progress.failed = f"event {row_id}: {err.str() if hasattr(err, 'str') else err}"
+                return
+            self.cursor.acked(seq)
+            self.acked_unsaved += 1
+            self.progress.published += 1
+            self.progress.last_acked = time.monotonic()
+            if own:
+                # An acknowledgement may carry no position (None: a retry the broker recognised as a
+                # duplicate, acks=0): the row's position is then unknown (NULL), not its old one.
+                self.positions.append((row_id, _known(msg.partition()), _known(msg.offset())))
+        except Exception as exc:  # noqa: BLE001 - reported as the run's failure instead
             if self.progress.failed is None:
-                self.progress.failed = f"event {row_id}: {err.str() if hasattr(err, 'str') else err}"
-            return
-        self.cursor.acked(seq)
-        self.acked_unsaved += 1
-        self.progress.published += 1
-        self.progress.last_acked = time.monotonic()
-        if own:
-            offset = msg.offset()
-            self.positions.append((row_id, msg.partition(), offset if offset >= 0 else None))
+                self.progress.failed = f"event {row_id}: delivery report not understood: {exc!r}"
 
     def run(self) -> None:
         """Until the selection is done, a delivery failed or a signal came; then everything in
@@ -356,26 +394,25 @@ class Replay:
             deadline = time.monotonic() + self.settings.message_timeout_ms / 1000 + 5
             while len(self.producer) > 0 and time.monotonic() < deadline:
                 self.producer.poll(0.1)
+                self._save_due()
             self._save()
 
     def _publish(self) -> None:
-        fetched = self.cursor.position
-        while True:
-            rows = self.conn.execute(R.replay_page, {**self.plan.selection.params(fetched),
-                                                     "page": PAGE}).fetchall()
-            if not rows:
-                return
+        rows = iter(self.read(self.cursor.position))
+        try:
             for values in rows:
                 if self.stop.signal is not None or self.progress.failed is not None:
                     return
                 row = Row(*values)
-                fetched = (str(row.xid), row.id)
                 if self.bucket is not None:
                     self.bucket.take()
-                self._produce(row, fetched)
+                self._produce(row, (str(row.xid), row.id))
                 self.producer.poll(0)
-                if time.monotonic() - self.saved_at >= SAVE_EVERY_S:
-                    self._save()
+                self._save_due()
+        finally:
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()
 
     def _produce(self, row: Row, position: tuple[str, int]) -> None:
         topic = self.plan.to_topic or row.topic
@@ -405,6 +442,7 @@ class Replay:
                 return
             except BufferError:  # librdkafka's queue is full: let it drain
                 self.producer.poll(0.1)
+                self._save_due()
 
     def _save(self) -> None:
         """The cursor, the counts, the positions: one transaction. Raises Lost when another process
@@ -427,6 +465,11 @@ class Replay:
         self.acked_unsaved = self.skipped_unsaved = 0
         self.saved_at = time.monotonic()
         self.show(self.progress)
+
+
+def _known(value: int | None) -> int | None:
+    """A partition or offset of a delivery report; None when it has none (None or negative)."""
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 class Lost(Exception):
@@ -511,14 +554,29 @@ def run(settings: Settings, plan: Plan, *, dry_run: bool, yes: bool, confirm: Ca
                     "rate": plan.rate, "selected": count, "holder": holder, "hold": HOLD_S}).fetchone()
                 audit.update(runId=run_id, dbUser=db_user)
             stop = Stop()
-            with stop.installed():
-                replay = Replay(settings, conn, plan, run_id, cursor, holder, progress, stop,
-                                progress_printer(tty, run_id, count))
-                try:
-                    replay.run()
-                finally:
-                    if tty:
-                        sys.stderr.write("\n")
+            position = cursor
+            try:
+                with stop.installed(), connect(settings, "replay") as reading:
+                    replay = Replay(settings, conn, plan, run_id, cursor, holder, progress, stop,
+                                    progress_printer(tty, run_id, count), partial(stream, reading, plan.selection))
+                    try:
+                        replay.run()
+                    finally:
+                        position = replay.cursor.position
+                        if tty:
+                            sys.stderr.write("\n")
+            except Lost:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the run's row still ends, with the error
+                if isinstance(exc, psycopg.Error) and conn.broken:
+                    raise
+                # Anything unexpected (a bug, a refused connection, the broker): the cursor is saved
+                # (Replay.run), the run ends failed and says how to resume; no traceback.
+                error_id = new_error_id()
+                error = redact(str(exc), settings)
+                audit.update(errorId=error_id, errorType=type(exc).__name__, error=error)
+                progress.failed = progress.failed or f"{type(exc).__name__}: {error} (errorId {error_id})"
+                log.debug("replay run %s: unexpected error", run_id, exc_info=True)
             if progress.failed is not None:
                 outcome, code = "failed", ExitCode.CRASH
             elif stop.signal is not None:
@@ -527,7 +585,7 @@ def run(settings: Settings, plan: Plan, *, dry_run: bool, yes: bool, confirm: Ca
                 outcome, code = "finished", ExitCode.OK
             conn.execute(R.replay_end, {"run_id": run_id, "holder": holder,
                                         "state": outcome, "error": progress.failed})
-            audit["cursorEventId"] = replay.cursor.position[1] or None
+            audit["cursorEventId"] = position[1] or None
             echo(_summary(run_id, outcome, progress, plan.to_topic))
             return code
     except migrate.SchemaNotReady as exc:

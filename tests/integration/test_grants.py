@@ -180,7 +180,7 @@ def test_the_runtime_role_runs_every_statement_of_replay(roles):
         where = {"keys": ["k1"], "id_from": 1, "id_to": None, "since": None, "until": now, "topics": ["t"],
                  "cursor_xid": "0", "cursor_id": 0}
         assert run("replay_count", **where, show=5)[0][0] > 0
-        rows = run("replay_page", **where, page=10)
+        rows = run("replay_rows", **where)
         [(run_id, db_user)] = run("replay_start", operator="op", host="h", selection='{"keys": ["k1"]}',
                                   to_topic=None, rate=500.0, selected=len(rows), holder="h:1", hold=30)
         assert db_user == roles.runtime

@@ -3,6 +3,7 @@ publish loop on a fake producer and a fake connection (no services)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -62,11 +63,12 @@ def test_params_leave_an_unused_filter_null_and_carry_the_cursor():
     assert Selection().fixed(T0).params()["cursor_xid"] == START[0]
 
 
-def test_the_page_is_the_selection_after_the_cursor_in_xid_id_order_of_published_rows():
-    page = " ".join(R.replay_page.split())
-    assert "e.status = 'published'" in page and "e.published_at < %(until)s" in page
-    assert "(e.xid, e.id) > (%(cursor_xid)s::text::xid8, %(cursor_id)s::bigint)" in page
-    assert page.endswith("ORDER BY e.xid, e.id LIMIT %(page)s")
+def test_the_rows_are_the_selection_after_the_cursor_in_xid_id_order_of_published_rows_read_once():
+    rows = " ".join(R.replay_rows.split())
+    assert "e.status = 'published'" in rows and "e.published_at < %(until)s" in rows
+    assert "(e.xid, e.id) > (%(cursor_xid)s::text::xid8, %(cursor_id)s::bigint)" in rows
+    # One statement for the whole selection (a server-side cursor), not one sorted page per query.
+    assert rows.rstrip(";").endswith("ORDER BY e.xid, e.id") and "LIMIT" not in rows
     assert "{{" not in R.replay_count and "(e.xid, e.id) >" in R.replay_count  # a resume counts what is left
 
 
@@ -170,15 +172,11 @@ class FakeConn:
         self.rows = rows
         self.advances: list[dict[str, Any]] = []
         self.positions: list[dict[str, Any]] = []
+        self.reads: list[tuple[str, int]] = []
 
     def execute(self, text: str, params: dict[str, Any]) -> Any:
-        conn = self
 
         class Result:
-            def fetchall(self) -> list[tuple]:
-                after = (int(params["cursor_xid"]), params["cursor_id"])
-                return [tuple(r) for r in conn.rows if (r.xid, r.id) > after][:params["page"]]
-
             def fetchone(self) -> tuple:
                 return (1,)
         if text == R.replay_advance:
@@ -191,6 +189,12 @@ class FakeConn:
         import contextlib
 
         return contextlib.nullcontext()
+
+    def read(self, cursor: tuple[str, int]) -> Iterator[tuple]:
+        """Replay's `read`: the rows after `cursor`, as `stream` gives them."""
+        self.reads.append(cursor)
+        after = (int(cursor[0]), cursor[1])
+        yield from (tuple(r) for r in self.rows if (r.xid, r.id) > after)
 
 
 def row(event_id: int, xid: int, key: str, topic: str = "orders") -> Row:
@@ -206,7 +210,8 @@ def replay_on(rows: list[Row], producer: FakeProducer, *, to_topic: str | None =
               cursor: tuple[str, int] = START) -> tuple[Replay, FakeConn]:
     conn = FakeConn(rows)
     plan = Plan(Selection().fixed(T0), to_topic=to_topic, rate=None)
-    run = Replay(settings(), conn, plan, 7, cursor, "h:1", Progress(), Stop(), lambda _p: None, producer=producer)
+    run = Replay(settings(), conn, plan, 7, cursor, "h:1", Progress(), Stop(), lambda _p: None, conn.read,
+                 producer=producer)
     return run, conn
 
 

@@ -2,27 +2,28 @@
 worker's own shards gets one record on the dead-letter topic, and its row `dead_lettered_at`.
 
 Not in the publish path: a batch settles as it always did (a failed row is failed whatever the
-dead-letter topic does), and a side task of each worker sweeps its own leased shards for failed rows
-with no dead-letter record yet (db/deadletter.sql, a bounded batch, oldest failure first), produces
-one record each with the worker's producer, waits for the delivery reports, and marks the
-acknowledged rows only (fenced: still failed, not yet dead-lettered). A record the broker did not
-acknowledge (refused, timed out, purged, the producer recreated) leaves its row as it was: the next
-sweep produces it again (logged `dead letter failed` with an errorId, counted in
-kaireon_outbox_dead_letter_errors_total, its row in kaireon_outbox_dead_letter_waiting). Nothing is
-lost; what can be duplicated: a crash (or a lost mark) between the acknowledgement and the mark
-produces the record again at the next sweep, uncounted (the `event-id` header tells them apart), and
-two workers sweeping one shard across a handover both produce it; the second mark finds the row
-marked and counts it in kaireon_outbox_dead_letter_unmarked_total (so does a row requeued or purged
-between produce and mark).
+dead-letter topic does); a side task of each worker walks its own leased shards for failed rows with
+no dead-letter record yet (db/deadletter.sql: batches, oldest failure first, on a keyset cursor),
+produces one record each with the worker's producer, waits for the reports, and marks the
+acknowledged rows only (fenced: still failed, not yet dead-lettered). A record not acknowledged
+(refused, timed out, purged, the producer recreated) leaves its row as it was and the walk goes on
+past it; the next walk produces it again (logged `dead letter failed` with an errorId, counted in
+kaireon_outbox_dead_letter_errors_total, in kaireon_outbox_dead_letter_waiting until acknowledged or
+a whole full walk no longer finds it refused). One refused for its size is produced again alone, then
+without its value (produce()); refused even so (its key and headers too large), it waits and blocks
+no other. Nothing is lost; what can be duplicated: a crash (or a lost mark) between the
+acknowledgement and the mark produces the record again, uncounted (`kaireon-dlq-event-id` tells them
+apart), and two workers walking one shard across a handover both produce it; the second mark finds
+the row marked and counts it in kaireon_outbox_dead_letter_unmarked_total (so does a row requeued or
+purged between produce and mark).
 
-When: a full sweep (every failed row of the shards not yet dead-lettered, oldest failure first) at
-the worker's start, when its shards change, every FULL_S, RETRY_S after a sweep with an error, and
-again at once while one fills its batch; a recent sweep (the rows failed in the last LOOKBACK_S: a
-range of the failed rows' index, whatever number of them is kept) within WATCH_S after this
-worker's settle turned rows `failed` (the `failed` count of kaireon_outbox_processed_total grew: no
-hook in the settle step). A full sweep passes over every failed row already dead-lettered before the
-first due one: 100,000 such rows cost 20-80 ms (db/deadletter.sql), every FULL_S; failed rows are
-kept until requeued or deleted, so the prompt path does not walk them (0.4 ms beside those 100,000).
+When: a full walk (every failed row of the shards not yet dead-lettered) at the worker's start, when
+its shards change, every FULL_S, RETRY_S after a walk with an error, its batches back to back; a
+recent walk (the rows failed in the last LOOKBACK_S: a range of the failed rows' index, whatever
+number of them is kept) within WATCH_S after this worker's settle turned rows `failed` (the `failed`
+count of kaireon_outbox_processed_total grew: no hook in the settle step). A full walk passes over
+the failed rows already dead-lettered: 100,000 cost 20-80 ms (db/deadletter.sql), every FULL_S;
+failed rows are kept until requeued or deleted, so the prompt path does not walk them (0.4 ms).
 
 The worker's producer, not one of its own: the same connections, credentials and idempotence, no
 second client per worker. The cost: a batch the publisher gives up purges librdkafka's whole queue,
@@ -31,9 +32,10 @@ that was in flight may have landed: a duplicate, uncounted).
 
 The record: the event's key; its value, or none when the event failed for its size (the broker's
 or librdkafka's MSG_SIZE_TOO_LARGE / RECORD_LIST_TOO_LARGE / INVALID_MSG_SIZE, or a value larger
-than OUTBOX_MAX_PAYLOAD_BYTES), then `kaireon-dlq-truncated: true`; the headers the event's own
-record carries (kafka/records.py: event-id, event-type, created-at, its own headers) and
-kaireon-dlq-topic, -key, -attempts, -error (at most ERROR_BYTES), -at (when it was produced).
+than OUTBOX_MAX_PAYLOAD_BYTES) or the dead-letter topic refused it alone for its size, then
+`kaireon-dlq-truncated: true`; the headers the event's own record carries (kafka/records.py:
+event-id, event-type, created-at, its own) and kaireon-dlq-event-id (always, own-only rows too),
+-topic, -key, -attempts, -error (at most ERROR_BYTES), -at (when it was produced).
 
 Ordering: a failed event does not hold its key in strict order (README, "Ordering"): the later events
 of its key are published while it waits to be dead-lettered, so its dead-letter record can come after
@@ -70,7 +72,7 @@ LOOKBACK_S = 300  # a recent sweep looks at the rows failed this long ago at mos
 ERROR_BYTES = 1000  # the kaireon-dlq-error header, at most
 # The event failed for its size: its dead-letter record carries no value (it would be refused again).
 SIZE_ERRORS = ("MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_MSG_SIZE")
-TRUE = b"true"
+TRUNCATED = ("kaireon-dlq-truncated", b"true")
 
 
 def truncated(row: Row, error: str | None, max_payload_bytes: int) -> bool:
@@ -91,6 +93,7 @@ def dead_letter_record(row: Row, error: str | None, settings: Settings,
         headers = [("event-id", b"%d" % row.id), ("created-at", row.created_iso.encode())]
     key = record_key(row)
     headers += [
+        ("kaireon-dlq-event-id", b"%d" % row.id),  # own-only rows carry no event-id header of their own
         ("kaireon-dlq-topic", row.topic.encode()),
         ("kaireon-dlq-attempts", b"%d" % row.attempts),
         ("kaireon-dlq-error", (error or "").encode()[:ERROR_BYTES]),
@@ -98,11 +101,9 @@ def dead_letter_record(row: Row, error: str | None, settings: Settings,
     ]
     if key is not None:
         headers.append(("kaireon-dlq-key", key))
-    value = row.payload
     if truncated(row, error, settings.max_payload_bytes):
-        value = None
-        headers.append(("kaireon-dlq-truncated", TRUE))
-    return key, value, headers
+        return key, None, headers + [TRUNCATED]
+    return key, row.payload, headers
 
 
 def failed_so_far() -> float:
@@ -131,6 +132,10 @@ class DeadLetters:
         self.full_due = 0.0  # the next full sweep, on the clock; 0: at once
         self.full_shards: set[int] = set()  # the shards the last full sweep looked at
         self.recent_more = False  # the last recent sweep filled its batch: another at once
+        # Each walk (full: False, recent: True): its keyset cursor (updated_at, id), and the ids refused in it.
+        self.after: dict[bool, tuple[Any, int] | None] = {False: None, True: None}
+        self.refused: dict[bool, set[int]] = {False: set(), True: set()}
+        self.waiting: set[int] = set()  # refused and not dead-lettered since: kaireon_outbox_dead_letter_waiting
         self.failed_seen = failed_count()
         self.wait_s = settings.message_timeout_ms / 1000 + 1.0
 
@@ -141,6 +146,8 @@ class DeadLetters:
         shards = sorted(self.owned())
         failed = self.failed_count()
         if now >= self.full_due or set(shards) != self.full_shards:
+            if set(shards) != self.full_shards:  # a new walk, over the new shards
+                self.after[False], self.refused[False] = None, set()
             self.full_shards = set(shards)
             self.failed_seen = failed  # a full sweep sees them too
             outcome = await self.sweep(shards, recent=False)
@@ -164,21 +171,20 @@ class DeadLetters:
         return WATCH_S
 
     async def sweep(self, shards: list[int], *, recent: bool) -> str:
-        """Dead-letter one batch of this worker's failed rows (the recent ones only, or all): "more"
-        when the batch was full, "error" when a record was not acknowledged, else "done"."""
+        """The walk's next batch of this worker's failed rows (recent ones only, or all): "more" when full,
+        else the walk is over (its cursor back to the oldest): "error" if it had a refusal, else "done"."""
         publisher = self.publisher()
         if not shards or publisher is None:
+            self.waiting.clear()
             metrics.DEAD_LETTER_WAITING.set(0)
             return "done"
         query = DLQ.dead_letter_due_recent if recent else DLQ.dead_letter_due
+        after_at, after_id = self.after[recent] or (None, 0)
         async with self.pool.connection() as conn:
-            cur = await conn.execute(query, {"shards": int_array(shards), "limit": BATCH, "lookback_s": LOOKBACK_S})
-            due = [(Row(*r[:13]), r[13]) for r in await cur.fetchall()]
-        if not due:
-            if not recent:
-                metrics.DEAD_LETTER_WAITING.set(0)
-            return "done"
-        acked, errors = await self.produce(publisher, due)
+            cur = await conn.execute(query, {"shards": int_array(shards), "limit": BATCH, "lookback_s": LOOKBACK_S,
+                                             "after_at": after_at, "after_id": after_id})
+            due = [(Row(*r[:13]), r[13], r[14]) for r in await cur.fetchall()]
+        acked, errors = await self.produce(publisher, [(row, error) for row, error, _ in due])
         marked: list[int] = []
         if acked:
             async with self.pool.connection() as conn:
@@ -190,7 +196,18 @@ class DeadLetters:
                 log.warning("dead-letter records acknowledged for rows no longer waiting (requeued, purged, or "
                             "dead-lettered by another worker): those events may have two dead-letter records",
                             extra={"event": "dead letter unmarked", "events": len(acked) - len(marked)})
-        metrics.DEAD_LETTER_WAITING.set(len(errors))
+        # The gauge: a recent walk only adds and removes; a whole full walk drops those it did not find refused.
+        self.waiting = (self.waiting - set(acked)) | errors.keys()
+        self.refused[False] |= errors.keys()
+        refused = self.refused[recent] = self.refused[recent] | errors.keys()
+        more = len(due) == BATCH
+        if more:
+            self.after[recent] = (due[-1][2], due[-1][0].id)
+        else:
+            self.after[recent], self.refused[recent] = None, set()
+            if not recent:
+                self.waiting &= refused
+        metrics.DEAD_LETTER_WAITING.set(len(self.waiting))
         if marked:
             log.info(f"dead-lettered {len(marked)} failed events to {self.topic}",
                      extra={"event": "dead lettered", "events": len(marked), "topic": self.topic})
@@ -198,36 +215,55 @@ class DeadLetters:
             metrics.DEAD_LETTER_ERRORS.inc(len(errors))
             first_id, first_error = next(iter(errors.items()))
             log.error(f"dead-letter records not acknowledged: {first_error}; their events stay failed and "
-                      f"are produced again in {RETRY_S:g} s",
+                      f"are produced again when the sweep starts over ({RETRY_S:g} s after its end)",
                       extra={"event": "dead letter failed", "errorId": new_error_id(), "isTransient": True,
                              "events": len(errors), "eventId": first_id, "topic": self.topic,
                              "error": first_error})
-            return "error"
-        return "more" if len(due) == BATCH else "done"
+        return "more" if more else "error" if refused else "done"
 
     async def produce(self, publisher: Any, due: list[tuple[Row, str | None]]) -> tuple[list[int], dict[int, str]]:
-        """Produce each row's record and wait for the reports: (acknowledged ids, {id: error})."""
+        """(acknowledged ids, {id: error}); a record batch is refused whole (kafka/errors.py): one refused for
+        its size is produced again alone (if it was not), then without its value (kaireon-dlq-truncated)."""
+        now = datetime.datetime.now(datetime.UTC)
+        records = {row.id: dead_letter_record(row, error, self.settings, now) for row, error in due}
+        acked, errors = await self.send(publisher, records)
+        for event_id in [i for i, e in errors.items() if e.startswith(SIZE_ERRORS)]:
+            key, value, headers = records[event_id]
+            tries = [(key, value, headers)] if len(records) > 1 else []
+            if value is not None:
+                tries.append((key, None, headers + [TRUNCATED]))
+            for record in tries:
+                ok, error = await self.send(publisher, {event_id: record})
+                if ok:
+                    acked += ok
+                    del errors[event_id]
+                    break
+                errors[event_id] = error[event_id]
+                if not errors[event_id].startswith(SIZE_ERRORS):
+                    break
+        return acked, errors
+
+    async def send(self, publisher: Any, records: dict[int, tuple]) -> tuple[list[int], dict[int, str]]:
+        """Produce the records together and wait for their reports: (acknowledged ids, {id: error})."""
         loop = asyncio.get_running_loop()
         reports: dict[int, asyncio.Future] = {}
         errors: dict[int, str] = {}
-        now = datetime.datetime.now(datetime.UTC)
         producer = publisher.producer
-        for row, error in due:
+        for event_id, (key, value, headers) in records.items():
             if publisher.broken:
-                errors[row.id] = f"producer must be recreated: {publisher.broken}"
+                errors[event_id] = f"producer must be recreated: {publisher.broken}"
                 continue
-            key, value, headers = dead_letter_record(row, error, self.settings, now)
             future = loop.create_future()
             try:
                 producer.produce(self.topic, value, key, headers=headers,
                                  on_delivery=partial(_report, loop, future))
             except BufferError:
-                errors[row.id] = "librdkafka's local queue is full"
+                errors[event_id] = "librdkafka's local queue is full"
                 continue
             except Exception as exc:  # noqa: BLE001 - the row stays failed and is produced again next sweep
-                errors[row.id] = describe(exc.args[0]) if exc.args and hasattr(exc.args[0], "name") else str(exc)
+                errors[event_id] = describe(exc.args[0]) if exc.args and hasattr(exc.args[0], "name") else str(exc)
                 continue
-            reports[row.id] = future
+            reports[event_id] = future
         deadline = self.clock() + self.wait_s
         pending = set(reports.values())
         while pending and not publisher.broken and self.clock() < deadline:

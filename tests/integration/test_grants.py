@@ -130,9 +130,12 @@ def test_the_runtime_role_runs_every_statement_the_tier_sends(roles):
         run("unregister_worker")
         # The dead-letter sweep's statements (worker/deadletter.py), on the row mark_retry failed above.
         dead_letters = load("deadletter.sql")
-        sweep = {"shards": int_array(shards), "limit": 10, "lookback_s": 300}
+        sweep = {"shards": int_array(shards), "limit": 10, "lookback_s": 300, "after_at": None, "after_id": 0}
         due = conn.execute(dead_letters.dead_letter_due, sweep).fetchall()
         assert due and due == conn.execute(dead_letters.dead_letter_due_recent, sweep).fetchall()
+        past = {**sweep, "after_at": due[-1][14], "after_id": due[-1][0]}  # the keyset cursor walks past them
+        assert conn.execute(dead_letters.dead_letter_due, past).fetchall() == []
+        assert conn.execute(dead_letters.dead_letter_due_recent, past).fetchall() == []
         assert conn.execute(dead_letters.mark_dead_lettered, {"ids": int_array([due[0][0]])}).fetchall()
         assert {"dead_letter_due", "dead_letter_due_recent", "mark_dead_lettered", "dead_letter_columns"} == set(
             vars(dead_letters)), "a statement added to deadletter.sql is run here too"

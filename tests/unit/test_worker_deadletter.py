@@ -62,26 +62,53 @@ def test_a_tombstone_a_binary_key_a_long_error_and_headers_that_failed_the_event
     assert dict(headers)["kaireon-dlq-topic"] == b"orders"
 
 
+def test_every_record_names_its_event_own_only_rows_too():
+    own_only = row(42, headers='{"kaireon-headers": "own-only", "id": "abc"}')
+    _, _, headers = dead_letter_record(own_only, "TOPIC_EXCEPTION: bad", S, NOW)
+    assert "event-id" not in dict(headers), "an own-only row's record carries its own headers only"
+    assert dict(headers)["kaireon-dlq-event-id"] == b"42"
+    for failed in (row(7), row(7, headers="[1]")):
+        assert dict(dead_letter_record(failed, "x", S, NOW)[2])["kaireon-dlq-event-id"] == b"7"
+
+
 # ---- the sweep ------------------------------------------------------------------------------------
 
 
 class FakeProducer:
-    """produce() reports at once: acknowledged unless the event id's fate says otherwise (an error
-    code to report, "raise" for produce() raising BufferError, "silent" for no report)."""
+    """A broker's batches: the records produced together (no await between them) are reported
+    together, soon after: acknowledged unless the event id's fate says otherwise (an error code to
+    report, "raise" for produce() raising BufferError, "silent" for no report). Fates the broker
+    judges on the batch: "big" (too large with its value), "huge" (too large even without it): the
+    whole batch is refused (MSG_SIZE_TOO_LARGE), every record of it."""
 
     def __init__(self, fates: dict[int, object] | None = None):
         self.fates = fates or {}
         self.produced: list[tuple] = []
+        self.batch: list[tuple] = []
+        self.headers: dict[int, dict] = {}
 
     def produce(self, topic, value_, key, headers, on_delivery):
-        event_id = int(dict(headers)["event-id"])
+        event_id = int(dict(headers)["kaireon-dlq-event-id"])
         fate = self.fates.get(event_id)
         if fate == "raise":
             raise BufferError("full")
         self.produced.append((topic, key, value_, event_id))
-        if fate == "silent":
-            return
-        on_delivery(None if fate is None else KafkaError(fate), None)
+        self.headers[event_id] = dict(headers)  # the last record's
+        self.batch.append((event_id, value_, on_delivery))
+        if len(self.batch) == 1:
+            asyncio.get_running_loop().call_soon(self.deliver)
+
+    def deliver(self):
+        batch, self.batch = self.batch, []
+        fates = [(self.fates.get(event_id), value_) for event_id, value_, _ in batch]
+        too_large = any(fate == "huge" or (fate == "big" and value_ is not None) for fate, value_ in fates)
+        for (_, _, on_delivery), (fate, _) in zip(batch, fates, strict=True):
+            if too_large:
+                on_delivery(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None)
+            elif fate not in (None, "silent", "big", "huge"):
+                on_delivery(KafkaError(fate), None)
+            elif fate != "silent":
+                on_delivery(None, None)
 
 
 class FakePublisher:
@@ -101,8 +128,10 @@ class FakeConn:
             marked = [i for i in ids if i not in self.db.gone]
             self.db.marked += marked
             return FakeCursor([(i,) for i in marked])
-        due = [r for r in self.db.due if r[0] not in self.db.marked][:params["limit"]]
-        return FakeCursor([tuple(r) + (self.db.errors.get(r.id, "TOPIC_EXCEPTION: bad"),) for r in due])
+        # The keyset cursor: updated_at stands in as the id here.
+        due = [r for r in self.db.due if r[0] not in self.db.marked and r[0] > (params["after_id"] or 0)]
+        return FakeCursor([tuple(r) + (self.db.errors.get(r.id, "TOPIC_EXCEPTION: bad"), r.id)
+                           for r in due[:params["limit"]]])
 
 
 class FakeDb:
@@ -139,7 +168,10 @@ def test_a_sweep_marks_the_acknowledged_rows_only_and_produces_the_others_again_
     assert value(metrics.DEAD_LETTERED) - done_before == 2
     assert value(metrics.DEAD_LETTER_ERRORS) - errors_before == 2
     assert value(metrics.DEAD_LETTER_WAITING) == 2
-    assert [p[0] for p in producer.produced] == ["dlq", "dlq", "dlq"]
+    assert {p[0] for p in producer.produced} == {"dlq"}
+    # Refused for its size: produced again alone, then without its value; 3 raised, never produced.
+    assert [(p[3], p[2]) for p in producer.produced] == [(1, b'{"a":1}'), (2, b'{"a":1}'), (4, b'{"a":1}'),
+                                                         (2, b'{"a":1}'), (2, None)]
     # The fault gone: the next sweep produces the two again, and marks them.
     producer.fates = {}
     assert asyncio.run(sweep.sweep([1, 2, 3], recent=False)) == "done"
@@ -222,3 +254,58 @@ def test_off_unless_the_topic_is_set():
         settings = settings()
 
     assert deadletter.start(Worker(), lambda: True) is None
+
+
+def test_a_record_the_broker_refuses_with_its_batch_is_produced_alone_then_without_its_value():
+    # Row 2 is too large for the dead-letter topic with its value: the broker refuses the whole batch.
+    db = FakeDb([row(1), row(2), row(3)])
+    producer = FakeProducer({2: "big"})
+    assert asyncio.run(sweeper(db, producer).sweep([1], recent=False)) == "done"
+    assert sorted(db.marked) == [1, 2, 3] and value(metrics.DEAD_LETTER_WAITING) == 0
+    assert len(producer.produced) == 7 and producer.produced[:3] == [("dlq", b"k", b'{"a":1}', i) for i in (1, 2, 3)]
+    assert producer.headers[2]["kaireon-dlq-truncated"] == b"true"
+    assert "kaireon-dlq-truncated" not in producer.headers[1]
+    # Each refused one again alone; row 2, refused alone, once more without its value (only row 2).
+    assert producer.produced[3:] == [("dlq", b"k", b'{"a":1}', 1), ("dlq", b"k", b'{"a":1}', 2),
+                                     ("dlq", b"k", None, 2), ("dlq", b"k", b'{"a":1}', 3)]
+
+
+def test_rows_refused_even_alone_do_not_block_the_rows_behind_them():
+    # A full batch of rows the topic refuses even without their values (keys too large), then two good ones.
+    db = FakeDb([row(i) for i in range(1, deadletter.BATCH + 3)])
+    producer = FakeProducer({i: "huge" for i in range(1, deadletter.BATCH + 1)})
+    clock = Clock()
+    sweep = sweeper(db, producer, clock=clock)
+    errors_before = value(metrics.DEAD_LETTER_ERRORS)
+    assert asyncio.run(sweep.once()) == 0.0, "a full batch: the walk goes on at once, past the refused rows"
+    assert db.marked == [] and value(metrics.DEAD_LETTER_WAITING) == deadletter.BATCH
+    assert value(metrics.DEAD_LETTER_ERRORS) - errors_before == deadletter.BATCH
+    assert asyncio.run(sweep.once()) == deadletter.WATCH_S
+    assert db.marked == [deadletter.BATCH + 1, deadletter.BATCH + 2], "the rows behind them dead-lettered"
+    assert db.sent[-2][1]["after_id"] == deadletter.BATCH, "the second batch starts after the first's last row"
+    assert value(metrics.DEAD_LETTER_WAITING) == deadletter.BATCH
+    assert sweep.full_due == clock.now + deadletter.RETRY_S, "the walk had refusals: another one soon"
+    clock.now += deadletter.RETRY_S
+    producer.fates = {}  # the topic's limit raised: the next walk starts over at the oldest
+    asyncio.run(sweep.once())
+    assert db.sent[-2][1]["after_at"] is None and len(db.marked) == deadletter.BATCH + 2
+    assert value(metrics.DEAD_LETTER_WAITING) == 0
+
+
+def test_the_waiting_gauge_counts_every_refused_row_until_it_is_dead_lettered_or_gone():
+    db = FakeDb([row(1)])
+    producer = FakeProducer({1: "huge"})
+    sweep = sweeper(db, producer)
+    assert asyncio.run(sweep.sweep([1], recent=False)) == "error"
+    assert value(metrics.DEAD_LETTER_WAITING) == 1
+    # A recent walk that finds only row 2 (row 1 failed long ago) and dead-letters it: row 1 still waits.
+    sweep.pool = FakeDb([row(2)])
+    assert asyncio.run(sweep.sweep([1], recent=True)) == "done"
+    assert value(metrics.DEAD_LETTER_WAITING) == 1
+    # A recent walk refusing row 3 adds it; a whole full walk drops row 1 once it is gone (requeued).
+    producer.fates[3] = "huge"
+    sweep.pool = FakeDb([row(3)])
+    assert asyncio.run(sweep.sweep([1], recent=True)) == "error"
+    assert value(metrics.DEAD_LETTER_WAITING) == 2
+    assert asyncio.run(sweep.sweep([1], recent=False)) == "error"
+    assert value(metrics.DEAD_LETTER_WAITING) == 1 and sweep.waiting == {3}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from kaireon_pub.logs import librdkafka_logger
 
@@ -79,6 +80,10 @@ class RecordReader:
 
     def __init__(self, producer_config: Mapping[str, str], client_id: str = "kaireon-pub-audit"):
         self._consumer = Consumer(consumer_config(producer_config, client_id))
+        self._admin_config: dict[str, Any] = {k: v for k, v in producer_config.items()
+                                              if not k.startswith(_PRODUCER_ONLY_PREFIXES)}
+        self._admin_config.update({"client.id": client_id, "logger": librdkafka_logger()})
+        self._admin: AdminClient | None = None
 
     def __enter__(self) -> RecordReader:
         return self
@@ -95,6 +100,17 @@ class RecordReader:
         if meta is None or meta.error is not None:
             return None
         return sorted(meta.partitions)
+
+    def compacted(self, topic: str, timeout: float = 10.0) -> bool:
+        """Whether the topic's cleanup.policy includes `compact` (the broker may remove a record
+        superseded by a later one of its key, leaving a gap in the offsets). Raises KafkaException
+        when the broker cannot tell (an unknown topic: ask partitions() first)."""
+        if self._admin is None:
+            self._admin = AdminClient(self._admin_config)
+        resource = ConfigResource(ResourceType.TOPIC, topic)
+        entries = self._admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout)
+        policy = entries.get("cleanup.policy")
+        return policy is not None and "compact" in (policy.value or "").replace(" ", "").split(",")
 
     def watermarks(self, topic: str, partition: int, timeout: float = 10.0) -> tuple[int, int]:
         """(low, high): the first offset still stored and the next offset to be written."""

@@ -1,7 +1,8 @@
 -- The continuous auditor's statement (kaireon_pub/worker/auditor.py, OUTBOX_AUDIT_SAMPLE_PER_MINUTE).
 
 -- audit_sample: up to %(n)s published rows of %(shards)s with a recorded position, from a random point of the window
--- The window: rows published in the last %(window)s s. The point: %(at)s (0..1) of the way from
+-- The window: rows published in the last %(window)s s but not the last %(settle)s s (acks=1: a
+-- just-acknowledged record may sit above the high watermark for a moment). The point: %(at)s (0..1) of the way from
 -- the window's oldest published row to its newest (both read off the index's ends); when the
 -- worker's shards have no row after it, the second branch starts again at the oldest. Each branch
 -- walks at most %(scan)s entries of the partial index of published rows (outbox_events_published_idx)
@@ -15,6 +16,7 @@
 WITH span AS (
     SELECT min(published_at) AS lo, max(published_at) AS hi FROM outbox_events
     WHERE status = 'published' AND published_at >= now() - make_interval(secs => %(window)s)
+      AND published_at < now() - make_interval(secs => %(settle)s)
 ), starts AS (
     SELECT 1 AS branch, lo + (hi - lo) * %(at)s AS t FROM span WHERE lo IS NOT NULL
     UNION ALL
@@ -34,6 +36,7 @@ CROSS JOIN LATERAL (
            w.published_partition, w.published_offset
     FROM outbox_events w
     WHERE w.status = 'published' AND w.published_at >= s.t
+      AND w.published_at < now() - make_interval(secs => %(settle)s)
     ORDER BY w.published_at
     LIMIT %(scan)s
 ) e

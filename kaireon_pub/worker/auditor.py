@@ -6,20 +6,30 @@ Pace: N a minute, spread evenly: a pass every 60/N s (every 100 ms at most: abov
 pass takes several rows), the fractions carried over so a minute holds N samples, not a burst.
 The reads go one at a time (about 12 ms each against the tests' Kafka): near 5,000 a minute they,
 not the setting, set the pace (measured: about 5,000 checked at 6,000 a minute).
-The sample (auditor.sql's audit_sample): rows published in the last hour (at most the retention),
-of the worker's leased shards, with a recorded position, from a random point of that window; a
-bounded walk of the partial index of published rows (EXPLAIN in the statement's comment).
+The sample (auditor.sql's audit_sample): rows published in the last hour (at most the retention)
+but not in the last SETTLE_S seconds (with acks=1 a just-acknowledged record may sit above the
+high watermark for a moment: never a false `missing`), of the worker's leased shards, with a
+recorded position, from a random point of that window; a bounded walk of the partial index of
+published rows (EXPLAIN in the statement's comment).
 
 Per sample, one of:
 - checked (kaireon_outbox_audit_checked_total): the broker answered for the position;
-- a finding (kaireon_outbox_audit_findings_total{kind}): `missing` (the partition holds no record
-  there: below its log start, past its end, or a gap), `altered` (this event, its key or value not
+- a finding (kaireon_outbox_audit_findings_total{kind}): `missing` (the topic or the partition is
+  not on the broker: deleted; or the partition holds no record there: below its log start, past its
+  end, or a gap; on a compacted topic, see below), `altered` (this event, its key or value not
   the bytes the tier produced), `other_event` (another event's record sits there); one log line,
   event "audit finding", with an errorId, the event id, topic, partition, offset and kind. Each
   finding once per worker: sampled again, it is checked, not counted or logged again (the last
   REPORTED_KEPT findings are remembered);
 - an error (kaireon_outbox_audit_errors_total): the broker or the database could not be read. Not
   a finding: the pass ends there and the auditor tries again a minute later.
+
+Each topic's partitions are asked once a pass (before its first read: a deleted topic is `missing`
+at once, not a read timing out), its cleanup.policy once in POLICY_TTL_S. On a compacted topic the
+broker removes a record superseded by a later one of its key: a position below the partition's
+high watermark that holds no record is checked, not a finding (a single read cannot tell
+compaction from loss there; `kaireon-pub audit`, which reads the key's later records, can). At or
+above the high watermark it is `missing`: compaction never lowers it.
 
 It never slows publishing: its own consumer (audit/broker.py's RecordReader, made lazily in the
 worker's process, after the fork), used from one thread of its own, each read bounded in time;
@@ -58,6 +68,8 @@ SCAN_MAX = 5000  # at most this many index entries per branch of the statement
 READ_TIMEOUT_S = 5.0  # one record's read back from the broker
 ERROR_PAUSE_S = 60.0  # after a failed pass: the next minute
 ERROR_LOG_EVERY_S = 60.0  # an unreadable broker is logged once a minute, not once a sample
+SETTLE_S = 5  # rows published in the last 5 s are not sampled (acks=1: the high watermark may lag)
+POLICY_TTL_S = 300.0  # a topic's cleanup.policy is read again after this
 REPORTED_KEPT = 10_000  # findings remembered, so that one is counted and logged once, not at every sample
 
 KINDS = ("missing", "altered", "other_event")
@@ -108,6 +120,7 @@ class Auditor:
         self._rand = rand
         self._owed = 0.0
         self._last_error_log = -float("inf")
+        self._policies: dict[str, tuple[bool, float]] = {}  # topic -> (compacted, read at); the lane's thread
         self._reported: collections.OrderedDict[tuple[int, str, int, int], None] = collections.OrderedDict()
         self.first_pause = rand() * self.interval  # workers' passes spread over the interval
 
@@ -126,17 +139,18 @@ class Auditor:
         except Exception as exc:  # noqa: BLE001 - a failed pass is counted and tried again a minute later
             return self._failed(exc, "the database")
         self._owed -= len(rows) if rows else wanted  # nothing to audit yet: the owed samples lapse
+        known: dict[str, list[int] | None] = {}  # each topic's partitions, asked once a pass
         for row, partition, offset in rows:
             try:
-                record = await self._in_thread(self._read, row.topic, partition, offset)
+                record, compacted = await self._in_thread(self._look, row.topic, partition, offset, known)
             except Exception as exc:  # noqa: BLE001 - the broker could not be read: not a finding
                 return self._failed(exc, "the broker")
-            self.report(row, partition, offset, classify(row, record, self.cloudevents_source))
+            self.report(row, partition, offset, None if compacted else classify(row, record, self.cloudevents_source))
         return max(0.0, self.interval - (self._clock() - started))
 
     async def sample(self, shards: list[int], wanted: int) -> list[tuple[Row, int, int]]:
         params = {"n": wanted, "scan": scan_size(wanted, len(shards)), "shards": int_array(shards),
-                  "window": self.window, "at": self._rand()}
+                  "window": self.window, "at": self._rand(), "settle": SETTLE_S}
         async with self.pool.connection(timeout=5) as conn:
             cur = await conn.execute(A.audit_sample, params)
             fetched = await cur.fetchall()
@@ -182,9 +196,24 @@ class Auditor:
             self._lane = _ReaderLane(self._reader_factory)
         return await asyncio.get_running_loop().run_in_executor(self._lane.thread, fn, self._lane, *args)
 
-    @staticmethod
-    def _read(lane: _ReaderLane, topic: str, partition: int, offset: int) -> Any:
-        return lane.reader().read_at(topic, partition, offset, timeout=READ_TIMEOUT_S)
+    def _look(self, lane: _ReaderLane, topic: str, partition: int, offset: int,
+              known: dict[str, list[int] | None]) -> tuple[Any, bool]:
+        """(the record at the position or None, whether its absence is a compacted topic's gap)."""
+        reader = lane.reader()
+        if topic not in known:
+            known[topic] = reader.partitions(topic, timeout=READ_TIMEOUT_S)
+        if known[topic] is None or partition not in known[topic]:  # type: ignore[operator]
+            return None, False  # the topic or partition is not on the broker: missing
+        record = reader.read_at(topic, partition, offset, timeout=READ_TIMEOUT_S)
+        if record is not None or not self._compacted(reader, topic):
+            return record, False
+        return None, offset < reader.watermarks(topic, partition, timeout=READ_TIMEOUT_S)[1]
+
+    def _compacted(self, reader: Any, topic: str) -> bool:  # in the lane's thread
+        policy = self._policies.get(topic)
+        if policy is None or self._clock() - policy[1] >= POLICY_TTL_S:
+            policy = self._policies[topic] = (reader.compacted(topic, timeout=READ_TIMEOUT_S), self._clock())
+        return policy[0]
 
     def close(self) -> None:
         """Close the reader after the read in flight, if any; never blocks."""

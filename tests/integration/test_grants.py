@@ -121,7 +121,8 @@ def test_the_runtime_role_runs_every_statement_the_tier_sends(roles):
         run("pending_count")
         run("pending_estimate")
         # The continuous auditor's statements (auditor.sql; worker/auditor.py, OUTBOX_AUDIT_SAMPLE_PER_MINUTE).
-        sampled = [conn.execute(text, {"n": 2, "scan": 64, "shards": int_array(shards), "window": 3600, "at": 0.5})
+        sampled = [conn.execute(text, {"n": 2, "scan": 64, "shards": int_array(shards), "window": 3600, "at": 0.5,
+                                         "settle": 0})
                    .fetchall() for text in vars(load("auditor.sql")).values()]
         assert sampled[0], "the auditor's sample finds the row published at (0, 0) above (before the purge)"
         run("purge_published")

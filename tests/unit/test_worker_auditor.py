@@ -20,8 +20,8 @@ from kaireon_pub.worker.rows import Row
 from tests.unit.worker_fakes import Clock, settings, value
 
 
-def row(event_id: int, *, payload: bytes = b'{"n":1}', key: str = "k", shard: int = 3) -> Row:
-    return Row(event_id, "orders", key, payload, "{}", None, 0, shard, 100 + event_id, 0.0,
+def row(event_id: int, *, payload: bytes = b'{"n":1}', key: str = "k", shard: int = 3, topic: str = "orders") -> Row:
+    return Row(event_id, topic, key, payload, "{}", None, 0, shard, 100 + event_id, 0.0,
                "2026-01-01T00:00:00.000000Z")
 
 
@@ -58,13 +58,36 @@ class FakePool:
 
 
 class FakeReader:
+    """The broker as the auditor reads it: `records` by (partition, offset); `topics`: each topic's
+    partitions (None: not on the broker); `compacted_topics`: whose cleanup.policy includes compact;
+    `high`: every partition's high watermark."""
+
     def __init__(self, records: dict[tuple[int, int], StoredRecord | None] | None = None,
-                 error: Exception | None = None):
+                 error: Exception | None = None, *, topics: dict[str, list[int] | None] | None = None,
+                 compacted_topics: tuple[str, ...] = (), high: int = 1_000_000):
         self.records = records or {}
         self.error = error
+        self.topics = {"orders": [0, 1, 2]} if topics is None else topics
+        self.compacted_topics = compacted_topics
+        self.high = high
+        self.asked: list[tuple[str, str]] = []  # (what, topic): partitions, policy
         self.reads: list[tuple[str, int, int]] = []
         self.closed_in: str | None = None
         self.made_in = threading.current_thread().name
+
+    def partitions(self, topic, timeout):
+        assert timeout <= auditor.READ_TIMEOUT_S
+        self.asked.append(("partitions", topic))
+        return self.topics.get(topic)
+
+    def compacted(self, topic, timeout):
+        assert timeout <= auditor.READ_TIMEOUT_S
+        self.asked.append(("policy", topic))
+        return topic in self.compacted_topics
+
+    def watermarks(self, topic, partition, timeout):
+        assert timeout <= auditor.READ_TIMEOUT_S
+        return 0, self.high
 
     def read_at(self, topic, partition, offset, timeout):
         assert timeout <= auditor.READ_TIMEOUT_S
@@ -134,6 +157,7 @@ def test_the_statement_walks_a_bounded_stretch_sized_by_the_workers_share():
     (params,) = pool.params
     assert params["shards"] == "{5,9}" and params["window"] == 600 and params["at"] == 0.25
     assert params["scan"] == auditor.scan_size(1, 2)
+    assert params["settle"] == auditor.SETTLE_S > 0  # rows published in the last seconds are not sampled
     assert auditor.window_seconds(settings(OUTBOX_RETENTION_SECONDS=0)) == auditor.WINDOW_S
 
 
@@ -197,6 +221,50 @@ def test_a_broker_that_cannot_be_read_is_an_error_not_a_finding_and_waits_a_minu
     assert made[0].reads == [("orders", 0, 10)] * 2  # the pass ends at the first error
     failed = [r for r in caplog.records if getattr(r, "event", None) == "audit failed"]
     assert len(failed) == 1 and failed[0].isTransient and "the broker could not be read" in failed[0].getMessage()
+
+
+def test_a_deleted_topic_or_partition_is_missing_at_once_and_the_pass_goes_on(caplog):
+    """Against real Kafka a read on a deleted topic times out (5 s) and would end the pass as an
+    error: the topic's partitions are asked first, once a pass, and an unknown one is a finding."""
+    rows = [(row(1), 0, 10), (row(2, topic="gone"), 0, 5), (row(3, topic="gone"), 1, 6), (row(4), 7, 1),
+            (row(5), 0, 11)]
+    reader = FakeReader({(0, 10): record_of(row(1), 0, 10), (0, 11): record_of(row(5), 0, 11)},
+                        topics={"orders": [0, 1, 2]})
+    audit, made = make(6000, FakePool(rows), reader)
+    audit.per_pass = 5
+    before = counts()
+    with caplog.at_level(logging.INFO, logger="kaireon_pub.worker.auditor"):
+        assert asyncio.run(audit.once()) < auditor.ERROR_PAUSE_S
+    audit.close()
+    assert delta(before) == {"checked": 5, "missing": 3}
+    found = [(r.eventId, r.kind) for r in caplog.records if getattr(r, "event", None) == "audit finding"]
+    assert found == [(2, "missing"), (3, "missing"), (4, "missing")]
+    assert made[0].reads == [("orders", 0, 10), ("orders", 0, 11)]  # nothing read where nothing can be
+    assert made[0].asked == [("partitions", "orders"), ("partitions", "gone")]  # once a topic a pass
+
+
+def test_on_a_compacted_topic_a_gap_below_the_high_watermark_is_not_a_finding():
+    """The broker removes a record superseded by a later one of its key: a compacted topic's normal
+    state, not loss. Past the high watermark (compaction never lowers it), and on a topic that is not
+    compacted, a position without a record stays missing. The policy is read once in POLICY_TTL_S."""
+    rows = [(row(1), 0, 10), (row(2), 0, 20), (row(3, topic="plain"), 0, 30)]
+    clock = Clock()
+    reader = FakeReader({(0, 10): record_of(row(1), 0, 10)}, topics={"orders": [0], "plain": [0]},
+                        compacted_topics=("orders",), high=15)
+    audit, made = make(6000, FakePool(rows), reader, clock=clock)
+    audit.per_pass = 3
+    before = counts()
+    asyncio.run(audit.once())
+    assert delta(before) == {"checked": 3, "missing": 2}  # 20 >= the high watermark; "plain" is not compacted
+    reader.high = 100  # now offset 20 lies below it: a gap the broker's compaction left
+    reader.records.pop((0, 10))
+    asyncio.run(audit.once())
+    assert delta(before) == {"checked": 6, "missing": 2}  # (0, 10) and (0, 20): compacted, not findings
+    assert made[0].asked.count(("policy", "orders")) == 1 and made[0].asked.count(("policy", "plain")) == 1
+    clock.now += auditor.POLICY_TTL_S
+    asyncio.run(audit.once())
+    audit.close()
+    assert made[0].asked.count(("policy", "orders")) == 2
 
 
 def test_a_database_that_cannot_be_read_is_an_error_and_reads_nothing():

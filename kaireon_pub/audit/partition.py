@@ -12,8 +12,14 @@ Findings, per row of the window (`Tally`):
 - out of order: among the rows of one key whose record sits at its recorded offset, one whose
   table order (xid, id) is before that of a row of the key at a lower offset.
 Not findings: `relocated` (the recorded offset holds something else, the event is stored at another
-offset of the range: a replay that kept the first positions, a position recorded wrong) and
-`unverifiable` (rows without a recorded position, counted by the caller).
+offset of the range: a replay that kept the first positions, a position recorded wrong),
+`compacted` (on a topic whose cleanup.policy includes compact, `compacted=True`: the recorded
+offset is not stored, the event is nowhere in the range, and a record of its key sits at a higher
+offset of the range: the broker removed it as superseded, a compacted topic's normal state) and
+`unverifiable` (rows without a recorded position, counted by the caller). On a compacted topic a
+gap with no later record of its key in the range is still `missing`: that includes a key whose
+last record was a tombstone the broker has since removed (delete.retention.ms, 24 h by default),
+so audit a compacted topic's window within that time, or read its `missing` with this in mind.
 
 A row whose record carries no event id (an own-only Debezium row without CloudEvents: compare.py)
 is judged at its recorded offset only. Memory: one small entry per event id met in the range read,
@@ -42,6 +48,7 @@ class Tally:
     rows: int = 0  # rows with a recorded position, judged
     equal: int = 0  # at their recorded offset, byte-equal
     relocated: int = 0
+    compacted: int = 0  # gaps of a compacted topic whose key has a later record: superseded, not lost
     unverifiable: int = 0
     extra_copies: int = 0  # duplicated: the copies beyond the first, over all duplicated events
     partitions: int = 0
@@ -62,7 +69,8 @@ class Tally:
                                            "truncated": self.counts[kind] > len(self.events[kind])} for kind in KINDS}
         findings["duplicated"]["extraCopies"] = self.extra_copies
         return {"clean": self.findings == 0, "rows": self.rows, "equal": self.equal, "relocated": self.relocated,
-                "unverifiable": self.unverifiable, "partitions": self.partitions, "findings": findings}
+                "compacted": self.compacted, "unverifiable": self.unverifiable, "partitions": self.partitions,
+                "findings": findings}
 
     def summary(self) -> str:
         found = ", ".join(f"{self.counts[kind]} {label}" for kind, label in (
@@ -71,8 +79,10 @@ class Tally:
         extra = f" ({self.extra_copies} extra copies)" if self.extra_copies else ""
         verdict = "clean" if self.findings == 0 else f"{self.findings} finding{'s' * (self.findings != 1)}"
         partitions = f"{self.partitions} partition{'s' * (self.partitions != 1)}"
-        return (f"audit: {verdict}: {self.rows} events checked in {partitions}, "
-                f"{found}{extra}; {self.relocated} relocated, {self.unverifiable} unverifiable (no recorded position)")
+        compacted = (f"{self.compacted} compacted (superseded by a later record of their key), "
+                     if self.compacted else "")
+        return (f"audit: {verdict}: {self.rows} events checked in {partitions}, {found}{extra}; "
+                f"{self.relocated} relocated, {compacted}{self.unverifiable} unverifiable (no recorded position)")
 
 
 class _Seen:
@@ -89,14 +99,17 @@ class _Seen:
 
 def audit_partition(topic: str, partition: int, rows: Iterable[tuple[Row, int]], records: Iterable[StoredRecord],
                     tally: Tally, *, cloudevents_source: str | None = None, stored: str = "",
-                    on_row: Callable[[], None] | None = None) -> None:
+                    compacted: bool = False, on_row: Callable[[], None] | None = None) -> None:
     """Judge one partition into `tally`. `rows`: (row, recorded offset) by offset then id; `records`:
     the records read back from [min, max] of those offsets, by offset. `stored`, when not empty, says
-    why nothing could be read (the topic or partition is unknown to the broker), for the missing."""
+    why nothing could be read (the topic or partition is unknown to the broker), for the missing.
+    `compacted`: the topic's cleanup.policy includes compact (see the module's `compacted`)."""
     seen: dict[int, _Seen] = {}
+    last_key_offset: dict[bytes, int] = {}  # compacted: key -> the highest offset of a record of it read
     last_of_key: dict[str, tuple[int, int, int]] = {}  # key -> (xid, id, offset) of its latest row in offset order
-    # (id, recorded offset, hash of the expected content, reason, whether its record carries its id)
-    suspects: list[tuple[int, int, int, str, bool]] = []
+    # (id, recorded offset, hash of the expected content, reason, whether its record carries its id,
+    # the record's key when compacted and the offset is a gap, else None)
+    suspects: list[tuple[int, int, int, str, bool, bytes | None]] = []
     tally.partitions += 1
 
     def note(record: StoredRecord) -> StoredRecord:
@@ -109,6 +122,8 @@ def audit_partition(topic: str, partition: int, rows: Iterable[tuple[Row, int]],
             if entry.copies == 1:
                 entry.first_offset = record.offset
                 entry.content = hash((record.key, record.value))
+        if compacted and record.key is not None:
+            last_key_offset[record.key] = record.offset
         return record
 
     reading: Iterator[StoredRecord] = map(note, records)
@@ -126,13 +141,15 @@ def audit_partition(topic: str, partition: int, rows: Iterable[tuple[Row, int]],
         where = {"id": row.id, "topic": topic, "partition": partition, "offset": offset}
         if current is None or current.offset != offset:
             reason = stored or "offset not stored"
-            suspects.append((row.id, offset, hash((record_key(row), row.payload)), reason, identified))
+            key = record_key(row)
+            suspects.append((row.id, offset, hash((key, row.payload)), reason, identified,
+                             key if compacted and not stored else None))
         else:
             finding = compare(row, current, cloudevents_source)
             if finding is not None and finding.kind != ALTERED:
                 other = finding.found_event_id
                 reason = f"holds event {other}" if other is not None else "holds a record without an event id"
-                suspects.append((row.id, offset, hash((record_key(row), row.payload)), reason, identified))
+                suspects.append((row.id, offset, hash((record_key(row), row.payload)), reason, identified, None))
             else:
                 if finding is None:
                     tally.equal += 1
@@ -144,10 +161,13 @@ def audit_partition(topic: str, partition: int, rows: Iterable[tuple[Row, int]],
     for _ in reading:  # the rest of the range: copies beyond the last recorded offset
         pass
 
-    for event_id, offset, content, reason, identified in suspects:
+    for event_id, offset, content, reason, identified, key in suspects:
         entry = seen.get(event_id) if identified else None  # without its id, a record is judged where recorded only
         where = {"id": event_id, "topic": topic, "partition": partition, "offset": offset}
         if entry is None or entry.copies == 0:
+            if key is not None and last_key_offset.get(key, -1) > offset:
+                tally.compacted += 1  # superseded by a later record of its key, which the range holds
+                continue
             tally.add("missing", where | {"reason": reason})
             continue
         tally.relocated += 1

@@ -7,7 +7,9 @@ the range [min, max] of the rows' recorded offsets is read back (RecordReader.re
 to what the partition still stores; without --until, from min to the partition's end, so that the
 copies of an event produced after the window's last recorded offset are counted) beside its rows,
 and judged by audit/partition.py (missing, altered, duplicated, out of order within a key;
-relocated and unverifiable are counted, not findings). Exit 0 when clean, FINDINGS on any finding,
+relocated, compacted and unverifiable are counted, not findings). Each topic's cleanup.policy is
+read once (RecordReader.compacted): on a compacted topic, a gap whose key has a later record in
+the range read is `compacted`, not missing. Exit 0 when clean, FINDINGS on any finding,
 1 on a database or broker failure, 5 when the schema is behind.
 """
 
@@ -93,14 +95,17 @@ def audit(conn: psycopg.Connection, reader: RecordReader, window: Window, *, clo
             cursor.itersize = FETCH_ROWS
             cursor.execute(AUDIT.audit_rows, params)
             known: dict[str, list[int] | None] = {}
+            compacted: dict[str, bool] = {}  # the topic's cleanup.policy includes compact: read once
             for (topic, partition), group in itertools.groupby(cursor, key=lambda t: (t[1], t[ROW_COLUMNS])):
                 low, high, _ = ranges[(topic, partition)]
                 if topic not in known:
                     known[topic] = reader.partitions(topic)
+                    compacted[topic] = known[topic] is not None and reader.compacted(topic)
                 records, stored = _records(reader, topic, partition, low, high, known[topic],
                                            to_end=window.until is None)
                 audit_partition(topic, partition, ((as_row(t), t[ROW_COLUMNS + 1]) for t in group), records, tally,
-                                cloudevents_source=cloudevents_source, stored=stored, on_row=on_row)
+                                cloudevents_source=cloudevents_source, stored=stored,
+                                compacted=compacted[topic], on_row=on_row)
     return tally
 
 

@@ -137,3 +137,25 @@ def test_a_row_whose_record_carries_no_event_id_is_judged_at_its_recorded_offset
     # Not at its offset: missing, even when a record elsewhere carries an event-id equal to its row id.
     tally = judge([(own_only, 0)], [record(row(9), 0), record(row(5), 1)])
     assert ids(tally, "missing") == [5] and tally.relocated == 0 and tally.counts["duplicated"] == 0
+
+
+def test_on_a_compacted_topic_a_gap_superseded_by_a_later_record_of_its_key_is_compacted_not_missing():
+    """The broker compacted offset 0 away (key a, superseded at offset 2): a compacted topic's normal
+    state. A gap whose key has no later record in the range is still missing, and so is every gap on
+    a topic that is not compacted."""
+    rows = [(row(1, "a"), 0), (row(2, "b"), 1), (row(3, "a"), 2), (row(4, "c"), 3), (row(5, "d"), 4)]
+    records = [record(rows[1][0], 1), record(rows[2][0], 2), record(rows[4][0], 4)]  # 0 and 3 are gone
+    tally = judge(rows, records, compacted=True)
+    assert ids(tally, "missing") == [4] and tally.compacted == 1 and tally.equal == 3
+    assert tally.as_json()["compacted"] == 1 and "1 compacted" in tally.summary()
+    plain = judge(rows, records)
+    assert ids(plain, "missing") == [1, 4] and plain.compacted == 0
+    # A later record of its key at a lower offset, or the key's only record gone, is no excuse.
+    assert ids(judge([(row(3, "a"), 2)], [record(row(1, "a"), 1)], compacted=True), "missing") == [3]
+    # Nothing read at all (the topic unknown to the broker): missing, whatever the policy.
+    assert ids(judge(rows[:1], [], compacted=True, stored="topic not on the broker"), "missing") == [1]
+
+
+def test_on_a_compacted_topic_another_event_at_the_recorded_offset_is_still_a_finding():
+    tally = judge([(row(1, "a"), 0)], [record(row(9, "a"), 0), record(row(10, "a"), 1)], compacted=True)
+    assert ids(tally, "missing") == [1] and tally.compacted == 0

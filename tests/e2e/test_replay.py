@@ -270,3 +270,33 @@ def test_a_large_selection_asks_first_and_a_no_replays_nothing(db_url, kafka_bro
         assert conn.execute("SELECT count(*) FROM outbox_replay_runs").fetchone() == (0,)
     admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap, "log_level": 0})
     assert topic not in admin.list_topics(timeout=10).topics
+
+
+def test_the_selection_is_read_once_in_order_by_a_transaction_that_never_holds_the_claim_horizon(db_url):
+    """The rows come from one server-side cursor (sorted once, FETCH_ROWS a fetch), in (xid, id)
+    order after the resume cursor; its transaction is read-only and takes no transaction id, so the
+    claim horizon (running xids of pg_current_snapshot()) never waits for it while a run lasts."""
+    from datetime import UTC, datetime
+
+    from kaireon_pub.ops.replay import FETCH_ROWS, START, Selection, stream
+
+    topic = f"stream-{uuid.uuid4().hex[:8]}"
+    n = FETCH_ROWS * 2 + 100
+    with psycopg.connect(db_url) as conn:  # three transactions: the xids interleave the ids
+        ids = [i for part in (n // 2, n - n // 2) for i in published_events(db_url, topic, part, 7)]
+        expected = [(int(x), i) for x, i in conn.execute(
+            "SELECT xid::text, id FROM outbox_events WHERE id = ANY(%s) ORDER BY xid, id", (ids,))]
+    selection = Selection(topics=(topic,)).fixed(datetime.now(UTC))
+    with psycopg.connect(db_url, autocommit=True) as reading, psycopg.connect(db_url, autocommit=True) as probe:
+        rows = stream(reading, selection, START)
+        got = [next(rows)]
+        xid, running, state = probe.execute(
+            "SELECT a.backend_xid, a.backend_xid::text::xid8 = ANY(SELECT pg_snapshot_xip(pg_current_snapshot())), "
+            "a.state FROM pg_stat_activity a WHERE a.pid = %s", (reading.info.backend_pid,)).fetchone()
+        assert xid is None and not running and state == "idle in transaction"
+        assert reading.execute("SHOW transaction_read_only").fetchone() == ("on",)
+        got += list(rows)
+        assert [(r[8], r[0]) for r in got] == expected
+        assert reading.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # ended with the rows
+        resumed = [(r[8], r[0]) for r in stream(reading, selection, (str(expected[99][0]), expected[99][1]))]
+        assert resumed == expected[100:]

@@ -7,6 +7,7 @@ end, a value changed) are reported as other_event, missing and altered, in the c
 from __future__ import annotations
 
 import psycopg
+from confluent_kafka.admin import AdminClient
 
 from tests.helpers import commit_events, metric_value, wait_all_published, wait_for
 
@@ -76,3 +77,25 @@ def test_the_auditor_checks_a_clean_run_then_reports_each_wrong_position(kafka_b
                                   else on_topic[lost][1] + 1_000_000 if line["eventId"] == lost
                                   else on_topic[changed][1])
     assert tier.proc.poll() is None  # findings are reported, the tier runs on
+
+
+def test_the_auditor_reports_the_rows_of_a_deleted_topic_missing_and_goes_on(kafka_broker, start_tier, db_url, topic):
+    """A real Kafka answers a read on a deleted topic with nothing until a 5 s timeout: the auditor
+    asks the topic's partitions first, so the rows of a deleted topic are `missing`, logged at once,
+    with no error and no minute's pause."""
+    ids = commit_events(db_url, topic, 6, keys=3, phase="deleted")
+    tier = start_tier(bootstrap=kafka_broker.bootstrap, OUTBOX_AUDIT_SAMPLE_PER_MINUTE="600")
+    wait_all_published(db_url, 6, 60, "every event published")
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap, "log_level": 0})
+    admin.delete_topics([topic])[topic].result(30)
+    wait_for(lambda: topic not in admin.list_topics(timeout=5).topics, 60, f"{topic} deleted")
+    port = tier.http_port()
+
+    def found() -> set[int]:
+        return {line["eventId"] for line in tier.logs()
+                if line.get("event") == "audit finding" and line["kind"] == "missing"}
+    wait_for(lambda: len(found()) >= 3, 30, "three rows of the deleted topic reported missing")
+    assert found() <= set(ids)
+    counts = audit_counts(port)
+    assert counts["errors"] == 0 and counts["altered"] == counts["other_event"] == 0, counts
+    assert tier.proc.poll() is None

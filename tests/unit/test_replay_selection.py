@@ -227,6 +227,7 @@ def test_records_are_the_workers_records_plus_the_replay_header_in_xid_id_order(
     assert conn.advances[-1]["cursor_id"] == 9 and conn.advances[-1]["cursor_xid"] == "52"
     assert sum(a["published"] for a in conn.advances) == 4
     assert sorted(conn.positions[-1]["ids"]) == [1, 2, 3, 9]  # their own topic: the rows' new positions
+    assert conn.reads == [START]  # the selection is read once, from the run's cursor, not page by page
 
 
 def test_to_another_topic_the_positions_stay_and_a_failure_holds_the_cursor_before_it():

@@ -9,6 +9,10 @@ dead-letter records in the fault test.
 - The dead-letter topic refusing every record at first (its max.message.bytes=100): the failed row
   stays not dead-lettered, the refusal is logged with an errorId and counted, the waiting gauge
   names it; once the topic accepts them (max.message.bytes raised), it is dead-lettered: nothing lost.
+- A dead-letter record too large for the dead-letter topic (max.message.bytes=2000) while others
+  share its batch (the broker refuses the batch whole): the others land with their values, it lands
+  alone without its value (kaireon-dlq-truncated), and one too large even so (its key, carried twice)
+  waits, logged and in the gauge, blocking no other.
 """
 
 from __future__ import annotations
@@ -157,4 +161,45 @@ def test_a_dead_letter_topic_that_refuses_the_records_at_first_loses_nothing(
     assert metric_value(port, "kaireon_outbox_dead_letter_waiting") == 0
     with TopicReader(kafka_broker.bootstrap, topic) as reader:
         assert sorted(event_ids(reader.read_until(lambda msgs: set(flowing) <= set(event_ids(msgs)), 30))) == flowing
+    assert tier.stop() == 0
+
+
+def insert_failing(conn: psycopg.Connection, key: str, payload: str) -> int:
+    return conn.execute("INSERT INTO outbox_events (topic, partition_key, payload) VALUES ('not a topic!', %s, %s) "
+                        "RETURNING id", (key, payload)).fetchone()[0]
+
+
+def test_a_dead_letter_record_too_large_for_the_dead_letter_topic_blocks_none_of_the_others(
+        db_url, kafka_broker, admin, tmp_path, run_tier):
+    suffix = uuid.uuid4().hex[:8]
+    dlq = create_topic(admin, f"dl-dlq-{suffix}", **{"max.message.bytes": "2000"})
+    tier = run_tier(tier_env(db_url, kafka_broker.bootstrap, tmp_path, OUTBOX_DEAD_LETTER_TOPIC=dlq))
+    port = tier.http_port()
+    # One transaction: they fail in one settle and are dead-lettered together, in one record batch.
+    # Random hex: lz4 leaves it near its size, above the dead-letter topic's 2000 (the key: 2500
+    # bytes, within the key index's limit; its copy in kaireon-dlq-key compresses away).
+    with psycopg.connect(db_url) as conn:
+        small = [insert_failing(conn, f"k{i}", f'{{"small": {i}}}') for i in range(4)]
+        large = insert_failing(conn, "k-large", f'{{"blob": "{os.urandom(3000).hex()}"}}')
+        large_key = insert_failing(conn, os.urandom(1250).hex(), '{"small": true}')
+        small.append(insert_failing(conn, "k4", '{"small": 4}'))
+        conn.commit()
+    wait_for(lambda: dead_lettered(db_url, [*small, large]), 60, "every record the topic can take dead-lettered")
+    with TopicReader(kafka_broker.bootstrap, dlq) as reader:
+        records = reader.read_until(lambda msgs: {*small, large} <= set(event_ids(msgs)), 30)
+    assert sorted(event_ids(records)) == sorted([*small, large]), "exactly one record each; none for the key"
+    state = rows(db_url, [*small, large, large_key])
+    for record in records:
+        headers = dict(record.headers())
+        event_id = int(headers["kaireon-dlq-event-id"])
+        if event_id == large:
+            assert record.value() is None and headers["kaireon-dlq-truncated"] == b"true"
+        else:
+            assert record.value() == state[event_id]["payload"].encode() and "kaireon-dlq-truncated" not in headers
+    refused = tier.wait_log(lambda e: e.get("event") == "dead letter failed" and e.get("eventId") == large_key, 30,
+                            "the record too large even without its value logged")
+    assert refused["errorId"] and "MSG_SIZE_TOO_LARGE" in refused["error"]
+    assert state[large_key]["dead_lettered_at"] is None and state[large_key]["status"] == "failed"
+    wait_for(lambda: metric_value(port, "kaireon_outbox_dead_letter_waiting") == 1, 30, "the gauge names it")
+    assert metric_value(port, "kaireon_outbox_dead_lettered_total") == 6
     assert tier.stop() == 0

@@ -116,8 +116,8 @@ DEAD_LETTER_UNMARKED = Counter(
 )
 DEAD_LETTER_WAITING = Gauge(
     f"{NS}_dead_letter_waiting",
-    "Failed events the last dead-letter sweep of each worker found and could not dead-letter (at most a "
-    "sweep's batch per worker); above 0 for long: the dead-letter topic refuses them.",
+    "Failed events whose dead-letter record a worker's sweep had refused and has not got acknowledged since; "
+    "above 0 for long: the dead-letter topic refuses them.",
     multiprocess_mode="livesum",
 )
 WORKER_RESTARTS = Counter(

@@ -9,6 +9,7 @@ Blocking calls: the worker's auditor runs them in a thread.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from kaireon_pub.logs import librdkafka_logger
+
+log = logging.getLogger("kaireon_pub.audit.broker")
+_NOT_ALLOWED = (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED)
 
 # Producer settings a consumer refuses or must not be given (librdkafka warns on the others).
 _PRODUCER_ONLY_PREFIXES = ("enable.idempotence", "acks", "message.timeout.ms", "linger.ms",
@@ -84,6 +88,7 @@ class RecordReader:
                                               if not k.startswith(_PRODUCER_ONLY_PREFIXES)}
         self._admin_config.update({"client.id": client_id, "logger": librdkafka_logger()})
         self._admin: AdminClient | None = None
+        self._refused: set[str] = set()  # topics whose configs the broker would not describe
 
     def __enter__(self) -> RecordReader:
         return self
@@ -103,12 +108,24 @@ class RecordReader:
 
     def compacted(self, topic: str, timeout: float = 10.0) -> bool:
         """Whether the topic's cleanup.policy includes `compact` (the broker may remove a record
-        superseded by a later one of its key, leaving a gap in the offsets). Raises KafkaException
-        when the broker cannot tell (an unknown topic: ask partitions() first)."""
+        superseded by a later one of its key, leaving a gap in the offsets). Without the right to
+        describe the topic's configs (an ACL without DescribeConfigs) it is taken as not compacted,
+        logged once per topic. Raises KafkaException when the broker cannot tell otherwise (an
+        unknown topic: ask partitions() first)."""
         if self._admin is None:
             self._admin = AdminClient(self._admin_config)
         resource = ConfigResource(ResourceType.TOPIC, topic)
-        entries = self._admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout)
+        try:
+            entries = self._admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _NOT_ALLOWED:
+                raise
+            if topic not in self._refused:
+                self._refused.add(topic)
+                log.warning(f"audit: {topic}'s cleanup.policy cannot be read ({exc.args[0].str()}): judged as not "
+                            f"compacted; grant DescribeConfigs on the topic",
+                            extra={"event": "audit policy unknown", "topic": topic})
+            return False
         policy = entries.get("cleanup.policy")
         return policy is not None and "compact" in (policy.value or "").replace(" ", "").split(",")
 

@@ -125,6 +125,9 @@ def test_the_runtime_role_runs_every_statement_the_tier_sends(roles):
                                          "settle": 0})
                    .fetchall() for text in vars(load("auditor.sql")).values()]
         assert sampled[0], "the auditor's sample finds the row published at (0, 0) above (before the purge)"
+        fresh = {"n": 2, "scan": 64, "shards": int_array(shards), "window": 3600, "at": 0.5, "settle": 60}
+        assert not conn.execute(load("auditor.sql").audit_sample, fresh).fetchall(), \
+            "a row published in the last `settle` seconds is not sampled"
         run("purge_published")
         run("release_leases", shards=int_array(shards))
         run("forget_dead_workers")

@@ -11,6 +11,9 @@ What the record carries is byte for byte what was given:
   `orjson.dumps` bytes (a dict keeps its key order). JSON null is the payload "null" or b"null".
 - key: a str (not holding NUL), bytes, an int (as its decimal text, so `key=42`, `key="42"` and
   `key=b"42"` are one key) or None. Bytes that are UTF-8 text without NUL are that text's key.
+  At most MAX_KEY_BYTES (1024) bytes as stored: a text key's UTF-8, and for other bytes their
+  '\\x' + hex form, so at most 511 of them (migration 0009: a longer key would stop the claim of
+  its shard's worker).
 - headers: name (str, no NUL) to a str value (no NUL: jsonb cannot hold one) or a bytes value
   (anything); event_type and topic: str without NUL.
 - size: the payload's bytes, at most `max_payload_bytes`, else OUTBOX_MAX_PAYLOAD_BYTES from the
@@ -42,6 +45,8 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
 MAX_PAYLOAD_VARIABLE = "OUTBOX_MAX_PAYLOAD_BYTES"
 # The range the tier's settings accept for OUTBOX_MAX_PAYLOAD_BYTES.
 MAX_PAYLOAD_RANGE = (1, 104_857_600)
+# partition_key as stored, in bytes (the CHECK outbox_events_partition_key_length, migration 0009).
+MAX_KEY_BYTES = 1024
 
 T = TypeVar("T")
 
@@ -173,6 +178,12 @@ def _encode(event: Event, limit: int) -> _Encoded:
     if "\x00" in topic:
         raise PayloadError(f"topic {topic!r} contains a NUL character, which PostgreSQL text cannot store")
     key, key_bytes = _key(topic, event.key)
+    if key is not None and len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        if key_bytes is None:
+            given = f"{len(key.encode('utf-8'))} bytes"
+        else:
+            given = f"{len(key_bytes)} bytes, stored as {len(key)} bytes of hex (at most 511 bytes that are not text)"
+        raise PayloadError(f"key for topic {topic!r} is {given}, above the maximum of {MAX_KEY_BYTES} bytes")
     event_type = _text_field(topic, "event_type", event.event_type)
     payload = _payload(topic, event.payload)
     if payload is not None and len(payload) > limit:

@@ -150,3 +150,21 @@ SELECT l.shard, l.owner, w.hostname, w.pid, w.slot
 FROM outbox_shard_leases l
 LEFT JOIN outbox_workers w ON w.worker_id = l.owner
 WHERE l.shard = ANY(%(shards)s::smallint[]) AND l.owner IS NOT NULL AND l.expires_at > clock_timestamp();
+
+-- pending_long_keys: pending rows near the head of each shard whose key is over 1024 bytes
+-- Rows written before migration 0009's CHECK (NOT VALID) may hold one; its claim fails (index row
+-- size) for its worker's whole batch, every time, so it stays pending near its shard's head: the
+-- first `sample` pending rows of each shard in claim order, an index walk each (256 x `sample`).
+SELECT h.id, h.topic, h.shard, octet_length(h.partition_key) AS key_bytes,
+       octet_length(h.partition_key_bytes) AS raw_key_bytes
+FROM generate_series(0, 255) AS s(shard)
+CROSS JOIN LATERAL (
+    SELECT e.id, e.topic, e.shard, e.partition_key, e.partition_key_bytes
+    FROM outbox_events e
+    WHERE e.status = 'pending' AND e.shard = s.shard::smallint
+    ORDER BY e.xid, e.id
+    LIMIT %(sample)s
+) h
+WHERE octet_length(h.partition_key) > 1024 OR octet_length(h.partition_key_bytes) > 1024
+ORDER BY h.id
+LIMIT %(limit)s;

@@ -5,7 +5,9 @@ Checks, in order: settings valid; producer settings safe for the guarantees; tim
 reachable; whether DATABASE_URL points at a pooler (PgBouncer's admin console, a refused `options`
 startup parameter, the server's port against the DSN's), whether OUTBOX_POOL_MODE agrees, which
 features are off, and whether OUTBOX_LISTEN_DATABASE_URL reaches the same database directly;
-schema at the expected version with its tables and indexes; broker reachable; topics exist
+schema at the expected version with its tables and indexes; what holds the claim back; pending
+rows near a shard's head with a key over 1024 bytes (written before migration 0009: their claim
+fails for the whole batch of their worker; a warning); broker reachable; topics exist
 (those named with --topic and those of a bounded sample of pending rows) unless auto-creation is
 allowed. Each check is ok, warn, fail or skip; any fail exits 1, except a schema
 that is missing or older than the code's migrations: exit 5 (run `kaireon-pub migrate` first).
@@ -47,6 +49,7 @@ __all__ = ["Report", "Result", "expected_objects", "run_checks"]
 log = logging.getLogger("kaireon_pub.ops.check")
 
 PENDING_TOPIC_SAMPLE = 10_000
+LONG_KEY_SAMPLE = 100  # pending rows read per shard, from its head, for keys over the limit
 
 
 def _kafka_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -96,6 +99,7 @@ def run_checks(env: Mapping[str, str] | None = None, *, topics: tuple[str, ...] 
                 pending_topics = [r[0] for r in conn.execute(OPS.pending_topics_sample,
                                                              {"limit": PENDING_TOPIC_SAMPLE}).fetchall()]
                 _check_horizon(report, conn, settings.horizon_max_wait_ms if settings else 5000)
+                _check_long_keys(report, conn)
     check_broker_and_topics(report, kafka, secrets, topics, pending_topics, auto_create)
     for r in report.results:
         if r.status == "fail":
@@ -203,3 +207,19 @@ def _check_horizon(report: Report, conn: psycopg.Connection, max_wait_ms: int) -
         report.add("horizon", "warn", "; ".join(notes))
 
 
+
+
+def _check_long_keys(report: Report, conn: psycopg.Connection) -> None:
+    """Pending rows whose key is over the 1024-byte limit (rows older than migration 0009's CHECK):
+    the claim of their shard's worker fails on each, so they are named with the fix."""
+    from kaireon_pub.enqueue import MAX_KEY_BYTES
+
+    rows = conn.execute(OPS.pending_long_keys, {"sample": LONG_KEY_SAMPLE, "limit": 10}).fetchall()
+    if not rows:
+        report.add("keys", "ok", f"no pending row near a shard's head has a key over {MAX_KEY_BYTES} bytes")
+        return
+    named = ", ".join(f"id {i} (topic {t!r}, shard {s}, key {max(k or 0, r or 0)} bytes)" for i, t, s, k, r in rows)
+    more = " and maybe more" if len(rows) == 10 else ""
+    report.add("keys", "warn", f"pending events with a key over {MAX_KEY_BYTES} bytes stop the claim of their "
+                               f"shard's worker (index row size): {named}{more}; mark them failed or copy and "
+                               "delete them (README, \"In the table, and from SQL\")")

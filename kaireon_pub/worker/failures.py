@@ -22,6 +22,9 @@ from kaireon_pub.errors import ExitCode, SystemicError, TransientError, new_erro
 
 log = logging.getLogger("kaireon_pub.worker")
 
+# Migration 0009's CHECKs: the claim's UPDATE of a row written before them fails on them, as it
+# failed before on the index row size (a transient error): kaireon-pub check names the row.
+LONG_KEY_CHECKS = ("outbox_events_partition_key_length", "outbox_events_partition_key_bytes_length")
 MIGRATE_HINT = "the schema is missing or older than this version: run `kaireon-pub migrate`"
 
 
@@ -42,6 +45,8 @@ def classify_db_error(exc: BaseException) -> bool:
         return not ("password authentication failed" in text or "does not exist" in text
                     or "no pg_hba.conf entry" in text or "unsupported startup parameter" in text
                     or '"trust" authentication failed' in text)
+    if isinstance(exc, psycopg.errors.CheckViolation) and exc.diag.constraint_name in LONG_KEY_CHECKS:
+        return True  # a row older than migration 0009 (its key over the limit): as its index error was
     if isinstance(exc, (psycopg.InterfaceError, psycopg.errors.QueryCanceled,
                         psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
                         psycopg.errors.LockNotAvailable)):

@@ -36,14 +36,14 @@ def test_check_passes_on_a_good_setup(tier_env, broker, topic, db):
     db.execute("INSERT INTO outbox_events (topic, payload) VALUES (%s, '{}')", (topic,))
     code, checks, _ = check(tier_env, "--topic", topic, "--no-auto-create")
     assert code == 0, checks
-    assert [c["status"] for c in checks.values()] == ["ok"] * 9
-    assert list(checks) == ["settings", "producer", "timeouts", "database", "pooler", "schema", "horizon", "broker",
-                            "topics"]
+    assert [c["status"] for c in checks.values()] == ["ok"] * 10
+    assert list(checks) == ["settings", "producer", "timeouts", "database", "pooler", "schema", "horizon", "keys",
+                            "broker", "topics"]
     assert topic in checks["topics"]["detail"]
 
     done = helpers.run_cli("check", "--topic", topic, "--no-auto-create", env=tier_env)
     assert done.returncode == 0
-    assert done.stdout.splitlines()[-1] == "check passed: 9 checks"
+    assert done.stdout.splitlines()[-1] == "check passed: 10 checks"
 
 
 def test_check_fails_on_an_unreachable_database(tier_env):

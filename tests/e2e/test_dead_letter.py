@@ -11,7 +11,7 @@ dead-letter records in the fault test.
   names it; once the topic accepts them (max.message.bytes raised), it is dead-lettered: nothing lost.
 - A dead-letter record too large for the dead-letter topic (max.message.bytes=2000) while others
   share its batch (the broker refuses the batch whole): the others land with their values, it lands
-  alone without its value (kaireon-dlq-truncated), and one too large even so (its key, carried twice)
+  alone without its value (kaireon-dlq-truncated), and one too large even so (its headers, carried along)
   waits, logged and in the gauge, blocking no other.
 """
 
@@ -164,9 +164,9 @@ def test_a_dead_letter_topic_that_refuses_the_records_at_first_loses_nothing(
     assert tier.stop() == 0
 
 
-def insert_failing(conn: psycopg.Connection, key: str, payload: str) -> int:
-    return conn.execute("INSERT INTO outbox_events (topic, partition_key, payload) VALUES ('not a topic!', %s, %s) "
-                        "RETURNING id", (key, payload)).fetchone()[0]
+def insert_failing(conn: psycopg.Connection, key: str, payload: str, headers: str = "{}") -> int:
+    return conn.execute("INSERT INTO outbox_events (topic, partition_key, payload, headers) "
+                        "VALUES ('not a topic!', %s, %s, %s) RETURNING id", (key, payload, headers)).fetchone()[0]
 
 
 def test_a_dead_letter_record_too_large_for_the_dead_letter_topic_blocks_none_of_the_others(
@@ -176,12 +176,14 @@ def test_a_dead_letter_record_too_large_for_the_dead_letter_topic_blocks_none_of
     tier = run_tier(tier_env(db_url, kafka_broker.bootstrap, tmp_path, OUTBOX_DEAD_LETTER_TOPIC=dlq))
     port = tier.http_port()
     # One transaction: they fail in one settle and are dead-lettered together, in one record batch.
-    # Random hex: lz4 leaves it near its size, above the dead-letter topic's 2000 (the key: 2500
-    # bytes, within the key index's limit; its copy in kaireon-dlq-key compresses away).
+    # Random hex: lz4 leaves it near its size, above the dead-letter topic's 2000. The record too
+    # large even without its value carries the event's own headers (2,500 bytes of them): a key
+    # cannot be that large (outbox_events_partition_key_length: 1,024 bytes).
     with psycopg.connect(db_url) as conn:
         small = [insert_failing(conn, f"k{i}", f'{{"small": {i}}}') for i in range(4)]
         large = insert_failing(conn, "k-large", f'{{"blob": "{os.urandom(3000).hex()}"}}')
-        large_key = insert_failing(conn, os.urandom(1250).hex(), '{"small": true}')
+        large_key = insert_failing(conn, "k-large-headers", '{"small": true}',
+                                   f'{{"blob": "{os.urandom(1250).hex()}"}}')
         small.append(insert_failing(conn, "k4", '{"small": 4}'))
         conn.commit()
     wait_for(lambda: dead_lettered(db_url, [*small, large]), 60, "every record the topic can take dead-lettered")

@@ -183,6 +183,7 @@ def main(rate: int, workers: int, load_only: bool, run_dir: str, broker_kind: st
         click.echo("\nstopping: the tier drains (at most 15 s) ...")
     finally:
         stop.set()
+        started = time.monotonic()
         if tier.poll() is None:
             tier.send_signal(signal.SIGTERM)
         try:
@@ -191,13 +192,20 @@ def main(rate: int, workers: int, load_only: bool, run_dir: str, broker_kind: st
             tier.kill()
             code = tier.wait()
         tier_log.close()
+        tier_s = time.monotonic() - started
         final = counts_safe(database_url)
+        # Each step timed: a slow stop says which part was slow (the tier, the broker, PostgreSQL).
+        click.echo(f"tier exit code {code} after {tier_s:.1f} s; rows by status: "
+                   f"{final or 'n/a (database unreachable)'}")
+        step = time.monotonic()
         if broker_kind == "kafka":
             broker.close()
         else:
             broker.stop()
+        broker_s = time.monotonic() - step
+        step = time.monotonic()
         pg.stop()
-        click.echo(f"tier exit code {code}; rows by status: {final or 'n/a (database unreachable)'}")
+        click.echo(f"stopped: broker in {broker_s:.1f} s, PostgreSQL in {time.monotonic() - step:.1f} s")
 
 
 def counts_safe(database_url: str) -> dict[str, int] | None:

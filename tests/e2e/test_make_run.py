@@ -79,11 +79,20 @@ class Demo:
                 return block
 
     def stop(self) -> int:
-        """Ctrl-C, as a user would; the demo drains and stops its servers."""
+        """Ctrl-C, as a user would; the demo drains and stops its servers. Its own bounds: the tier
+        30 s (then SIGKILL), the broker 5.5 s, PostgreSQL pg_ctl's 60 s; a stop past them all fails,
+        naming what the demo printed (each step's time) and the tier's last log lines."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
-            return self.proc.wait(60)
+            return self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            tier_log = self.run_dir / "tier.log"
+            tail = tier_log.read_text(errors="replace").splitlines()[-20:] if tier_log.exists() else []
+            with contextlib.suppress(AssertionError):
+                self.rest(1)
+            raise AssertionError("the demo did not stop within 120 s of Ctrl-C; it printed:\n"
+                                 + "\n".join(self.seen[-15:]) + "\nthe tier's log ends:\n" + "\n".join(tail)) from None
         finally:
             self._kill_leftovers()
 
@@ -151,4 +160,6 @@ def test_make_run_prints_commands_that_work_in_a_second_terminal(demo, tmp_path)
     assert frame.stdout.strip()
 
     assert demo.stop() == 0
-    assert demo.rest()[-1].startswith("tier exit code 0; rows by status:"), demo.seen
+    output = demo.rest()
+    assert any(line.startswith("tier exit code 0 after ") and "; rows by status:" in line for line in output), output
+    assert output[-1].startswith("stopped: broker in "), output

@@ -109,6 +109,9 @@ def wait_ready(port: int, tier: subprocess.Popen, timeout: float = READY_TIMEOUT
 @click.option("--broker", "broker_kind", type=click.Choice(["tansu", "kafka"]), default="tansu", show_default=True,
               help="Tansu (embedded, starts at once) or a real Apache Kafka node (Java 17 and Maven).")
 def main(rate: int, workers: int, load_only: bool, run_dir: str, broker_kind: str) -> None:
+    # Ctrl-C stops the demo even when it was started with SIGINT ignored, as a background job of a
+    # non-interactive shell is (`nohup make run &`, a CI script): Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = threading.Event()
     if load_only:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -149,11 +149,11 @@ def requeue(ids: tuple[int, ...], topic: str | None, error_contains: str | None,
     sys.exit(ops_requeue.run(settings, selection, dry_run=dry_run, yes=yes, confirm=confirm, echo=click.echo))
 
 
-def _time_option(_ctx: click.Context, param: click.Parameter, value: str | None) -> object:
-    from kaireon_pub.ops.replay import parse_time
+def _when_option(_ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+    from kaireon_pub.ops.audit import parse_when
 
     try:
-        return None if value is None else parse_time(value)
+        return None if value is None else parse_when(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is neither an ISO 8601 time (2026-12-06T12:00:00Z) nor a duration "
                                  "ago (90s, 30m, 6h, 7d)", param=param) from None
@@ -163,9 +163,9 @@ def _time_option(_ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--key", "keys", multiple=True, help="Events of this key (repeatable).")
 @click.option("--id-from", type=click.IntRange(min=1), default=None, help="Events with id >= N.")
 @click.option("--id-to", type=click.IntRange(min=1), default=None, help="Events with id <= N.")
-@click.option("--since", callback=_time_option, default=None, metavar="TIME",
+@click.option("--since", callback=_when_option, default=None, metavar="TIME",
               help="Events published at or after TIME (published_at; ISO 8601, UTC when no zone; or 30m, 6h, 7d ago).")
-@click.option("--until", callback=_time_option, default=None, metavar="TIME",
+@click.option("--until", callback=_when_option, default=None, metavar="TIME",
               help="Events published before TIME (published_at, as --since); default: when the run starts.")
 @click.option("--topic", "topics", multiple=True, help="Events of this topic (repeatable).")
 @click.option("--to-topic", default=None, help="Publish every record to this topic (default: each event's own).")
@@ -312,16 +312,6 @@ def locate(event_id: int, as_json: bool) -> None:
     from kaireon_pub.ops import locate as ops_locate
 
     sys.exit(ops_locate.run(settings, event_id, as_json=as_json, echo=click.echo))
-
-
-def _when_option(_ctx: click.Context, param: click.Parameter, value: str | None) -> object:
-    from kaireon_pub.ops.audit import parse_when
-
-    try:
-        return None if value is None else parse_when(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither an ISO 8601 time (2026-12-06T12:00:00Z) nor a duration "
-                                 "ago (90s, 30m, 6h, 7d)", param=param) from None
 
 
 @cli.command(epilog="Exit codes: 0 clean; 10 at least one finding; 1 a database or broker failure; "

@@ -296,3 +296,20 @@ def preload(db_url: str, topic: str, n: int, keys: int = 1000) -> None:
             enqueue_many(conn, [Event(topic, f"agg-{i % keys}", {"i": i, "pad": "x" * 200})
                                 for i in range(start, min(n, start + 5000))])
         conn.commit()
+
+
+def create_led_topic(admin: Any, name: str, partitions: int, **config: str) -> str:
+    """A topic of `partitions`, replicated as widely as the broker allows (up to 3), once every
+    partition has a leader (a produce before that may fail)."""
+    from confluent_kafka.admin import NewTopic
+
+    replication = min(3, len(admin.list_topics(timeout=10).brokers))
+    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=replication,
+                                  config=config)])[name].result(30)
+
+    def led() -> bool:
+        meta = admin.list_topics(name, timeout=5).topics.get(name)
+        return (meta is not None and meta.error is None and len(meta.partitions) == partitions
+                and all(p.leader >= 0 for p in meta.partitions.values()))
+    wait_for(led, 30, f"{name} led")
+    return name

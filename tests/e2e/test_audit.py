@@ -35,7 +35,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from kaireon_pub import Event, enqueue_many
 from kaireon_pub.audit.broker import RecordReader
-from tests.helpers import run_cli, tier_env, wait_all_published, wait_for
+from tests.helpers import create_led_topic, run_cli, tier_env, wait_all_published, wait_for
 
 # The big ones once, directly; the small ones (locate, the out-of-order audit) run through PgBouncer too:
 # the audit's transaction and server-side cursor through a transaction pooler.
@@ -51,15 +51,7 @@ def admin(kafka_broker) -> AdminClient:
 
 
 def create_topic(admin: AdminClient, name: str) -> str:
-    replication = min(3, len(admin.list_topics(timeout=10).brokers))
-    admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=replication)])[name].result(30)
-
-    def led() -> bool:
-        meta = admin.list_topics(name, timeout=5).topics.get(name)
-        return (meta is not None and meta.error is None and len(meta.partitions) == PARTITIONS
-                and all(p.leader >= 0 for p in meta.partitions.values()))
-    wait_for(led, 30, f"{name} led")
-    return name
+    return create_led_topic(admin, name, PARTITIONS)
 
 
 def commit(db_url: str, topic: str, n: int, *, keys: int, per_tx: int = 5000, tag: str = "e") -> list[int]:

@@ -24,10 +24,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from kaireon_pub import Event, enqueue_many
-from tests.helpers import TopicReader, event_ids, metric_value, status_counts, tier_env, wait_for
+from tests.helpers import TopicReader, create_led_topic, event_ids, metric_value, status_counts, tier_env, wait_for
 
 pytestmark = pytest.mark.not_via_pgbouncer("the broker's answers are the subject; these tests run once, directly")
 
@@ -39,16 +39,7 @@ def admin(kafka_broker) -> AdminClient:
 
 def create_topic(admin: AdminClient, name: str, **config: str) -> str:
     """One partition, replicated as widely as the broker allows (up to 3)."""
-    replication = min(3, len(admin.list_topics(timeout=10).brokers))
-    admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=replication,
-                                  config=config)])[name].result(30)
-    wait_for(lambda: _led(admin, name), 30, f"{name} led")
-    return name
-
-
-def _led(admin: AdminClient, name: str) -> bool:
-    meta = admin.list_topics(name, timeout=5).topics.get(name)
-    return meta is not None and meta.error is None and all(p.leader >= 0 for p in meta.partitions.values())
+    return create_led_topic(admin, name, 1, **config)
 
 
 def set_max_message_bytes(admin: AdminClient, name: str, value: str) -> None:

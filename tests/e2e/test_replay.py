@@ -29,10 +29,10 @@ import orjson
 import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
 from kaireon_pub import Event, enqueue_many
-from tests.helpers import TopicReader, assert_per_key_order, event_ids, run_cli, tier_env, wait_for
+from tests.helpers import TopicReader, assert_per_key_order, create_led_topic, event_ids, run_cli, tier_env, wait_for
 
 pytestmark = pytest.mark.not_via_pgbouncer("the broker's records are the subject; these tests run once, directly")
 
@@ -45,15 +45,7 @@ def admin(kafka_broker) -> AdminClient:
 
 
 def create_topic(admin: AdminClient, name: str) -> str:
-    replication = min(3, len(admin.list_topics(timeout=10).brokers))
-    admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=replication)])[name].result(30)
-
-    def led() -> bool:
-        meta = admin.list_topics(name, timeout=5).topics.get(name)
-        return (meta is not None and meta.error is None and len(meta.partitions) == PARTITIONS
-                and all(p.leader >= 0 for p in meta.partitions.values()))
-    wait_for(led, 30, f"{name} led")
-    return name
+    return create_led_topic(admin, name, PARTITIONS)
 
 
 def published_events(db_url: str, topic: str, n: int, keys: int) -> list[int]:

@@ -14,7 +14,7 @@ from confluent_kafka import Message
 
 from kaireon_pub.errors import ExitCode
 from kaireon_pub.ops import replay as ops_replay
-from kaireon_pub.ops.replay import Plan, R, Selection
+from kaireon_pub.ops.replay import Plan, R, Selection, command, engine
 
 from .test_replay_selection import FakeProducer, replay_on, row, settings
 
@@ -78,7 +78,7 @@ class Timed:
 
 
 def test_the_hold_is_renewed_while_the_rate_cap_waits(monkeypatch):
-    monkeypatch.setattr(ops_replay, "SAVE_EVERY_S", 0.02)
+    monkeypatch.setattr(engine, "SAVE_EVERY_S", 0.02)
     producer = FakeProducer()
     sent: list[float] = []
     produce = producer.produce
@@ -112,7 +112,7 @@ class SlowAcks(FakeProducer):
 
 
 def test_the_hold_is_renewed_while_the_last_records_are_drained(monkeypatch):
-    monkeypatch.setattr(ops_replay, "SAVE_EVERY_S", 0.02)
+    monkeypatch.setattr(engine, "SAVE_EVERY_S", 0.02)
     run, conn = replay_on([row(1, 50, "a")], SlowAcks(0.3))
     timed = Timed(conn)
     run.run()
@@ -159,9 +159,9 @@ class Crashing(FakeProducer):
 
 def test_an_unexpected_error_still_ends_the_run_with_its_cursor_and_an_error_line(monkeypatch, caplog):
     conn = CommandConn()
-    monkeypatch.setattr(ops_replay, "connect", lambda _settings, _role: conn)
-    monkeypatch.setattr(ops_replay.migrate, "require_current", lambda _conn: None)
-    monkeypatch.setattr(ops_replay, "stream", lambda _conn, _sel, _cursor: iter([row(1, 50, "a"), row(2, 51, "a")]))
+    monkeypatch.setattr(command, "connect", lambda _settings, _role: conn)
+    monkeypatch.setattr(command.migrate, "require_current", lambda _conn: None)
+    monkeypatch.setattr(command, "stream", lambda _conn, _sel, _cursor: iter([row(1, 50, "a"), row(2, 51, "a")]))
     monkeypatch.setattr("kaireon_pub.worker.kafka.producer.make_producer", lambda _s, _n: Crashing())
     said: list[str] = []
     code = ops_replay.run(settings(), Plan(Selection(), rate=0), dry_run=False, yes=True,
@@ -178,4 +178,4 @@ def test_an_unexpected_error_still_ends_the_run_with_its_cursor_and_an_error_lin
 
 @pytest.mark.parametrize("value", [None, -1, -1001])
 def test_a_position_without_a_value_is_unknown(value):
-    assert ops_replay._known(value) is None and ops_replay._known(0) == 0 and ops_replay._known(7) == 7
+    assert engine._known(value) is None and engine._known(0) == 0 and engine._known(7) == 7

@@ -1,4 +1,4 @@
-"""`replay --rate`: the token bucket (kaireon_pub/ops/replay.py), on a fake clock (no services)."""
+"""`replay --rate`: the token bucket (kaireon_pub/ops/replay/limiter.py), on a fake clock (no services)."""
 
 from __future__ import annotations
 

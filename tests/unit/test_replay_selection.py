@@ -1,4 +1,4 @@
-"""`replay`'s selection (kaireon_pub/ops/replay.py, db/replay.sql) and command line, and one run's
+"""`replay`'s selection (kaireon_pub/ops/replay/, db/replay.sql) and command line, and one run's
 publish loop on a fake producer and a fake connection (no services)."""
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The `kaireon-pub` command line: parses, hands off, holds no logic of its own."""
+"""The `kaireon-pub` command line: parses, hands off, holds no logic of its own.
+
+One job, in one file past 300 lines on purpose: the command line's declarations (each command's
+options, help and exit codes, read together as `kaireon-pub --help` shows them); what a command
+does is in the module it hands off to.
+"""
 
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ With a psycopg AsyncConnection, `enqueue` and `enqueue_many` return an awaitable
 written until it is awaited (`await enqueue(aconn, ...)`); the checks above still raise at the
 call. An awaitable dropped without being awaited warns (RuntimeWarning) that its event was not
 written.
+
+One job, in one file past 300 lines on purpose: the application's write; the checks above are its
+contract (they have no other caller), so the contract, its checks and the insert are read together.
 """
 
 from __future__ import annotations

@@ -148,8 +148,13 @@ class ShardScan:
 
     def rescan_all(self) -> None:
         """Rows went back to pending behind the cursors (a NOTIFY on the rescan channel)."""
-        self.cursors.clear()
+        self.forget_cursors()
         self.forget_busy(list(self.busy))
+
+    def forget_cursors(self) -> None:
+        """This worker's own rows went back to pending behind the cursors (its orphaned claims reset):
+        every owned shard is scanned again from its start; rescans due and busy rows stay."""
+        self.cursors.clear()
 
     def forget_busy(self, shards: list[int]) -> None:
         """Its cursor back at the start, a shard's scan meets its busy rows again before the later

@@ -85,7 +85,7 @@ class Tick:
         async with self.w.pool.connection() as conn:
             reset = await orphans.reset(conn, self.w.worker_id)
         if reset:
-            self.w.scan.cursors.clear()  # they are back in pending, behind the cursors
+            self.w.scan.forget_cursors()  # they are back in pending, behind the cursors
             log.warning("reset this worker's rows left in processing by a claim whose reply was lost",
                         extra={"event": "orphaned claims reset", "count": reset, "stillRunning": len(orphans.claims),
                                "errorId": self.w.streak.last_error_id})

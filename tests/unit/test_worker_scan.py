@@ -97,6 +97,15 @@ def test_rescan_all_clears_every_cursor_and_busy_row(clock):
     assert (s.cursors, s.busy, s.rescan_at) == ({}, {}, {1: 5.0})
 
 
+def test_forget_cursors_starts_every_shard_afresh_and_keeps_rescans_and_busy_rows(clock):
+    s = scan(clock)
+    s.take_claimed([raw(5, 1, 20), raw(9, 2, 7)])
+    s.busy, s.rescan_at = {1: {"k": (3, 3)}}, {2: 5.0}
+    s.forget_cursors()
+    assert (s.cursors, s.busy, s.rescan_at) == ({}, {1: {"k": (3, 3)}}, {2: 5.0})
+    assert s.cursor_params([1, 2]) == {"cursor_xids": "{0,0}", "cursor_ids": "{0,0}"}
+
+
 def test_rotation_starts_each_claim_one_shard_further(clock):
     s = scan(clock)
     owned = {3: 1, 1: 1, 2: 1}

@@ -24,7 +24,7 @@ def check_producer_config(settings: Settings) -> ConfigError | None:
         os.close(read_fd)
         code = 0
         try:
-            from kaireon_pub.worker.producer import make_producer
+            from kaireon_pub.worker.kafka.producer import make_producer
 
             make_producer(settings, "kaireon-pub-config-check")
         except ConfigError as exc:

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from kaireon_pub.settings import Settings
-from kaireon_pub.worker.publisher import Publisher
+from kaireon_pub.worker.kafka.publisher import Publisher
 from kaireon_pub.worker.rows import Row
 from tests import helpers
 

@@ -8,7 +8,8 @@ from cloudevents.core.bindings.kafka import KafkaMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 
 from kaireon_pub.settings import Settings
-from kaireon_pub.worker.publisher import PoisonRow, Publisher, record_headers, record_key
+from kaireon_pub.worker.kafka.publisher import Publisher
+from kaireon_pub.worker.kafka.records import PoisonRow, record_headers, record_key
 from kaireon_pub.worker.rows import Row
 
 

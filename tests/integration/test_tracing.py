@@ -19,9 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from kaireon_pub.settings import Settings
-from kaireon_pub.worker import tracing
-from kaireon_pub.worker.kafka import spans
-from kaireon_pub.worker.publisher import Publisher
+from kaireon_pub.worker.kafka import spans, tracing
+from kaireon_pub.worker.kafka.publisher import Publisher
 from kaireon_pub.worker.rows import Row
 from tests.helpers import TopicReader
 
@@ -254,7 +253,7 @@ def test_the_service_name_defaults_to_kaireon_pub(monkeypatch):
 ])
 def test_the_written_traceparent_is_read_by_the_w3c_rules(value, valid):
     from opentelemetry import trace
-    ctx = tracing._written_context(trace, [("Traceparent", value.encode()), ("tracestate", b"app=1,b=2")])
+    ctx = spans._written_context(trace, [("Traceparent", value.encode()), ("tracestate", b"app=1,b=2")])
     assert (ctx is not None) is valid
     if valid:
         assert (ctx.trace_id, ctx.span_id, ctx.is_remote) == (int(APP_TRACE, 16), int(APP_SPAN, 16), True)
@@ -263,9 +262,9 @@ def test_the_written_traceparent_is_read_by_the_w3c_rules(value, valid):
 
 def test_the_context_headers_are_replaced_where_they_were():
     ours = [("traceparent", b"00-new")]
-    assert tracing._with_context([("a", b"1"), ("Traceparent", b"old"), ("b", b"2"), ("tracestate", b"s")], ours) \
+    assert spans._with_context([("a", b"1"), ("Traceparent", b"old"), ("b", b"2"), ("tracestate", b"s")], ours) \
         == [("a", b"1"), ("traceparent", b"00-new"), ("b", b"2")]
-    assert tracing._with_context([("a", b"1")], ours) == [("a", b"1"), ("traceparent", b"00-new")]
+    assert spans._with_context([("a", b"1")], ours) == [("a", b"1"), ("traceparent", b"00-new")]
 
 
 # ---- off: nothing imported, nothing changed ---------------------------------------------------
@@ -283,7 +282,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 OFF_PROBE = """
     import sys
     import kaireon_pub.cli, kaireon_pub.worker.main, kaireon_pub.worker.loop  # what the supervisor imports
-    from kaireon_pub.worker import tracing
+    from kaireon_pub.worker.kafka import tracing
     assert tracing.setup(__import__("os").environ, slot=0) is None
     loaded = sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry")
     assert not loaded, loaded
@@ -307,7 +306,7 @@ def test_without_the_extra_traces_are_off_with_one_warning(tmp_path):
         import logging, sys
         from kaireon_pub import logs
         logs.configure()
-        from kaireon_pub.worker import tracing
+        from kaireon_pub.worker.kafka import tracing
         assert tracing.setup({"OTEL_TRACES_EXPORTER": "console"}, slot=0) is None
         print("off")
     """

@@ -34,7 +34,7 @@ def test_a_missing_table_needs_an_operator():
 def test_kafka_errors_by_whose_fault_they_are():
     from confluent_kafka import KafkaError
 
-    from kaireon_pub.worker.publisher import classify
+    from kaireon_pub.worker.kafka.errors import classify
 
     assert classify(KafkaError(KafkaError.PRODUCER_FENCED)) == "producer"
     assert classify(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER)) == "producer"

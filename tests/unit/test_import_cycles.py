@@ -1,9 +1,11 @@
-"""No import cycle in kaireon_pub or bench (issue 24): a test that reads every module's imports.
+"""No import cycle in kaireon_pub or bench, and the worker never reaches the operator commands
+(kaireon_pub/ops/) (issue 24): a test that reads every module's imports.
 
 Every `import` and `from … import` statement counts, at module level and inside functions (an
 import deferred into a function is a cycle all the same: it only moves the failure to the call).
 Imports under `if TYPE_CHECKING:` never run and do not count. `from package import name` is an
-edge to the submodule when `name` is one, else to the package.
+edge to the submodule when `name` is one, else to the package. Importing a module runs its
+packages' `__init__` first: the reach of a module counts them too.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("kaireon_pub", "bench")
-
 
 
 def module_name(path: Path) -> str:
@@ -128,6 +129,32 @@ def a_cycle(graph: dict[str, set[str]], component: set[str]) -> list[str]:
     raise AssertionError(f"no cycle in {component}")
 
 
+def reach_paths(graph: dict[str, set[str]], start: str) -> dict[str, list[str]]:
+    """Every module that importing `start` imports, directly or through others (with the packages
+    each one's import runs first), each with one import path from `start` to it."""
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        parents = [".".join(node.split(".")[:i]) for i in range(1, node.count(".") + 1)]
+        for nxt in sorted(graph.get(node, set()) | {p for p in parents if p in graph}):
+            if nxt not in paths:
+                paths[nxt] = paths[node] + [nxt]
+                queue.append(nxt)
+    return paths
+
+
+def reaching(graph: dict[str, set[str]], sources: str, forbidden: str) -> list[str]:
+    """The import paths from a module of package `sources` to one of package `forbidden`."""
+    found = []
+    for name in sorted(n for n in graph if n == sources or n.startswith(sources + ".")):
+        for target, path in reach_paths(graph, name).items():
+            if target == forbidden or target.startswith(forbidden + "."):
+                found.append(" -> ".join(path))
+                break
+    return found
+
+
 def test_no_import_cycle():
     graph = import_graph()
     cycles = [" -> ".join(a_cycle(graph, c)) for c in strongly_connected(graph)]
@@ -149,3 +176,21 @@ def test_the_walk_covers_both_packages():
     graph = import_graph()
     assert {"kaireon_pub.cli", "kaireon_pub.worker.loop", "bench.cli"} <= set(graph)
     assert "kaireon_pub.db.migrate" in graph["kaireon_pub.reaper"]
+
+
+def test_the_worker_never_imports_the_operator_commands():
+    # The worker's backlog query lives in worker/backlog.py, not in ops/ (issue 24): nothing the
+    # worker runs pulls in the operator commands, directly or through the modules it imports.
+    graph = import_graph()
+    assert "kaireon_pub.worker.loop" in graph and "kaireon_pub.ops.status" in graph
+    paths = reaching(graph, "kaireon_pub.worker", "kaireon_pub.ops")
+    assert paths == [], "kaireon_pub.worker reaches kaireon_pub.ops:\n" + "\n".join(paths)
+
+
+def test_the_reach_follows_other_modules_and_package_inits():
+    # The control: a worker module reaching ops through a third module, or through the __init__
+    # of a package it imports from, is named with its path; a module that does not, is not.
+    graph = {"w": set(), "w.a": {"x.m"}, "w.b": {"y.n"}, "w.c": {"x"}, "x": set(), "x.m": {"ops.s"},
+             "y": {"ops"}, "y.n": set(), "ops": set(), "ops.s": set()}
+    assert reaching(graph, "w", "ops") == ["w.a -> x.m -> ops.s", "w.b -> y.n -> y -> ops"]
+    assert reaching(graph, "ops", "w") == []

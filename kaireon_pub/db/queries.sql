@@ -477,7 +477,7 @@ WITH deleted AS (
 )
 SELECT count(*) AS marked, pg_current_xact_id()::text::bigint AS xact FROM deleted;
 
--- xact_status: whether a lock-mode batch's transaction committed (its commit's reply was lost)
+-- xact_status: whether a batch's transaction committed (lock mode, or delete_published; its commit's reply was lost)
 -- committed, aborted, in progress; NULL when the id is too old for the server to know.
 SELECT pg_xact_status(%(xact)s::text::xid8) AS status;
 
@@ -542,8 +542,16 @@ published_partition = (%(partitions)s::int[])[width_bucket(id, %(ids)s::bigint[]
     published_offset = (%(offsets)s::bigint[])[width_bucket(id, %(ids)s::bigint[])]
 
 -- delete_published: delete-on-publish variant of mark_published (the token alone: see there)
-DELETE FROM outbox_events
-WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s;
+-- A deleted row keeps no token for a delete made again to find, so the worker sends it in a
+-- transaction of its own and it returns, with the count, the transaction's id: should the reply of
+-- the commit be lost, the worker asks the server whether it committed (xact_status) instead of
+-- counting the rows as lease lost; should the delete's own reply be lost, nothing was committed.
+WITH deleted AS (
+    DELETE FROM outbox_events
+    WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s
+    RETURNING 1
+)
+SELECT count(*) AS marked, pg_current_xact_id()::text::bigint AS xact FROM deleted;
 
 -- retry_set: a failed delivery's status, attempts, error and back-off (mark_retry's three forms)
 status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'failed' ELSE 'pending' END,

@@ -14,7 +14,9 @@ duplicates). In lock mode the marks roll back with the claiming transaction (its
 between delivery and commit): unless the server says that transaction committed (only the commit's
 reply was lost), they are made again on the rows still pending as the claim found them; a
 delivered row no longer pending (another claim took it meanwhile) counts as lease lost, "may be
-duplicated".
+duplicated". A row deleted on publish keeps no token for a delete made again to find: in status
+mode too the delete runs in a transaction of its own and returns that transaction's id, and when
+only the commit's reply was lost the server is asked in the same way, so nothing is counted lost.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ class Unsettled(NamedTuple):
     token: uuid.UUID | None  # None: lock mode, whose marks rolled back with the claiming transaction
     rows: list[Row]
     outcome: BatchOutcome
-    # Lock mode, the marks written and only the commit unreported: its transaction's id and what
-    # the marks wrote, in case the server says it committed.
+    # Lock mode or delete-on-publish, the marks written and only the commit unreported: its
+    # transaction's id and what the marks wrote, in case the server says it committed.
     xact: int | None = None
     written: tuple[TickResult, list[tuple]] | None = None
 
@@ -87,7 +89,7 @@ class Settler:
             else:
                 params = {**landed(outcome), "token": token}
             cur = await conn.execute(query, params)
-            if locked and not again:
+            if not again and (locked or s.delete_on_publish):  # the count and the transaction's id
                 marked, xact = await cur.fetchone()
             else:
                 marked = cur.rowcount
@@ -108,23 +110,21 @@ class Settler:
             retry_rows = await cur.fetchall()
         if outcome.released and not locked:
             await conn.execute(Q.release_claimed, {"ids": int_array(outcome.released), "token": token})
-        if locked and not again and xact is not None:
-            self.unsettled = Unsettled(None, rows, outcome, xact, (result, retry_rows))
+        if xact is not None:
+            self.unsettled = Unsettled(token, rows, outcome, xact, (result, retry_rows))
         return result, retry_rows
 
     async def settle(self, pool: psycopg_pool.AsyncConnectionPool, token: uuid.UUID, rows: list[Row],
                      outcome: BatchOutcome) -> TickResult:
-        try:
-            async with pool.connection() as conn:
-                # A transaction only when there are several statements: all delivered is one mark.
-                several = outcome.released or outcome.rejected or outcome.retry
-                async with conn.transaction() if several else contextlib.nullcontext():
-                    result, retry_rows = await self.write_outcome(conn, token, rows, outcome)
-        except Exception:
-            # Delivered but not marked: keep the outcome and settle it before the next claim,
-            # instead of leaving the rows to the reaper (and to duplicates).
-            self.unsettled = Unsettled(token, rows, outcome)
-            raise
+        # Until the marks are reported: delivered but not marked, the batch is settled before the
+        # next claim, instead of leaving the rows to the reaper (and to duplicates).
+        self.unsettled = Unsettled(token, rows, outcome)
+        async with pool.connection() as conn:
+            # A transaction only when there are several statements (all delivered is one mark), or
+            # for a delete: its commit apart, so its transaction's id comes back before the commit.
+            several = self.settings.delete_on_publish or outcome.released or outcome.rejected or outcome.retry
+            async with conn.transaction() if several else contextlib.nullcontext():
+                result, retry_rows = await self.write_outcome(conn, token, rows, outcome)
         self.unsettled = None
         self.after_settle(rows, outcome, retry_rows, result)
         return result
@@ -134,21 +134,26 @@ class Settler:
         log.info("settling a batch left unmarked by a failed tick", extra={
             "event": "settle retry", "errorId": error_id, "events": len(rows),
             "claimMode": "status" if token is not None else "lock"})
+        if xact is not None and await self._committed(pool, xact):
+            self.after_settle(rows, outcome, written[1], written[0])
+            return
         if token is not None:
             await self.settle(pool, token, rows, outcome)
             return
         async with pool.connection() as conn:
-            if xact is not None:
-                # Only the commit's reply is missing: the server knows whether the marks landed.
-                status = (await (await conn.execute(Q.xact_status, {"xact": xact})).fetchone())[0]
-                if status == "in progress":
-                    raise TransientError("the batch's transaction is still open on the server (its session lost)")
-                if status == "committed":
-                    self.after_settle(rows, outcome, written[1], written[0])
-                    return
             async with conn.transaction():
                 result, retry_rows = await self.write_outcome(conn, None, rows, outcome, again=True)
         self.after_settle(rows, outcome, retry_rows, result)
+
+    @staticmethod
+    async def _committed(pool: psycopg_pool.AsyncConnectionPool, xact: int) -> bool:
+        """Whether the batch's transaction committed: only its commit's reply is missing, and the
+        server knows whether the marks landed."""
+        async with pool.connection() as conn:
+            status = (await (await conn.execute(Q.xact_status, {"xact": xact})).fetchone())[0]
+        if status == "in progress":
+            raise TransientError("the batch's transaction is still open on the server (its session lost)")
+        return status == "committed"
 
     def after_settle(self, rows: list[Row], outcome: BatchOutcome, retry_rows: list[tuple],
                      result: TickResult) -> None:

@@ -127,24 +127,28 @@ class FakeCursor:
 
 
 class FakeConn:
-    def __init__(self, lost: int = 0, fail_on: str | None = None):
+    def __init__(self, lost: int = 0, fail_on: str | None = None, fail_commit: bool = False):
         self.statements: list[tuple[str, dict]] = []
         self.transactions = 0
         self.lost = lost
         self.fail_on = fail_on  # this statement fails as if the session had died
-        self.xact = 7777  # the lock-mode transaction's id
+        self.fail_commit = fail_commit  # the commit is sent and its reply never comes
+        self.xact = 7777  # the id of the marks' transaction (lock mode, or a delete)
         self.xact_status: str | None = "aborted"  # what the server says of it
 
     @contextlib.asynccontextmanager
     async def transaction(self):
         self.transactions += 1
         yield
+        if self.fail_commit:
+            raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
 
     async def execute(self, query, params=None):
         self.statements.append((query, params))
         if self.fail_on == query:
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-        if query == Q.mark_published_locked:  # the count and the transaction's id
+        if query in (Q.mark_published_locked, Q.delete_published, Q.delete_published_locked):
+            # the count and the transaction's id
             return FakeCursor(rows=[(params["ids"].count(",") + 1 - self.lost, self.xact)])
         if query == Q.xact_status:
             return FakeCursor(rows=[(self.xact_status,)])
@@ -307,3 +311,78 @@ def test_lock_mode_batch_whose_transaction_still_runs_waits(clock):
     with pytest.raises(TransientError, match="still open"):
         asyncio.run(st.settle_again(FakePool(conn), None))
     assert st.unsettled.rows == rows and [q for q, _ in conn.statements] == [Q.xact_status]
+
+
+# ---- delete-on-publish in status mode: a delete whose reply was lost (issue 25, case 6b) ----------------
+
+
+def deleted_batch(st: Settler, **conn):
+    """A status-mode delete-on-publish batch (two delivered, one to retry) whose settle failed."""
+    rows, outcome = lock_batch()
+    token = uuid.uuid4()
+    conn = FakeConn(**conn)
+    with pytest.raises(psycopg.OperationalError):
+        asyncio.run(st.settle(FakePool(conn), token, rows, outcome))
+    return conn, token, rows, outcome
+
+
+def test_status_mode_delete_is_its_own_transaction_and_a_lost_commit_reply_keeps_its_id(clock):
+    st = make_settler(clock, OUTBOX_DELETE_ON_PUBLISH="true")
+    conn, token, rows, outcome = deleted_batch(st, fail_commit=True)
+    assert [q for q, _ in conn.statements] == [Q.delete_published, Q.mark_retry] and conn.transactions == 1
+    result, retry_rows = st.unsettled.written
+    assert st.unsettled == Unsettled(token, rows, outcome, 7777, (result, retry_rows))
+    assert (result.published, result.lease_lost) == (2, 0)
+    # All delivered: a transaction all the same, its commit apart from the delete.
+    conn = FakeConn()
+    asyncio.run(st.settle(FakePool(conn), token, rows[:1], BatchOutcome(delivered=[1])))
+    assert [q for q, _ in conn.statements] == [Q.delete_published] and conn.transactions == 1
+    assert st.unsettled is None
+
+
+def test_status_mode_delete_whose_commit_landed_is_settled_without_lease_lost(clock, caplog):
+    st = make_settler(clock, OUTBOX_DELETE_ON_PUBLISH="true")
+    deleted_batch(st, fail_commit=True)
+    conn = FakeConn()
+    conn.xact_status = "committed"
+    published, lost = value(metrics.PROCESSED.labels("published")), value(metrics.LEASE_LOST)
+    retried = value(metrics.PROCESSED.labels("retried"))
+    asyncio.run(st.settle_again(FakePool(conn), None))
+    # Nothing deleted again (which would find the rows gone and count them lease lost): the server's word.
+    assert [q for q, _ in conn.statements] == [Q.xact_status] and conn.statements[0][1] == {"xact": 7777}
+    assert st.unsettled is None
+    assert value(metrics.PROCESSED.labels("published")) == published + 2 and value(metrics.LEASE_LOST) == lost
+    assert value(metrics.PROCESSED.labels("retried")) == retried + 1
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "lease lost"]
+
+
+def test_status_mode_delete_whose_commit_did_not_land_is_made_again_with_its_token(clock):
+    st = make_settler(clock, OUTBOX_DELETE_ON_PUBLISH="true")
+    _, token, _, _ = deleted_batch(st, fail_commit=True)
+    conn = FakeConn()  # the server: aborted
+    asyncio.run(st.settle_again(FakePool(conn), None))
+    assert [q for q, _ in conn.statements] == [Q.xact_status, Q.delete_published, Q.mark_retry]
+    assert conn.statements[1][1]["token"] == token and conn.transactions == 1
+    assert st.unsettled is None
+
+
+def test_status_mode_delete_whose_own_reply_was_lost_is_made_again_without_asking(clock):
+    # The delete's reply lost: its commit was never sent, so its transaction cannot have committed.
+    st = make_settler(clock, OUTBOX_DELETE_ON_PUBLISH="true")
+    _, token, rows, outcome = deleted_batch(st, fail_on=Q.delete_published)
+    assert st.unsettled == Unsettled(token, rows, outcome)
+    conn = FakeConn()
+    lost = value(metrics.LEASE_LOST)
+    asyncio.run(st.settle_again(FakePool(conn), None))
+    assert [q for q, _ in conn.statements] == [Q.delete_published, Q.mark_retry]
+    assert st.unsettled is None and value(metrics.LEASE_LOST) == lost
+
+
+def test_status_mode_delete_whose_transaction_still_runs_waits(clock):
+    st = make_settler(clock, OUTBOX_DELETE_ON_PUBLISH="true")
+    _, _, rows, _ = deleted_batch(st, fail_commit=True)
+    conn = FakeConn()
+    conn.xact_status = "in progress"
+    with pytest.raises(TransientError, match="still open"):
+        asyncio.run(st.settle_again(FakePool(conn), None))
+    assert st.unsettled.rows == rows and st.unsettled.xact == 7777

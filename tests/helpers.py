@@ -107,6 +107,16 @@ def commit_events(db_url: str, topic: str, n: int, *, keys: int, phase: str, key
     return ids
 
 
+def commit(db_url: str, events: list[Any]) -> list[int]:
+    """The events (kaireon_pub.Event) enqueued in one transaction, committed; their ids, in order."""
+    from kaireon_pub import enqueue_many
+
+    with psycopg.connect(db_url) as conn:
+        ids = enqueue_many(conn, events)
+        conn.commit()
+    return ids
+
+
 MAX_REREADS = 200  # per partition: a gap that reading again never fills is taken as it is
 
 

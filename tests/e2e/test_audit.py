@@ -35,6 +35,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from kaireon_pub import Event, enqueue_many
 from kaireon_pub.audit.broker import RecordReader
+from tests import helpers
 from tests.helpers import create_led_topic, run_cli, tier_env, wait_all_published, wait_for
 
 # The big ones once, directly; the small ones (locate, the out-of-order audit) run through PgBouncer too:
@@ -57,11 +58,9 @@ def create_topic(admin: AdminClient, name: str) -> str:
 def commit(db_url: str, topic: str, n: int, *, keys: int, per_tx: int = 5000, tag: str = "e") -> list[int]:
     """`n` events on `keys` keys, `per_tx` per transaction; their ids."""
     ids: list[int] = []
-    with psycopg.connect(db_url) as conn:
-        for start in range(0, n, per_tx):
-            ids += enqueue_many(conn, [Event(topic, f"key-{i % keys}", {"tag": tag, "i": i})
+    for start in range(0, n, per_tx):
+        ids += helpers.commit(db_url, [Event(topic, f"key-{i % keys}", {"tag": tag, "i": i})
                                        for i in range(start, min(n, start + per_tx))])
-            conn.commit()
     return ids
 
 
@@ -251,12 +250,10 @@ def test_locate_finds_a_byte_equal_record_and_says_when_it_differs(db_url, kafka
                                                                    tmp_path):
     topic = create_topic(admin, f"locate-{uuid.uuid4().hex[:8]}")
     tier = start_tier(bootstrap=kafka_broker.bootstrap)
-    with psycopg.connect(db_url) as conn:
-        [text_id, bytes_id, tombstone_id] = enqueue_many(conn, [
-            Event(topic, "k1", {"b": 2, "a": [1, "\u00e9"]}),
-            Event(topic, b"\x00\xffkey", b"\x00\x01\xfe\xff raw"),
-            Event(topic, "k1", None)])
-        conn.commit()
+    [text_id, bytes_id, tombstone_id] = helpers.commit(db_url, [
+        Event(topic, "k1", {"b": 2, "a": [1, "\u00e9"]}),
+        Event(topic, b"\x00\xffkey", b"\x00\x01\xfe\xff raw"),
+        Event(topic, "k1", None)])
     wait_all_published(db_url, 3, 60, "3 events published")
     env = tier_env(db_url, kafka_broker.bootstrap, tmp_path)
 
@@ -306,9 +303,7 @@ def test_locate_finds_a_byte_equal_record_and_says_when_it_differs(db_url, kafka
         conn.execute("UPDATE outbox_events SET published_offset = NULL WHERE id = %s", (tombstone_id,))
     assert cli(env, "locate", str(tombstone_id))[0] == 12
     tier.stop()
-    with psycopg.connect(db_url) as conn:
-        [pending] = enqueue_many(conn, [Event(topic, "k9", {"later": True})])
-        conn.commit()
+    [pending] = helpers.commit(db_url, [Event(topic, "k9", {"later": True})])
     code, doc = cli(env, "locate", str(pending))
     assert (code, doc["status"], doc["result"]) == (11, "pending", "not published")
     assert cli(env, "locate", str(pending + 1000))[0] == 10

@@ -26,8 +26,17 @@ import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
-from kaireon_pub import Event, enqueue_many
-from tests.helpers import TopicReader, create_led_topic, event_ids, metric_value, status_counts, tier_env, wait_for
+from kaireon_pub import Event
+from tests.helpers import (
+    TopicReader,
+    commit,
+    create_led_topic,
+    event_ids,
+    metric_value,
+    status_counts,
+    tier_env,
+    wait_for,
+)
 
 pytestmark = pytest.mark.not_via_pgbouncer("the broker's answers are the subject; these tests run once, directly")
 
@@ -47,13 +56,6 @@ def set_max_message_bytes(admin: AdminClient, name: str, value: str) -> None:
     resource = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=[entry])
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(30)
-
-
-def commit(db_url: str, events: list[Event]) -> list[int]:
-    with psycopg.connect(db_url) as conn:
-        ids = enqueue_many(conn, events)
-        conn.commit()
-    return ids
 
 
 def insert_invalid_topic(db_url: str, key: str) -> int:

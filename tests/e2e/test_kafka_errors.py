@@ -23,10 +23,10 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from kaireon_pub import Event, enqueue_many
+from kaireon_pub import Event
 from kaireon_pub.settings import PRODUCER_DEFAULTS
 from tests.e2e.test_kafka_faults import create_topic, fully_replicated, leaders, wait_rows
-from tests.helpers import TopicReader, event_ids, metric_value, status_counts, tier_env, wait_for
+from tests.helpers import TopicReader, commit, event_ids, metric_value, status_counts, tier_env, wait_for
 
 pytestmark = pytest.mark.not_via_pgbouncer("the broker's answers are the subject; these tests run once, directly")
 
@@ -56,13 +56,6 @@ def all_brokers_back(cluster):
     for node_id in cluster.node_ids:
         if node_id not in cluster.running():
             cluster.start_node(node_id)
-
-
-def commit(db_url: str, events: list[Event]) -> list[int]:
-    with psycopg.connect(db_url) as conn:
-        ids = enqueue_many(conn, events)
-        conn.commit()
-    return ids
 
 
 def rows(db_url: str, ids: list[int]) -> dict[int, tuple]:

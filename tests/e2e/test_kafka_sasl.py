@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kaireon_pub.settings import kafka_env_name
+from tests import helpers
 from tests.e2e.test_kafka_faults import steady
 from tests.helpers import TopicReader, event_ids, run_cli, status_counts, tier_env, wait_for
 
@@ -60,14 +61,9 @@ def all_output(tier) -> str:
 
 
 def commit(db_url: str, topic: str, n: int) -> list[int]:
-    import psycopg
+    from kaireon_pub import Event
 
-    from kaireon_pub import Event, enqueue_many
-
-    with psycopg.connect(db_url) as conn:
-        ids = enqueue_many(conn, [Event(topic, f"k{i % 5}", {"i": i}) for i in range(n)])
-        conn.commit()
-    return ids
+    return helpers.commit(db_url, [Event(topic, f"k{i % 5}", {"i": i}) for i in range(n)])
 
 
 def test_the_tier_publishes_with_scram_over_tls_and_the_password_is_in_no_output(db_url, sasl, tmp_path, run_tier):

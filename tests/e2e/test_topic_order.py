@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from kaireon_pub import Event, enqueue_many
+from kaireon_pub import Event
 from tests import helpers
 
 PRODUCE_RAISES = '''
@@ -57,14 +57,6 @@ def create_topic(bootstrap: str, name: str) -> None:
     admin.create_topics([NewTopic(name, 4, 1)])[name].result(30)
 
 
-def enqueue(db_url: str, events: list[Event]) -> list[int]:
-    """The events in one transaction; their ids."""
-    with psycopg.connect(db_url) as conn:
-        ids = enqueue_many(conn, events)
-        conn.commit()
-    return ids
-
-
 def rows(db_url: str, ids: list[int]) -> dict[int, tuple]:
     """id -> (status, attempts, updated_at, published_at, last_error)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -76,7 +68,7 @@ def rows(db_url: str, ids: list[int]) -> dict[int, tuple]:
 def warm(start_tier, db_url: str, topic: str, bootstrap: str, **env: str) -> helpers.Tier:
     """A tier that has published one event of `topic` (claiming, producing, settling)."""
     tier = start_tier(bootstrap=bootstrap, **env)
-    first = enqueue(db_url, [Event(topic, "warm-up", {"warm": True})])
+    first = helpers.commit(db_url, [Event(topic, "warm-up", {"warm": True})])
     try:
         helpers.wait_for(lambda: rows(db_url, first)[first[0]][0] == "published", 90, "the warm-up event published")
     except AssertionError as exc:
@@ -91,8 +83,8 @@ def test_a_missing_topic_fails_its_own_events_and_a_later_event_of_its_key_waits
     create_topic(bootstrap, topic)
     missing = f"{topic}-missing"
     warm(start_tier, db_url, topic, bootstrap, OUTBOX_MAX_ATTEMPTS="2", OUTBOX_BACKOFF_BASE_MS="300")
-    ids = enqueue(db_url, [Event(missing, "k", {"i": 0}), Event(topic, "k", {"i": 1})]
-                  + [Event(topic, f"other-{i}", {"i": i}) for i in range(2, 22)])
+    ids = helpers.commit(db_url, [Event(missing, "k", {"i": 0}), Event(topic, "k", {"i": 1})]
+                         + [Event(topic, f"other-{i}", {"i": i}) for i in range(2, 22)])
     committed = time.monotonic()
     e1, e2, others = ids[0], ids[1], ids[2:]
 
@@ -125,7 +117,7 @@ def test_a_later_event_on_another_topic_waits_until_the_earlier_one_is_published
     late = f"{topic}-late"
     warm(start_tier, db_url, topic, bootstrap, OUTBOX_MAX_ATTEMPTS="20", OUTBOX_BACKOFF_BASE_MS="300",
          OUTBOX_BACKOFF_MAX_MS="1000", KAFKA_TOPIC_METADATA_PROPAGATION_MAX_MS="1000")
-    e1, e2 = enqueue(db_url, [Event(late, "k", {"i": 0}), Event(topic, "k", {"i": 1})])
+    e1, e2 = helpers.commit(db_url, [Event(late, "k", {"i": 0}), Event(topic, "k", {"i": 1})])
     helpers.wait_for(lambda: rows(db_url, [e1])[e1][1] >= 1, 30, "the first attempt of e1 to fail")
     assert rows(db_url, [e2])[e2][0] == "pending", "e2 went out while e1 was failing"
     create_topic(bootstrap, late)
@@ -142,11 +134,11 @@ def test_a_row_whose_produce_raises_twice_retries_alone_while_the_others_flow(
     (faults / "sitecustomize.py").write_text(PRODUCE_RAISES)
     tier = warm(start_tier, db_url, topic, broker.bootstrap, PYTHONPATH=str(faults),
                 OUTBOX_MAX_ATTEMPTS="3", OUTBOX_BACKOFF_BASE_MS="300")
-    bad, *good = enqueue(db_url, [Event(topic, "bad", {"i": 0}, headers={"x-fault": "produce-raises"})]
-                         + [Event(topic, f"k{i % 5}", {"i": i}) for i in range(1, 41)])
+    bad, *good = helpers.commit(db_url, [Event(topic, "bad", {"i": 0}, headers={"x-fault": "produce-raises"})]
+                                + [Event(topic, f"k{i % 5}", {"i": i}) for i in range(1, 41)])
     # More events while the row is retrying: they flow, batch after batch.
     helpers.wait_for(lambda: rows(db_url, [bad])[bad][1] >= 1, 30, "the raising row's first retry")
-    good += enqueue(db_url, [Event(topic, f"k{i % 5}", {"i": i}) for i in range(41, 81)])
+    good += helpers.commit(db_url, [Event(topic, f"k{i % 5}", {"i": i}) for i in range(41, 81)])
     failed = helpers.wait_for(lambda: (r := rows(db_url, [bad])[bad])[0] == "failed" and r, 30,
                               "the raising row failed after its attempts")
     assert failed[1] == 3 and failed[4] == "produce raised RuntimeError: produce() broke on this record", failed

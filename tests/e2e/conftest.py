@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import helpers
+from tests.roles import Roles, TierDatabase
 
 
 @pytest.fixture
@@ -41,3 +42,24 @@ def topic_reader(request) -> Iterator[object]:
             bootstrap = bootstrap or request.getfixturevalue("broker").bootstrap
             return readers.enter_context(helpers.TopicReader(bootstrap, topic))
         yield open_reader
+
+
+@pytest.fixture
+def tier_role() -> str:
+    """The role the test's tier runs as: the superuser, unless the test parametrizes `tier_role`
+    (tests.roles.TIER_ROLES: "superuser", "runtime")."""
+    return "superuser"
+
+
+@pytest.fixture
+def tier_db(request, tier_role) -> Iterator[TierDatabase]:
+    """The test's outbox database for `tier_role`: `db_url` for the superuser; for "runtime", a
+    database of fresh roles (tests/roles.py: migrated by its owner, the runtime and read-only roles
+    given `kaireon-pub grants --no-read-all-stats`), dropped at the end. Request it before a fixture
+    that must be undone while the database exists (a prepared transaction keeps it from being dropped)."""
+    if tier_role == "superuser":
+        yield TierDatabase.single(request.getfixturevalue("db_url"))
+        return
+    assert tier_role == "runtime", tier_role
+    with Roles(request.getfixturevalue("pg")).create(read_all_stats=False) as roles:
+        yield roles.tier_database()

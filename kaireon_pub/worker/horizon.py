@@ -126,4 +126,4 @@ class Horizon:
                         "its rows are published when it ends", extra={
                             "event": "horizon bypass", "xids": xids, "holderPid": pid, "holderGid": gid,
                             "database": database, "application": application,
-                            "ageSeconds": round(age or 0.0, 1)})
+                            "ageSeconds": None if age is None else round(age, 1)})

@@ -46,6 +46,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.pgbouncer import PgBouncer
+from tests.roles import TIER_ROLES, TierDatabase
 
 pytestmark = pytest.mark.broker_agnostic(
     "the claim's edges are the database's (locks, lost replies, frozen peers, outages)")
@@ -79,7 +80,7 @@ def two_phase(pg):
 
 
 @pytest.fixture
-def prepared(two_phase, db_url, other_db):
+def prepared(two_phase, tier_db, other_db):
     """prepared(url) -> a fresh gid; every one still prepared at teardown is rolled back (before
     the databases are dropped: a prepared transaction keeps its database from being dropped)."""
     made: list[tuple[str, str]] = []
@@ -150,6 +151,12 @@ def ops_env(db_url: str, bootstrap: str, tmp_path) -> dict[str, str]:
     return tier_env(db_url, bootstrap, tmp_path, OUTBOX_HORIZON_MAX_WAIT_MS=str(HORIZON_MAX_WAIT_MS))
 
 
+def operator_env(env: dict[str, str], db: TierDatabase) -> dict[str, str]:
+    """The tier's environment for `status` and `check` as the role that runs them: beside a tier on
+    the runtime role, the read-only one (README, "Database roles")."""
+    return env if db.ops_url == db.tier_url else {**env, "DATABASE_URL": db.ops_url}
+
+
 def holders(status_doc: dict) -> list[dict]:
     assert "horizon" in status_doc, f"status --json has no horizon: {sorted(status_doc)}"
     return status_doc["horizon"]["heldBy"]
@@ -163,10 +170,11 @@ def ts(line: dict) -> float:
     return datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).timestamp()
 
 
-def started_tier(run_tier, env: dict[str, str], db_url: str, topic: str) -> object:
-    """A tier that has published a first event (it claims, its producer is connected)."""
+def started_tier(run_tier, env: dict[str, str], db_url: str, topic: str, app_url: str | None = None) -> object:
+    """A tier that has published a first event (it claims, its producer is connected); the event
+    written as `app_url`'s role (`db_url`'s by default)."""
     tier = run_tier(env)
-    warm = commit_events(db_url, topic, 1, keys=1, phase="warm-up", key_prefix="warm-")
+    warm = commit_events(app_url or db_url, topic, 1, keys=1, phase="warm-up", key_prefix="warm-")
     try:
         wait_published(db_url, warm, 30, "the warm-up event published")
     except AssertionError:
@@ -178,12 +186,18 @@ def started_tier(run_tier, env: dict[str, str], db_url: str, topic: str) -> obje
 # ---- transactions that cannot write the outbox never hold it -----------------------------------------
 
 
+@pytest.mark.parametrize("tier_role", TIER_ROLES[1:])
 def test_a_writing_transaction_open_in_another_database_for_30s_does_not_delay_publishing(
-        db_url, other_db, broker, topic, tmp_path, run_tier, topic_reader):
+        tier_db, other_db, broker, topic, tmp_path, run_tier, topic_reader):
+    """The tier on the runtime role only (it sees the other database's session without its start;
+    30 s are too long to run twice): the superuser's claim passes another database's transaction by
+    tests/integration/test_claim.py::test_a_transaction_of_another_database_does_not_hold_the_horizon,
+    and another database's prepared transaction end to end in the next test."""
+    db_url = tier_db.url
     other_name, other_url = other_db
     # A bound far beyond the test: were the other transaction waited for at all, nothing would flow.
-    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_HORIZON_MAX_WAIT_MS=str(NEVER_BYPASSED_MS))
-    tier = started_tier(run_tier, env, db_url, topic)
+    env = tier_env(tier_db.tier_url, broker.bootstrap, tmp_path, OUTBOX_HORIZON_MAX_WAIT_MS=str(NEVER_BYPASSED_MS))
+    tier = started_tier(run_tier, env, db_url, topic, tier_db.app_url)
     published: list[int] = []
     with psycopg.connect(other_url, application_name="other-app") as other:
         # Another application's outbox write in another database of the cluster: it has an xid
@@ -193,12 +207,12 @@ def test_a_writing_transaction_open_in_another_database_for_30s_does_not_delay_p
         opened = time.monotonic()
         round_no = 0
         while time.monotonic() - opened < 30:
-            ids = commit_events(db_url, topic, 10, keys=5, phase=f"round-{round_no}")
+            ids = commit_events(tier_db.app_url, topic, 10, keys=5, phase=f"round-{round_no}")
             wait_published(db_url, ids, TAIL, f"events committed {time.monotonic() - opened:.0f} s into a "
                                               f"transaction of database {other_name} published within {TAIL} s")
             published += ids
             if round_no == 0:
-                (doc,) = cli_json(env, ("status", "--json"))
+                (doc,) = cli_json(operator_env(env, tier_db), ("status", "--json"))
                 named = [h for h in holders(doc) if h.get("pid") == other_pid or h.get("database") == other_name]
                 assert named == [], f"status names another database's transaction as holding the claim: {named}"
             round_no += 1
@@ -247,18 +261,25 @@ def test_a_dangling_prepared_transaction_in_another_database_does_not_delay_publ
 # ---- a transaction of the outbox's own database holds the claim, but not for ever ---------------------
 
 
+@pytest.mark.parametrize("tier_role", TIER_ROLES)
 def test_a_same_database_transaction_that_never_writes_holds_publishing_at_most_the_bound(
-        db_url, broker, topic, tmp_path, run_tier, topic_reader):
-    env = ops_env(db_url, broker.bootstrap, tmp_path)
-    tier = started_tier(run_tier, env, db_url, topic)
+        tier_db, broker, topic, tmp_path, run_tier, topic_reader, tier_role):
+    """As the superuser and as the runtime role, which cannot see when the application's
+    transaction began: its workers time it from when they first saw it, and `status`/`check` (the
+    read-only role) name it without an age."""
+    db_url = tier_db.url
+    env = ops_env(tier_db.tier_url, broker.bootstrap, tmp_path)
+    operator = operator_env(env, tier_db)
+    ages_known = tier_role == "superuser"
+    tier = started_tier(run_tier, env, db_url, topic, tier_db.app_url)
     port = tier.http_port()
-    with psycopg.connect(db_url, application_name="report-job") as holder:
+    with psycopg.connect(tier_db.app_url, application_name="report-job") as holder:
         # A transaction that takes an xid (it writes something else) and then does nothing.
         holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
         holder_xid = int(holder.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
         opened = time.monotonic()
-        behind = commit_events(db_url, topic, 10, keys=5, phase="behind")
-        status_doc, check_doc = cli_json(env, ("status", "--json"), ("check", "--json"))
+        behind = commit_events(tier_db.app_url, topic, 10, keys=5, phase="behind")
+        status_doc, check_doc = cli_json(operator, ("status", "--json"), ("check", "--json"))
         asked_after = time.monotonic() - opened
         still_pending = status_counts(db_url).get("pending", 0)
         age_gauge = metric_value(port, "kaireon_outbox_horizon_age_seconds")
@@ -277,8 +298,11 @@ def test_a_same_database_transaction_that_never_writes_holds_publishing_at_most_
         assert entry["database"] == database_of(db_url)
         assert entry["application"] == "report-job"
         assert entry["bypassed"] is False
-        assert 0 < entry["ageSeconds"] < BOUND + 2
-        assert isinstance(status_doc["horizon"]["ageSeconds"], float) and status_doc["horizon"]["ageSeconds"] > 0
+        if ages_known:
+            assert 0 < entry["ageSeconds"] < BOUND + 2
+            assert isinstance(status_doc["horizon"]["ageSeconds"], float) and status_doc["horizon"]["ageSeconds"] > 0
+        else:  # the read-only role without pg_read_all_stats cannot see when it began
+            assert entry["ageSeconds"] is None, entry
         checks = {c["name"]: c for c in check_doc["checks"]}
         assert "horizon" in checks, f"check --json has no horizon check: {list(checks)}"
         assert str(holder_pid) in checks["horizon"]["detail"] and "report-job" in checks["horizon"]["detail"], \
@@ -290,14 +314,19 @@ def test_a_same_database_transaction_that_never_writes_holds_publishing_at_most_
                              "the horizon bypass logged")
         assert holder_xid in [int(x) for x in line.get("xids") or [line.get("xid")]], line
         assert line["database"] == database_of(db_url) and line["application"] == "report-job"
-        assert line["ageSeconds"] >= BOUND - 0.5
+        if ages_known:
+            assert line["ageSeconds"] >= BOUND - 0.5
+        else:  # unknown, and said so (before: 0.0, for a transaction waited for the whole bound)
+            assert line["ageSeconds"] is None, line
         assert (metric_value(port, "kaireon_outbox_horizon_bypassed_total") or 0) >= 1
         wait_for(lambda: metric_value(port, "kaireon_outbox_horizon_age_seconds") == 0, 10,
                  "kaireon_outbox_horizon_age_seconds back to 0 once the transaction is passed over")
-        later = commit_events(db_url, topic, 10, keys=5, phase="later")
+        later = commit_events(tier_db.app_url, topic, 10, keys=5, phase="later")
         wait_published(db_url, later, TAIL, "events committed after the bypass published within the tail")
-        (status_doc,) = cli_json(env, ("status", "--json"))
-        assert [h["bypassed"] for h in holders(status_doc) if h.get("pid") == holder_pid] == [True], \
+        (status_doc,) = cli_json(operator, ("status", "--json"))
+        # Passed over (by its age: `status` keeps no timer of its own, so without the age it still
+        # lists the transaction as waited for).
+        assert [h["bypassed"] for h in holders(status_doc) if h.get("pid") == holder_pid] == [ages_known], \
             status_doc["horizon"]
         holder.rollback()
     messages = topic_reader(topic).read_ids(behind + later, 30)
@@ -306,15 +335,18 @@ def test_a_same_database_transaction_that_never_writes_holds_publishing_at_most_
     assert tier.stop() == 0
 
 
+@pytest.mark.parametrize("tier_role", TIER_ROLES)
 def test_a_same_database_transaction_that_writes_after_the_bound_has_its_row_published_when_it_commits(
-        db_url, broker, topic, tmp_path, run_tier, topic_reader):
+        tier_db, broker, topic, tmp_path, run_tier, topic_reader):
+    """As the superuser and as the runtime role (the writer's start unseen: timed by the workers)."""
+    db_url = tier_db.url
     # The periodic rescan is far away: the row must be found because its transaction was remembered.
-    env = {**ops_env(db_url, broker.bootstrap, tmp_path), "OUTBOX_RESCAN_INTERVAL_MS": "600000"}
-    tier = started_tier(run_tier, env, db_url, topic)
-    with psycopg.connect(db_url, application_name="slow-writer") as writer:
+    env = {**ops_env(tier_db.tier_url, broker.bootstrap, tmp_path), "OUTBOX_RESCAN_INTERVAL_MS": "600000"}
+    tier = started_tier(run_tier, env, db_url, topic, tier_db.app_url)
+    with psycopg.connect(tier_db.app_url, application_name="slow-writer") as writer:
         writer.execute("SELECT pg_current_xact_id()")  # it takes its xid long before its outbox row
         opened = time.monotonic()
-        during = commit_events(db_url, topic, 10, keys=5, phase="during")
+        during = commit_events(tier_db.app_url, topic, 10, keys=5, phase="during")
         wait_published(db_url, during, BOUND + TAIL, f"events committed behind the open writer published within "
                                                      f"{BOUND:g} s (OUTBOX_HORIZON_MAX_WAIT_MS) + {TAIL:g} s")
         # The fault itself: the writer stays open past the bound before it writes its row.
@@ -322,7 +354,7 @@ def test_a_same_database_transaction_that_writes_after_the_bound_has_its_row_pub
         late = enqueue(writer, topic=topic, key="late-writer", payload={"late": True})
         writer.commit()
     wait_published(db_url, [late], TAIL, "the late writer's row published within the tail after it committed")
-    after = commit_events(db_url, topic, 5, keys=5, phase="after")
+    after = commit_events(tier_db.app_url, topic, 5, keys=5, phase="after")
     wait_published(db_url, after, TAIL, "events after it published")
     messages = topic_reader(topic).read_ids([*during, late, *after], 30)
     assert_per_key_order(messages)
@@ -331,20 +363,23 @@ def test_a_same_database_transaction_that_writes_after_the_bound_has_its_row_pub
     assert tier.stop() == 0
 
 
+@pytest.mark.parametrize("tier_role", TIER_ROLES)
 def test_a_same_database_prepared_transaction_that_wrote_the_outbox_holds_up_to_the_bound_and_is_named(
-        db_url, prepared, broker, topic, tmp_path, run_tier, topic_reader):
-    env = {**ops_env(db_url, broker.bootstrap, tmp_path), "OUTBOX_RESCAN_INTERVAL_MS": "600000"}
-    tier = started_tier(run_tier, env, db_url, topic)
+        tier_db, prepared, broker, topic, tmp_path, run_tier, topic_reader):
+    """As the superuser and as the runtime role (a prepared transaction's time is seen by every role)."""
+    db_url = tier_db.url
+    env = {**ops_env(tier_db.tier_url, broker.bootstrap, tmp_path), "OUTBOX_RESCAN_INTERVAL_MS": "600000"}
+    tier = started_tier(run_tier, env, db_url, topic, tier_db.app_url)
     gid = prepared(db_url)
-    with contextlib.closing(psycopg.connect(db_url, application_name="xa-app")) as app:
+    with contextlib.closing(psycopg.connect(tier_db.app_url, application_name="xa-app")) as app:
         app.tpc_begin(gid)
         # Plain SQL: enqueue() notifies, and PostgreSQL cannot PREPARE a transaction that did.
         in_doubt = app.execute("INSERT INTO outbox_events (topic, partition_key, payload) "
                                "VALUES (%s, 'two-phase', '{\"prepared\": true}') RETURNING id", (topic,)).fetchone()[0]
         app.tpc_prepare()
     prepared_at = time.monotonic()
-    behind = commit_events(db_url, topic, 10, keys=5, phase="behind")
-    status_doc, check_doc = cli_json(env, ("status", "--json"), ("check", "--json"))
+    behind = commit_events(tier_db.app_url, topic, 10, keys=5, phase="behind")
+    status_doc, check_doc = cli_json(operator_env(env, tier_db), ("status", "--json"), ("check", "--json"))
     asked_after = time.monotonic() - prepared_at
     still_pending = status_counts(db_url).get("pending", 0)
 
@@ -396,12 +431,15 @@ def above_counter(db_url: str) -> int:
                             "WHERE xid >= pg_snapshot_xmax(pg_current_snapshot())").fetchone()[0]
 
 
+@pytest.mark.parametrize("tier_role", TIER_ROLES)
 def test_rows_with_an_xid_above_the_counter_are_published_per_key_before_newer_events(
-        db_url, broker, topic, tmp_path, run_tier, topic_reader):
-    restored = insert_foreign(db_url, topic, 50, keys=10, key_prefix="acct-", base_xid=9_000_000_000)
-    newer = commit_events(db_url, topic, 50, keys=10, phase="after-restore", key_prefix="acct-")
+        tier_db, broker, topic, tmp_path, run_tier, topic_reader):
+    """As the superuser and as the runtime role (the rows restored by the owner, as a restore would)."""
+    db_url = tier_db.url
+    restored = insert_foreign(tier_db.app_url, topic, 50, keys=10, key_prefix="acct-", base_xid=9_000_000_000)
+    newer = commit_events(tier_db.app_url, topic, 50, keys=10, phase="after-restore", key_prefix="acct-")
     assert above_counter(db_url) == 50
-    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_RESCAN_INTERVAL_MS="3000")
+    env = tier_env(tier_db.tier_url, broker.bootstrap, tmp_path, OUTBOX_RESCAN_INTERVAL_MS="3000")
     tier = run_tier(env)
     wait_published(db_url, restored + newer, 30, "the 50 restored rows and the 50 newer events published")
     messages = topic_reader(topic).read_ids(restored + newer, 30)
@@ -420,7 +458,7 @@ def test_rows_with_an_xid_above_the_counter_are_published_per_key_before_newer_e
 
     # Found again by the periodic rescan while the tier runs.
     lines_before = len(tier.logs())
-    again = insert_foreign(db_url, topic, 20, keys=4, key_prefix="late-restore-", base_xid=9_500_000_000)
+    again = insert_foreign(tier_db.app_url, topic, 20, keys=4, key_prefix="late-restore-", base_xid=9_500_000_000)
     wait_published(db_url, again, 3 + TAIL + 2, "rows restored while the tier runs published after a rescan")
     line = tier.wait_log(lambda e: e.get("event") == "foreign rows restamped" and e.get("count") == 20, 5,
                          "the second restamp logged")
@@ -445,31 +483,36 @@ def locked_by(db_url: str, event_id: int) -> bool:
 
 
 @pytest.mark.parametrize("claim_mode", ["status", "lock"])
+@pytest.mark.parametrize("tier_role", TIER_ROLES)
 def test_a_pending_row_locked_by_another_session_holds_only_its_key(
-        db_url, broker, topic, tmp_path, run_tier, topic_reader, claim_mode):
+        tier_db, broker, topic, tmp_path, run_tier, topic_reader, claim_mode):
     # A careless application (or an operator in psql) locks a pending event: SELECT ... FOR UPDATE,
     # an UPDATE of its payload, left open. The claim must neither wait for it (every other key
     # would stall) nor step over it (the later events of its key would overtake it).
     # Batches of 2: the later events of the locked one's key span claims, so the worker must
     # remember what holds them (within one claim, the claim's own scan sees it).
-    env = tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_CLAIM_MODE=claim_mode,
+    # As the superuser and as the runtime role: the locker is then the application's role, whose
+    # start the tier cannot see (it is timed by the workers) and whose lock it cannot take over.
+    db_url = tier_db.url
+    app_url = tier_db.app_url
+    env = tier_env(tier_db.tier_url, broker.bootstrap, tmp_path, OUTBOX_CLAIM_MODE=claim_mode,
                    OUTBOX_HORIZON_MAX_WAIT_MS="1000", OUTBOX_BATCH_SIZE="2")
-    tier = started_tier(run_tier, env, db_url, topic)
+    tier = started_tier(run_tier, env, db_url, topic, app_url)
     port = tier.http_port()
-    with psycopg.connect(db_url, application_name="careless-admin") as locker:
+    with psycopg.connect(app_url, application_name="careless-admin") as locker:
         # The locker's xid is older than the event: the claim waits for it (up to the bound), so
         # the event is still pending when the lock is taken.
         locker_pid = locker.execute("SELECT pg_backend_pid()").fetchone()[0]
         locker.execute("SELECT pg_current_xact_id()")
-        (first,) = commit_events(db_url, topic, 1, keys=1, phase="locked", key_prefix="acct-")
+        (first,) = commit_events(app_url, topic, 1, keys=1, phase="locked", key_prefix="acct-")
         locker.execute("UPDATE outbox_events SET headers = headers WHERE id = %s", (first,))
         with psycopg.connect(db_url, autocommit=True) as conn:
             assert conn.execute("SELECT status FROM outbox_events WHERE id = %s", (first,)).fetchone()[0] == "pending"
-        behind = commit_events(db_url, topic, 3, keys=1, phase="behind the locked event", key_prefix="acct-")
-        others = commit_events(db_url, topic, 40, keys=20, phase="other keys", key_prefix="other-")
+        behind = commit_events(app_url, topic, 3, keys=1, phase="behind the locked event", key_prefix="acct-")
+        others = commit_events(app_url, topic, 40, keys=20, phase="other keys", key_prefix="other-")
         wait_published(db_url, others, 1 + TAIL, "the events of other keys published while one event is locked")
         # A further round of claims after those: the events behind the locked one are still held.
-        probe = commit_events(db_url, topic, 1, keys=1, phase="probe", key_prefix="probe-")
+        probe = commit_events(app_url, topic, 1, keys=1, phase="probe", key_prefix="probe-")
         wait_published(db_url, probe, TAIL, "a later event of another key published")
         assert locked_by(db_url, first)
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -477,7 +520,7 @@ def test_a_pending_row_locked_by_another_session_holds_only_its_key(
                                        (behind + [first],)).fetchall())
         assert set(states.values()) == {"pending"}, f"events of the locked event's key moved on: {states}"
         # What holds them is named: the session (status --json), the conflict (a metric, a log line).
-        (status_doc,) = cli_json(env, ("status", "--json"))
+        (status_doc,) = cli_json(operator_env(env, tier_db), ("status", "--json"))
         assert [h for h in holders(status_doc) if h.get("pid") == locker_pid], status_doc["horizon"]
         assert (metric_value(port, "kaireon_outbox_locked_events") or 0) >= 1
         assert (metric_value(port, "kaireon_outbox_claim_lock_conflicts_total") or 0) >= 1

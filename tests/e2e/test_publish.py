@@ -4,9 +4,11 @@ import threading
 
 import orjson
 import psycopg
+import pytest
 
 from kaireon_pub import Event, enqueue, enqueue_many
 from tests.helpers import event_ids, status_counts, wait_for
+from tests.roles import TIER_ROLES
 
 
 def test_committed_events_reach_the_topic_with_key_value_headers(db_url, topic, start_tier, topic_reader):
@@ -51,13 +53,16 @@ def test_rolled_back_transaction_publishes_nothing(db_url, topic, start_tier, to
     assert tier.stop() == 0
 
 
-def test_late_commit_with_lower_id_is_neither_skipped_nor_reordered(db_url, topic, start_tier, topic_reader):
-    """Sequence order is not commit order: a transaction holding a lower id commits last."""
-    tier = start_tier()
+@pytest.mark.parametrize("tier_role", TIER_ROLES)
+def test_late_commit_with_lower_id_is_neither_skipped_nor_reordered(tier_db, topic, start_tier, topic_reader):
+    """Sequence order is not commit order: a transaction holding a lower id commits last. As the
+    superuser and as the runtime role (which cannot see when the application's transaction began)."""
+    db_url = tier_db.url
+    tier = start_tier(db_url=tier_db.tier_url)
     reader = topic_reader(topic)
-    slow = psycopg.connect(db_url)
+    slow = psycopg.connect(tier_db.app_url)
     low = enqueue(slow, topic=topic, key="acct-1", payload={"step": 1})
-    with psycopg.connect(db_url) as fast:
+    with psycopg.connect(tier_db.app_url) as fast:
         high = enqueue(fast, topic=topic, key="acct-2", payload={"step": 2})
         fast.commit()
     # Keep the slow transaction open across several poll ticks (200 ms each) before it commits.
@@ -71,28 +76,32 @@ def test_late_commit_with_lower_id_is_neither_skipped_nor_reordered(db_url, topi
     assert tier.stop() == 0
 
 
-def test_the_horizon_waits_for_application_writers_not_for_publisher_workers(db_url, start_tier):
+@pytest.mark.parametrize("tier_role", TIER_ROLES)
+def test_the_horizon_waits_for_application_writers_not_for_publisher_workers(tier_db, start_tier):
     """An open writing transaction of the application holds later events back (it may still
-    insert one with a lower xid); one of a publisher worker's sessions does not (it never inserts)."""
-    tier = start_tier()
+    insert one with a lower xid); one of a publisher worker's sessions does not (it never inserts).
+    As the superuser and as the runtime role: the worker-like session is then of the tier's role,
+    the application's of its own role (the owner, which may register workers too)."""
+    db_url = tier_db.url
+    tier = start_tier(db_url=tier_db.tier_url)
 
     def status_of(event_id: int) -> str:
         with psycopg.connect(db_url, autocommit=True) as conn:
             return conn.execute("SELECT status FROM outbox_events WHERE id = %s", (event_id,)).fetchone()[0]
 
     def commit_one(key: str) -> int:
-        with psycopg.connect(db_url) as conn:
+        with psycopg.connect(tier_db.app_url) as conn:
             event_id = enqueue(conn, topic="horizon-test", key=key, payload={"k": key})
             conn.commit()
         return event_id
 
-    with psycopg.connect(db_url, application_name="kaireon-pub:worker-test") as worker_like:
+    with psycopg.connect(tier_db.tier_url, application_name="kaireon-pub:worker-test") as worker_like:
         worker_like.execute("SELECT pg_current_xact_id()")  # an open transaction with an xid
         passes = commit_one("after-a-worker-transaction")
         wait_for(lambda: status_of(passes) == "published", 30, "published past a worker's open transaction")
         worker_like.rollback()
 
-    with psycopg.connect(db_url, application_name="some-app") as app_writer:
+    with psycopg.connect(tier_db.app_url, application_name="some-app") as app_writer:
         app_writer.execute("SELECT pg_current_xact_id()")
         held = commit_one("after-an-application-transaction")
         # Several poll ticks (200 ms each) pass; the event must still be waiting.

@@ -206,7 +206,7 @@ PRODUCER_QUEUE_DEPTH = Gauge(
     "Messages in the producers' local queues, produced and not yet acknowledged by the broker.",
     multiprocess_mode="livesum",
 )
-# Written by the readiness check (/readyz) of the HTTP server process only.
+# Written by the HTTP process on its own clock (every 5 s, whether or not /readyz is called) and by worker 0.
 DATABASE_UP = Gauge(
     f"{NS}_database_up",
     "1 when the last readiness check reached the database, else 0 (0 until the first check).",

@@ -200,7 +200,8 @@ def _check_horizon(report: Report, conn: psycopg.Connection, max_wait_ms: int) -
         verb = "was passed over" if h["bypassed"] else "holds the claim"
         notes.append(f"{who} (database {h['database']}, application {h['application'] or '-'}, open {age}) {verb}")
     if foreign:
-        notes.append(f"{foreign} pending rows carry transaction ids from another cluster (re-stamped by worker 0)")
+        notes.append(f"{foreign} pending rows carry transaction ids from another cluster "
+                     "(re-stamped by the workers before their claims)")
     if not notes:
         report.add("horizon", "ok", "no open transaction holds the claim back")
     else:

@@ -249,7 +249,7 @@ def render(doc: dict[str, Any]) -> str:
                      f"open {age}: {state}")
     if doc["foreignRows"]:
         lines.append(f"  {doc['foreignRows']:,} pending rows carry transaction ids from another cluster "
-                     "(a restore): worker 0 re-stamps them")
+                     "(a restore): the workers re-stamp them before their claims")
 
     lines += ["", "Most lagging shards (oldest pending first)"]
     if not doc["laggingShards"]:

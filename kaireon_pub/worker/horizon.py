@@ -103,8 +103,7 @@ class Horizon:
         for xid in ended:
             # Its rows (if it committed any) sit behind the cursors: look again from its xid.
             self.passed_over.pop(xid, None)
-            for shard in list(self.scan.cursors):
-                self.scan.rewind(shard, (xid, 0))
+            self.scan.rewind_every((xid, 0))
         return [xid for xid in bypassed if xid not in self.passed_over]
 
     def remember(self, xids: list[int]) -> None:

@@ -125,6 +125,13 @@ class ShardScan:
         if shard in self.cursors and position < self.cursors[shard]:
             self.cursors[shard] = position
 
+    def rewind_every(self, position: Position) -> None:
+        """Rows may have gone back to pending at `position` in any shard (a passed-over transaction
+        ended): every cursor past it goes back to it."""
+        for shard, cursor in self.cursors.items():
+            if position < cursor:
+                self.cursors[shard] = position
+
     def rescan_after(self, shard: int, delay_s: float) -> None:
         """Scan the shard again from its start in `delay_s` (a retry waits behind its cursor)."""
         due = self.clock() + max(0.0, delay_s) + 0.01

@@ -52,6 +52,17 @@ def test_rewind_moves_a_cursor_back_only(clock):
     assert s.cursors == {1: (10, 9)}
 
 
+def test_rewind_every_moves_back_each_cursor_past_the_position_and_starts_none(clock):
+    # A passed-over transaction ended (worker/horizon.py): its rows may sit behind any shard's cursor.
+    s = scan(clock)
+    s.cursors = {1: (100, 5), 2: (40, 1), 3: (50, 0), 4: (50, 7)}
+    s.rewind_every((50, 0))
+    assert s.cursors == {1: (50, 0), 2: (40, 1), 3: (50, 0), 4: (50, 0)}  # shard 2 is before it: stays
+    s.cursors = {}
+    s.rewind_every((1, 0))
+    assert s.cursors == {}  # a shard with no cursor scans from its start anyway: none is made
+
+
 def test_apply_rescans_due_shards_then_full_rescan(clock):
     s = scan(clock, rescan_interval_s=10)
     s.cursors = {1: (5, 5), 2: (6, 6)}

@@ -98,7 +98,7 @@ class Arbiter:
         for slot in self.slots:
             self.spawn_worker(slot)
         while True:
-            self._sleep(0.5)
+            self._sleep(self.http.wait_before_next_stop(0.5))
             self._dispatch_signals()
             self.reap_children()
             if self.stopping:

@@ -20,7 +20,9 @@ from kaireon_pub.supervisor.heartbeat import Heartbeat
 log = logging.getLogger("kaireon_pub.supervisor")
 
 MAX_BOOT_FAILURES = 5  # in a row, per slot (or of the HTTP process), before the supervisor gives up (exit 4)
-HTTP_STOP_GRACE_S = 1.5  # at stop, between the HTTP child's TERM and KILL
+# At stop, between the HTTP child's first TERM and its KILL: the child is gone within a second of
+# its signal (issue 25, case 8). An HTTP child stops in a few ms when it can run its handler.
+HTTP_STOP_GRACE_S = 0.7
 
 
 @dataclass
@@ -57,8 +59,11 @@ def send_signal(pid: int, sig: int) -> None:
 class HttpChild:
     """The HTTP process of a supervisor: `pid` while it runs, `port` once it listens."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic,
+                 signal_fn: Callable[[int, int], None] = send_signal):
         self.settings = settings
+        self.clock = clock  # the tests' fake clock and fake kill; time.monotonic and send_signal
+        self.signal_fn = signal_fn
         self.pid: int | None = None
         self.kill_at: float | None = None  # at stop: when the HTTP child gets SIGKILL
         self.respawn_at = 0.0
@@ -98,18 +103,30 @@ class HttpChild:
         """SIGTERM to the HTTP child (again on each pass), then SIGKILL if it has not exited
         HTTP_STOP_GRACE_S after the first: it holds nothing a drain must wait for (a reaper run
         cut short rolls back), and a child that cannot run its handler must not hold the
-        supervisor until the drain budget ends."""
-        now = time.monotonic()
+        supervisor until the drain budget ends. The supervisor's loop sleeps at most
+        `wait_before_next_stop()`, so the KILL is not late by a pass."""
+        now = self.clock()
         if self.kill_at is None:
             self.kill_at = now + HTTP_STOP_GRACE_S
+            log.info("stopping the http server", extra={
+                "event": "http stopping", "httpPid": self.pid, "graceSeconds": HTTP_STOP_GRACE_S})
+        elif self.kill_at == float("inf"):
+            return  # killed: only its reaping is left
         elif now >= self.kill_at:
             log.error("http server did not stop after its signal; killing it", extra={
                 "event": "http kill", "errorId": new_error_id(), "httpPid": self.pid,
                 "graceSeconds": HTTP_STOP_GRACE_S})
-            send_signal(self.pid, signal.SIGKILL)
+            self.signal_fn(self.pid, signal.SIGKILL)
             self.kill_at = float("inf")
             return
-        send_signal(self.pid, signal.SIGTERM)
+        self.signal_fn(self.pid, signal.SIGTERM)
+
+    def wait_before_next_stop(self, longest: float) -> float:
+        """How long the supervisor may sleep before its next pass: `longest`, or less when the
+        HTTP child's KILL is due sooner."""
+        if self.pid is None or self.kill_at is None or self.kill_at == float("inf"):
+            return longest
+        return max(0.0, min(longest, self.kill_at - self.clock()))
 
     def read_port(self) -> None:
         if self.port_pipe is None:

@@ -22,7 +22,9 @@ from kaireon_pub.ops.grants import statements
 
 NOT_VIA_PGBOUNCER = ("the session's PgBouncer knows one user (its userlist): these roles log in to the "
                      "server directly")
-TIER_ROLES = ("superuser", pytest.param("runtime", marks=pytest.mark.not_via_pgbouncer(NOT_VIA_PGBOUNCER)))
+TIER_ROLES = ("superuser", pytest.param("runtime", marks=[
+    pytest.mark.not_via_pgbouncer(NOT_VIA_PGBOUNCER),
+    pytest.mark.broker_agnostic("the tier's database role is the database's")]))
 
 
 @dataclass(frozen=True)

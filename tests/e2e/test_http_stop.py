@@ -1,7 +1,10 @@
 """The HTTP child is gone within a second of the supervisor's SIGTERM to it, whatever its requests
 are doing (issue 25, case 8: a fresh clone's `make test` once waited the whole 15 s drain budget for
 an HTTP child that never logged `http stopped`; that hang's cause was not found, so a child that
-does not stop is killed HTTP_STOP_GRACE_S after its TERM).
+does not stop is killed HTTP_STOP_GRACE_S after its TERM). Three cases: probes being polled (the
+child stops by itself, in milliseconds), a child that cannot run its handler (SIGSTOP), and a
+request that will not end soon (a reaper run waiting for a lock: the server's own wait for its
+in-flight requests, 1 s, is longer than the grace, so the KILL ends it).
 
 The child's stop is timed from the supervisor's `http stopping` line (written just before its
 first SIGTERM to the child) to its `supervisor stopped` line (written once it has reaped the
@@ -18,8 +21,10 @@ import threading
 import urllib.request
 from typing import Any
 
+import psycopg
 import pytest
 
+from kaireon_pub.http.app import CRON_PATH
 from tests.helpers import tier_env, wait_for
 
 pytestmark = pytest.mark.broker_agnostic("the HTTP child's stop")
@@ -117,3 +122,48 @@ def test_an_http_child_that_does_not_stop_is_killed_within_a_second(db_url, brok
     assert killed["httpPid"] == child
     assert killed.get("errorId")
     assert "http stopped" not in [e.get("event") for e in logs]
+
+
+def test_a_reaper_run_blocked_on_a_lock_does_not_hold_the_childs_stop(db_url, broker, tmp_path, run_tier):
+    """A request that will not end soon (a cron reaper run waiting for a table lock another session
+    holds) when the signal comes: the child is gone within a second all the same, and the run it
+    cut short records nothing (its transaction rolls back)."""
+    secret = "http-stop-cron-secret"
+    tier = run_tier(tier_env(db_url, broker.bootstrap, tmp_path, OUTBOX_WORKERS="1", CRON_SECRET=secret))
+    port = tier.http_port()
+    answers: list[object] = []
+
+    def cron_call() -> None:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{CRON_PATH}", method="POST", data=b"",
+                                         headers={"Authorization": f"Bearer {secret}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answers.append(response.status)
+        except (OSError, http.client.HTTPException) as exc:
+            answers.append(exc)  # the server stopped under it: the point of the test
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        runs_before = conn.execute("SELECT count(*) FROM outbox_reaper_runs").fetchone()[0]
+        with psycopg.connect(db_url) as holder:
+            # SHARE: the run's INSERT waits; reads of the table (`kaireon-pub status`) do not.
+            holder.execute("LOCK TABLE outbox_reaper_runs IN SHARE MODE")
+            caller = threading.Thread(target=cron_call, daemon=True)
+            caller.start()
+            wait_for(lambda: conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'INSERT INTO outbox_reaper_runs%'").fetchone()[0], 30,
+                "the reaper run waiting for the lock")
+            tier.proc.send_signal(signal.SIGTERM)
+            code = tier.wait_exit(30)
+            logs = tier.logs()
+            elapsed = child_stop_seconds(logs)
+            holder.rollback()  # the lock goes; the cut-short run's session finds its client gone
+        caller.join(10)
+        assert code == 0
+        assert elapsed < CHILD_STOP_BOUND_S, \
+            f"the http child, a reaper run in flight, was gone {elapsed:.3f} s after its SIGTERM"
+        assert answers and not answers[0] == 200, f"the cut-short run answered {answers}"
+        wait_for(lambda: not conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'INSERT INTO outbox_reaper_runs%' "
+            "AND state <> 'idle'").fetchone()[0], 30, "the cut-short run's session to end")
+        assert conn.execute("SELECT count(*) FROM outbox_reaper_runs").fetchone()[0] == runs_before

@@ -116,7 +116,7 @@ class _App:
     def close(self) -> None:
         stop = getattr(self.readiness, "stop", None)
         if stop is not None:
-            stop()
+            stop(0.2)  # a check in flight is a daemon thread: the child need not wait it out
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()

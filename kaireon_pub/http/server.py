@@ -55,8 +55,9 @@ WAITRESS_LOGGERS = ("waitress", "waitress.queue")
 # How often the child checks that its supervisor still exists.
 _ORPHAN_CHECK_SECONDS = 1.0
 # On stop, how long in-flight requests get before the server closes anyway (a reaper run cut
-# short rolls back).
-_STOP_GRACE_SECONDS = 1.0
+# short rolls back). With the readiness thread's 0.2 s (app.close) it stays inside the 0.7 s the
+# supervisor gives the child before SIGKILL (supervisor/children.py).
+_STOP_GRACE_SECONDS = 0.3
 # Signals the supervisor may have handlers for; in the child they get their defaults back.
 _INHERITED_SIGNALS = ("SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGTTIN", "SIGTTOU", "SIGWINCH")
 
@@ -245,8 +246,10 @@ def serve_forever(settings: Settings, stop_event: threading.Event | None = None,
             while not stop_event.is_set():
                 wasyncore.loop(timeout=1.0, use_poll=True, map=socket_map, count=1)
         finally:
-            wasyncore.close_all(socket_map, ignore_all=True)
+            # The task threads first: one still running pulls the trigger when it ends, and after
+            # close_all that wrote a byte to a closed descriptor, or to whatever reused its number.
             server.task_dispatcher.shutdown(cancel_pending=True, timeout=_STOP_GRACE_SECONDS)
+            wasyncore.close_all(socket_map, ignore_all=True)
     finally:
         if owned is not None:
             owned.close()

@@ -477,7 +477,7 @@ WITH deleted AS (
 )
 SELECT count(*) AS marked, pg_current_xact_id()::text::bigint AS xact FROM deleted;
 
--- xact_status: whether a batch's transaction committed (lock mode, or delete_published; its commit's reply was lost)
+-- xact_status: whether a batch's transaction committed (lock mode, or current_xact's; its commit's reply was lost)
 -- committed, aborted, in progress; NULL when the id is too old for the server to know.
 SELECT pg_xact_status(%(xact)s::text::xid8) AS status;
 
@@ -543,15 +543,16 @@ published_partition = (%(partitions)s::int[])[width_bucket(id, %(ids)s::bigint[]
 
 -- delete_published: delete-on-publish variant of mark_published (the token alone: see there)
 -- A deleted row keeps no token for a delete made again to find, so the worker sends it in a
--- transaction of its own and it returns, with the count, the transaction's id: should the reply of
--- the commit be lost, the worker asks the server whether it committed (xact_status) instead of
+-- transaction of its own and reads that transaction's id (current_xact) before the commit: should
+-- the commit's reply be lost, it asks the server whether it committed (xact_status) instead of
 -- counting the rows as lease lost; should the delete's own reply be lost, nothing was committed.
-WITH deleted AS (
-    DELETE FROM outbox_events
-    WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s
-    RETURNING 1
-)
-SELECT count(*) AS marked, pg_current_xact_id()::text::bigint AS xact FROM deleted;
+-- The id is read apart: returned with the count (a data-modifying WITH … RETURNING, as
+-- delete_published_locked), the delete cost a fifth more per row on the server.
+DELETE FROM outbox_events
+WHERE id = ANY(%(ids)s::bigint[]) AND claim_token = %(token)s;
+
+-- current_xact: the open transaction's id (delete_published's, read before its commit for xact_status)
+SELECT pg_current_xact_id()::text::bigint AS xact;
 
 -- retry_set: a failed delivery's status, attempts, error and back-off (mark_retry's three forms)
 status = CASE WHEN e.attempts + 1 >= %(max_attempts)s OR u.permanent THEN 'failed' ELSE 'pending' END,

@@ -15,7 +15,7 @@ between delivery and commit): unless the server says that transaction committed 
 reply was lost), they are made again on the rows still pending as the claim found them; a
 delivered row no longer pending (another claim took it meanwhile) counts as lease lost, "may be
 duplicated". A row deleted on publish keeps no token for a delete made again to find: in status
-mode too the delete runs in a transaction of its own and returns that transaction's id, and when
+mode too the delete runs in a transaction of its own whose id is read before the commit, and when
 only the commit's reply was lost the server is asked in the same way, so nothing is counted lost.
 """
 
@@ -89,7 +89,7 @@ class Settler:
             else:
                 params = {**landed(outcome), "token": token}
             cur = await conn.execute(query, params)
-            if not again and (locked or s.delete_on_publish):  # the count and the transaction's id
+            if locked and not again:
                 marked, xact = await cur.fetchone()
             else:
                 marked = cur.rowcount
@@ -110,8 +110,8 @@ class Settler:
             retry_rows = await cur.fetchall()
         if outcome.released and not locked:
             await conn.execute(Q.release_claimed, {"ids": int_array(outcome.released), "token": token})
-        if xact is not None:
-            self.unsettled = Unsettled(token, rows, outcome, xact, (result, retry_rows))
+        if locked and not again and xact is not None:
+            self.unsettled = Unsettled(None, rows, outcome, xact, (result, retry_rows))
         return result, retry_rows
 
     async def settle(self, pool: psycopg_pool.AsyncConnectionPool, token: uuid.UUID, rows: list[Row],
@@ -125,6 +125,10 @@ class Settler:
             several = self.settings.delete_on_publish or outcome.released or outcome.rejected or outcome.retry
             async with conn.transaction() if several else contextlib.nullcontext():
                 result, retry_rows = await self.write_outcome(conn, token, rows, outcome)
+                if self.settings.delete_on_publish and outcome.delivered:
+                    # Read before the commit, whose reply may be lost: the server says then whether it landed.
+                    xact = (await (await conn.execute(Q.current_xact)).fetchone())[0]
+                    self.unsettled = Unsettled(token, rows, outcome, xact, (result, retry_rows))
         self.unsettled = None
         self.after_settle(rows, outcome, retry_rows, result)
         return result

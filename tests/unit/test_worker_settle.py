@@ -147,12 +147,13 @@ class FakeConn:
         self.statements.append((query, params))
         if self.fail_on == query:
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-        if query in (Q.mark_published_locked, Q.delete_published, Q.delete_published_locked):
-            # the count and the transaction's id
+        if query in (Q.mark_published_locked, Q.delete_published_locked):  # the count and the transaction's id
             return FakeCursor(rows=[(params["ids"].count(",") + 1 - self.lost, self.xact)])
+        if query == Q.current_xact:
+            return FakeCursor(rows=[(self.xact,)])
         if query == Q.xact_status:
             return FakeCursor(rows=[(self.xact_status,)])
-        if query in (Q.mark_published, Q.mark_published_again):
+        if query in (Q.mark_published, Q.mark_published_again, Q.delete_published):
             return FakeCursor(rowcount=params["ids"].count(",") + 1 - self.lost)
         if query in (Q.mark_retry, Q.mark_retry_locked, Q.mark_retry_again):
             return FakeCursor(rows=[(i, "pending", 1, i, 0.0) for i in params["ids"]])
@@ -329,14 +330,15 @@ def deleted_batch(st: Settler, **conn):
 def test_status_mode_delete_is_its_own_transaction_and_a_lost_commit_reply_keeps_its_id(clock):
     st = make_settler(clock, OUTBOX_DELETE_ON_PUBLISH="true")
     conn, token, rows, outcome = deleted_batch(st, fail_commit=True)
-    assert [q for q, _ in conn.statements] == [Q.delete_published, Q.mark_retry] and conn.transactions == 1
+    assert [q for q, _ in conn.statements] == [Q.delete_published, Q.mark_retry, Q.current_xact]
+    assert conn.transactions == 1
     result, retry_rows = st.unsettled.written
     assert st.unsettled == Unsettled(token, rows, outcome, 7777, (result, retry_rows))
     assert (result.published, result.lease_lost) == (2, 0)
     # All delivered: a transaction all the same, its commit apart from the delete.
     conn = FakeConn()
     asyncio.run(st.settle(FakePool(conn), token, rows[:1], BatchOutcome(delivered=[1])))
-    assert [q for q, _ in conn.statements] == [Q.delete_published] and conn.transactions == 1
+    assert [q for q, _ in conn.statements] == [Q.delete_published, Q.current_xact] and conn.transactions == 1
     assert st.unsettled is None
 
 
@@ -361,7 +363,7 @@ def test_status_mode_delete_whose_commit_did_not_land_is_made_again_with_its_tok
     _, token, _, _ = deleted_batch(st, fail_commit=True)
     conn = FakeConn()  # the server: aborted
     asyncio.run(st.settle_again(FakePool(conn), None))
-    assert [q for q, _ in conn.statements] == [Q.xact_status, Q.delete_published, Q.mark_retry]
+    assert [q for q, _ in conn.statements] == [Q.xact_status, Q.delete_published, Q.mark_retry, Q.current_xact]
     assert conn.statements[1][1]["token"] == token and conn.transactions == 1
     assert st.unsettled is None
 
@@ -374,7 +376,7 @@ def test_status_mode_delete_whose_own_reply_was_lost_is_made_again_without_askin
     conn = FakeConn()
     lost = value(metrics.LEASE_LOST)
     asyncio.run(st.settle_again(FakePool(conn), None))
-    assert [q for q, _ in conn.statements] == [Q.delete_published, Q.mark_retry]
+    assert [q for q, _ in conn.statements] == [Q.delete_published, Q.mark_retry, Q.current_xact]
     assert st.unsettled is None and value(metrics.LEASE_LOST) == lost
 
 

@@ -31,8 +31,10 @@ is set (`connect(…, direct=True)`); without it partitions are still made ahead
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -94,6 +96,51 @@ def session_options(settings: Settings, role: str, *, publisher: bool = False,
 def _local_settings_statement(values: dict[str, str]) -> sql.Composed:
     return sql.SQL("SELECT {}").format(sql.SQL(", ").join(
         sql.SQL("set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v)) for k, v in values.items()))
+
+
+# `_exit_without_flush` replaces a private method of psycopg's pipeline and calls three more, and
+# the pooled classes set a connection's private `_pipeline`: read and tested with these versions
+# (the same pipeline code), refused by check_pipeline_internals when psycopg's differ.
+VERIFIED_PSYCOPG = "3.2.13 to 3.3.9"
+
+
+def _names(function: Any) -> frozenset[str]:
+    """The names a function's code uses (the function under a decorator's wrapper)."""
+    return frozenset(inspect.unwrap(function).__code__.co_names)
+
+
+@functools.cache
+def check_pipeline_internals() -> None:
+    """Raise RuntimeError, naming the installed psycopg and what differs, unless its pipeline is the one
+    `_exit_without_flush` was written for; connection_class calls it in transaction mode only."""
+    pipes, calls = (psycopg.Pipeline, psycopg.AsyncPipeline), {"_enqueue_sync", "_communicate_gen", "_fetch_gen"}
+    inits = lambda cls: frozenset().union(*(_names(k.__init__) for k in cls.__mro__[:-1] if "__init__" in vars(k)))  # noqa: E731
+    checks = {
+        "Pipeline.__exit__ and AsyncPipeline.__aexit__ call `_exit_gen()`":
+            lambda: "_exit_gen" in _names(psycopg.Pipeline.__exit__) & _names(psycopg.AsyncPipeline.__aexit__),
+        "its `_exit_gen` is `_enqueue_sync()`, `_communicate_gen()`, `_fetch_gen(flush=True)`":
+            lambda: all(_names(p._exit_gen) == calls for p in pipes),
+        "a pipeline has `_enqueue_sync()`, `_communicate_gen()` and `_fetch_gen(flush=…)`":
+            lambda: all(callable(getattr(p, name, None)) for p in pipes for name in calls)
+            and all("flush" in inspect.signature(p._fetch_gen).parameters for p in pipes),
+        "a pipeline keeps `pgconn` and `command_queue`":
+            lambda: all({"pgconn", "command_queue"} <= inits(p) for p in pipes),
+        "`pipeline()` takes a connection's `_pipeline` when set": lambda: all(
+            "_pipeline" in _names(c.pipeline) & inits(c) for c in (psycopg.Connection, psycopg.AsyncConnection)),
+    }
+    failed = []
+    for what, holds in checks.items():
+        with suppress(AttributeError, TypeError, ValueError):
+            if holds():
+                continue
+        failed.append(what)
+    if failed:
+        raise RuntimeError(
+            f"psycopg {psycopg.__version__} is not one OUTBOX_POOL_MODE=transaction was verified with "
+            f"({VERIFIED_PSYCOPG}): kaireon_pub/db/connect.py replaces a private method of its pipeline (so "
+            "that a transaction pooler does not hold a server connection for an idle client, issue 26), and "
+            f"this one differs: not {'; not '.join(failed)}. Install a verified psycopg, or check _exit_without_flush "
+            "against this one's pipeline code and extend VERIFIED_PSYCOPG")
 
 
 def _exit_without_flush(pipeline: Any) -> Any:
@@ -184,6 +231,7 @@ def connection_class(settings: Settings, role: str, *, publisher: bool = False,
     role's settings in every transaction."""
     if not transaction_pooling(settings):
         return psycopg.AsyncConnection if asynchronous else psycopg.Connection
+    check_pipeline_internals()
     base = PooledAsyncConnection if asynchronous else PooledConnection
     values = session_settings(settings, role, publisher=publisher, statement_timeout_ms=statement_timeout_ms)
     return type(base.__name__, (base,), {"local_settings": _local_settings_statement(values)})

@@ -44,6 +44,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.pgbouncer import PgBouncer, bouncer_fixture
+from tests.roles import TierDatabase
 
 _bouncer = pytest.fixture(scope="session", name="bouncer")(bouncer_fixture)
 pytestmark = pytest.mark.not_via_pgbouncer(
@@ -102,11 +103,11 @@ def test_committed_events_reach_the_topic_through_pgbouncer(db_url, topic, poole
 
 def test_a_late_commit_with_a_lower_id_is_not_skipped_through_pgbouncer(db_url, topic, polling_env, run_tier,
                                                                         topic_reader):
-    _late_commit_case(db_url, topic, starting(run_tier, polling_env), topic_reader)
+    _late_commit_case(TierDatabase.single(db_url), topic, starting(run_tier, polling_env), topic_reader)
 
 
 def test_the_horizon_waits_for_application_writers_through_pgbouncer(db_url, polling_env, run_tier):
-    _horizon_case(db_url, starting(run_tier, polling_env))
+    _horizon_case(TierDatabase.single(db_url), starting(run_tier, polling_env))
 
 
 def test_poison_events_fail_alone_through_pgbouncer(db_url, topic, polling_env, run_tier, topic_reader):

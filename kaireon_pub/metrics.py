@@ -123,6 +123,12 @@ DEAD_LETTER_WAITING = Gauge(
 WORKER_RESTARTS = Counter(
     f"{NS}_worker_restarts_total", "Workers respawned by the supervisor, by reason.", ["reason"]
 )
+SIDE_TASK_DEATHS = Counter(
+    f"{NS}_side_task_deaths_total",
+    "A worker's side tasks (lease keeper, broker watch, gauges, purge, ...) that raised, by task: restarted after "
+    "a back-off, or, the lease keeper, the worker stopped.",
+    ["task"],
+)
 WORKERS_ALIVE = Gauge(
     f"{NS}_workers_alive", "Workers with a fresh heartbeat.", multiprocess_mode="livemax"
 )

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from kaireon_pub import metrics
 from kaireon_pub.errors import new_error_id
 
 log = logging.getLogger("kaireon_pub.worker")
@@ -74,6 +75,7 @@ class TaskSet:
                 return
             except Exception as exc:  # noqa: BLE001 - a side task's death is logged with an id and acted on
                 self.deaths[name] += 1
+                metrics.SIDE_TASK_DEATHS.labels(name).inc()
                 if self._clock() - started >= RESTART_MAX_S:
                     delay = RESTART_FIRST_S
                 fields = {"event": "side task died", "task": name, "errorId": new_error_id(),

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 
+from kaireon_pub import metrics
 from kaireon_pub.worker import lifecycle
 from kaireon_pub.worker.lifecycle import TaskSet, every
 
@@ -36,8 +37,10 @@ def test_a_restartable_task_that_dies_is_logged_counted_and_restarted_after_a_ba
         await tasks.start("gauges", chore)
         return tasks
 
+    before = metrics.SIDE_TASK_DEATHS.labels("gauges")._value.get()
     tasks = asyncio.run(main())
     assert runs == 4 and tasks.deaths["gauges"] == 3 and fatal == []
+    assert metrics.SIDE_TASK_DEATHS.labels("gauges")._value.get() - before == 3  # kaireon_outbox_side_task_deaths_total
     assert pauses == [1.0, 2.0, 4.0]
     lines = died(caplog)
     assert [(r.task, r.deaths, r.restartInSeconds, r.isTransient) for r in lines] == [

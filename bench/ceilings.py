@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from kaireon_pub.db.queries import Q
+from kaireon_pub.db.queries import Q, int_array
 from kaireon_pub.settings import PRODUCER_DEFAULTS
 
 SHARDS = 256
@@ -137,8 +137,10 @@ def _status_loop(url: str, worker_id: uuid.UUID, leases: dict[int, int], batch: 
                 return total
             cursors.advance(rows)
             ids = sorted(r[0] for r in rows)  # the tier marks each id with a partition and offset, ids sorted
-            cur = conn.execute(Q.mark_published, {"ids": ids, "partitions": [0] * len(ids), "offsets": ids,
-                                                  "token": token})
+            # As the tier sends them (settle.py): array literals. Python lists made the mark's generic plan
+            # (from its 11th execution) cost 41-46 ms of server CPU per 1,000 rows, 10-15 ms as text.
+            cur = conn.execute(Q.mark_published, {"ids": int_array(ids), "partitions": int_array([0] * len(ids)),
+                                                  "offsets": int_array(ids), "token": token})
             total += cur.rowcount
 
 

@@ -62,6 +62,7 @@ class TaskSet:
         self._clock = clock
 
     def start(self, name: str, run: Callable[[], Awaitable[None]], *, restart: bool = True) -> asyncio.Task:
+        metrics.SIDE_TASK_DEATHS.labels(name)  # the series exists at 0: a first death shows as an increase
         task = asyncio.create_task(self._watch(name, run, restart), name=name)
         self.tasks[name] = task
         return task

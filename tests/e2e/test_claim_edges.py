@@ -192,7 +192,8 @@ def test_a_writing_transaction_open_in_another_database_for_30s_does_not_delay_p
     """The tier on the runtime role only (it sees the other database's session without its start;
     30 s are too long to run twice): the superuser's claim passes another database's transaction by
     tests/integration/test_claim.py::test_a_transaction_of_another_database_does_not_hold_the_horizon,
-    and another database's prepared transaction end to end in the next test."""
+    and another database's prepared transaction end to end in the next test. The PgBouncer pass skips
+    the runtime role, so there another database's open transaction is covered by that next test only."""
     db_url = tier_db.url
     other_name, other_url = other_db
     # A bound far beyond the test: were the other transaction waited for at all, nothing would flow.

@@ -166,5 +166,6 @@ def test_three_workers_once_balanced_keep_the_normal_lease_round(db_url, start_t
     # Every worker was seen renewing (the sampler sees rounds), and none more often than its interval.
     assert all(len(r) >= 2 for r in sampler.rounds.values()), detail
     assert all(len(r) <= window / interval + 1 for r in sampler.rounds.values()), detail
-    assert all(g >= 0.75 * interval for w in gaps for g in gaps[w]), detail
+    # Half the interval: a round whose transaction started late, then one on time, is no short round.
+    assert all(g >= 0.5 * interval for w in gaps for g in gaps[w]), detail
     assert tier.stop() == 0

@@ -21,6 +21,10 @@ whose broker is not the session's (OWN_BROKERS: it ran the same in the first pas
 Kafka nodes, replication factor 3, min.insync.replicas=2) and `kafka_sasl` (one node with a SASL_SSL
 listener, SCRAM-SHA-512 over TLS) are session fixtures; every Kafka fixture skips, with the reason,
 without Java or Maven.
+
+`make test` runs each pass with pytest-xdist on two processes (`-n 2 --dist loadgroup`): each
+process has its own session PostgreSQL and broker; a module's tests stay on one process, and the
+tests of Kafka's own clusters on one (group_for_xdist), so those JVMs start once.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ OWN_BROKERS = (*KAFKA_CLUSTERS, "kafka_broker", "proxied_broker", "fault_broker"
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        group_for_xdist(items)
     if broker_kind(config) == "kafka":
         for item in items:
             marker = item.get_closest_marker("tansu_only")
@@ -128,6 +134,15 @@ def pytest_collection_modifyitems(config, items) -> None:
             # is the other tests' (make test stays within its 35 minutes).
             item.add_marker(pytest.mark.skip(reason="not through PgBouncer: a fault test of Kafka's own "
                                              "cluster, about the broker path; ran in the first pass"))
+
+
+def group_for_xdist(items) -> None:
+    """Under pytest-xdist (`-n N --dist loadgroup`): a module's tests on one process (its module-scoped
+    fixtures made once), and every test of Kafka's own clusters on one process, so that only one
+    process starts those JVMs. Without `-n` the marker does nothing."""
+    for item in items:
+        uses_cluster = any(name in getattr(item, "fixturenames", ()) for name in OWN_BROKERS[:3])
+        item.add_marker(pytest.mark.xdist_group("kafka-clusters" if uses_cluster else item.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -152,8 +152,13 @@ def classpath() -> str:
 
 
 def _random_cluster_id() -> str:
-    """A Kafka Uuid in its text form (16 bytes, URL-safe base64, no padding), as `random-uuid` prints."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka Uuid in its text form (16 bytes, URL-safe base64, no padding), as `random-uuid` prints:
+    never one that starts with '-' (Kafka's Uuid.randomUuid skips those too), which `kafka-storage
+    format -t` would read as an option ("argument --cluster-id/-t: expected one argument")."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -14,7 +14,9 @@ openAPIV3Schema of KEDA's published CRDs (vendored under tests/unit/schemas/keda
 from __future__ import annotations
 
 import copy
+import fcntl
 import glob
+import hashlib
 import http.server
 import json
 import os
@@ -22,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -346,7 +349,17 @@ def _find_python312() -> str | None:
 
 
 def _helm_python() -> str:
-    """.venv-helm/bin/python, made on first use; a stamp names what is installed in it."""
+    """.venv-helm/bin/python, made on first use; a stamp names what is installed in it. Under a file
+    lock: make test's two processes (pytest-xdist) would otherwise both make it, each `--clear`ing the
+    other's half-made venv."""
+    tag = hashlib.sha1(str(HELM_VENV).encode()).hexdigest()[:12]  # one lock per checkout
+    lock_path = Path(tempfile.gettempdir()) / f"kaireon-helm-{tag}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _make_helm_python()
+
+
+def _make_helm_python() -> str:
     python = HELM_VENV / "bin" / "python"
     stamp = HELM_VENV / "kaireon-helm.stamp"
     if python.exists() and stamp.exists() and stamp.read_text() == HELM_REQUIREMENT:

@@ -25,8 +25,8 @@ run: $(STAMP)
 # time against a real Apache Kafka node instead of Tansu (KAIREON_TEST_BROKER=kafka), when Java 17 and
 # Maven (or the classpath they resolved, .cache/kafka/) are there.
 # Each pass on two processes (pytest-xdist; TEST_PROCESSES=1 for one): the e2e tests mostly wait on
-# the processes they start, so two share these 2 cores well (measured: the main pass 16.7 min on one
-# process, 11.5 on two; through PgBouncer 9.5 and 5.4; against Kafka 4.1 and 2.4).
+# the processes they start, so two share these 2 cores well (clean clones, README: the main pass
+# 16.8 min on one process, 10.5 on two; through PgBouncer 9.5 and 5.2; against Kafka 4.1 and 2.5).
 TEST_PROCESSES ?= 2
 XDIST := -n $(TEST_PROCESSES) --dist loadgroup
 test: $(STAMP)

@@ -123,30 +123,46 @@ def test_lock_mode_batch_whose_marks_are_lost_is_settled_not_published_again(
     assert tier.stop() == 0
 
 
-def test_lock_mode_batch_whose_commit_reply_was_lost_counts_no_lease_lost(
-        db_url, broker, topic, tmp_path, run_tier, topic_reader):
+DELETE_MARKER = "DELETE FROM outbox_events\n"  # delete_published only (not the lock-mode deletes, nor the purge)
+
+
+# How a batch commits, where its commit's reply is dropped: the statement the gate holds (operation,
+# text), the tier's settings, what the table holds once the commit landed, the gate's wait message.
+COMMIT_REPLY_CASES = {
+    # Lock mode: the marks run in the claiming transaction.
+    "lock": ("UPDATE", "SET status = 'published'", {"OUTBOX_CLAIM_MODE": "lock"}, {"published": 21},
+             "the batch's marks waiting in its transaction"),
+    # Delete-on-publish (status mode): the deleted rows keep no token to find again; the delete runs
+    # in a transaction of its own, whose id the worker read before the commit.
+    "delete": ("DELETE", DELETE_MARKER, {"OUTBOX_DELETE_ON_PUBLISH": "true"}, {},
+               "the batch's delete waiting on the server"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMMIT_REPLY_CASES))
+def test_a_batch_whose_commit_reply_was_lost_counts_no_lease_lost(
+        case, db_url, broker, topic, tmp_path, run_tier, topic_reader):
     # The commit lands on the server and its reply is lost: the batch is settled (its transaction
     # committed, as the server says), neither published again nor counted as may be duplicated.
+    operation, marker, settings, landed, waiting = COMMIT_REPLY_CASES[case]
     routed = helpers.pooled(db_url)
     proxy, proxied_url = database_proxy(routed.pop("DATABASE_URL", db_url))
     try:
         # Lease renewals (their own COMMITs) every 20 s: none falls in the moment the gate opens.
-        env = tier_env(proxied_url, broker.bootstrap, tmp_path, OUTBOX_CLAIM_MODE="lock",
-                       OUTBOX_LEASE_TTL_SECONDS="60", **routed)
+        env = tier_env(proxied_url, broker.bootstrap, tmp_path, OUTBOX_LEASE_TTL_SECONDS="60", **settings, **routed)
         tier = run_tier(env)
         started(tier, db_url, topic)
         helpers.wait_balanced(db_url, 1)  # the keeper's first rounds (and their COMMITs) are over
         port = tier.http_port()
-        marker = "SET status = 'published'"
         with (psycopg.connect(db_url, autocommit=True) as db, psycopg.connect(db_url, autocommit=True) as holder):
-            install_gate(db, "UPDATE", marker)
+            install_gate(db, operation, marker)
             holder.execute("SELECT pg_advisory_lock(%s)", (GATE,))
-            ids = commit_events(db_url, topic, 20, keys=5, phase="lost-commit-reply")
-            wait_for(lambda: waiting_on_gate(db), 10, "the batch's marks waiting in its transaction")
+            ids = commit_events(db_url, topic, 20, keys=5, phase=f"lost-{case}-commit-reply")
+            wait_for(lambda: waiting_on_gate(db), 10, waiting)
             proxy.drop_replies_after(b"COMMIT")
             holder.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
             wait_for(proxy.triggered.is_set, 10, "the batch's commit, its reply dropped")
-            wait_for(lambda: status_counts(db_url) == {"published": 21}, 10, "the commit landed on the server")
+            wait_for(lambda: status_counts(db_url) == landed, 10, "the commit landed on the server")
             proxy.set_mode("reset")
             proxy.set_mode("pass")
             line = tier.wait_log(lambda e: e.get("event") == "settle retry", 20, "the batch settled again")
@@ -224,9 +240,6 @@ def test_a_claim_that_commits_after_its_connection_broke_leaves_no_row_in_proces
 # ---- case 6: a status-mode mark whose reply was lost -----------------------------------------------------
 
 
-DELETE_MARKER = "DELETE FROM outbox_events\n"  # delete_published only (not the lock-mode deletes, nor the purge)
-
-
 def delete_ran(db_url: str) -> bool:
     """The batch's delete done on the server: its transaction open, waiting for the commit the
     worker never sends (its reply lost), or, were it a transaction of its own, committed."""
@@ -271,48 +284,6 @@ def test_a_mark_whose_reply_was_lost_is_settled_again_without_counting_a_lost_le
         assert (metric_value(port, "kaireon_outbox_lease_lost_total") or 0) == 0
         assert not [e for e in tier.logs() if e.get("event") == "lease lost"]
         assert metric_value(port, "kaireon_outbox_processed_total", {"outcome": "published"}) == 26
-        assert tier.proc.poll() is None, "the tier stopped"
-        assert tier.stop() == 0
-    finally:
-        proxy.close()
-
-
-def test_a_delete_whose_commit_reply_was_lost_counts_no_lease_lost(
-        db_url, broker, topic, tmp_path, run_tier, topic_reader):
-    # Delete-on-publish: the deleted rows keep no token to find again. The delete's commit lands on
-    # the server and its reply is lost: the server says it committed, so the batch is counted
-    # published, not "may be duplicated".
-    routed = helpers.pooled(db_url)
-    proxy, proxied_url = database_proxy(routed.pop("DATABASE_URL", db_url))
-    try:
-        # Lease renewals (their own COMMITs) every 20 s: none falls in the moment the gate opens.
-        env = tier_env(proxied_url, broker.bootstrap, tmp_path, OUTBOX_DELETE_ON_PUBLISH="true",
-                       OUTBOX_LEASE_TTL_SECONDS="60", **routed)
-        tier = run_tier(env)
-        started(tier, db_url, topic)
-        helpers.wait_balanced(db_url, 1)  # the keeper's first rounds (and their COMMITs) are over
-        port = tier.http_port()
-        with (psycopg.connect(db_url, autocommit=True) as db, psycopg.connect(db_url, autocommit=True) as holder):
-            install_gate(db, "DELETE", DELETE_MARKER)
-            holder.execute("SELECT pg_advisory_lock(%s)", (GATE,))
-            ids = commit_events(db_url, topic, 20, keys=5, phase="lost-delete-commit-reply")
-            wait_for(lambda: waiting_on_gate(db), 10, "the batch's delete waiting on the server")
-            proxy.drop_replies_after(b"COMMIT")
-            holder.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
-            wait_for(proxy.triggered.is_set, 10, "the batch's commit, its reply dropped")
-            wait_for(lambda: status_counts(db_url) == {}, 10, "the commit landed on the server")
-            proxy.set_mode("reset")
-            proxy.set_mode("pass")
-            line = tier.wait_log(lambda e: e.get("event") == "settle retry", 20, "the batch settled again")
-            assert line["events"] == 20
-        # Settled (its first try may meet a connection the reset broke): counted published, or lost.
-        wait_for(lambda: (metric_value(port, "kaireon_outbox_processed_total", {"outcome": "published"}) or 0)
-                 + (metric_value(port, "kaireon_outbox_lease_lost_total") or 0) >= 21, 20, "the batch counted")
-        messages = topic_reader(topic).read_ids(ids, 30, extra=1.0)
-        assert len([i for i in event_ids(messages) if i in set(ids)]) == len(ids)
-        assert (metric_value(port, "kaireon_outbox_lease_lost_total") or 0) == 0
-        assert not [e for e in tier.logs() if e.get("event") == "lease lost"]
-        assert metric_value(port, "kaireon_outbox_processed_total", {"outcome": "published"}) == 21
         assert tier.proc.poll() is None, "the tier stopped"
         assert tier.stop() == 0
     finally:

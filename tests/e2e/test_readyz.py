@@ -42,7 +42,7 @@ def test_readyz_flips_with_the_broker(restartable_broker, start_tier):
 
 def test_a_hundred_readyz_in_a_second_open_no_database_connection(pg, db_url, start_tier):
     """Against the real tier: 100 probes in a second add no session to the database beyond the
-    readiness refresh's own (one every 5 s, whether probed or not). Before, each probe opened one."""
+    tier's background (the readiness refresh's own, one every 5 s). Before, each probe opened one."""
     database = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
 
     def sessions() -> int:
@@ -59,7 +59,9 @@ def test_a_hundred_readyz_in_a_second_open_no_database_connection(pg, db_url, st
     elapsed = time.monotonic() - started
     assert answers == [200] * 100 and elapsed < 5, elapsed
     opened = sessions() - before
-    # At most the refresh that fell in the window (one per 5 s) and one counted late (a session
-    # is counted when it is established, a few ms after the client opened it): never one per probe.
-    assert opened <= 2 + int(elapsed // 5), opened
+    # One per probe would be 100. Allowed: the refresh that fell in the window (one per 5 s), one
+    # counted late (a session is counted once established, a few ms after it was opened), and,
+    # through a transaction pooler, the server sessions PgBouncer opens for the workers' own ticks
+    # while the just-started tier's concurrency grows (CI: 3 in 0.11 s, none of them a probe's).
+    assert opened < 10, opened
     assert tier.stop() == 0

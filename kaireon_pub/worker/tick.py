@@ -37,6 +37,7 @@ class Tick:
     def __init__(self, worker: Worker, dead_worker_ids: list[uuid.UUID]):
         self.w = worker
         self.dead_worker_ids = dead_worker_ids
+        self.claimed_epochs: dict[int, int] = {}  # shard -> lease epoch, when the batch in flight was claimed
         self.foreign_rows_checked = False  # restored rows are re-stamped before this worker's first claim
         w = worker
         self.recoveries = [
@@ -95,6 +96,11 @@ class Tick:
             await housekeeping.restamp_foreign_rows(conn)
         self.foreign_rows_checked = True
 
+    def shards_lost_since_claim(self, rows: list[Row]) -> list[int]:
+        """The batch's shards this worker no longer holds under the epoch it claimed them with."""
+        owned, claimed = self.w.leases.owned, self.claimed_epochs
+        return sorted({r.shard for r in rows if owned.get(r.shard) != claimed.get(r.shard)})
+
     # ---- one cycle -------------------------------------------------------------------------------
 
     async def run_once(self) -> TickResult:
@@ -111,6 +117,7 @@ class Tick:
             if w.cut_off() <= time.monotonic():
                 return TickResult()  # the leases are about to lapse (renewals failing): claim nothing
             params = claim_params(w.settings, w.scan, shards, w.leases.owned, w.worker_id)
+            self.claimed_epochs = {s: w.leases.owned[s] for s in shards}
             if w.settings.claim_mode == "lock":
                 return await self._run_once_locked(params, shards)
             token = uuid.uuid4()
@@ -160,6 +167,13 @@ class Tick:
             deadline = time.monotonic() + w.settings.message_timeout_ms / 1000 + 1.0
             try:
                 await w.publisher.warm_up(rows, min(deadline, w.cut_off()))  # a new topic's metadata, once
+                lost = self.shards_lost_since_claim(rows)
+                if lost:
+                    # A pause past the lease (SIGSTOP, a stalled node), then a renewal that found these
+                    # shards taken: their next owner may publish these rows already. The cut-off cannot
+                    # see it, the renewal moved it on. Nothing was handed over: release, no copy.
+                    return BatchOutcome(released=[r.id for r in rows], transient_error=(
+                        f"shards {lost} were taken by another worker before the batch was handed over"))
                 return await w.publisher.publish(rows, w.scan.strict, deadline, w.cut_off)
             except Exception as exc:  # noqa: BLE001 - never leave claimed rows behind
                 reason = f"publish raised {type(exc).__name__}: {exc}"

@@ -94,9 +94,12 @@ def test_sigkill_of_one_worker_is_respawned_and_nothing_is_lost(db_url, topic, s
         committed = load.stop()
     wait_for(lambda: status_counts(db_url) == {"published": len(committed)}, 60, "every committed row published")
     recovery = tier.wait_log(lambda e: e.get("event") == "crash recovery", 10, "the crash recovery line")
-    # The respawned worker gave back exactly the rows its predecessor held when it was killed.
+    # Exactly the rows the killed worker held came back: by its successor's crash recovery or, when
+    # its leases lapsed first (stop, kill, respawn and boot past the 10 s TTL on a loaded machine;
+    # CI: resetCount 0 of 14), by the takeover of its shards (the rebalance's resetRows).
     assert recovery["deadWorkers"] == [victim_id]
-    assert recovery["resetCount"] == held
+    taken_over = sum(e.get("resetRows", 0) for e in tier.logs() if e.get("event") == "rebalance")
+    assert recovery["resetCount"] + taken_over == held, (recovery["resetCount"], taken_over, held)
     assert metric_value(port, "kaireon_outbox_worker_restarts_total", {"reason": "killed"}) >= 1
     topic_reader(topic).read_ids(committed, timeout=60)
     assert tier.stop() == 0

@@ -128,9 +128,8 @@ class ShardScan:
     def rewind_every(self, position: Position) -> None:
         """Rows may have gone back to pending at `position` in any shard (a passed-over transaction
         ended): every cursor past it goes back to it."""
-        for shard, cursor in self.cursors.items():
-            if position < cursor:
-                self.cursors[shard] = position
+        for shard in self.cursors:
+            self.rewind(shard, position)
 
     def rescan_after(self, shard: int, delay_s: float) -> None:
         """Scan the shard again from its start in `delay_s` (a retry waits behind its cursor)."""

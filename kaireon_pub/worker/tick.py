@@ -116,8 +116,9 @@ class Tick:
                 return TickResult()
             if w.cut_off() <= time.monotonic():
                 return TickResult()  # the leases are about to lapse (renewals failing): claim nothing
-            params = claim_params(w.settings, w.scan, shards, w.leases.owned, w.worker_id)
+            # One snapshot: the epochs the claim fences with are those the hand-over checks.
             self.claimed_epochs = {s: w.leases.owned[s] for s in shards}
+            params = claim_params(w.settings, w.scan, shards, self.claimed_epochs, w.worker_id)
             if w.settings.claim_mode == "lock":
                 return await self._run_once_locked(params, shards)
             token = uuid.uuid4()
